@@ -1,0 +1,2 @@
+#include "version.h"
+const char *rf_core_version(void) { return "ringfence-core 1"; }

@@ -1,0 +1,60 @@
+"""key=value logging for daemons and the CLI.
+
+Library code only calls ``logging.getLogger(__name__)``; the CLI calls
+:func:`configure_logging` once. Per-device context (domid, devid, kind) is carried in a
+contextvar so that every line a driver logs names the device it concerns.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+log_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "ringfence_log_context", default={})
+
+
+@contextlib.contextmanager
+def logging_context(**fields: Any) -> Iterator[None]:
+    """Add key=value fields to every log line emitted inside the block."""
+    token = log_context.set({**log_context.get(), **fields})
+    try:
+        yield
+    finally:
+        log_context.reset(token)
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' ="\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields.update(log_context.get())
+        fields.update(getattr(record, "kv", {}))
+        fields["msg"] = record.getMessage()
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    level = logging.WARNING - 10 * min(verbosity, 2) if verbosity else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

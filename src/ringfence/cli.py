@@ -1,0 +1,78 @@
+"""The `ringfence` command line: one subcommand per module, in the style of xl.
+
+Each subcommand lives next to the code it drives, in a module exposing
+``register(subparsers)`` that adds its parser and sets ``func`` (a callable taking the
+parsed namespace and returning an exit status). Modules are imported lazily so that
+``ringfence --help`` stays fast and a broken optional part never hides the others.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ringfence import __version__
+from ringfence._log import configure_logging
+
+# Modules that register subcommands, in the order --help lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "ringfence.hypervisor.daemon",
+    "ringfence.xenbus.cli",
+    "ringfence.toolstack.demo",
+    "ringfence.bench.cli",
+)
+
+
+class UsageError(Exception):
+    """Bad command-line usage discovered after parsing (exit status 2)."""
+
+
+class CommandError(Exception):
+    """A one-line failure to report to the user (exit status 1)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ringfence",
+        description="Restartable Xen-style driver domains: hypervisor, XenStore, "
+        "split block and network drivers.",
+        epilog="Run 'ringfence COMMAND --help' for the options and examples of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"ringfence {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # the part is not written yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"ringfence {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"ringfence {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        logging.getLogger(__name__).debug("failure", exc_info=True)
+        print(f"ringfence {args.command}: error: {exc}", file=sys.stderr)
+        return 1
