@@ -14,7 +14,6 @@ deps:
 	fi
 
 install: deps
-	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q ".[test]"
 
 demo: install
