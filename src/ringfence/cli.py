@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from ringfence import __version__
 from ringfence._log import configure_logging
+from ringfence.errors import CommandError, UsageError
 
 # Modules that register subcommands, in the order --help lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -23,14 +24,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.toolstack.demo",
     "ringfence.bench.cli",
 )
-
-
-class UsageError(Exception):
-    """Bad command-line usage discovered after parsing (exit status 2)."""
-
-
-class CommandError(Exception):
-    """A one-line failure to report to the user (exit status 1)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
