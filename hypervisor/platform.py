@@ -1,0 +1,86 @@
+"""The interfaces every driver is written against (DESIGN.md §2).
+
+Drivers receive objects implementing these and never check which platform they run on: the
+sim platform (``ringfence.hypervisor.sim.client``) and the xen platform implement the same.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCopy:
+    """One grant copy segment. Exactly one of the sides is usually local memory.
+
+    A granted side is ``(domid, gref, offset)``; a local side is a writable (dest) or
+    readable (source) buffer of this process.
+    """
+    length: int
+    source_gref: tuple[int, int, int] | None = None
+    source_local: Any = None
+    dest_gref: tuple[int, int, int] | None = None
+    dest_local: Any = None
+
+
+class MappedPages(Protocol):
+    """Foreign pages mapped contiguously into this process."""
+    domid: int
+    grefs: tuple[int, ...]
+    readonly: bool
+
+    @property
+    def buffer(self) -> memoryview: ...
+
+
+class GrantTable(Protocol):
+    def grant_access(self, domid: int, frame: int, readonly: bool = False) -> int: ...
+
+    def end_access(self, gref: int) -> bool: ...
+
+    async def map(self, domid: int, grefs: Sequence[int], readonly: bool = False) -> MappedPages: ...
+
+    async def unmap(self, pages: MappedPages) -> None: ...
+
+    async def copy(self, segments: Sequence[GrantCopy]) -> list[int]: ...
+
+    def statistics(self) -> Any: ...
+
+
+class Port(Protocol):
+    """One end of an interdomain event channel."""
+    port: int
+    remote_domid: int
+
+    def notify(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+    def statistics(self) -> Any: ...
+
+
+class EventChannel(Protocol):
+    async def alloc_unbound(self, remote_domid: int) -> Port: ...
+
+    async def bind_interdomain(self, remote_domid: int, remote_port: int) -> Port: ...
+
+
+class PageRange(Protocol):
+    """Pages of this domain, mapped contiguously, that it may grant for mapping."""
+    frames: tuple[int, ...]
+
+    @property
+    def buffer(self) -> memoryview: ...
+
+
+class Memory(Protocol):
+    async def alloc_pages(self, count: int) -> PageRange: ...
+
+    async def free_pages(self, pages: PageRange) -> None: ...
+
+    def ram_page(self, frame: int) -> memoryview: ...

@@ -1,0 +1,767 @@
+"""The sim hypervisor: the domain table, grant tables and event channels (DESIGN.md §2).
+
+One trio task per control connection. A domain is identified by its connection, never by
+anything it says: the listening socket is dom0; CREATE_DOMAIN hands dom0 one end of a fresh
+socketpair that is bound to the new domid, and the process given that end becomes the domain
+when it says HELLO (its pid comes from kernel-checked SCM_CREDENTIALS).
+
+Memory model (the isolation invariant):
+* a domain's RAM is one sealed memfd that the hypervisor maps too; grant copy on RAM frames is
+  a ``process_vm_readv/writev`` between that mapping and the caller, batched;
+* pages meant to be mapped are one-page sealed memfds the hypervisor creates and the domain
+  holds; a successful map takes the granter's fd with ``pidfd_getfd``, checks its inode,
+  and passes it (reopened read-only for read-only grants) to the mapper, which maps it and
+  closes it; the hypervisor keeps no fd per page;
+* unmapping is checked: the hypervisor refuses to drop a pin while the mapper can still
+  reach the page (a mapping or an fd), so a granter that ends access reuses a page nobody
+  else can touch.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import socket
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from ringfence.hypervisor._lib import ffi, lib
+from ringfence.hypervisor.sim import protocol as P
+from ringfence.hypervisor.sim.protocol import GNTST, Op
+
+log = logging.getLogger(__name__)
+
+DOMID_FIRST = 1
+DOMID_LAST = 0x7FEF
+PAGE = P.PAGE_SIZE
+MAPPABLE_FRAME_BASE = 1 << 24  # frames below are RAM, from here on one-page memfds
+CREDS = struct.Struct("<iII")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-domain quotas; the defaults follow Xen's (max_grant_frames 32 → 16384 entries)."""
+    grant_entries: int = 16384
+    ram_pages: int = 16384            # 64 MiB, sparse until touched
+    mappable_pages: int = 4096
+    maptrack: int = 65536
+    ports: int = 1024
+    unbound_ports: int = 64           # each holds two eventfds in the hypervisor until bound
+    domains: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HypervisorStatistics:
+    domains: int
+    domains_created: int
+    domains_destroyed: int
+    connections: int
+    protocol_errors: int
+    maps: int
+    unmaps: int
+    copies: int
+    copy_bytes: int
+    channels_bound: int
+    grant_errors: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStatistics:
+    domid: int
+    name: str
+    state: str
+    pid: int
+    mappable_pages: int
+    mappings_held: int
+    pins_granted: int
+    ports: int
+
+
+@dataclass(slots=True)
+class _Page:
+    inode: tuple[int, int]
+    fd_number: int = -1   # where the domain keeps it; -1 until registered
+
+
+@dataclass(slots=True)
+class _Mapping:
+    granter: int
+    gref: int
+    readonly: bool
+    inode: tuple[int, int]
+
+
+@dataclass(slots=True)
+class _Channel:
+    port: int
+    remote: int
+    peer_port: int = 0            # 0 while unbound
+    held: tuple[int, int] | None = None  # (owner notifies, owner waits) until bound
+
+
+@dataclass(eq=False)
+class Domain:
+    domid: int
+    name: str
+    limits: Limits
+    state: str = "created"  # created → running → dying
+    pid: int = 0
+    pidfd: int = -1
+    gnttab: mmap.mmap | None = None
+    gnttab_fd: int = -1
+    ram: mmap.mmap | None = None
+    ram_fd: int = -1
+    ram_ptr: Any = None
+    pages: dict[int, _Page] = field(default_factory=dict)
+    next_frame: int = MAPPABLE_FRAME_BASE
+    maptrack: dict[int, _Mapping] = field(default_factory=dict)
+    next_handle: int = 1
+    pins: dict[int, list[int]] = field(default_factory=dict)  # gref -> [readers, writers]
+    ports: dict[int, _Channel] = field(default_factory=dict)
+    connection: trio.socket.SocketType | None = None
+    cancel_scope: trio.CancelScope | None = None
+
+    def entry(self, gref: int) -> Any:
+        assert self.gnttab is not None
+        return ffi.cast("rf_grant_entry_v1 *", ffi.from_buffer(self.gnttab)) + gref
+
+    def statistics(self) -> DomainStatistics:
+        return DomainStatistics(self.domid, self.name, self.state, self.pid, len(self.pages),
+                                len(self.maptrack), len(self.pins), len(self.ports))
+
+
+def _sealed_memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        # A granter must not be able to SIGBUS its mapper by shrinking the page.
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        # Without this a non-owner could reopen a read-only handle read-write via /proc.
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Hypervisor:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.domains: dict[int, Domain] = {}
+        self._next_domid = DOMID_FIRST
+        self._subscribers: list[trio.MemorySendChannel[bytes]] = []
+        self._unbound_held = 0
+        self._counters: Counter[str] = Counter()
+        self._grant_errors: Counter[str] = Counter()
+        self._nursery: trio.Nursery | None = None
+
+    # ---- statistics -------------------------------------------------------------------
+    def statistics(self) -> HypervisorStatistics:
+        c = self._counters
+        return HypervisorStatistics(
+            domains=len(self.domains), domains_created=c["created"],
+            domains_destroyed=c["destroyed"], connections=c["connections"],
+            protocol_errors=c["protocol_errors"], maps=c["maps"], unmaps=c["unmaps"],
+            copies=c["copies"], copy_bytes=c["copy_bytes"], channels_bound=c["bound"],
+            grant_errors=dict(self._grant_errors))
+
+    def _grant_error(self, status: int) -> int:
+        self._grant_errors[GNTST(status).name] += 1
+        return status
+
+    # ---- serving ----------------------------------------------------------------------
+    async def serve(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o077)  # the socket is dom0's: nobody else may connect
+        try:
+            await listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    conn, _ = await listener.accept()
+                    pid, _, _ = CREDS.unpack(conn.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, CREDS.size))
+                    nursery.start_soon(self._serve_dom0, conn, pid)
+            finally:
+                listener.close()
+                for domain in list(self.domains.values()):
+                    self.destroy(domain, reason="hypervisor shutdown")
+
+    async def _serve_dom0(self, conn: trio.socket.SocketType, pid: int) -> None:
+        self._counters["connections"] += 1
+        dom0 = Domain(0, "dom0", self.limits, state="running", pid=pid)
+        dom0.connection = conn
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._message_loop(dom0, nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+                self._release_mappings(dom0)
+                conn.close()
+
+    async def _serve_domain(self, domain: Domain, conn: trio.socket.SocketType) -> None:
+        self._counters["connections"] += 1
+        with trio.CancelScope() as scope:
+            domain.cancel_scope = scope
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._message_loop(domain, nursery)
+                finally:
+                    nursery.cancel_scope.cancel()
+        if domain.pidfd < 0:
+            self.destroy(domain, reason="control connection closed before HELLO")
+            return
+        # The process lives on without a control connection (it can no longer map, copy
+        # or bind); its death, seen through the pidfd, destroys the domain.
+        log.info("domain disconnected", extra={"kv": {"domid": domain.domid}})
+        if domain.connection is not None:
+            domain.connection.close()
+
+    async def _message_loop(self, domain: Domain, nursery: trio.Nursery) -> None:
+        conn = domain.connection
+        assert conn is not None
+        ancbuf = socket.CMSG_SPACE(CREDS.size) + socket.CMSG_SPACE(16 * 4)
+        while True:
+            try:
+                data, ancdata, flags, _ = await conn.recvmsg(P.MAX_MESSAGE + 1, ancbuf)
+            except OSError as exc:
+                log.info("connection error", extra={"kv": {"domid": domain.domid, "error": exc}})
+                return
+            if not data and not ancdata:
+                return  # EOF
+            creds: tuple[int, int, int] | None = None
+            fds_received = False
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds_received = True
+                    n = len(cdata) // 4
+                    for fd in struct.unpack(f"<{n}i", cdata[: n * 4]):
+                        os.close(fd)
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    creds = CREDS.unpack_from(cdata)
+            try:
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise P.ProtocolError("truncated datagram or control data")
+                if fds_received:
+                    raise P.ProtocolError("unexpected file descriptors")
+                msg = P.decode(data)
+                reply, fds = self._dispatch(domain, msg, creds, nursery)
+            except P.ProtocolError as exc:
+                self._counters["protocol_errors"] += 1
+                log.warning("closing connection after bad message",
+                            extra={"kv": {"domid": domain.domid, "reason": str(exc)}})
+                return
+            except Exception:
+                # A bug must cost one connection, never the daemon.
+                self._counters["protocol_errors"] += 1
+                log.exception("internal error handling message",
+                              extra={"kv": {"domid": domain.domid}})
+                return
+            try:
+                if fds:
+                    await conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  struct.pack(f"<{len(fds)}i", *fds))])
+                else:
+                    await conn.send(reply)
+            except OSError:
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    # ---- dispatch ---------------------------------------------------------------------
+    def _dispatch(self, domain: Domain, msg: P.Message, creds: tuple[int, int, int] | None,
+                  nursery: trio.Nursery) -> tuple[bytes, list[int]]:
+        op = msg.op
+        is_dom0 = domain.domid == 0
+        if op == Op.HELLO:
+            P.decode_empty(msg.payload, "hello")
+            return self._hello(domain, msg, creds, nursery)
+        if domain.state != "running":
+            raise P.ProtocolError(f"op {op} before HELLO")
+        if op == Op.ALLOC_PAGES and not is_dom0:
+            count = P.decode_count(msg.payload, "alloc", P.MAX_FDS_PER_MESSAGE)
+            return self._alloc_pages(domain, msg, count)
+        if op == Op.REGISTER_PAGES and not is_dom0:
+            return self._register_pages(domain, msg, P.decode_register(msg.payload)), []
+        if op == Op.FREE_PAGES and not is_dom0:
+            for frame in P.decode_frames(msg.payload):
+                domain.pages.pop(frame, None)
+            return P.reply(msg, 0), []
+        if op == Op.GNT_MAP:
+            items = P.decode_map(msg.payload)
+            if len(items) > P.MAX_FDS_PER_MESSAGE:
+                raise P.ProtocolError("map: batch larger than one message's fds")
+            return self._map(domain, msg, items)
+        if op == Op.GNT_UNMAP:
+            return self._unmap(domain, msg, P.decode_handles(msg.payload)), []
+        if op == Op.GNT_COPY:
+            return self._copy(domain, msg, P.decode_copy(msg.payload)), []
+        if op == Op.EVT_ALLOC_UNBOUND:
+            return self._alloc_unbound(domain, msg, P.decode_domid(msg.payload, "alloc_unbound"))
+        if op == Op.EVT_BIND_INTERDOMAIN:
+            return self._bind(domain, msg, *P.decode_bind(msg.payload))
+        if op == Op.EVT_CLOSE:
+            return self._close_port(domain, msg, P.decode_port(msg.payload)), []
+        if op == Op.STATISTICS:
+            P.decode_empty(msg.payload, "statistics")
+            body: Any = ({"hypervisor": asdict(self.statistics()),
+                          "domains": [asdict(d.statistics()) for d in self.domains.values()]}
+                         if is_dom0 else asdict(domain.statistics()))
+            return P.reply(msg, 0, json.dumps(body).encode()), []
+        if is_dom0:
+            if op == Op.CREATE_DOMAIN:
+                return self._create(msg, P.decode_name(msg.payload), nursery)
+            if op == Op.DESTROY_DOMAIN:
+                target = self.domains.get(P.decode_domid(msg.payload, "destroy"))
+                if target is None:
+                    return P.reply(msg, -errno.ESRCH), []
+                self.destroy(target, reason="destroyed by dom0")
+                return P.reply(msg, 0), []
+            if op == Op.LIST_DOMAINS:
+                P.decode_empty(msg.payload, "list")
+                rows = [{"domid": d.domid, "name": d.name, "state": d.state, "pid": d.pid}
+                        for d in self.domains.values()]
+                return P.reply(msg, 0, json.dumps(rows).encode()), []
+            if op == Op.SUBSCRIBE:
+                P.decode_empty(msg.payload, "subscribe")
+                send, receive = trio.open_memory_channel[bytes](256)
+                self._subscribers.append(send)
+                nursery.start_soon(self._forward_events, domain, receive)
+                return P.reply(msg, 0), []
+        raise P.ProtocolError(f"op {op} not allowed here")
+
+    async def _forward_events(self, dom0: Domain, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        assert dom0.connection is not None
+        async for event in receive:
+            await dom0.connection.send(event)
+
+    def _announce(self, kind: P.EventKind, domid: int) -> None:
+        event = P.encode(P.EVENT | kind, 0, P.EVENT_BODY.pack(kind, domid))
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                # A subscriber that does not keep up loses its subscription, not the daemon.
+                self._subscribers.remove(send)
+                send.close()
+
+    # ---- domains ----------------------------------------------------------------------
+    def _allocate_domid(self) -> int | None:
+        for _ in range(DOMID_LAST - DOMID_FIRST + 1):
+            domid = self._next_domid
+            self._next_domid = DOMID_FIRST if domid == DOMID_LAST else domid + 1
+            if domid not in self.domains:
+                return domid
+        return None
+
+    def _create(self, msg: P.Message, name: str, nursery: trio.Nursery) -> tuple[bytes, list[int]]:
+        if any(d.name == name for d in self.domains.values()):
+            return P.reply(msg, -errno.EEXIST), []
+        if len(self.domains) >= self.limits.domains:
+            return P.reply(msg, -errno.ENOSPC), []
+        domid = self._allocate_domid()
+        if domid is None:
+            return P.reply(msg, -errno.ENOSPC), []
+        domain = Domain(domid, name, self.limits)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            domain.gnttab_fd = _sealed_memfd(f"rf-gnttab-{domid}",
+                                             _round_page(self.limits.grant_entries * 8))
+            domain.ram_fd = _sealed_memfd(f"rf-ram-{domid}", self.limits.ram_pages * PAGE)
+            domain.gnttab = mmap.mmap(domain.gnttab_fd, _round_page(self.limits.grant_entries * 8))
+            domain.ram = mmap.mmap(domain.ram_fd, self.limits.ram_pages * PAGE)
+            domain.ram_ptr = ffi.from_buffer(domain.ram)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            self._free(domain)
+            raise
+        domain.connection = trio.socket.from_stdlib_socket(ours)
+        self.domains[domid] = domain
+        self._counters["created"] += 1
+        log.info("domain created", extra={"kv": {"domid": domid, "name": name}})
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_domain, domain, domain.connection)
+        self._announce(P.EventKind.INTRODUCED, domid)
+        fd = theirs.detach()
+        return P.reply(msg, 0, P.U16.pack(domid)), [fd]
+
+    def _hello(self, domain: Domain, msg: P.Message, creds: tuple[int, int, int] | None,
+               nursery: trio.Nursery) -> tuple[bytes, list[int]]:
+        if domain.state != "created":
+            raise P.ProtocolError("HELLO replayed")
+        if domain.domid == 0:
+            domain.state = "running"
+            return P.reply(msg, 0, P.HELLO_REPLY.pack(0, 0, 0)), []
+        if creds is None or creds[0] <= 0:
+            raise P.ProtocolError("HELLO without credentials")
+        pidfd = lib.rf_pidfd_open(creds[0])
+        if pidfd < 0:
+            raise P.ProtocolError(f"HELLO from a vanished pid: {os.strerror(-pidfd)}")
+        domain.pid, domain.pidfd, domain.state = creds[0], pidfd, "running"
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_death, domain)
+        fds = [os.dup(domain.gnttab_fd), os.dup(domain.ram_fd)]
+        # The domain has its own handles now; ours would only count against the fd limit.
+        os.close(domain.gnttab_fd)
+        os.close(domain.ram_fd)
+        domain.gnttab_fd = domain.ram_fd = -1
+        log.info("domain running", extra={"kv": {"domid": domain.domid, "pid": domain.pid}})
+        return P.reply(msg, 0, P.HELLO_REPLY.pack(domain.domid, self.limits.grant_entries,
+                                                  self.limits.ram_pages)), fds
+
+    async def _watch_death(self, domain: Domain) -> None:
+        try:
+            await trio.lowlevel.wait_readable(domain.pidfd)
+        except trio.ClosedResourceError:
+            return  # destroyed by other means first
+        self.destroy(domain, reason="domain process exited")
+
+    def destroy(self, domain: Domain, *, reason: str) -> None:
+        if self.domains.get(domain.domid) is not domain or domain.state == "dying":
+            return
+        domain.state = "dying"
+        if domain.pidfd >= 0:
+            lib.rf_pidfd_send_signal(domain.pidfd, 9)
+        self._release_mappings(domain)
+        for channel in domain.ports.values():
+            self._drop_held(channel)
+        del self.domains[domain.domid]
+        if domain.cancel_scope is not None:
+            domain.cancel_scope.cancel()
+        self._free(domain)
+        self._counters["destroyed"] += 1
+        log.info("domain destroyed", extra={"kv": {"domid": domain.domid, "reason": reason}})
+        self._announce(P.EventKind.RELEASED, domain.domid)
+
+    def _free(self, domain: Domain) -> None:
+        if domain.connection is not None:
+            domain.connection.close()
+        if domain.pidfd >= 0:
+            trio.lowlevel.notify_closing(domain.pidfd)
+        for fd in (domain.pidfd, domain.gnttab_fd, domain.ram_fd):
+            if fd >= 0:
+                os.close(fd)
+        domain.pidfd = domain.gnttab_fd = domain.ram_fd = -1
+        if domain.ram_ptr is not None:
+            ffi.release(domain.ram_ptr)
+            domain.ram_ptr = None
+        # Other cdata views of the grant table are short-lived; close once they are gone.
+        for area in (domain.gnttab, domain.ram):
+            if area is not None:
+                try:
+                    area.close()
+                except BufferError:
+                    pass
+
+    def _release_mappings(self, mapper: Domain) -> None:
+        """The mapper is gone: its mappings went with its process, so drop their pins."""
+        for mapping in mapper.maptrack.values():
+            self._unpin(mapping.granter, mapping.gref, mapping.readonly)
+        mapper.maptrack.clear()
+
+    # ---- pages ------------------------------------------------------------------------
+    def _alloc_pages(self, domain: Domain, msg: P.Message, count: int) -> tuple[bytes, list[int]]:
+        if len(domain.pages) + count > self.limits.mappable_pages:
+            return P.reply(msg, -errno.ENOMEM), []
+        frames, fds = [], []
+        try:
+            for _ in range(count):
+                fd = _sealed_memfd(f"rf-page-{domain.domid}", PAGE)
+                fds.append(fd)
+                frame = domain.next_frame
+                domain.next_frame += 1
+                domain.pages[frame] = _Page(_file_id(fd))
+                frames.append(frame)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            for frame in frames:
+                domain.pages.pop(frame, None)
+            return P.reply(msg, -errno.ENOMEM), []
+        return P.reply(msg, 0, P.pack_items(P.COUNT, [(f,) for f in frames])), fds
+
+    def _register_pages(self, domain: Domain, msg: P.Message, items: list[tuple[int, int]]) -> bytes:
+        for frame, fd_number in items:
+            page = domain.pages.get(frame)
+            if page is None or fd_number < 0:
+                return P.reply(msg, -errno.EINVAL)
+            page.fd_number = fd_number
+        return P.reply(msg, 0)
+
+    def _page_fd(self, granter: Domain, frame: int) -> int | None:
+        """Take the granter's fd for one of its pages, checking it is still that page."""
+        page = granter.pages.get(frame)
+        if page is None or page.fd_number < 0 or granter.pidfd < 0:
+            return None
+        fd = lib.rf_pidfd_getfd(granter.pidfd, page.fd_number)
+        if fd < 0:
+            return None
+        if _file_id(fd) != page.inode:
+            os.close(fd)
+            return None
+        return fd
+
+    # ---- grants -----------------------------------------------------------------------
+    def _pin(self, mapper: Domain, granter_id: int, gref: int, readonly: bool) -> tuple[int, Domain | None, int]:
+        granter = self.domains.get(granter_id)
+        if granter is None or granter.state != "running" or granter is mapper:
+            return GNTST.bad_domain, None, 0
+        if not 0 <= gref < self.limits.grant_entries:
+            return GNTST.bad_gntref, None, 0
+        frame = ffi.new("uint32_t *")
+        status = lib.rf_grant_pin(granter.entry(gref), mapper.domid, int(readonly), frame)
+        if status:
+            return status, None, 0
+        counts = granter.pins.setdefault(gref, [0, 0])
+        counts[0] += 1
+        counts[1] += 0 if readonly else 1
+        return GNTST.okay, granter, frame[0]
+
+    def _unpin(self, granter_id: int, gref: int, readonly: bool) -> None:
+        granter = self.domains.get(granter_id)
+        if granter is None or gref not in granter.pins:
+            return
+        counts = granter.pins[gref]
+        counts[0] -= 1
+        counts[1] -= 0 if readonly else 1
+        lib.rf_grant_unpin(granter.entry(gref), int(counts[0] == 0), int(counts[1] == 0))
+        if counts[0] == 0:
+            del granter.pins[gref]
+
+    def _map(self, mapper: Domain, msg: P.Message,
+             items: list[tuple[int, bool, int]]) -> tuple[bytes, list[int]]:
+        results: list[tuple[int, int]] = []
+        fds: list[int] = []
+        for granter_id, readonly, gref in items:
+            if len(mapper.maptrack) >= self.limits.maptrack:
+                results.append((self._grant_error(GNTST.no_space), 0))
+                continue
+            status, granter, frame = self._pin(mapper, granter_id, gref, readonly)
+            if status:
+                results.append((self._grant_error(status), 0))
+                continue
+            assert granter is not None
+            fd = self._page_fd(granter, frame)
+            if fd is not None and readonly:
+                # A read-only open of the same page: mmap(PROT_WRITE, MAP_SHARED) fails on it.
+                ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                os.close(fd)
+                fd = ro
+            if fd is None:
+                self._unpin(granter_id, gref, readonly)
+                results.append((self._grant_error(GNTST.bad_page), 0))
+                continue
+            handle = mapper.next_handle
+            mapper.next_handle += 1
+            mapper.maptrack[handle] = _Mapping(granter_id, gref, readonly, _file_id(fd))
+            fds.append(fd)
+            results.append((GNTST.okay, handle))
+            self._counters["maps"] += 1
+        return P.reply(msg, 0, P.pack_items(P.MAP_RESULT, results)), fds
+
+    def _unmap(self, mapper: Domain, msg: P.Message, handles: list[int]) -> bytes:
+        reachable = _reachable_inodes(mapper.pid) if handles else set()
+        results = []
+        for handle in handles:
+            mapping = mapper.maptrack.get(handle)
+            if mapping is None:
+                results.append((self._grant_error(GNTST.bad_handle),))
+            elif mapping.inode in reachable:
+                # Still mapped or still open: dropping the pin would let the granter reuse
+                # a page this domain can still touch.
+                results.append((self._grant_error(GNTST.general_error),))
+            else:
+                del mapper.maptrack[handle]
+                self._unpin(mapping.granter, mapping.gref, mapping.readonly)
+                self._counters["unmaps"] += 1
+                results.append((GNTST.okay,))
+        return P.reply(msg, 0, P.pack_items(P.STATUS, results))
+
+    def _copy(self, caller: Domain, msg: P.Message, segments: list[P.CopySegment]) -> bytes:
+        statuses = [int(GNTST.okay)] * len(segments)
+        pins: list[tuple[int, int, bool]] = []
+        transient: dict[tuple[int, int], tuple[mmap.mmap, Any]] = {}
+        remote_ops: list[tuple[int, Any, int, int, bool]] = []  # index, local ptr, addr, len, to_remote
+        try:
+            for i, seg in enumerate(segments):
+                resolved = []
+                for side, writing in ((seg.source, False), (seg.dest, True)):
+                    if not side.is_gref:
+                        resolved.append(None)
+                        continue
+                    if side.offset + seg.length > PAGE:
+                        statuses[i] = GNTST.bad_copy_arg
+                        break
+                    status, granter, frame = self._pin(caller, side.domid, side.gref, not writing)
+                    if status:
+                        statuses[i] = status
+                        break
+                    assert granter is not None
+                    pins.append((side.domid, side.gref, not writing))
+                    ptr = self._frame_pointer(granter, frame, transient)
+                    if ptr is None:
+                        statuses[i] = GNTST.bad_page
+                        break
+                    resolved.append(ptr + side.offset)
+                if statuses[i]:
+                    continue
+                src, dst = resolved
+                if src is None and dst is None:
+                    statuses[i] = GNTST.bad_copy_arg  # a copy must involve a grant
+                elif src is not None and dst is not None:
+                    ffi.memmove(dst, src, seg.length)
+                elif caller.pid <= 0:
+                    statuses[i] = GNTST.bad_virt_addr
+                elif src is not None:
+                    remote_ops.append((i, src, seg.dest.offset, seg.length, True))
+                else:
+                    remote_ops.append((i, dst, seg.source.offset, seg.length, False))
+            if remote_ops:
+                ops = ffi.new("rf_remote_copy[]", len(remote_ops))
+                for k, (_, ptr, addr, length, to_remote) in enumerate(remote_ops):
+                    ops[k].local, ops[k].remote, ops[k].len = ptr, addr, length
+                    ops[k].to_remote = int(to_remote)
+                lib.rf_remote_copy_batch(caller.pid, ops, len(remote_ops))
+                for k, (i, *_rest) in enumerate(remote_ops):
+                    if ops[k].status:
+                        statuses[i] = GNTST.bad_virt_addr
+        finally:
+            for granter_id, gref, readonly in pins:
+                self._unpin(granter_id, gref, readonly)
+            for area, ptr in transient.values():
+                ffi.release(ptr)
+                area.close()
+        for i, status in enumerate(statuses):
+            if status:
+                self._grant_error(status)
+            else:
+                self._counters["copies"] += 1
+                self._counters["copy_bytes"] += segments[i].length
+        return P.reply(msg, 0, P.pack_items(P.STATUS, [(s,) for s in statuses]))
+
+    def _frame_pointer(self, granter: Domain, frame: int,
+                       transient: dict[tuple[int, int], tuple[mmap.mmap, Any]]) -> Any:
+        if frame < MAPPABLE_FRAME_BASE:
+            if frame >= self.limits.ram_pages or granter.ram_ptr is None:
+                return None
+            return granter.ram_ptr + frame * PAGE
+        key = (granter.domid, frame)
+        if key not in transient:
+            fd = self._page_fd(granter, frame)
+            if fd is None:
+                return None
+            try:
+                area = mmap.mmap(fd, PAGE)
+            finally:
+                os.close(fd)
+            transient[key] = (area, ffi.from_buffer(area))
+        return transient[key][1]
+
+    # ---- event channels ---------------------------------------------------------------
+    def _new_port(self, domain: Domain) -> int | None:
+        if len(domain.ports) >= self.limits.ports:
+            return None
+        port = 1
+        while port in domain.ports:
+            port += 1
+        return port
+
+    def _alloc_unbound(self, domain: Domain, msg: P.Message, remote: int) -> tuple[bytes, list[int]]:
+        unbound = sum(1 for c in domain.ports.values() if c.held is not None)
+        port = self._new_port(domain)
+        if (port is None or unbound >= self.limits.unbound_ports
+                or self._unbound_held >= 4000):
+            return P.reply(msg, -errno.ENOSPC), []
+        if remote != 0 and remote not in self.domains:
+            return P.reply(msg, -errno.ESRCH), []
+        notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        wait = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        domain.ports[port] = _Channel(port, remote, held=(notify, wait))
+        self._unbound_held += 1
+        return P.reply(msg, 0, P.PORT.pack(port)), [os.dup(notify), os.dup(wait)]
+
+    def _bind(self, domain: Domain, msg: P.Message, remote: int, remote_port: int) -> tuple[bytes, list[int]]:
+        owner = self.domains.get(remote)
+        channel = owner.ports.get(remote_port) if owner else None
+        if channel is None or owner is domain:
+            return P.reply(msg, -errno.EINVAL), []
+        if channel.held is None or channel.remote != domain.domid:
+            return P.reply(msg, -errno.EINVAL if channel.held is None else -errno.EACCES), []
+        port = self._new_port(domain)
+        if port is None:
+            return P.reply(msg, -errno.ENOSPC), []
+        owner_notifies, owner_waits = channel.held
+        # The binder notifies what the owner waits on, and waits on what the owner notifies.
+        fds = [os.dup(owner_waits), os.dup(owner_notifies)]
+        self._drop_held(channel)
+        channel.peer_port = port
+        domain.ports[port] = _Channel(port, remote, peer_port=remote_port)
+        self._counters["bound"] += 1
+        return P.reply(msg, 0, P.PORT.pack(port)), fds
+
+    def _drop_held(self, channel: _Channel) -> None:
+        if channel.held is not None:
+            for fd in channel.held:
+                os.close(fd)
+            channel.held = None
+            self._unbound_held -= 1
+
+    def _close_port(self, domain: Domain, msg: P.Message, port: int) -> bytes:
+        channel = domain.ports.pop(port, None)
+        if channel is None:
+            return P.reply(msg, -errno.EINVAL)
+        self._drop_held(channel)
+        return P.reply(msg, 0)
+
+
+def _round_page(size: int) -> int:
+    return (size + PAGE - 1) // PAGE * PAGE
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _reachable_inodes(pid: int) -> set[tuple[int, int]]:
+    """Files (device, inode) a process can still reach: its mappings and its open files."""
+    inodes: set[tuple[int, int]] = set()
+    if pid <= 0:
+        return inodes
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) >= 5 and fields[4] != b"0":
+                    major, minor = (int(x, 16) for x in fields[3].split(b":"))
+                    inodes.add((os.makedev(major, minor), int(fields[4])))
+        fd_dir = f"/proc/{pid}/fd"
+        for name in os.listdir(fd_dir):
+            try:
+                st = os.stat(f"{fd_dir}/{name}")
+                inodes.add((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return inodes
