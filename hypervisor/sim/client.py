@@ -49,7 +49,8 @@ class ControlConnection:
         self._sock = sock
         self._next_id = 1
         self._pending: dict[int, trio.MemorySendChannel[tuple[int, bytes, list[int]]]] = {}
-        self._events_send, self.events = trio.open_memory_channel[tuple[int, int]](1024)
+        # (kind, domid, fd or -1): domain announcements and, for xenstored, connections
+        self._events_send, self.events = trio.open_memory_channel[tuple[int, int, int]](1024)
         self._closed = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -69,7 +70,11 @@ class ControlConnection:
                 msg = P.decode(data)
                 if msg.op & P.EVENT and not msg.op & P.REPLY:
                     kind, domid = P.EVENT_BODY.unpack(msg.payload)
-                    self._events_send.send_nowait((kind, domid))
+                    try:
+                        self._events_send.send_nowait((kind, domid, fds[0] if fds else -1))
+                    except trio.WouldBlock:
+                        for fd in fds:
+                            os.close(fd)
                     continue
                 status, body = P.split_reply(msg.payload)
                 waiter = self._pending.pop(msg.req_id, None)
@@ -432,6 +437,11 @@ class SimDomain:
         body, _ = await self.connection.checked(Op.STATISTICS)
         return json.loads(body)
 
+    async def store_connection(self) -> socket.socket:
+        """A fresh XenStore connection on which xenstored knows us by our domid."""
+        _, fds = await self.connection.checked(Op.STORE_CONNECT)
+        return socket.socket(fileno=fds[0])
+
 
 @contextlib.asynccontextmanager
 async def open_domain(fd: int | None = None) -> AsyncIterator[SimDomain]:
@@ -496,11 +506,30 @@ class Dom0:
         await self.connection.checked(Op.SUBSCRIBE)
 
     async def next_event(self) -> tuple[P.EventKind, int]:
+        """The next domain introduction or release (after :meth:`subscribe`)."""
+        kind, domid, fd = await self._next()
+        if fd >= 0:
+            os.close(fd)
+        return P.EventKind(kind), domid
+
+    async def register_store(self) -> None:
+        """Become the XenStore daemon: domains' connections arrive via :meth:`next_store_connection`."""
+        await self.connection.checked(Op.STORE_REGISTER)
+
+    async def next_store_connection(self) -> tuple[int, socket.socket]:
+        """A new XenStore connection: (domid the hypervisor vouches for, stream socket)."""
+        while True:
+            kind, domid, fd = await self._next()
+            if kind == P.EventKind.STORE_CONNECTION and fd >= 0:
+                return domid, socket.socket(fileno=fd)
+            if fd >= 0:
+                os.close(fd)
+
+    async def _next(self) -> tuple[int, int, int]:
         try:
-            kind, domid = await self.connection.events.receive()
+            return await self.connection.events.receive()
         except trio.EndOfChannel:
             raise HypervisorError(errno.ECONNRESET, "hypervisor connection closed") from None
-        return P.EventKind(kind), domid
 
 
 @contextlib.asynccontextmanager

@@ -157,7 +157,8 @@ class Hypervisor:
         self.limits = limits or Limits()
         self.domains: dict[int, Domain] = {}
         self._next_domid = DOMID_FIRST
-        self._subscribers: list[trio.MemorySendChannel[bytes]] = []
+        self._subscribers: list[trio.MemorySendChannel[tuple[bytes, int]]] = []
+        self._store: trio.MemorySendChannel[tuple[bytes, int]] | None = None
         self._unbound_held = 0
         self._counters: Counter[str] = Counter()
         self._grant_errors: Counter[str] = Counter()
@@ -320,6 +321,9 @@ class Hypervisor:
             return self._bind(domain, msg, *P.decode_bind(msg.payload))
         if op == Op.EVT_CLOSE:
             return self._close_port(domain, msg, P.decode_port(msg.payload)), []
+        if op == Op.STORE_CONNECT and not is_dom0:
+            P.decode_empty(msg.payload, "store_connect")
+            return self._store_connect(domain, msg)
         if op == Op.STATISTICS:
             P.decode_empty(msg.payload, "statistics")
             body: Any = ({"hypervisor": asdict(self.statistics()),
@@ -340,24 +344,62 @@ class Hypervisor:
                 rows = [{"domid": d.domid, "name": d.name, "state": d.state, "pid": d.pid}
                         for d in self.domains.values()]
                 return P.reply(msg, 0, json.dumps(rows).encode()), []
-            if op == Op.SUBSCRIBE:
+            if op in (Op.SUBSCRIBE, Op.STORE_REGISTER):
                 P.decode_empty(msg.payload, "subscribe")
-                send, receive = trio.open_memory_channel[bytes](256)
-                self._subscribers.append(send)
+                send, receive = trio.open_memory_channel[tuple[bytes, int]](256)
+                if op == Op.SUBSCRIBE:
+                    self._subscribers.append(send)
+                else:
+                    if self._store is not None:  # a restarted xenstored takes over
+                        self._store.close()
+                    self._store = send
                 nursery.start_soon(self._forward_events, domain, receive)
                 return P.reply(msg, 0), []
         raise P.ProtocolError(f"op {op} not allowed here")
 
-    async def _forward_events(self, dom0: Domain, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _forward_events(self, dom0: Domain,
+                              receive: trio.MemoryReceiveChannel[tuple[bytes, int]]) -> None:
         assert dom0.connection is not None
-        async for event in receive:
-            await dom0.connection.send(event)
+        try:
+            async for event, fd in receive:
+                try:
+                    if fd >= 0:
+                        await dom0.connection.sendmsg(
+                            [event], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", fd))])
+                    else:
+                        await dom0.connection.send(event)
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+        finally:
+            # fds queued behind a failed send must not leak
+            while True:
+                try:
+                    _, fd = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if fd >= 0:
+                    os.close(fd)
+
+    def _store_connect(self, domain: Domain, msg: P.Message) -> tuple[bytes, list[int]]:
+        if self._store is None:
+            return P.reply(msg, -errno.ENOTCONN), []
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        event = P.encode(P.EVENT | P.EventKind.STORE_CONNECTION, 0,
+                         P.EVENT_BODY.pack(P.EventKind.STORE_CONNECTION, domain.domid))
+        try:
+            self._store.send_nowait((event, ours.detach()))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            ours.close()
+            theirs.close()
+            return P.reply(msg, -errno.EAGAIN), []
+        return P.reply(msg, 0), [theirs.detach()]
 
     def _announce(self, kind: P.EventKind, domid: int) -> None:
         event = P.encode(P.EVENT | kind, 0, P.EVENT_BODY.pack(kind, domid))
         for send in list(self._subscribers):
             try:
-                send.send_nowait(event)
+                send.send_nowait((event, -1))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 # A subscriber that does not keep up loses its subscription, not the daemon.
                 self._subscribers.remove(send)

@@ -35,16 +35,19 @@ class Op(enum.IntEnum):
     EVT_BIND_INTERDOMAIN = 9
     EVT_CLOSE = 10
     STATISTICS = 11
+    STORE_CONNECT = 12    # a XenStore connection authenticated as this domain
     # dom0 only
     CREATE_DOMAIN = 20
     DESTROY_DOMAIN = 21
     LIST_DOMAINS = 22
     SUBSCRIBE = 23
+    STORE_REGISTER = 24   # this dom0 connection is xenstored: receive domains' connections
 
 
 class EventKind(enum.IntEnum):
     INTRODUCED = 1
     RELEASED = 2
+    STORE_CONNECTION = 3  # carries one end of a domain's XenStore socket
 
 
 class GNTST(enum.IntEnum):

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from ringfence.hypervisor.sim.protocol import GNTST, EventKind
+from ringfence.hypervisor.sim.client import open_dom0
 from ringfence.testing.sim import open_agent, open_hypervisor
 
 GTF_reading, GTF_writing = 1 << 3, 1 << 4
@@ -227,3 +228,21 @@ async def test_forged_domid_is_impossible(hv):
         result = await b.ok("raw", data="4652" + "1500" + "01000000" + "02000000" + f"{a.domid:04x}"[2:] + f"{a.domid:04x}"[:2])
         assert result["alive"] is False
         assert (await a.ok("info"))["domid"] == a.domid
+
+
+async def test_store_connections_are_authenticated_by_the_hypervisor(hv, tmp_path):
+    async with open_agent(hv, "guest") as guest:
+        assert (await guest.call("store_ping", data="00"))["errno"] == 107  # no xenstored yet
+        async with open_dom0(os.path.join(tmp_path, "hv.sock")) as store:
+            await store.register_store()
+
+            async def answer():
+                domid, sock = await store.next_store_connection()
+                with trio.socket.from_stdlib_socket(sock) as s:
+                    data = await s.recv(100)
+                    await s.send(f"dom{domid}:".encode() + data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer)
+                reply = await guest.ok("store_ping", data=b"hi".hex())
+            assert bytes.fromhex(reply["reply"]) == f"dom{guest.domid}:hi".encode()

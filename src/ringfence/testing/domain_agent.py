@@ -173,6 +173,13 @@ class Agent:
                 pass
         return {"alive": False}
 
+    async def do_store_ping(self, data: str) -> dict[str, Any]:
+        """Open our XenStore connection, send bytes, return what comes back."""
+        sock = trio.socket.from_stdlib_socket(await self.domain.store_connection())
+        with sock:
+            await sock.send(binascii.unhexlify(data))
+            return {"reply": (await sock.recv(65536)).hex()}
+
     async def do_statistics(self) -> dict[str, Any]:
         return {"statistics": await self.domain.statistics()}
 
