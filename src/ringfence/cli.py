@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ringfence import __version__
 from ringfence._log import configure_logging
 from ringfence.errors import CommandError, UsageError
+from ringfence.isolation.sandbox import drop_privileges_from_environment
 
 # Modules that register subcommands, in the order --help lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    drop_privileges_from_environment()  # a sandboxed domain: no root past this point
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.platform import GrantCopy
+from ringfence.isolation.sandbox import drop_privileges_from_environment
 from ringfence.hypervisor.sim import protocol as P
 from ringfence.hypervisor.sim.client import (GrantError, HypervisorError, SimDomain, SimPageRange,
                                              SimMappedPages, SimPort, open_domain)
@@ -192,6 +193,7 @@ def drop_privileges(uid: int) -> None:
 
 
 async def main() -> None:
+    drop_privileges_from_environment()
     if "--user" in sys.argv:
         drop_privileges(int(sys.argv[sys.argv.index("--user") + 1]))
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))

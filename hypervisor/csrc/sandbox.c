@@ -1,0 +1,150 @@
+#define _GNU_SOURCE
+#include "sandbox.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int write_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = write(fd, text, strlen(text));
+    int err = n < 0 ? -errno : 0;
+    close(fd);
+    return err;
+}
+
+/* Called in the child between fork and exec. With a new pid namespace the caller forks once
+ * more: the new process is pid 1 of the namespace and goes on to exec; the first child
+ * stays behind as a waiter that relays the exit status, so that whoever started it (and
+ * watches it through a pidfd) sees the domain's life and death. Returns 0 or -errno. */
+int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gid)
+{
+    int flags = 0;
+    if (what & RF_SANDBOX_USER) flags |= CLONE_NEWUSER;
+    if (what & RF_SANDBOX_PID) flags |= CLONE_NEWPID;
+    if (what & RF_SANDBOX_MOUNT) flags |= CLONE_NEWNS;
+    if (what & RF_SANDBOX_NET) flags |= CLONE_NEWNET;
+    if (what & RF_SANDBOX_IPC) flags |= CLONE_NEWIPC;
+    if (what & RF_SANDBOX_UTS) flags |= CLONE_NEWUTS;
+    if (unshare(flags) < 0)
+        return -errno;
+    if (what & RF_SANDBOX_USER) {
+        char map[64];
+        int err = write_file("/proc/self/setgroups", "deny");
+        snprintf(map, sizeof map, "0 %d 1\n", outer_uid);
+        if (!err) err = write_file("/proc/self/uid_map", map);
+        snprintf(map, sizeof map, "0 %d 1\n", outer_gid);
+        if (!err) err = write_file("/proc/self/gid_map", map);
+        if (err)
+            return err;
+    }
+    if (what & RF_SANDBOX_PID) {
+        pid_t child = fork();
+        if (child < 0)
+            return -errno;
+        if (child > 0) {
+            /* The waiter: hold no fd of the parent (in particular not subprocess's exec
+             * error pipe, which would keep the parent waiting) and pass signals on. */
+            syscall(SYS_close_range, 3, ~0U, 0);
+            int status;
+            while (waitpid(child, &status, 0) < 0) {
+                if (errno != EINTR)
+                    _exit(127);
+            }
+            if (WIFSIGNALED(status)) {
+                signal(WTERMSIG(status), SIG_DFL);
+                kill(getpid(), WTERMSIG(status));
+            }
+            _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 127);
+        }
+        /* pid 1 of the namespace: die with the waiter, taking the namespace with it. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+    }
+    if (what & RF_SANDBOX_MOUNT) {
+        /* Nothing we mount may leak back to the host, and the host's mounts are not ours. */
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+            return -errno;
+        if ((what & RF_SANDBOX_PID) &&
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+            return -errno;
+        /* sysfs shows the network namespace of whoever mounts it: mount ours. */
+        if ((what & RF_SANDBOX_NET) &&
+            mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+            return -errno;
+        if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m") < 0)
+            return -errno;
+        if (mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m") < 0)
+            return -errno;
+    }
+    if ((what & RF_SANDBOX_UTS) && hostname && *hostname &&
+        sethostname(hostname, strlen(hostname)) < 0)
+        return -errno;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -errno;
+    return 0;
+}
+
+static int mkdir_p(const char *path)
+{
+    char buf[4096];
+    size_t len = strlen(path);
+    if (len >= sizeof buf)
+        return -ENAMETOOLONG;
+    memcpy(buf, path, len + 1);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = 0;
+        if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+/* Hide a directory others may not enter (say /root) behind an empty tmpfs, then bind the
+ * listed paths under it back in, so that a domain that drops to an unprivileged uid can
+ * still load its interpreter from there but sees nothing else of it. Mount namespace only. */
+int rf_sandbox_expose(const char *cover, const char *const *paths, int n)
+{
+    enum { MAX = 32 };
+    int fds[MAX];
+    if (n > MAX)
+        return -E2BIG;
+    for (int i = 0; i < n; i++) {
+        fds[i] = open(paths[i], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fds[i] < 0) {
+            int err = -errno;
+            while (i--)
+                close(fds[i]);
+            return err;
+        }
+    }
+    int err = 0;
+    if (mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") < 0)
+        err = -errno;
+    for (int i = 0; i < n && !err; i++) {
+        char source[64];
+        snprintf(source, sizeof source, "/proc/self/fd/%d", fds[i]);
+        err = mkdir_p(paths[i]);
+        if (!err && mount(source, paths[i], NULL, MS_BIND | MS_REC, NULL) < 0)
+            err = -errno;
+    }
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    return err;
+}

@@ -1,0 +1,12 @@
+/* Entering a sandbox in a freshly forked child, before exec (see isolation/sandbox.py). */
+#ifndef RF_SANDBOX_H
+#define RF_SANDBOX_H
+#define RF_SANDBOX_PID 1
+#define RF_SANDBOX_MOUNT 2
+#define RF_SANDBOX_NET 4
+#define RF_SANDBOX_IPC 8
+#define RF_SANDBOX_UTS 16
+#define RF_SANDBOX_USER 32
+int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gid);
+int rf_sandbox_expose(const char *cover, const char *const *paths, int n);
+#endif

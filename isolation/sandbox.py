@@ -1,0 +1,265 @@
+"""Sandboxes for domains: namespaces, a cgroup, rlimits, no_new_privs, only handed fds.
+
+Every domain, driver or guest, is started with :func:`spawn_sandboxed`. Its process gets its
+own pid, mount, net, ipc and uts namespaces (and a user namespace when not run as root), a
+private /tmp and /dev/shm, a fresh /proc that shows only its own processes, a cgroup with
+memory and pids limits, rlimits, ``no_new_privs``, and no fd but those passed explicitly.
+As root it then drops to an unprivileged uid of its own (``RINGFENCE_SANDBOX_UID``), once
+Python has loaded, so that it holds no capability and owns none of the pages of others.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ringfence.hypervisor._lib import ffi, lib
+
+log = logging.getLogger(__name__)
+
+UID_ENV = "RINGFENCE_SANDBOX_UID"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NAMESPACE_FLAGS = {"pid": lib.RF_SANDBOX_PID, "mount": lib.RF_SANDBOX_MOUNT,
+                   "net": lib.RF_SANDBOX_NET, "ipc": lib.RF_SANDBOX_IPC,
+                   "uts": lib.RF_SANDBOX_UTS}
+ALL_NAMESPACES = frozenset(NAMESPACE_FLAGS)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    name: str
+    namespaces: frozenset[str] = ALL_NAMESPACES
+    memory_max: int | None = 512 << 20
+    pids_max: int | None = 256
+    nofile: int = 4096
+    core_dumps: bool = False
+    uid: int | None = None  # as root: the unprivileged uid to drop to (None: 100000 + hash)
+    rlimits: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxStatistics:
+    name: str
+    pid: int
+    alive: bool
+    cgroup: str
+    memory_bytes: int
+    memory_max: int | None
+    pids: int
+    pids_max: int | None
+
+
+def _own_cgroup(controller: str) -> str:
+    """Our cgroup path in a v1 hierarchy (or v2 with controller '')."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(",") or (controller == "" and controllers == ""):
+            return path.lstrip("/")
+    return ""
+
+
+class Cgroup:
+    """A per-sandbox cgroup: v2 where the unified hierarchy has the controllers, else v1."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dirs: dict[str, Path] = {}
+        unified = CGROUP_ROOT / "cgroup.controllers"
+        self.v2 = unified.exists()
+        if self.v2:
+            self.dirs[""] = CGROUP_ROOT / _own_cgroup("") / "ringfence" / name
+        else:
+            for controller in ("memory", "pids"):
+                base = CGROUP_ROOT / controller
+                if base.is_dir():
+                    self.dirs[controller] = base / _own_cgroup(controller) / "ringfence" / name
+
+    def create(self, memory_max: int | None, pids_max: int | None) -> None:
+        for controller, path in list(self.dirs.items()):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                if self.v2:
+                    with contextlib.suppress(OSError):
+                        (path.parent / "cgroup.subtree_control").write_text("+memory +pids")
+                    if memory_max is not None:
+                        (path / "memory.max").write_text(str(memory_max))
+                    if pids_max is not None:
+                        (path / "pids.max").write_text(str(pids_max))
+                elif controller == "memory" and memory_max is not None:
+                    (path / "memory.limit_in_bytes").write_text(str(memory_max))
+                elif controller == "pids" and pids_max is not None:
+                    (path / "pids.max").write_text(str(pids_max))
+            except OSError as exc:
+                # Rootless, or a hierarchy we may not write: run without that limit.
+                log.warning("cgroup unavailable", extra={"kv": {
+                    "sandbox": self.name, "controller": controller or "v2", "error": exc.strerror}})
+                self.dirs.pop(controller)
+
+    def procs_files(self) -> list[str]:
+        return [str(path / "cgroup.procs") for path in self.dirs.values()]
+
+    def _read(self, controller: str, v1_name: str, v2_name: str) -> int:
+        path = self.dirs.get("" if self.v2 else controller)
+        if path is None:
+            return 0
+        with contextlib.suppress(OSError, ValueError):
+            return int((path / (v2_name if self.v2 else v1_name)).read_text().split()[0])
+        return 0
+
+    def memory_bytes(self) -> int:
+        return self._read("memory", "memory.usage_in_bytes", "memory.current")
+
+    def pids(self) -> int:
+        return self._read("pids", "pids.current", "pids.current")
+
+    def kill_all(self) -> None:
+        for path in self.dirs.values():
+            with contextlib.suppress(OSError):
+                for pid in (path / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+
+    def remove(self) -> None:
+        for path in self.dirs.values():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+class SandboxedProcess:
+    def __init__(self, spec: SandboxSpec, process: trio.Process, cgroup: Cgroup) -> None:
+        self.spec = spec
+        self.process = process
+        self.pid = process.pid
+        self.cgroup = cgroup
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.cgroup.kill_all()
+
+    async def wait(self) -> int:
+        status = await self.process.wait()
+        return status
+
+    async def aclose(self) -> None:
+        """Kill what is left and remove the cgroup."""
+        self.kill()
+        await self.process.wait()
+        with trio.move_on_after(2):
+            while self.cgroup.pids():
+                self.cgroup.kill_all()
+                await trio.sleep(0.01)
+        self.cgroup.remove()
+
+    def statistics(self) -> SandboxStatistics:
+        return SandboxStatistics(self.spec.name, self.pid, self.process.poll() is None,
+                                 ",".join(str(p) for p in self.cgroup.dirs.values()),
+                                 self.cgroup.memory_bytes(), self.spec.memory_max,
+                                 self.cgroup.pids(), self.spec.pids_max)
+
+
+def _hidden_interpreter_paths() -> dict[str, list[str]]:
+    """Paths Python needs that sit below a directory others may not enter, by that directory.
+
+    A domain drops to an unprivileged uid after exec; if the interpreter lives in, say,
+    /root/.pyenv, it must still be able to import from there.
+    """
+    needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix,
+                                            *sys.path) if p and os.path.isdir(p)}
+    covers: dict[str, list[str]] = {}
+    for path in sorted(needed):
+        parts = Path(path).parts
+        for depth in range(2, len(parts)):
+            ancestor = str(Path(*parts[:depth]))
+            if not os.stat(ancestor).st_mode & 0o001:
+                covers.setdefault(ancestor, [])
+                # keep only the outermost paths under each cover
+                if not any(path.startswith(k + "/") for k in covers[ancestor]):
+                    covers[ancestor].append(path)
+                break
+    return covers
+
+
+def sandbox_uid(name: str) -> int:
+    """A stable unprivileged uid per sandbox name, away from real users."""
+    import zlib
+    return 200000 + zlib.crc32(name.encode()) % 100000
+
+
+async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
+                          pass_fds: Sequence[int] = (), env: Mapping[str, str] | None = None,
+                          **kwargs: Any) -> SandboxedProcess:
+    rootless = os.geteuid() != 0
+    what = 0
+    for ns in spec.namespaces:
+        what |= NAMESPACE_FLAGS[ns]
+    if rootless:
+        what |= lib.RF_SANDBOX_USER
+    cgroup = Cgroup(spec.name)
+    cgroup.create(spec.memory_max, spec.pids_max)
+    procs_files = cgroup.procs_files()
+    hostname = spec.name.encode()[:63]
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    limits = {resource.RLIMIT_NOFILE: (spec.nofile, spec.nofile),
+              resource.RLIMIT_CORE: (0, 0) if not spec.core_dumps else (-1, -1),
+              **spec.rlimits}
+    environment = dict(env if env is not None else os.environ)
+    covers: dict[str, list[str]] = {}
+    if not rootless:
+        environment[UID_ENV] = str(spec.uid if spec.uid is not None else sandbox_uid(spec.name))
+        if "mount" in spec.namespaces:
+            covers = _hidden_interpreter_paths()
+    expose = [(cover.encode(), [ffi.new("char[]", p.encode()) for p in paths])
+              for cover, paths in covers.items()]
+
+    def enter() -> None:  # runs in the child between fork and exec
+        for path in procs_files:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+        for which, (soft, hard) in limits.items():
+            resource.setrlimit(which, (soft, hard))
+        status = lib.rf_sandbox_enter(what, hostname, outer_uid, outer_gid)
+        if status < 0:
+            raise OSError(-status, f"entering sandbox: {os.strerror(-status)}")
+        for cover, paths in expose:
+            status = lib.rf_sandbox_expose(cover, ffi.new("char *[]", paths), len(paths))
+            if status < 0:
+                raise OSError(-status, f"exposing the interpreter: {os.strerror(-status)}")
+
+    try:
+        process = await trio.lowlevel.open_process(
+            list(argv), pass_fds=tuple(pass_fds), close_fds=True, env=environment,
+            preexec_fn=enter, **kwargs)
+    except BaseException:
+        cgroup.remove()
+        raise
+    log.info("sandbox started", extra={"kv": {"sandbox": spec.name, "pid": process.pid,
+                                              "rootless": rootless}})
+    return SandboxedProcess(spec, process, cgroup)
+
+
+def drop_privileges_from_environment() -> None:
+    """Called first thing by a domain's entry point: become the sandbox's own uid.
+
+    Done after exec, not before, because the interpreter may live where only root can
+    read. Dropping every uid from 0 clears all capabilities.
+    """
+    value = os.environ.pop(UID_ENV, None)
+    if value is None:
+        return
+    uid = int(value)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if os.geteuid() != uid:
+        raise OSError(errno.EPERM, "could not drop privileges")

@@ -1,0 +1,123 @@
+"""Sandboxes with real namespaces and cgroups: a driver domain cannot see a guest's
+processes, files or memory, nor signal it (issue 7, item 1)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these checks run as root")
+
+PRELUDE = "from ringfence.isolation.sandbox import drop_privileges_from_environment as d; d()\n"
+
+GUEST = PRELUDE + textwrap.dedent("""
+    import os, sys, time
+    open("/tmp/guest-secret", "w").write("secret")
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+""")
+
+PROBE = PRELUDE + textwrap.dedent("""
+    import json, os, signal, sys, socket
+    guest = int(sys.argv[1])
+    result = {"pid": os.getpid(), "uid": os.getuid(), "hostname": socket.gethostname()}
+    result["procs"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    try:
+        os.kill(guest, 0); result["signal"] = "delivered"
+    except OSError as e:
+        result["signal"] = e.errno
+    result["secret"] = os.path.exists("/tmp/guest-secret")
+    try:
+        open(f"/proc/{guest}/mem", "rb"); result["mem"] = "opened"
+    except OSError as e:
+        result["mem"] = e.errno
+    result["netdevs"] = sorted(os.listdir("/sys/class/net"))
+    result["fds"] = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+    result["nnp"] = [l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1]
+    result["caps"] = [l for l in open("/proc/self/status") if l.startswith("CapEff")][0].split()[1]
+    import resource
+    result["nofile"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    print(json.dumps(result), flush=True)
+""")
+
+
+async def test_driver_domain_cannot_reach_a_guest(tmp_path):
+    leak_r, leak_w = os.pipe()  # an fd that must not be inherited
+    guest = await spawn_sandboxed(SandboxSpec("guest1"), [sys.executable, "-c", GUEST],
+                                  stdout=subprocess.PIPE)
+    try:
+        line = b""
+        with trio.fail_after(20):
+            while not line.endswith(b"\n"):
+                line += await guest.process.stdout.receive_some(100)
+        guest_inner_pid = int(line)
+        assert guest_inner_pid == 1  # pid 1 of its own namespace
+        # the guest's global pid: the child of the waiter
+        children = open(f"/proc/{guest.pid}/task/{guest.pid}/children").read().split()
+        guest_pid = int(children[0])
+        result = await trio.run_process(
+            [sys.executable, "-c", "import subprocess,sys; sys.exit(0)"], capture_stdout=True)
+        driver = await spawn_sandboxed(SandboxSpec("driver1", nofile=512),
+                                       [sys.executable, "-c", PROBE, str(guest_pid)],
+                                       stdout=subprocess.PIPE)
+        out = b""
+        with trio.fail_after(20):
+            async for chunk in driver.process.stdout:
+                out += chunk
+        await driver.aclose()
+        probe = json.loads(out)
+        assert probe["pid"] == 1 and probe["procs"] == [1]
+        assert probe["signal"] == 3  # ESRCH: the guest does not exist from here
+        assert probe["secret"] is False
+        assert probe["mem"] == 2  # ENOENT
+        assert probe["netdevs"] == ["lo"]
+        assert probe["fds"] == [0, 1, 2, 3] or probe["fds"] == [0, 1, 2]  # 3: listdir's own fd
+        assert probe["nnp"] == "1"
+        assert probe["caps"] == "0000000000000000" and probe["uid"] >= 200000
+        assert probe["hostname"] == "driver1"
+        assert probe["nofile"] == 512
+        # and the host never saw the guest's file either
+        assert not os.path.exists("/tmp/guest-secret")
+    finally:
+        os.close(leak_r)
+        os.close(leak_w)
+        await guest.aclose()
+    assert not guest.cgroup.dirs or not any(p.exists() for p in guest.cgroup.dirs.values())
+
+
+async def test_pids_limit_holds():
+    bomb = PRELUDE + textwrap.dedent("""
+        import os, time
+        made = 0
+        try:
+            for _ in range(100):
+                if os.fork() == 0:
+                    time.sleep(30); os._exit(0)
+                made += 1
+        except OSError as e:
+            print("limited", made, flush=True)
+        else:
+            print("unlimited", made, flush=True)
+    """)
+    box = await spawn_sandboxed(SandboxSpec("bomb1", pids_max=20), [sys.executable, "-c", bomb],
+                                stdout=subprocess.PIPE)
+    out = b""
+    with trio.fail_after(30):
+        while b"\n" not in out:
+            chunk = await box.process.stdout.receive_some(100)
+            if not chunk:
+                break
+            out += chunk
+    stats = box.statistics()
+    await box.aclose()
+    if not box.cgroup.dirs.get("pids") and not box.cgroup.v2:
+        pytest.skip("no writable pids cgroup here")
+    assert out.startswith(b"limited"), out
+    assert stats.pids_max == 20
