@@ -1,0 +1,278 @@
+"""The supervisor: keep driver domains running (DESIGN.md §6).
+
+Each supervised service is a sandboxed process that reports through its own sd_notify
+socket (``READY=1``, ``WATCHDOG=1``, ``STATUS=``). When the process exits or misses its
+watchdog, the supervisor kills what is left of it, runs the service's teardown (the toolstack
+destroys the domain there, so the hypervisor revokes its mappings and channels) and starts it
+again after an exponential backoff that resets once a run has been stable. More than
+``burst`` starts within ``interval`` seconds marks the service failed, as systemd's
+``StartLimitBurst``/``StartLimitIntervalSec`` do. The supervisor knows services only by
+their argv and callbacks, never by import.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ringfence.isolation.sandbox import SandboxedProcess, SandboxSpec, sandbox_uid, spawn_sandboxed
+
+log = logging.getLogger(__name__)
+
+CREDS = struct.Struct("<iII")
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    initial_delay: float = 0.05
+    max_delay: float = 5.0
+    factor: float = 2.0
+    stable_after: float = 10.0   # a run this long resets the backoff
+    burst: int = 10              # at most this many starts ...
+    interval: float = 60.0       # ... within this many seconds
+    watchdog: float | None = None  # seconds between WATCHDOG=1 the service must keep
+    ready_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What one start of a service runs; ``teardown`` runs after that run is over."""
+    argv: Sequence[str]
+    pass_fds: Sequence[int] = ()
+    env: dict[str, str] | None = None
+    teardown: Callable[[], Awaitable[None]] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatistics:
+    name: str
+    state: str
+    pid: int
+    starts: int
+    restarts: int
+    crashes: int
+    watchdog_kills: int
+    status: str
+    last_exit: int | None
+    last_recovery_ms: float | None
+
+
+class Service:
+    def __init__(self, name: str, prepare: Callable[[], Awaitable[Launch]],
+                 sandbox: SandboxSpec | None = None, policy: RestartPolicy | None = None,
+                 runtime_dir: str = "/run/ringfence/notify") -> None:
+        self.name = name
+        self.prepare = prepare
+        self.sandbox = sandbox or SandboxSpec(name)
+        self.policy = policy or RestartPolicy()
+        self.runtime_dir = runtime_dir
+        self.state = State.STOPPED
+        self.process: SandboxedProcess | None = None
+        self.status = ""
+        self.starts = self.crashes = self.watchdog_kills = 0
+        self.last_exit: int | None = None
+        self.last_recovery_ms: float | None = None
+        self._start_times: deque[float] = deque()
+        self._changed = trio.Event()
+        self._last_ping = 0.0
+        self._stop = False
+        self._crashed_at: float | None = None
+        self.on_state: Callable[[Service], None] | None = None
+
+    def statistics(self) -> ServiceStatistics:
+        return ServiceStatistics(self.name, self.state.value,
+                                 self.process.pid if self.process else 0, self.starts,
+                                 max(self.starts - 1, 0), self.crashes, self.watchdog_kills,
+                                 self.status, self.last_exit, self.last_recovery_ms)
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        log.info("service state", extra={"kv": {"service": self.name, "state": state.value}})
+        if self.on_state is not None:
+            self.on_state(self)
+
+    async def wait_ready(self) -> None:
+        while self.state != State.READY:
+            if self.state == State.FAILED:
+                raise RuntimeError(f"service {self.name} failed")
+            await self._changed.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start, watch and restart until stopped or failed."""
+        os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
+        delay = self.policy.initial_delay
+        task_status.started()
+        while not self._stop:
+            now = time.monotonic()
+            while self._start_times and now - self._start_times[0] > self.policy.interval:
+                self._start_times.popleft()
+            if len(self._start_times) >= self.policy.burst:
+                self._set_state(State.FAILED)
+                log.error("service failed: start limit hit", extra={"kv": {
+                    "service": self.name, "starts": len(self._start_times),
+                    "interval": self.policy.interval}})
+                return
+            self._start_times.append(now)
+            started = time.monotonic()
+            await self._run_once()
+            if self._stop:
+                break
+            if time.monotonic() - started >= self.policy.stable_after:
+                delay = self.policy.initial_delay
+            self._set_state(State.BACKOFF)
+            await trio.sleep(delay)
+            delay = min(delay * self.policy.factor, self.policy.max_delay)
+        self._set_state(State.STOPPED)
+
+    async def _run_once(self) -> None:
+        launch = await self.prepare()
+        path = os.path.join(self.runtime_dir, f"{self.name}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            await notify.bind(path)
+            notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            if os.geteuid() == 0:
+                uid = self.sandbox.uid if self.sandbox.uid is not None else sandbox_uid(self.sandbox.name)
+                os.chown(path, uid, -1)
+            env = dict(launch.env if launch.env is not None else os.environ)
+            env["NOTIFY_SOCKET"] = path
+            if self.policy.watchdog:
+                env["WATCHDOG_USEC"] = str(int(self.policy.watchdog * 1e6))
+            self._set_state(State.STARTING)
+            self.process = await spawn_sandboxed(self.sandbox, launch.argv,
+                                                 pass_fds=launch.pass_fds, env=env, **launch.kwargs)
+            self.starts += 1
+            self._last_ping = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_notifications, notify)
+                nursery.start_soon(self._watchdog)
+                status = await self.process.wait()
+                nursery.cancel_scope.cancel()
+            self.last_exit = status
+            if not self._stop:
+                self.crashes += 1
+                self._crashed_at = time.monotonic()
+                log.warning("service exited", extra={"kv": {"service": self.name, "status": status}})
+        finally:
+            notify.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            if self.process is not None:
+                await self.process.aclose()
+            if launch.teardown is not None:
+                with trio.CancelScope(shield=True):
+                    await launch.teardown()
+
+    async def _read_notifications(self, sock: trio.socket.SocketType) -> None:
+        ancbuf = socket.CMSG_SPACE(CREDS.size)
+        while True:
+            data, ancdata, _, _ = await sock.recvmsg(4096, ancbuf)
+            if not self._from_our_process(ancdata):
+                continue  # only the service's own processes may speak for it
+            for line in data.decode(errors="replace").splitlines():
+                key, _, value = line.partition("=")
+                if key == "READY" and value == "1":
+                    if self._crashed_at is not None:
+                        self.last_recovery_ms = (time.monotonic() - self._crashed_at) * 1000
+                        self._crashed_at = None
+                    self._set_state(State.READY)
+                elif key == "WATCHDOG" and value == "1":
+                    self._last_ping = time.monotonic()
+                elif key == "STATUS":
+                    self.status = value
+
+    def _from_our_process(self, ancdata: list[tuple[int, int, bytes]]) -> bool:
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = CREDS.unpack_from(cdata)[0]
+                return self.process is not None and pid in _descendants(self.process.pid)
+        return False
+
+    async def _watchdog(self) -> None:
+        assert self.process is not None
+        interval = self.policy.watchdog
+        deadline = time.monotonic() + self.policy.ready_timeout
+        while True:
+            await trio.sleep(min(interval or 1.0, 0.5) / 2)
+            now = time.monotonic()
+            if self.state == State.STARTING and now > deadline:
+                reason = "not ready in time"
+            elif interval and self.state == State.READY and now - self._last_ping > interval:
+                reason = "missed watchdog"
+            else:
+                continue
+            self.watchdog_kills += 1
+            log.warning("killing service", extra={"kv": {"service": self.name, "reason": reason}})
+            self.process.kill()
+            return
+
+    async def stop(self) -> None:
+        self._stop = True
+        if self.process is not None:
+            self.process.kill()
+
+    def kill(self) -> None:
+        """Kill the current run (fault injection): the service restarts as after a crash."""
+        if self.process is not None:
+            self.process.kill()
+
+
+def _descendants(pid: int) -> set[int]:
+    found = {pid}
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                for child in f.read().split():
+                    found.add(int(child))
+                    frontier.append(int(child))
+    return found
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.services: dict[str, Service] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def add(self, service: Service) -> Service:
+        assert self._nursery is not None, "supervisor not running"
+        self.services[service.name] = service
+        await self._nursery.start(service.run)
+        return service
+
+    async def stop_all(self) -> None:
+        for service in self.services.values():
+            await service.stop()
+
+    def statistics(self) -> list[ServiceStatistics]:
+        return [s.statistics() for s in self.services.values()]

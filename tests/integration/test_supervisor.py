@@ -1,0 +1,92 @@
+"""The supervisor with real sandboxed processes: restart on crash with backoff, watchdog,
+start limit, READY/STATUS, and only the service's own processes may notify."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from ringfence.isolation.sandbox import SandboxSpec
+from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, State, Supervisor
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes need root here")
+
+SERVICE = textwrap.dedent("""
+    from ringfence.isolation.sandbox import drop_privileges_from_environment as d; d()
+    import sys, time
+    from ringfence._sdnotify import Notifier
+    mode = sys.argv[1]
+    n = Notifier()
+    n.notify(READY=1, STATUS=f"serving mode={mode}")
+    start = time.monotonic()
+    while True:
+        if mode == "crash" and time.monotonic() - start > 0.2:
+            sys.exit(3)
+        if mode != "hang":
+            n.notify(WATCHDOG=1)
+        time.sleep(0.05)
+""")
+
+
+def service(name: str, mode: str, tmp_path, **policy) -> Service:
+    torn_down = []
+
+    async def prepare() -> Launch:
+        async def teardown() -> None:
+            torn_down.append(1)
+        return Launch([sys.executable, "-c", SERVICE, mode], teardown=teardown)
+
+    svc = Service(name, prepare, SandboxSpec(name), RestartPolicy(**policy),
+                  runtime_dir=f"/run/ringfence/test-notify-{os.getpid()}")  # /tmp is private in a sandbox
+    svc.torn_down = torn_down  # type: ignore[attr-defined]
+    return svc
+
+
+async def test_crashing_service_restarts_then_hits_the_start_limit(tmp_path):
+    async with trio.open_nursery() as nursery:
+        sup = await nursery.start(Supervisor().run)
+        svc = await sup.add(service("crasher", "crash", tmp_path, burst=3, interval=60,
+                                    initial_delay=0.05))
+        with trio.fail_after(30):
+            while svc.state != State.FAILED:
+                await trio.sleep(0.05)
+        stats = svc.statistics()
+        assert stats.starts == 3 and stats.crashes == 3 and stats.last_exit == 3
+        assert len(svc.torn_down) == 3
+        assert stats.status == "serving mode=crash"
+        nursery.cancel_scope.cancel()
+
+
+async def test_hung_service_is_killed_by_the_watchdog_and_restarted(tmp_path):
+    async with trio.open_nursery() as nursery:
+        sup = await nursery.start(Supervisor().run)
+        svc = await sup.add(service("hanger", "hang", tmp_path, watchdog=0.5, burst=2))
+        with trio.fail_after(30):
+            while svc.state != State.FAILED:
+                await trio.sleep(0.05)
+        assert svc.watchdog_kills == 2 and svc.starts == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_steady_service_is_ready_and_recovers_from_a_kill(tmp_path):
+    async with trio.open_nursery() as nursery:
+        sup = await nursery.start(Supervisor().run)
+        svc = await sup.add(service("steady", "steady", tmp_path, watchdog=1.0))
+        with trio.fail_after(20):
+            await svc.wait_ready()
+        first_pid = svc.process.pid
+        svc.kill()
+        with trio.fail_after(20):
+            while not (svc.state == State.READY and svc.process.pid != first_pid):
+                await trio.sleep(0.02)
+        stats = svc.statistics()
+        assert stats.restarts == 1 and stats.last_recovery_ms is not None
+        assert stats.last_recovery_ms < 5000
+        await svc.stop()
+        with trio.fail_after(10):
+            while svc.state != State.STOPPED:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
