@@ -7,6 +7,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/ioctl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
 #include <sys/stat.h>
 #include <stdlib.h>
 #include <sys/prctl.h>
@@ -147,4 +150,39 @@ int rf_sandbox_expose(const char *cover, const char *const *paths, int n)
     for (int i = 0; i < n; i++)
         close(fds[i]);
     return err;
+}
+
+int rf_setns(int fd, int nstype)
+{
+    return setns(fd, nstype) < 0 ? -errno : 0;
+}
+
+/* Open (creating if needed) a TAP device in the caller's network namespace. With vnet_hdr
+ * every frame carries a virtio_net_hdr so checksum offload and GSO pass through. */
+int rf_tap_open(const char *name, int vnet_hdr, int multi_queue, char *actual_name)
+{
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (vnet_hdr ? IFF_VNET_HDR : 0) |
+                    (multi_queue ? IFF_MULTI_QUEUE : 0);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    if (vnet_hdr) {
+        int size = 12; /* virtio_net_hdr_mrg_rxbuf / v1 header */
+        if (ioctl(fd, TUNSETVNETHDRSZ, &size) < 0) {
+            int err = -errno;
+            close(fd);
+            return err;
+        }
+    }
+    if (actual_name)
+        memcpy(actual_name, ifr.ifr_name, IFNAMSIZ);
+    return fd;
 }

@@ -9,4 +9,6 @@
 #define RF_SANDBOX_USER 32
 int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gid);
 int rf_sandbox_expose(const char *cover, const char *const *paths, int n);
+int rf_setns(int fd, int nstype);
+int rf_tap_open(const char *name, int vnet_hdr, int multi_queue, char *actual_name);
 #endif
