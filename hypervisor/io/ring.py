@@ -1,0 +1,209 @@
+"""Front and back ends of a shared ring (Xen's io/ring.h), over any writable buffer.
+
+The C core does the work (``hypervisor/csrc/ring.c``); these classes own a private batch
+buffer each way, so that a batch of requests or responses costs one C call and every slot
+is copied out of shared memory exactly once before Python looks at it.
+
+    front = FrontRing(pages.buffer, req_size=112, rsp_size=16)      # initialises the header
+    front.put_requests([req1, req2]); front.push_requests(port.notify_fd)
+    back = BackRing(mapped.buffer, req_size=112, rsp_size=16)
+    for req in back.take_requests(): ...
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ringfence.hypervisor._lib import ffi, lib
+
+PAGE_SIZE = 4096
+HEADER_SIZE = 64
+MAX_RING_PAGE_ORDER = 4
+
+
+class RingOverflow(Exception):
+    """The other end published an index the ring cannot hold: it is broken or hostile."""
+
+
+@dataclass(frozen=True, slots=True)
+class RingStatistics:
+    role: str
+    slots: int
+    requests: int
+    responses: int
+    batches: int
+    notifications_sent: int
+    notifications_suppressed: int
+    overflows: int
+    in_flight: int
+
+
+def ring_slots(ring_bytes: int, slot_size: int) -> int:
+    """Slots in a ring of ``ring_bytes`` (a power of two, as __RING_SIZE)."""
+    return int(lib.rf_ring_slots(ring_bytes, slot_size))
+
+
+class _Ring:
+    role = ""
+
+    def __init__(self, buffer: Any, req_size: int, rsp_size: int, slot_size: int | None = None) -> None:
+        view = memoryview(buffer)
+        if view.readonly:
+            raise ValueError("a ring needs a writable buffer")
+        if view.nbytes % PAGE_SIZE or not 0 < view.nbytes <= PAGE_SIZE << MAX_RING_PAGE_ORDER:
+            raise ValueError(f"ring of {view.nbytes} bytes: must be 1..{1 << MAX_RING_PAGE_ORDER} pages")
+        self._keep = buffer
+        self._shared = ffi.from_buffer(view, require_writable=True)
+        self._ring = ffi.new("rf_ring *")
+        slot = slot_size or max(req_size, rsp_size)
+        if lib.rf_ring_init(self._ring, self._shared, view.nbytes, req_size, rsp_size, slot) < 0:
+            raise ValueError(f"bad ring geometry req={req_size} rsp={rsp_size} slot={slot}")
+        self.req_size, self.rsp_size = req_size, rsp_size
+        self.size = int(self._ring.nr_ents)
+        # private batch buffers: a whole ring's worth each way
+        self._req_buf = ffi.new("uint8_t[]", self.size * req_size)
+        self._rsp_buf = ffi.new("uint8_t[]", self.size * rsp_size)
+
+    @property
+    def sring(self) -> Any:
+        """The shared header (for tests and fault injection)."""
+        return self._ring.sring
+
+    def _stats(self, in_flight: int) -> RingStatistics:
+        r = self._ring
+        return RingStatistics(self.role, self.size, int(r.requests), int(r.responses),
+                              int(r.batches), int(r.notifies_sent), int(r.notifies_suppressed),
+                              int(r.overflows), in_flight)
+
+    def _watch(self, field: str) -> Any:
+        return ffi.addressof(self._ring.sring, field)
+
+
+def _pack(items: Iterable[bytes], size: int, limit: int, buf: Any) -> int:
+    n = 0
+    view = ffi.buffer(buf)
+    for item in items:
+        if n == limit:
+            break
+        if len(item) != size:
+            raise ValueError(f"item of {len(item)} bytes, expected {size}")
+        view[n * size:(n + 1) * size] = item
+        n += 1
+    return n
+
+
+class FrontRing(_Ring):
+    role = "front"
+
+    def __init__(self, buffer: Any, req_size: int, rsp_size: int, slot_size: int | None = None,
+                 *, init: bool = True, start: int = 0) -> None:
+        super().__init__(buffer, req_size, rsp_size, slot_size)
+        if init:
+            lib.rf_front_init(self._ring, start & 0xFFFFFFFF)
+        else:
+            lib.rf_front_attach(self._ring, start & 0xFFFFFFFF)
+
+    def free_requests(self) -> int:
+        return int(lib.rf_front_free_requests(self._ring))
+
+    def put_requests(self, requests: Sequence[bytes]) -> int:
+        """Copy requests into free slots (not yet visible); returns how many fit."""
+        n = _pack(requests, self.req_size, self.free_requests(), self._req_buf)
+        return int(lib.rf_front_put_requests(self._ring, self._req_buf, n))
+
+    def put_request_buffer(self, data: Any, count: int) -> int:
+        """Batch path: ``count`` requests packed back to back in ``data``."""
+        return int(lib.rf_front_put_requests(self._ring, ffi.from_buffer(data), count))
+
+    def push_requests(self, notify_fd: int = -1) -> bool:
+        """Publish; notify (write the eventfd) only if the backend asked; True if it did."""
+        return bool(lib.rf_front_push_requests(self._ring, notify_fd))
+
+    def take_responses(self, max_count: int | None = None) -> list[bytes]:
+        n = self._take(max_count)
+        raw = ffi.buffer(self._rsp_buf, n * self.rsp_size)[:]
+        return [raw[i * self.rsp_size:(i + 1) * self.rsp_size] for i in range(n)]
+
+    def take_response_buffer(self, max_count: int | None = None) -> memoryview:
+        """Batch path: the responses back to back in a private buffer (valid until the next take)."""
+        n = self._take(max_count)
+        return memoryview(ffi.buffer(self._rsp_buf, n * self.rsp_size))
+
+    def _take(self, max_count: int | None) -> int:
+        n = lib.rf_front_take_responses(self._ring, self._rsp_buf,
+                                        self.size if max_count is None else min(max_count, self.size))
+        if n < 0:
+            raise RingOverflow("backend published more responses than there are requests")
+        return int(n)
+
+    def final_check_for_responses(self) -> bool:
+        return bool(lib.rf_front_final_check_for_responses(self._ring))
+
+    def unconsumed_responses(self) -> int:
+        return int(lib.rf_front_unconsumed_responses(self._ring))
+
+    def wait(self, wait_fd: int, spin_ns: int = 0) -> int:
+        """Block in C (GIL released) until a notification, or spin until a response is there."""
+        return int(lib.rf_wait_event(wait_fd, self._watch("rsp_prod"), self._ring.rsp_cons, spin_ns))
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._ring.req_prod_pvt - self._ring.rsp_cons) & 0xFFFFFFFF
+
+    def statistics(self) -> RingStatistics:
+        return self._stats(self.in_flight)
+
+
+class BackRing(_Ring):
+    role = "back"
+
+    def __init__(self, buffer: Any, req_size: int, rsp_size: int, slot_size: int | None = None,
+                 *, start: int = 0) -> None:
+        super().__init__(buffer, req_size, rsp_size, slot_size)
+        lib.rf_back_attach(self._ring, start & 0xFFFFFFFF)
+
+    def take_requests(self, max_count: int | None = None) -> list[bytes]:
+        n = self._take(max_count)
+        raw = ffi.buffer(self._req_buf, n * self.req_size)[:]
+        return [raw[i * self.req_size:(i + 1) * self.req_size] for i in range(n)]
+
+    def take_request_buffer(self, max_count: int | None = None) -> memoryview:
+        n = self._take(max_count)
+        return memoryview(ffi.buffer(self._req_buf, n * self.req_size))
+
+    def _take(self, max_count: int | None) -> int:
+        n = lib.rf_back_take_requests(self._ring, self._req_buf,
+                                      self.size if max_count is None else min(max_count, self.size))
+        if n < 0:
+            raise RingOverflow("frontend published more requests than the ring holds")
+        return int(n)
+
+    def put_responses(self, responses: Sequence[bytes]) -> int:
+        n = _pack(responses, self.rsp_size, self.size, self._rsp_buf)
+        return int(lib.rf_back_put_responses(self._ring, self._rsp_buf, n))
+
+    def put_response_buffer(self, data: Any, count: int) -> int:
+        return int(lib.rf_back_put_responses(self._ring, ffi.from_buffer(data), count))
+
+    def push_responses(self, notify_fd: int = -1) -> bool:
+        return bool(lib.rf_back_push_responses(self._ring, notify_fd))
+
+    def final_check_for_requests(self) -> bool:
+        return bool(lib.rf_back_final_check_for_requests(self._ring))
+
+    def unconsumed_requests(self) -> int:
+        return int(lib.rf_back_unconsumed_requests(self._ring))
+
+    def wait(self, wait_fd: int, spin_ns: int = 0) -> int:
+        return int(lib.rf_wait_event(wait_fd, self._watch("req_prod"), self._ring.req_cons, spin_ns))
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._ring.req_cons - self._ring.rsp_prod_pvt) & 0xFFFFFFFF
+
+    def statistics(self) -> RingStatistics:
+        return self._stats(self.in_flight)
+
+
+__all__ = ["FrontRing", "BackRing", "RingOverflow", "RingStatistics", "ring_slots"]

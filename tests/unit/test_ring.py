@@ -1,0 +1,123 @@
+"""The C ring through its Python wrappers: geometry, round trips, wrap, notification
+suppression, overflow detection, statistics."""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from ringfence.hypervisor.io.ring import BackRing, FrontRing, RingOverflow, ring_slots
+
+
+def pair(pages=1, req=112, rsp=16, start=0):
+    area = mmap.mmap(-1, 4096 * pages)
+    return area, FrontRing(area, req, rsp, start=start), BackRing(area, req, rsp, start=start)
+
+
+@pytest.mark.parametrize("ring_bytes,slot,expected", [
+    (4096, 112, 32), (4096, 12, 256), (4096, 8, 256), (8192, 112, 64), (4096 << 4, 112, 512),
+    (4096, 4032, 1), (4096, 4033, 0)])
+def test_slot_counts_match_ring_h(ring_bytes, slot, expected):
+    assert ring_slots(ring_bytes, slot) == expected
+
+
+def test_round_trip_and_header_layout():
+    area, front, back = pair()
+    assert front.size == 32
+    reqs = [bytes([i]) * 112 for i in range(5)]
+    assert front.put_requests(reqs) == 5
+    assert back.take_requests() == []  # not pushed yet
+    assert front.push_requests() is True  # req_event starts at 1: first push notifies
+    req_prod, req_event, rsp_prod, rsp_event = struct.unpack_from("<4I", area, 0)
+    assert (req_prod, req_event, rsp_prod, rsp_event) == (5, 1, 0, 1)
+    assert back.take_requests() == reqs
+    assert back.put_responses([r[:16] for r in reqs]) == 5
+    assert back.push_responses() is True
+    assert front.take_responses() == [r[:16] for r in reqs]
+    assert front.in_flight == 0 and back.in_flight == 0
+    stats = front.statistics()
+    assert stats.requests == 5 and stats.responses == 5 and stats.notifications_sent == 1
+
+
+def test_notification_suppression_with_final_check():
+    _, front, back = pair()
+    front.put_requests([b"a" * 112])
+    assert front.push_requests()
+    back.take_requests()
+    # backend has not re-armed: further pushes are suppressed
+    front.put_requests([b"b" * 112])
+    assert front.push_requests() is False
+    assert back.final_check_for_requests() is True  # sees the second one without an event
+    back.take_requests()
+    assert back.final_check_for_requests() is False  # re-armed
+    front.put_requests([b"c" * 112])
+    assert front.push_requests() is True
+    assert front.statistics().notifications_suppressed == 1
+
+
+def test_indices_wrap_past_2_32():
+    _, front, back = pair(start=2**32 - 3)
+    for round_ in range(10):
+        reqs = [bytes([round_, i]) + bytes(110) for i in range(7)]
+        assert front.put_requests(reqs) == 7
+        front.push_requests()
+        assert back.take_requests() == reqs
+        back.put_responses([r[:16] for r in reqs])
+        back.push_responses()
+        assert front.take_responses() == [r[:16] for r in reqs]
+    assert front.sring.req_prod == (2**32 - 3 + 70) % 2**32
+
+
+def test_ring_full_and_backend_limits():
+    _, front, back = pair()
+    assert front.put_requests([b"x" * 112] * 40) == 32
+    assert front.free_requests() == 0
+    front.push_requests()
+    assert len(back.take_requests(max_count=10)) == 10
+    assert back.put_responses([b"r" * 16] * 20) == 10  # cannot answer what was not taken
+    assert len(back.take_requests()) == 22
+
+
+def test_hostile_frontend_overflow_is_detected():
+    _, front, back = pair()
+    front.sring.req_prod = 1000  # claims 1000 outstanding requests in a 32-slot ring
+    with pytest.raises(RingOverflow):
+        back.take_requests()
+    assert back.statistics().overflows == 1
+
+
+def test_hostile_backend_response_overflow_is_detected():
+    _, front, back = pair()
+    front.put_requests([b"x" * 112] * 2)
+    front.push_requests()
+    front.sring.rsp_prod = 5  # more responses than requests
+    with pytest.raises(RingOverflow):
+        front.take_responses()
+
+
+def test_multi_page_ring_and_bad_geometry():
+    _, front, back = pair(pages=4)
+    assert front.size == 128
+    with pytest.raises(ValueError):
+        FrontRing(bytearray(4096 * 32), 112, 16)
+    with pytest.raises(ValueError):
+        FrontRing(bytes(4096), 112, 16)  # read-only
+    with pytest.raises(ValueError):
+        FrontRing(bytearray(4096), 112, 16).put_requests([b"short"])
+
+
+def test_push_notifies_an_eventfd_and_wait_returns():
+    area, front, back = pair()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        front.put_requests([b"q" * 112])
+        assert front.push_requests(fd)
+        assert back.wait(fd) == 1
+        back.take_requests()
+        back.put_responses([b"r" * 16])
+        back.push_responses()
+        assert front.wait(fd, spin_ns=1_000_000) == 0  # the spin saw rsp_prod move
+    finally:
+        os.close(fd)
