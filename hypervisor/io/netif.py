@@ -1,0 +1,76 @@
+"""The network-device wire format (Xen's io/netif.h), our own definitions."""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+TX_REQUEST = struct.Struct("<IHHHH")   # gref, offset, flags, id, size
+TX_RESPONSE = struct.Struct("<Hh")     # id, status
+RX_REQUEST = struct.Struct("<H2xI")    # id, gref
+RX_RESPONSE = struct.Struct("<HHHh")   # id, offset, flags, status
+EXTRA_INFO = struct.Struct("<BBHBBH")  # type, flags, gso.size, gso.type, gso.pad, gso.features
+TX_SLOT = 12
+RX_SLOT = 8
+assert TX_REQUEST.size == 12 and TX_RESPONSE.size == 4
+assert RX_REQUEST.size == 8 and RX_RESPONSE.size == 8 and EXTRA_INFO.size == 8
+
+NR_SLOTS_MIN = 18            # XEN_NETIF_NR_SLOTS_MIN: slots a packet may always use
+MAX_TX_SIZE = 0xFFFF         # XEN_NETIF_MAX_TX_SIZE
+PAGE_SIZE = 4096
+
+
+class TxFlags(enum.IntFlag):
+    CSUM_BLANK = 1
+    DATA_VALIDATED = 2
+    MORE_DATA = 4
+    EXTRA_INFO = 8
+
+
+class RxFlags(enum.IntFlag):
+    DATA_VALIDATED = 1
+    CSUM_BLANK = 2
+    MORE_DATA = 4
+    EXTRA_INFO = 8
+    GSO_PREFIX = 16
+
+
+class Status(enum.IntEnum):
+    NULL = 1
+    OKAY = 0
+    ERROR = -1
+    DROPPED = -2
+
+
+class ExtraType(enum.IntEnum):
+    NONE = 0
+    GSO = 1
+    MCAST_ADD = 2
+    MCAST_DEL = 3
+    HASH = 4
+
+
+class GsoType(enum.IntEnum):
+    NONE = 0
+    TCPV4 = 1
+    TCPV6 = 2
+
+
+EXTRA_FLAG_MORE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TxRequest:
+    gref: int
+    offset: int
+    flags: int
+    id: int
+    size: int
+
+
+def decode_tx_request(raw: bytes | memoryview, offset: int = 0) -> TxRequest:
+    return TxRequest(*TX_REQUEST.unpack_from(raw, offset))
+
+
+def encode_tx_request(req: TxRequest) -> bytes:
+    return TX_REQUEST.pack(req.gref, req.offset, req.flags, req.id, req.size)
