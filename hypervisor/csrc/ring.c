@@ -5,6 +5,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <poll.h>
+#include <sched.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -240,4 +241,109 @@ long long rf_wait_event(int fd, const uint32_t *watch, uint32_t seen, long long 
             continue;
         return n < 0 ? -errno : -EIO;
     }
+}
+
+uint32_t rf_front_submit(rf_ring *r, const void *reqs, uint32_t n, int notify_fd)
+{
+    n = rf_front_put_requests(r, reqs, n);
+    rf_front_push_requests(r, notify_fd);
+    return n;
+}
+
+uint32_t rf_back_respond(rf_ring *r, const void *rsps, uint32_t n, int notify_fd)
+{
+    n = rf_back_put_responses(r, rsps, n);
+    rf_back_push_responses(r, notify_fd);
+    return n;
+}
+
+static int block_on(int fd)
+{
+    uint64_t count;
+    for (;;) {
+        ssize_t n = read(fd, &count, sizeof count);
+        if (n == sizeof count)
+            return 0;
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            if (poll(&p, 1, -1) < 0 && errno != EINTR)
+                return -errno;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n < 0 ? -errno : -EIO;
+    }
+}
+
+static void drain(int fd)
+{
+    /* A notification for work we found by polling would only cause a spurious wake-up. */
+    uint64_t count;
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, 0) == 1)
+        (void)!read(fd, &count, sizeof count);
+}
+
+#define WAIT_LOOP(HAS_WORK, FINAL_CHECK)                                   \
+    for (;;) {                                                            \
+        if (HAS_WORK)                                                     \
+            return 1;                                                     \
+        if (spin_ns > 0) {                                                \
+            long long until = now_ns() + spin_ns;                         \
+            do {                                                          \
+                sched_yield();                                            \
+                if (HAS_WORK)                                             \
+                    return 1;                                             \
+            } while (now_ns() < until);                                   \
+        }                                                                 \
+        if (FINAL_CHECK) {                                                \
+            drain(wait_fd);                                               \
+            return 1;                                                     \
+        }                                                                 \
+        int err = block_on(wait_fd);                                      \
+        if (err)                                                          \
+            return err;                                                   \
+    }
+
+int rf_front_wait_responses(rf_ring *r, int wait_fd, long long spin_ns)
+{
+    WAIT_LOOP(LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons, rf_front_final_check_for_responses(r))
+}
+
+int rf_back_wait_requests(rf_ring *r, int wait_fd, long long spin_ns)
+{
+    WAIT_LOOP(LOAD_ACQ(&r->sring->req_prod) != r->req_cons, rf_back_final_check_for_requests(r))
+}
+
+int rf_front_exchange(rf_ring *r, const void *reqs, uint32_t n, void *rsps, int notify_fd,
+                      int wait_fd, long long spin_ns, uint32_t gather)
+{
+    if (n)
+        rf_front_submit(r, reqs, n, notify_fd);
+    uint32_t in_flight = r->req_prod_pvt - r->rsp_cons;
+    if (!in_flight)
+        return 0;
+    int err = rf_front_wait_responses(r, wait_fd, spin_ns);
+    if (err < 0)
+        return err;
+    if (gather > in_flight)
+        gather = in_flight;
+    if (gather > 1 && spin_ns > 0) {
+        long long until = now_ns() + spin_ns;
+        while ((uint32_t)(LOAD_ACQ(&r->sring->rsp_prod) - r->rsp_cons) < gather && now_ns() < until)
+            sched_yield();
+    }
+    return rf_front_take_responses(r, rsps, r->nr_ents);
+}
+
+int rf_back_exchange(rf_ring *r, const void *rsps, uint32_t n, void *reqs, int notify_fd,
+                     int wait_fd, long long spin_ns)
+{
+    if (n)
+        rf_back_respond(r, rsps, n, notify_fd);
+    int err = rf_back_wait_requests(r, wait_fd, spin_ns);
+    if (err < 0)
+        return err;
+    return rf_back_take_requests(r, reqs, r->nr_ents);
 }

@@ -59,4 +59,23 @@ int rf_back_unconsumed_requests(const rf_ring *r);
  * block in read(). Returns the eventfd count consumed (0 if the spin saw the change). */
 long long rf_wait_event(int fd, const uint32_t *watch, uint32_t seen, long long spin_ns);
 int rf_notify(int fd);
+
+/* put + push (+ notify) in one call */
+uint32_t rf_front_submit(rf_ring *r, const void *reqs, uint32_t n, int notify_fd);
+uint32_t rf_back_respond(rf_ring *r, const void *rsps, uint32_t n, int notify_fd);
+/* Wait until there is work: poll the producer index for up to spin_ns (yielding the CPU, so
+ * that a peer on the same CPU can run), then re-arm the event index and block on the
+ * eventfd. Busy-polling without arming lets the producer skip its notification. Returns 1
+ * when work is there, or -errno. */
+int rf_front_wait_responses(rf_ring *r, int wait_fd, long long spin_ns);
+int rf_back_wait_requests(rf_ring *r, int wait_fd, long long spin_ns);
+/* The loop every driver runs, as one call: publish a batch, wait for the other side, take
+ * what it produced. Front: submit n requests, wait for and take responses (0 at once if
+ * nothing is in flight), gathering up to `gather` of them within the spin budget (response
+ * coalescing: fewer, larger batches). Back: respond n, wait for and take requests.
+ * Count or -errno. */
+int rf_front_exchange(rf_ring *r, const void *reqs, uint32_t n, void *rsps, int notify_fd,
+                      int wait_fd, long long spin_ns, uint32_t gather);
+int rf_back_exchange(rf_ring *r, const void *rsps, uint32_t n, void *reqs, int notify_fd,
+                     int wait_fd, long long spin_ns);
 #endif

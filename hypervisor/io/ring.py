@@ -19,6 +19,15 @@ from ringfence.hypervisor._lib import ffi, lib
 
 PAGE_SIZE = 4096
 HEADER_SIZE = 64
+# Bound once: the batch path is a handful of calls per batch and attribute lookups show.
+_front_submit = lib.rf_front_submit
+_front_take = lib.rf_front_take_responses
+_front_wait = lib.rf_front_wait_responses
+_back_take = lib.rf_back_take_requests
+_back_respond = lib.rf_back_respond
+_back_wait = lib.rf_back_wait_requests
+_front_exchange = lib.rf_front_exchange
+_back_exchange = lib.rf_back_exchange
 MAX_RING_PAGE_ORDER = 4
 
 
@@ -64,6 +73,10 @@ class _Ring:
         # private batch buffers: a whole ring's worth each way
         self._req_buf = ffi.new("uint8_t[]", self.size * req_size)
         self._rsp_buf = ffi.new("uint8_t[]", self.size * rsp_size)
+        # Zero-allocation batch path: the caller fills ``staging`` and reads ``received``.
+        mine, theirs = (self._req_buf, self._rsp_buf) if self.role == "front" else (self._rsp_buf, self._req_buf)
+        self.staging = memoryview(ffi.buffer(mine))
+        self.received = memoryview(ffi.buffer(theirs))
 
     @property
     def sring(self) -> Any:
@@ -137,6 +150,35 @@ class FrontRing(_Ring):
             raise RingOverflow("backend published more responses than there are requests")
         return int(n)
 
+    def submit_staged(self, count: int, notify_fd: int = -1) -> int:
+        """Put the first ``count`` requests of ``staging`` and push them, in one C call."""
+        return _front_submit(self._ring, self._req_buf, count, notify_fd)  # type: ignore[no-any-return]
+
+    def take_responses_into(self) -> int:
+        """Copy responses into ``received``; returns how many."""
+        n: int = _front_take(self._ring, self._rsp_buf, self.size)
+        if n < 0:
+            raise RingOverflow("backend published more responses than there are requests")
+        return n
+
+    def wait_for_responses(self, wait_fd: int, spin_ns: int = 0) -> None:
+        """Return once a response is there: poll for ``spin_ns`` (yielding the CPU), then
+        re-arm the event index and block on the eventfd (GIL released)."""
+        if _front_wait(self._ring, wait_fd, spin_ns) < 0:
+            raise OSError("waiting for responses failed")
+
+    def exchange(self, count: int, notify_fd: int, wait_fd: int, spin_ns: int = 0,
+                 gather: int = 1) -> int:
+        """Submit ``count`` staged requests, wait, take the responses into ``received``:
+        the synchronous-request loop as one C call (GIL released while waiting). With
+        ``gather`` > 1 it polls up to ``spin_ns`` for that many responses (coalescing)."""
+        n: int = _front_exchange(self._ring, self._req_buf, count, self._rsp_buf, notify_fd,
+                                 wait_fd, spin_ns, gather)
+        if n < 0:
+            raise RingOverflow("backend published more responses than there are requests") \
+                if n == -75 else OSError(-n, "ring exchange failed")
+        return n
+
     def final_check_for_responses(self) -> bool:
         return bool(lib.rf_front_final_check_for_responses(self._ring))
 
@@ -188,6 +230,31 @@ class BackRing(_Ring):
 
     def push_responses(self, notify_fd: int = -1) -> bool:
         return bool(lib.rf_back_push_responses(self._ring, notify_fd))
+
+    def take_requests_into(self) -> int:
+        """Copy requests into ``received``; returns how many."""
+        n: int = _back_take(self._ring, self._req_buf, self.size)
+        if n < 0:
+            raise RingOverflow("frontend published more requests than the ring holds")
+        return n
+
+    def respond_staged(self, count: int, notify_fd: int = -1) -> int:
+        """Put the first ``count`` responses of ``staging`` and push them, in one C call."""
+        return _back_respond(self._ring, self._rsp_buf, count, notify_fd)  # type: ignore[no-any-return]
+
+    def wait_for_requests(self, wait_fd: int, spin_ns: int = 0) -> None:
+        if _back_wait(self._ring, wait_fd, spin_ns) < 0:
+            raise OSError("waiting for requests failed")
+
+    def exchange(self, count: int, notify_fd: int, wait_fd: int, spin_ns: int = 0) -> int:
+        """Respond with ``count`` staged responses, wait for requests, take them into
+        ``received``: a backend's serving loop as one C call."""
+        n: int = _back_exchange(self._ring, self._rsp_buf, count, self._req_buf, notify_fd,
+                                wait_fd, spin_ns)
+        if n < 0:
+            raise RingOverflow("frontend published more requests than the ring holds") \
+                if n == -75 else OSError(-n, "ring exchange failed")
+        return n
 
     def final_check_for_requests(self) -> bool:
         return bool(lib.rf_back_final_check_for_requests(self._ring))

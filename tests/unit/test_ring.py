@@ -121,3 +121,42 @@ def test_push_notifies_an_eventfd_and_wait_returns():
         assert front.wait(fd, spin_ns=1_000_000) == 0  # the spin saw rsp_prod move
     finally:
         os.close(fd)
+
+
+def test_exchange_between_two_processes_with_eventfds():
+    """The one-call serving loops, across a fork, with real eventfd notifications."""
+    area = mmap.mmap(-1, 4096)
+    to_back, to_front = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    front = FrontRing(area, 112, 16)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            back = BackRing(area, 112, 16)
+            n = 0
+            while True:
+                n = back.exchange(n, to_front, to_back, spin_ns=0)
+                for i in range(n):
+                    req = back.received[i * 112:(i + 1) * 112]
+                    if req[0] == 0xFF:
+                        os._exit(0)
+                    back.staging[i * 16:(i + 1) * 16] = bytes(req[8:24])
+        finally:
+            os._exit(1)
+    total = 0
+    for round_ in range(200):
+        count = 1 + round_ % 32
+        for i in range(count):
+            front.staging[i * 112:(i + 1) * 112] = struct.pack("<8xQQ", round_, i).ljust(112, b"\0")
+        answers = []
+        n = front.exchange(count, to_back, to_front, spin_ns=10_000, gather=count)
+        while True:
+            answers += [struct.unpack_from("<QQ", front.received, k * 16) for k in range(n)]
+            if len(answers) == count:
+                break
+            n = front.exchange(0, to_back, to_front)
+        assert answers == [(round_, i) for i in range(count)]
+        total += count
+    front.staging[0] = 0xFF
+    front.submit_staged(1, to_back)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and total == sum(1 + r % 32 for r in range(200))

@@ -21,13 +21,14 @@ from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0, open_dom0
 
 
 @contextlib.asynccontextmanager
-async def open_hypervisor(directory: str | os.PathLike[str], *,
-                          verbose: bool = False) -> AsyncIterator[tuple[str, Dom0]]:
+async def open_hypervisor(directory: str | os.PathLike[str], *, verbose: bool = False,
+                          quiet: bool = False) -> AsyncIterator[tuple[str, Dom0]]:
     """Start a hypervisor daemon process; yields (socket path, dom0 client)."""
     path = os.path.join(os.fspath(directory), "hv.sock")
     argv = [sys.executable, "-m", "ringfence"] + (["-vv"] if verbose else []) + [
         "hypervisor", "--socket", path]
-    process = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+    process = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None)
     try:
         with trio.fail_after(20):
             while not os.path.exists(path):
