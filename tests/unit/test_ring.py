@@ -160,3 +160,14 @@ def test_exchange_between_two_processes_with_eventfds():
     front.submit_staged(1, to_back)
     _, status = os.waitpid(pid, 0)
     assert status == 0 and total == sum(1 + r % 32 for r in range(200))
+
+
+def test_batched_copy_checks_every_bound():
+    from ringfence.hypervisor.io.copy import CopyBatch
+    a, b = bytearray(b"A" * 4096), bytearray(4096)
+    batch = CopyBatch([a, b])
+    statuses = batch.run([(1, 0, 0, 10, 100), (1, 4000, 0, 0, 200), (5, 0, 0, 0, 1),
+                          (1, 2**63, 0, 0, 1), (1, 100, 0, 4095, 1)])
+    assert statuses == [0, -1, -1, -1, 0]
+    assert b[:100] == b"A" * 100 and b[100:101] == b"A" and b[101:] == bytes(4096 - 101)
+    assert batch.rejected == 3 and batch.bytes == 101
