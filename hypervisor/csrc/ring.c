@@ -67,6 +67,45 @@ static inline uint8_t *slot(const rf_ring *r, uint32_t idx)
     return r->slots + (size_t)(idx & (r->nr_ents - 1)) * r->slot_size;
 }
 
+
+/* Copy count items of size bytes between consecutive slots from idx on and a packed private
+ * array. Whole runs go in one memcpy when items fill their slots; small items (responses,
+ * netif requests) use fixed-size copies the compiler inlines. */
+static void copy_slots(const rf_ring *r, uint32_t idx, uint8_t *packed, uint32_t count,
+                       uint32_t size, int to_ring)
+{
+    if (size == r->slot_size) {
+        while (count) {
+            uint32_t pos = idx & (r->nr_ents - 1);
+            uint32_t run = r->nr_ents - pos;
+            if (run > count)
+                run = count;
+            uint8_t *s = r->slots + (size_t)pos * size;
+            if (to_ring)
+                memcpy(s, packed, (size_t)run * size);
+            else
+                memcpy(packed, s, (size_t)run * size);
+            packed += (size_t)run * size;
+            idx += run;
+            count -= run;
+        }
+        return;
+    }
+#define COPY_LOOP(N)                                                         \
+    for (uint32_t i = 0; i < count; i++, packed += (N)) {                   \
+        uint8_t *s = slot(r, idx + i);                                       \
+        if (to_ring) memcpy(s, packed, (N)); else memcpy(packed, s, (N));    \
+    }
+    switch (size) {
+    case 4: COPY_LOOP(4); break;
+    case 8: COPY_LOOP(8); break;
+    case 12: COPY_LOOP(12); break;
+    case 16: COPY_LOOP(16); break;
+    default: COPY_LOOP(size); break;
+    }
+#undef COPY_LOOP
+}
+
 uint32_t rf_front_free_requests(const rf_ring *r)
 {
     return r->nr_ents - (r->req_prod_pvt - r->rsp_cons);
@@ -77,9 +116,7 @@ uint32_t rf_front_put_requests(rf_ring *r, const void *reqs, uint32_t n)
     uint32_t free = rf_front_free_requests(r);
     if (n > free)
         n = free;
-    const uint8_t *src = reqs;
-    for (uint32_t i = 0; i < n; i++)
-        memcpy(slot(r, r->req_prod_pvt + i), src + (size_t)i * r->req_size, r->req_size);
+    copy_slots(r, r->req_prod_pvt, (uint8_t *)reqs, n, r->req_size, 1);
     r->req_prod_pvt += n;
     r->requests += n;
     return n;
@@ -126,9 +163,7 @@ int rf_front_take_responses(rf_ring *r, void *out, uint32_t max)
     }
     if (avail > max)
         avail = max;
-    uint8_t *dst = out;
-    for (uint32_t i = 0; i < avail; i++)
-        memcpy(dst + (size_t)i * r->rsp_size, slot(r, r->rsp_cons + i), r->rsp_size);
+    copy_slots(r, r->rsp_cons, out, avail, r->rsp_size, 0);
     r->rsp_cons += avail;
     r->responses += avail;
     return (int)avail;
@@ -166,9 +201,7 @@ int rf_back_take_requests(rf_ring *r, void *out, uint32_t max)
         avail = room;
     if (avail > max)
         avail = max;
-    uint8_t *dst = out;
-    for (uint32_t i = 0; i < avail; i++)
-        memcpy(dst + (size_t)i * r->req_size, slot(r, r->req_cons + i), r->req_size);
+    copy_slots(r, r->req_cons, out, avail, r->req_size, 0);
     r->req_cons += avail;
     r->requests += avail;
     return (int)avail;
@@ -179,9 +212,7 @@ uint32_t rf_back_put_responses(rf_ring *r, const void *rsps, uint32_t n)
     uint32_t owed = r->req_cons - r->rsp_prod_pvt;
     if (n > owed)
         n = owed;
-    const uint8_t *src = rsps;
-    for (uint32_t i = 0; i < n; i++)
-        memcpy(slot(r, r->rsp_prod_pvt + i), src + (size_t)i * r->rsp_size, r->rsp_size);
+    copy_slots(r, r->rsp_prod_pvt, (uint8_t *)rsps, n, r->rsp_size, 1);
     r->rsp_prod_pvt += n;
     r->responses += n;
     return n;
