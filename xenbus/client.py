@@ -1,0 +1,243 @@
+"""XenStore client over trio: pipelined requests, transactions with retry, watches.
+
+Works against our daemon and Xen's own (C or OCaml xenstored), on a Unix socket (dom0) or on
+any stream (a sim domain's connection from the hypervisor).
+
+    async with open_xenstore("/run/xenstored/socket") as xs:
+        await xs.write("/vm/name", b"demo")
+        async with xs.watch("/vm") as events:
+            async for path, token in events: ...
+        async for tx in xs.transaction():      # retried on EAGAIN
+            async with tx:
+                value = await tx.read("/vm/name")
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from ringfence.hypervisor.io import xs_wire as W
+from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
+
+MAX_RETRIES = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    requests: int
+    errors: int
+    in_flight: int
+    watch_events: int
+    transaction_retries: int
+
+
+class XenStore:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._send_lock = trio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[W.Message]] = {}
+        self._watches: dict[bytes, trio.MemorySendChannel[tuple[str, bytes]]] = {}
+        self._tokens = itertools.count(1)
+        self._closed = False
+        self.requests = self.errors = self.watch_events = self.retries = 0
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        reader = W.MessageReader()
+        task_status.started()
+        try:
+            while True:
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    break
+                for msg in reader.feed(data):
+                    if msg.type == Op.WATCH_EVENT:
+                        args = msg.args()
+                        if len(args) >= 2:
+                            channel = self._watches.get(args[1])
+                            if channel is not None:
+                                self.watch_events += 1
+                                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                                    channel.send_nowait((args[0].decode(), args[1]))
+                        continue
+                    waiter = self._pending.pop(msg.req_id, None)
+                    if waiter is not None:
+                        waiter.send_nowait(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._closed = True
+            for waiter in self._pending.values():
+                waiter.close()
+            for channel in self._watches.values():
+                channel.close()
+
+    async def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
+        """One request; many may be in flight at once (replies are matched by req_id)."""
+        if self._closed:
+            raise XenStoreError("EIO", "connection closed")
+        req_id = next(self._ids) & 0xFFFFFFFF
+        send, receive = trio.open_memory_channel[W.Message](1)
+        self._pending[req_id] = send
+        self.requests += 1
+        data = W.encode(op, req_id, tx_id, payload)
+        async with self._send_lock:
+            await self._stream.send_all(data)
+        try:
+            reply = await receive.receive()
+        except trio.EndOfChannel:
+            raise XenStoreError("EIO", "connection closed") from None
+        if reply.type == Op.ERROR:
+            self.errors += 1
+            raise XenStoreError(reply.payload.rstrip(b"\0").decode() or "EINVAL")
+        return reply.payload
+
+    # ---- operations ------------------------------------------------------------------
+    async def read(self, path: str, tx_id: int = 0) -> bytes:
+        return await self.request(Op.READ, W.join(path), tx_id)
+
+    async def write(self, path: str, value: bytes | str, tx_id: int = 0) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        await self.request(Op.WRITE, path.encode() + b"\0" + data, tx_id)
+
+    async def mkdir(self, path: str, tx_id: int = 0) -> None:
+        await self.request(Op.MKDIR, W.join(path), tx_id)
+
+    async def rm(self, path: str, tx_id: int = 0) -> None:
+        await self.request(Op.RM, W.join(path), tx_id)
+
+    async def directory(self, path: str, tx_id: int = 0) -> list[str]:
+        payload = await self.request(Op.DIRECTORY, W.join(path), tx_id)
+        return [p.decode() for p in payload.split(b"\0") if p]
+
+    async def get_perms(self, path: str, tx_id: int = 0) -> list[str]:
+        payload = await self.request(Op.GET_PERMS, W.join(path), tx_id)
+        return [p.decode() for p in payload.split(b"\0") if p]
+
+    async def set_perms(self, path: str, perms: list[str], tx_id: int = 0) -> None:
+        await self.request(Op.SET_PERMS, W.join(path, *perms), tx_id)
+
+    async def exists(self, path: str, tx_id: int = 0) -> bool:
+        try:
+            await self.read(path, tx_id)
+        except XenStoreError as exc:
+            if exc.name == "ENOENT":
+                return False
+            raise
+        return True
+
+    async def get_domain_path(self, domid: int) -> str:
+        return (await self.request(Op.GET_DOMAIN_PATH, W.join(str(domid)))).rstrip(b"\0").decode()
+
+    async def introduce(self, domid: int, mfn: int = 0, port: int = 0) -> None:
+        await self.request(Op.INTRODUCE, W.join(str(domid), str(mfn), str(port)))
+
+    async def release(self, domid: int) -> None:
+        await self.request(Op.RELEASE, W.join(str(domid)))
+
+    # ---- transactions ----------------------------------------------------------------
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Yield transactions until one commits: ``async for tx in xs.transaction():
+        async with tx: ...``. A conflict (EAGAIN) starts the next attempt."""
+        for _ in range(MAX_RETRIES):
+            tx_id = int((await self.request(Op.TRANSACTION_START, b"\0")).rstrip(b"\0"))
+            tx = Transaction(self, tx_id)
+            yield tx
+            if tx.committed:
+                return
+            if not tx.conflicted:
+                return  # aborted by the body: no retry
+            self.retries += 1
+        raise XenStoreError("EAGAIN", f"no commit after {MAX_RETRIES} attempts")
+
+    # ---- watches ---------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def watch(self, path: str, token: str | None = None) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
+        """Watch ``path`` and its children; yields (path, token) events, starting with the
+        initial one every watch gets."""
+        raw_token = (token or f"rf-{next(self._tokens)}").encode()
+        send, receive = trio.open_memory_channel[tuple[str, bytes]](4096)
+        self._watches[raw_token] = send
+        try:
+            await self.request(Op.WATCH, W.join(path, raw_token))
+            yield receive
+        finally:
+            self._watches.pop(raw_token, None)
+            with contextlib.suppress(XenStoreError), trio.CancelScope(shield=True):
+                await self.request(Op.UNWATCH, W.join(path, raw_token))
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(self.requests, self.errors, len(self._pending),
+                                self.watch_events, self.retries)
+
+
+class Transaction:
+    """Reads and writes inside one XenStore transaction; commits when the block ends."""
+
+    def __init__(self, xs: XenStore, tx_id: int) -> None:
+        self.xs, self.id = xs, tx_id
+        self.committed = self.conflicted = False
+
+    async def __aenter__(self) -> Transaction:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        commit = exc_type is None
+        try:
+            await self.xs.request(Op.TRANSACTION_END, b"T\0" if commit else b"F\0", self.id)
+        except XenStoreError as error:
+            if error.name == "EAGAIN" and commit:
+                self.conflicted = True
+                return False
+            if commit:
+                raise
+        self.committed = commit
+        return False
+
+    async def read(self, path: str) -> bytes:
+        return await self.xs.read(path, self.id)
+
+    async def write(self, path: str, value: bytes | str) -> None:
+        await self.xs.write(path, value, self.id)
+
+    async def mkdir(self, path: str) -> None:
+        await self.xs.mkdir(path, self.id)
+
+    async def rm(self, path: str) -> None:
+        await self.xs.rm(path, self.id)
+
+    async def directory(self, path: str) -> list[str]:
+        return await self.xs.directory(path, self.id)
+
+    async def exists(self, path: str) -> bool:
+        return await self.xs.exists(path, self.id)
+
+
+@contextlib.asynccontextmanager
+async def open_xenstore_stream(stream: trio.abc.Stream) -> AsyncIterator[XenStore]:
+    xs = XenStore(stream)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(xs._run)
+        try:
+            yield xs
+        finally:
+            nursery.cancel_scope.cancel()
+            await trio.aclose_forcefully(stream)
+
+
+@contextlib.asynccontextmanager
+async def open_xenstore(path: str) -> AsyncIterator[XenStore]:
+    """Connect to a xenstored Unix socket (ours or Xen's)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    async with open_xenstore_stream(trio.SocketStream(sock)) as xs:
+        yield xs

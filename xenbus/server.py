@@ -1,0 +1,430 @@
+"""The XenStore daemon: connections, request dispatch and watches, over trio.
+
+Transports: a Unix socket for dom0 tools (``XENSTORED_PATH``; every connection there is
+privileged, domid 0) and one stream per sim domain handed over by the hypervisor with the
+domid it vouches for (:meth:`XenStoreServer.serve_domain_connection`). The tree itself is the
+sans-IO :class:`~ringfence.xenbus.store.Store`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+
+from ringfence.hypervisor.io import xs_wire as W
+from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
+from ringfence.xenbus.store import (Caller, Quotas, Store, Transaction, canonical, domain_path,
+                                    format_perms, parse_perms)
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_OUTPUT = 1 << 20  # a client that reads nothing for this long is dropped
+INTRODUCE, RELEASE = "@introduceDomain", "@releaseDomain"
+
+
+@dataclass(eq=False)
+class Watch:
+    connection: Connection
+    path: str       # as registered (relative paths fire relative events)
+    absolute: str
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    connections: int
+    connections_total: int
+    requests: int
+    errors: int
+    watches: int
+    watch_events: int
+    transactions_open: int
+    conflicts: int
+    nodes: int
+    protocol_violations: int
+    dropped_slow_clients: int
+    domains: int
+
+
+@dataclass(eq=False)
+class Connection:
+    server: XenStoreServer
+    caller: Caller
+    stream: trio.abc.Stream
+    name: str
+    watches: list[Watch] = field(default_factory=list)
+    transactions: dict[int, Transaction] = field(default_factory=dict)
+    queued: int = 0
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[bytes](float("inf"))
+
+    def queue(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.queued += len(data)
+        if self.queued > MAX_QUEUED_OUTPUT:
+            self.server.counters["dropped_slow_clients"] += 1
+            log.warning("dropping a client that does not read", extra={"kv": {"conn": self.name}})
+            self.close()
+            return
+        self.send.send_nowait(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.send.close()
+
+
+class XenStoreServer:
+    def __init__(self, quotas: Quotas | None = None, store: Store | None = None) -> None:
+        self.store = store or Store(quotas)
+        self.connections: set[Connection] = set()
+        self.watches: list[Watch] = []
+        self.domains: dict[int, dict[str, int]] = {}  # introduced domains: mfn, port, target
+        self.counters: Counter[str] = Counter()
+        self.journal = None  # set by persistence.attach()
+
+    # ---- statistics ------------------------------------------------------------------
+    def statistics(self) -> ServerStatistics:
+        c = self.counters
+        return ServerStatistics(len(self.connections), c["connections"], c["requests"],
+                                c["errors"], len(self.watches), c["watch_events"],
+                                len(self.store.transactions), self.store.counters["conflicts"],
+                                len(self.store.nodes), c["protocol_violations"],
+                                c["dropped_slow_clients"], len(self.domains))
+
+    # ---- transports ------------------------------------------------------------------
+    async def serve_unix(self, path: str, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve dom0 tools on ``path`` (mode 0600: only dom0 may connect)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self.serve_connection, stream, Caller(0), "dom0")
+
+    async def serve_domain_connection(self, stream: trio.abc.Stream, domid: int) -> None:
+        """A domain's connection; its identity comes from whoever handed us the stream."""
+        await self.serve_connection(stream, Caller(domid, self.domains.get(domid, {}).get("target")),
+                                    f"dom{domid}")
+
+    async def serve_connection(self, stream: trio.abc.Stream, caller: Caller, name: str) -> None:
+        conn = Connection(self, caller, stream, name)
+        self.connections.add(conn)
+        self.counters["connections"] += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, conn, nursery.cancel_scope)
+                await self._reader(conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._drop(conn)
+            await trio.aclose_forcefully(stream)
+
+    async def _reader(self, conn: Connection) -> None:
+        reader = W.MessageReader()
+        while not conn.closed:
+            try:
+                data = await conn.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            if not data:
+                return
+            try:
+                messages = reader.feed(data)
+            except W.ProtocolViolation as exc:
+                self.counters["protocol_violations"] += 1
+                log.warning("closing connection: protocol violation",
+                            extra={"kv": {"conn": conn.name, "reason": str(exc)}})
+                return
+            for msg in messages:
+                self.handle(conn, msg)
+                if conn.closed:
+                    return
+            # Hold back while a client has too much unsent output (it is not reading).
+            while conn.queued > MAX_QUEUED_OUTPUT // 2 and not conn.closed:
+                await trio.sleep(0.001)
+
+    async def _writer(self, conn: Connection, scope: trio.CancelScope) -> None:
+        try:
+            async for data in conn.receive:
+                # Coalesce whatever is queued into one write.
+                chunks = [data]
+                while True:
+                    try:
+                        chunks.append(conn.receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                blob = b"".join(chunks)
+                await conn.stream.send_all(blob)
+                conn.queued -= len(blob)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        scope.cancel()
+
+    def _drop(self, conn: Connection) -> None:
+        conn.close()
+        self.connections.discard(conn)
+        self.watches = [w for w in self.watches if w.connection is not conn]
+        for tx in conn.transactions.values():
+            self.store.end_transaction(tx, commit=False)
+        conn.transactions.clear()
+
+    # ---- dispatch --------------------------------------------------------------------
+    def handle(self, conn: Connection, msg: W.Message) -> None:
+        self.counters["requests"] += 1
+        try:
+            reply_type, payload = self._dispatch(conn, msg)
+        except XenStoreError as exc:
+            self.counters["errors"] += 1
+            reply_type, payload = Op.ERROR, W.error_payload(exc.name)
+        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            self.counters["errors"] += 1
+            log.debug("bad request", extra={"kv": {"conn": conn.name, "error": exc}})
+            reply_type, payload = Op.ERROR, W.error_payload("EINVAL")
+        conn.queue(W.encode(reply_type, msg.req_id, msg.tx_id, payload))
+
+    def _dispatch(self, conn: Connection, msg: W.Message) -> tuple[int, bytes]:
+        op, caller, store = msg.type, conn.caller, self.store
+        args = msg.args()
+        tx = None
+        if msg.tx_id and op not in (Op.TRANSACTION_END,):
+            tx = conn.transactions.get(msg.tx_id)
+            if tx is None:
+                raise XenStoreError("ENOENT", "no such transaction")
+
+        def path(i: int = 0, special: bool = False) -> str:
+            return canonical(caller, args[i].decode("ascii"), allow_special=special)
+
+        if op == Op.READ:
+            return op, store.read(caller, path(), tx)
+        if op == Op.WRITE:
+            # The value is everything after the path's NUL, NULs included.
+            raw_path, _, value = msg.payload.partition(b"\0")
+            target = canonical(caller, raw_path.decode("ascii"))
+            self._changed(store.write(caller, target, value, tx), conn)
+            return op, b"OK\0"
+        if op == Op.MKDIR:
+            self._changed(store.mkdir(caller, path(), tx), conn)
+            return op, b"OK\0"
+        if op == Op.RM:
+            self._changed(store.rm(caller, path(), tx), conn)
+            return op, b"OK\0"
+        if op == Op.DIRECTORY:
+            return op, b"".join(c.encode() + b"\0" for c in store.directory(caller, path(), tx))
+        if op == Op.DIRECTORY_PART:
+            return op, self._directory_part(caller, path(), int(args[1]), tx)
+        if op == Op.GET_PERMS:
+            return op, format_perms(store.get_perms(caller, path(), tx))
+        if op == Op.SET_PERMS:
+            self._changed(store.set_perms(caller, path(), parse_perms(args[1:]), tx), conn)
+            return op, b"OK\0"
+        if op == Op.WATCH:
+            self._watch(conn, args[0].decode("ascii"), args[1] if len(args) > 1 else b"")
+            return op, b"OK\0"
+        if op == Op.UNWATCH:
+            self._unwatch(conn, args[0].decode("ascii"), args[1] if len(args) > 1 else b"")
+            return op, b"OK\0"
+        if op == Op.RESET_WATCHES:
+            self.watches = [w for w in self.watches if w.connection is not conn]
+            conn.watches.clear()
+            return op, b"OK\0"
+        if op == Op.TRANSACTION_START:
+            if msg.tx_id:
+                raise XenStoreError("EBUSY", "nested transaction")
+            new = store.start_transaction(caller)
+            conn.transactions[new.id] = new
+            return op, f"{new.id}".encode() + b"\0"
+        if op == Op.TRANSACTION_END:
+            ending = conn.transactions.pop(msg.tx_id, None)
+            if ending is None:
+                raise XenStoreError("ENOENT", "no such transaction")
+            if not args or args[0] not in (b"T", b"F"):
+                store.end_transaction(ending, commit=False)
+                raise XenStoreError("EINVAL")
+            self._changed(store.end_transaction(ending, commit=args[0] == b"T"), conn)
+            return op, b"OK\0"
+        if op == Op.GET_DOMAIN_PATH:
+            return op, domain_path(_domid(args[0])).encode() + b"\0"
+        if op == Op.IS_DOMAIN_INTRODUCED:
+            self._privileged(caller)
+            return op, b"T\0" if _domid(args[0]) in self.domains or _domid(args[0]) == 0 else b"F\0"
+        if op == Op.INTRODUCE:
+            self._privileged(caller)
+            domid = _domid(args[0])
+            self.introduce_domain(domid, mfn=int(args[1]), port=int(args[2]))
+            return op, b"OK\0"
+        if op == Op.RELEASE:
+            self._privileged(caller)
+            domid = _domid(args[0])
+            if domid not in self.domains:
+                raise XenStoreError("ENOENT")
+            self.release_domain(domid)
+            return op, b"OK\0"
+        if op == Op.RESUME:
+            self._privileged(caller)
+            if _domid(args[0]) not in self.domains:
+                raise XenStoreError("ENOENT")
+            return op, b"OK\0"
+        if op == Op.SET_TARGET:
+            self._privileged(caller)
+            domid, target = _domid(args[0]), _domid(args[1])
+            if domid not in self.domains:
+                raise XenStoreError("ENOENT")
+            self.domains[domid]["target"] = target
+            return op, b"OK\0"
+        if op == Op.CONTROL:
+            self._privileged(caller)
+            return op, self._control(args)
+        if op in (Op.GET_QUOTA, Op.SET_QUOTA):
+            self._privileged(caller)
+            return op, self._quota(op == Op.SET_QUOTA, args)
+        if op in (Op.GET_FEATURE, Op.SET_FEATURE):
+            self._privileged(caller)
+            return op, b"0\0" if op == Op.GET_FEATURE else b"OK\0"
+        raise XenStoreError("ENOSYS" if op < 64 else "EINVAL")
+
+    @staticmethod
+    def _privileged(caller: Caller) -> None:
+        if not caller.privileged:
+            raise XenStoreError("EACCES")
+
+    def _directory_part(self, caller: Caller, path: str, offset: int, tx: Transaction | None) -> bytes:
+        children = self.store.directory(caller, path, tx)
+        gen = self.store.generation(caller, path, tx)
+        blob = b"".join(c.encode() + b"\0" for c in children)
+        if offset > len(blob):
+            raise XenStoreError("EINVAL")
+        head = f"{gen}".encode() + b"\0"
+        room = W.PAYLOAD_MAX - len(head) - 1
+        chunk = blob[offset:offset + room]
+        if offset + room < len(blob):  # cut at a child boundary
+            chunk = chunk[:chunk.rfind(b"\0") + 1]
+            return head + chunk
+        return head + chunk + b"\0"
+
+    def _control(self, args: list[bytes]) -> bytes:
+        command = args[0].decode() if args else "help"
+        if command == "quota":
+            return self._quota(len(args) > 2, args[1:])
+        if command == "check":
+            return b"OK\0"
+        if command == "help":
+            return b"check\nquota [name [value]]\nhelp\n\0"
+        raise XenStoreError("EINVAL", f"unknown control command {command}")
+
+    def _quota(self, setting: bool, args: list[bytes]) -> bytes:
+        names = {"nodes": "nodes", "watches": "watches", "transactions": "transactions",
+                 "node-size": "node_size", "outstanding": "outstanding", "permissions": "permissions"}
+        quotas = self.store.quotas
+        if not args:
+            return " ".join(f"{k}={getattr(quotas, v)}" for k, v in names.items()).encode() + b"\0"
+        key = args[0].decode()
+        if key not in names:
+            raise XenStoreError("EINVAL", "unknown quota")
+        if setting:
+            from dataclasses import replace
+            self.store.quotas = replace(quotas, **{names[key]: int(args[1])})
+            return b"OK\0"
+        return f"{getattr(quotas, names[key])}".encode() + b"\0"
+
+    # ---- watches ---------------------------------------------------------------------
+    def _watch(self, conn: Connection, raw: str, token: bytes) -> None:
+        absolute = canonical(conn.caller, raw, allow_special=True)
+        if any(w.path == raw and w.token == token for w in conn.watches):
+            raise XenStoreError("EEXIST")
+        if not conn.caller.privileged and len(conn.watches) >= self.store.quotas.watches:
+            raise XenStoreError("E2BIG", "too many watches")
+        watch = Watch(conn, raw, absolute, token)
+        conn.watches.append(watch)
+        self.watches.append(watch)
+        self._fire_one(watch, raw)  # the initial event every watch gets
+
+    def _unwatch(self, conn: Connection, raw: str, token: bytes) -> None:
+        for watch in conn.watches:
+            if watch.path == raw and watch.token == token:
+                conn.watches.remove(watch)
+                self.watches.remove(watch)
+                return
+        raise XenStoreError("ENOENT")
+
+    def _changed(self, changes: list[tuple[str, bool]], conn: Connection | None = None) -> None:
+        for changed, removed in changes:
+            for watch in self.watches:
+                target = watch.absolute
+                if changed == target or changed.startswith(target + "/") or (
+                        removed and target.startswith(changed + "/")):
+                    # a removed ancestor takes the watched node with it
+                    event = changed if changed.startswith(target) else target
+                    if not watch.connection.caller.privileged:
+                        node = self.store.nodes.get(event)
+                        if node is not None and not self.store.can(watch.connection.caller, node, "r"):
+                            continue
+                    self._fire_one(watch, self._as_registered(watch, event))
+        if self.journal is not None and changes:
+            self.journal.record(self)
+
+    @staticmethod
+    def _as_registered(watch: Watch, absolute: str) -> str:
+        if watch.path.startswith("/") or watch.path.startswith("@"):
+            return absolute
+        prefix = domain_path(watch.connection.caller.domid) + "/"
+        return absolute[len(prefix):] if absolute.startswith(prefix) else absolute
+
+    def _fire_one(self, watch: Watch, path: str) -> None:
+        self.counters["watch_events"] += 1
+        watch.connection.queue(W.encode(Op.WATCH_EVENT, 0, 0, path.encode() + b"\0" + watch.token + b"\0"))
+
+    def _fire_special(self, name: str) -> None:
+        for watch in self.watches:
+            if watch.absolute == name:
+                self._fire_one(watch, name)
+
+    # ---- domains ---------------------------------------------------------------------
+    def introduce_domain(self, domid: int, *, mfn: int = 0, port: int = 0) -> None:
+        if domid == 0:
+            raise XenStoreError("EINVAL")
+        self.domains[domid] = {"mfn": mfn, "port": port}
+        self._fire_special(INTRODUCE)
+        if self.journal is not None:
+            self.journal.record(self)
+
+    def release_domain(self, domid: int) -> None:
+        """The domain is gone: drop its connections, watches and transactions."""
+        self.domains.pop(domid, None)
+        for conn in list(self.connections):
+            if conn.caller.domid == domid:
+                conn.close()
+        self.watches = [w for w in self.watches if w.connection.caller.domid != domid]
+        self.store.abort_all(domid)
+        self._fire_special(RELEASE)
+        if self.journal is not None:
+            self.journal.record(self)
+
+
+def _domid(raw: bytes) -> int:
+    value = int(raw)
+    if not 0 <= value < 0x7FF0:
+        raise XenStoreError("EINVAL", "bad domid")
+    return value
+
+
+__all__ = ["XenStoreServer", "Connection", "ServerStatistics"]

@@ -1,0 +1,38 @@
+"""xenstored on the sim platform: domains' connections and deaths from the hypervisor."""
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ringfence.hypervisor.sim.client import open_dom0
+from ringfence.hypervisor.sim.protocol import EventKind
+from ringfence.xenbus.server import XenStoreServer
+
+log = logging.getLogger(__name__)
+
+
+async def serve_hypervisor_domains(server: XenStoreServer, hypervisor: str, *,
+                                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Take every domain's XenStore connection from the hypervisor, with the domid it
+    vouches for, and turn domain deaths into @releaseDomain."""
+    async with open_dom0(hypervisor) as store_link, open_dom0(hypervisor) as events:
+        await store_link.register_store()
+        await events.subscribe()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_domains, server, events)
+            task_status.started()
+            while True:
+                domid, sock = await store_link.next_store_connection()
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                nursery.start_soon(server.serve_domain_connection, stream, domid)
+
+
+async def _watch_domains(server: XenStoreServer, events) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        kind, domid = await events.next_event()
+        if kind == EventKind.RELEASED:
+            log.info("domain released", extra={"kv": {"domid": domid}})
+            server.release_domain(domid)
+        elif kind == EventKind.INTRODUCED and domid not in server.domains:
+            server.introduce_domain(domid)
