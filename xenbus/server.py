@@ -7,11 +7,13 @@ sans-IO :class:`~ringfence.xenbus.store.Store`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -88,7 +90,10 @@ class XenStoreServer:
         self.watches: list[Watch] = []
         self.domains: dict[int, dict[str, int]] = {}  # introduced domains: mfn, port, target
         self.counters: Counter[str] = Counter()
-        self.journal = None  # set by persistence.attach()
+        self.journal: Any = None  # set by persistence.Journal.open()
+        self.restored = False
+        # watches of domain connections, by domid, given back when a domain reconnects
+        self.saved_watches: dict[int, list[tuple[str, bytes]]] = {}
 
     # ---- statistics ------------------------------------------------------------------
     def statistics(self) -> ServerStatistics:
@@ -129,6 +134,12 @@ class XenStoreServer:
     async def serve_connection(self, stream: trio.abc.Stream, caller: Caller, name: str) -> None:
         conn = Connection(self, caller, stream, name)
         self.connections.add(conn)
+        if caller.domid and caller.domid in self.saved_watches:
+            # A domain reconnecting after a daemon restart gets its watches back, and each
+            # fires once, as on registration, so it re-reads what it watches.
+            for raw, token in self.saved_watches.pop(caller.domid):
+                with contextlib.suppress(XenStoreError):
+                    self._watch(conn, raw, token)
         self.counters["connections"] += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -183,6 +194,8 @@ class XenStoreServer:
     def _drop(self, conn: Connection) -> None:
         conn.close()
         self.connections.discard(conn)
+        if self.journal is not None and conn.caller.domid and conn.watches:
+            self.journal.append([("U", conn.caller.domid, w.path, w.token) for w in conn.watches])
         self.watches = [w for w in self.watches if w.connection is not conn]
         for tx in conn.transactions.values():
             self.store.end_transaction(tx, commit=False)
@@ -209,7 +222,8 @@ class XenStoreServer:
         if msg.tx_id and op not in (Op.TRANSACTION_END,):
             tx = conn.transactions.get(msg.tx_id)
             if tx is None:
-                raise XenStoreError("ENOENT", "no such transaction")
+                # after a restart, transactions from before it are over: retry
+                raise XenStoreError("EAGAIN" if self.restored else "ENOENT", "no such transaction")
 
         def path(i: int = 0, special: bool = False) -> str:
             return canonical(caller, args[i].decode("ascii"), allow_special=special)
@@ -256,7 +270,7 @@ class XenStoreServer:
         if op == Op.TRANSACTION_END:
             ending = conn.transactions.pop(msg.tx_id, None)
             if ending is None:
-                raise XenStoreError("ENOENT", "no such transaction")
+                raise XenStoreError("EAGAIN" if self.restored else "ENOENT", "no such transaction")
             if not args or args[0] not in (b"T", b"F"):
                 store.end_transaction(ending, commit=False)
                 raise XenStoreError("EINVAL")
@@ -356,6 +370,8 @@ class XenStoreServer:
         watch = Watch(conn, raw, absolute, token)
         conn.watches.append(watch)
         self.watches.append(watch)
+        if self.journal is not None and conn.caller.domid:
+            self.journal.append([("W", conn.caller.domid, raw, token)])
         self._fire_one(watch, raw)  # the initial event every watch gets
 
     def _unwatch(self, conn: Connection, raw: str, token: bytes) -> None:
@@ -363,10 +379,14 @@ class XenStoreServer:
             if watch.path == raw and watch.token == token:
                 conn.watches.remove(watch)
                 self.watches.remove(watch)
+                if self.journal is not None and conn.caller.domid:
+                    self.journal.append([("U", conn.caller.domid, raw, token)])
                 return
         raise XenStoreError("ENOENT")
 
     def _changed(self, changes: list[tuple[str, bool]], conn: Connection | None = None) -> None:
+        if self.journal is not None and changes:
+            self.journal.nodes_changed(changes)  # durable before the reply is queued
         for changed, removed in changes:
             for watch in self.watches:
                 target = watch.absolute
@@ -379,8 +399,6 @@ class XenStoreServer:
                         if node is not None and not self.store.can(watch.connection.caller, node, "r"):
                             continue
                     self._fire_one(watch, self._as_registered(watch, event))
-        if self.journal is not None and changes:
-            self.journal.record(self)
 
     @staticmethod
     def _as_registered(watch: Watch, absolute: str) -> str:
@@ -403,9 +421,9 @@ class XenStoreServer:
         if domid == 0:
             raise XenStoreError("EINVAL")
         self.domains[domid] = {"mfn": mfn, "port": port}
-        self._fire_special(INTRODUCE)
         if self.journal is not None:
-            self.journal.record(self)
+            self.journal.append([("I", domid, self.domains[domid])])
+        self._fire_special(INTRODUCE)
 
     def release_domain(self, domid: int) -> None:
         """The domain is gone: drop its connections, watches and transactions."""
@@ -415,9 +433,10 @@ class XenStoreServer:
                 conn.close()
         self.watches = [w for w in self.watches if w.connection.caller.domid != domid]
         self.store.abort_all(domid)
-        self._fire_special(RELEASE)
+        self.saved_watches.pop(domid, None)
         if self.journal is not None:
-            self.journal.record(self)
+            self.journal.append([("R", domid)])
+        self._fire_special(RELEASE)
 
 
 def _domid(raw: bytes) -> int:
