@@ -1,0 +1,54 @@
+"""XenStore paths of split devices, as Xen's toolstack lays them out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePaths:
+    """Where a device's two halves live: ``kind`` is "vbd" or "vif"."""
+    kind: str
+    frontend_domid: int
+    backend_domid: int
+    devid: int
+
+    @property
+    def backend(self) -> str:
+        return f"/local/domain/{self.backend_domid}/backend/{self.kind}/{self.frontend_domid}/{self.devid}"
+
+    @property
+    def frontend(self) -> str:
+        return f"/local/domain/{self.frontend_domid}/device/{self.kind}/{self.devid}"
+
+    def backend_key(self, key: str) -> str:
+        return f"{self.backend}/{key}"
+
+    def frontend_key(self, key: str) -> str:
+        return f"{self.frontend}/{key}"
+
+    def queue_key(self, queue: int, key: str, *, frontend: bool = True, queues: int = 1) -> str:
+        """Per-queue keys (multi-queue): ``queue-N/key``, or plain ``key`` with one queue."""
+        base = self.frontend if frontend else self.backend
+        return f"{base}/queue-{queue}/{key}" if queues > 1 else f"{base}/{key}"
+
+
+def parse_backend_path(path: str) -> DevicePaths | None:
+    """``/local/domain/B/backend/KIND/F/DEV[/...]`` → DevicePaths, else None."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 7 or parts[:2] != ["local", "domain"] or parts[3] != "backend":
+        return None
+    try:
+        return DevicePaths(parts[4], int(parts[5]), int(parts[2]), int(parts[6]))
+    except ValueError:
+        return None
+
+
+def parse_frontend_path(path: str) -> DevicePaths | None:
+    """``/local/domain/F/device/KIND/DEV[/...]`` → DevicePaths with backend unknown (-1)."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 6 or parts[:2] != ["local", "domain"] or parts[3] != "device":
+        return None
+    try:
+        return DevicePaths(parts[4], int(parts[2]), -1, int(parts[5]))
+    except ValueError:
+        return None
