@@ -1,7 +1,7 @@
 """The XenStore daemon: connections, request dispatch and watches, over trio.
 
 Transports: a Unix socket for dom0 tools (``XENSTORED_PATH``; every connection there is
-privileged, domid 0) and one stream per sim domain handed over by the hypervisor with the
+privileged, domid 0) and one socket per sim domain handed over by the hypervisor with the
 domid it vouches for (:meth:`XenStoreServer.serve_domain_connection`). The tree itself is the
 sans-IO :class:`~ringfence.xenbus.store.Store`.
 """
@@ -52,35 +52,123 @@ class ServerStatistics:
     domains: int
 
 
+class _SocketTransport:
+    """A nonblocking socket driven directly: the system call first, and a trip through
+    trio's scheduler only when it would block (trio's own socket methods add two)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.raw = socket.socket(fileno=sock.detach())
+        self.raw.setblocking(False)
+
+    async def recv(self) -> bytes:
+        while True:
+            try:
+                return self.raw.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.raw)
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.raw.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.raw)
+
+    def send_nowait(self, data: bytes) -> int:
+        """Send what the socket takes now; returns how many bytes."""
+        try:
+            return self.raw.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def aclose(self) -> None:
+        trio.lowlevel.notify_closing(self.raw)
+        self.raw.close()
+
+
+class _StreamTransport:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def recv(self) -> bytes:
+        return await self.stream.receive_some(65536)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+def transport_for(link: Any) -> _SocketTransport | _StreamTransport:
+    if isinstance(link, trio.SocketStream):
+        return _SocketTransport(link.socket)
+    if isinstance(link, trio.abc.Stream):
+        return _StreamTransport(link)
+    return _SocketTransport(link)
+
+
 @dataclass(eq=False)
 class Connection:
     server: XenStoreServer
     caller: Caller
-    stream: trio.abc.Stream
+    transport: Any
     name: str
     watches: list[Watch] = field(default_factory=list)
     transactions: dict[int, Transaction] = field(default_factory=dict)
-    queued: int = 0
     closed: bool = False
+    out: bytearray = field(default_factory=bytearray)
+    flushing: bool = False
 
     def __post_init__(self) -> None:
-        self.send, self.receive = trio.open_memory_channel[bytes](float("inf"))
+        self.wake = trio.Event()
 
     def queue(self, data: bytes) -> None:
+        """Queue output; replies go out when the request batch is done, events at once."""
         if self.closed:
             return
-        self.queued += len(data)
-        if self.queued > MAX_QUEUED_OUTPUT:
+        self.out += data
+        if len(self.out) > MAX_QUEUED_OUTPUT:
             self.server.counters["dropped_slow_clients"] += 1
             log.warning("dropping a client that does not read", extra={"kv": {"conn": self.name}})
             self.close()
             return
-        self.send.send_nowait(data)
+        if self.server.current is not self:
+            self.server.dirty.add(self)
+
+    async def flush(self) -> None:
+        if self.flushing:
+            return  # the running flush picks up what was added
+        self.flushing = True
+        try:
+            while self.out and not self.closed:
+                data = bytes(self.out)
+                self.out.clear()
+                await self.transport.send(data)
+        finally:
+            self.flushing = False
+
+    def flush_nowait(self) -> None:
+        """Push queued output (watch events) straight out if the socket takes it, so a
+        watcher hears at once; what is left goes to this connection's writer task."""
+        if self.flushing or not self.out or self.closed:
+            return
+        sender = getattr(self.transport, "send_nowait", None)
+        if sender is not None:
+            try:
+                sent = sender(bytes(self.out))
+            except OSError:
+                sent = 0
+            del self.out[:sent]
+        if self.out:
+            self.wake.set()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.send.close()
+            self.wake.set()
 
 
 class XenStoreServer:
@@ -90,6 +178,8 @@ class XenStoreServer:
         self.watches: list[Watch] = []
         self.domains: dict[int, dict[str, int]] = {}  # introduced domains: mfn, port, target
         self.counters: Counter[str] = Counter()
+        self.current: Connection | None = None  # whose requests are being handled
+        self.dirty: set[Connection] = set()     # others with output queued meanwhile
         self.journal: Any = None  # set by persistence.Journal.open()
         self.restored = False
         # watches of domain connections, by domid, given back when a domain reconnects
@@ -119,20 +209,23 @@ class XenStoreServer:
         finally:
             os.umask(old)
         sock.listen(128)
-        listener = trio.SocketListener(sock)
         async with trio.open_nursery() as nursery:
             task_status.started()
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(self.serve_connection, stream, Caller(0), "dom0")
+            try:
+                while True:
+                    client, _ = await sock.accept()
+                    nursery.start_soon(self.serve_connection, client, Caller(0), "dom0")
+            finally:
+                sock.close()
 
-    async def serve_domain_connection(self, stream: trio.abc.Stream, domid: int) -> None:
-        """A domain's connection; its identity comes from whoever handed us the stream."""
-        await self.serve_connection(stream, Caller(domid, self.domains.get(domid, {}).get("target")),
+    async def serve_domain_connection(self, link: Any, domid: int) -> None:
+        """A domain's connection (a socket or a stream); its identity comes from whoever
+        handed it to us (the hypervisor), never from the domain."""
+        await self.serve_connection(link, Caller(domid, self.domains.get(domid, {}).get("target")),
                                     f"dom{domid}")
 
-    async def serve_connection(self, stream: trio.abc.Stream, caller: Caller, name: str) -> None:
-        conn = Connection(self, caller, stream, name)
+    async def serve_connection(self, link: Any, caller: Caller, name: str) -> None:
+        conn = Connection(self, caller, transport_for(link), name)
         self.connections.add(conn)
         if caller.domid and caller.domid in self.saved_watches:
             # A domain reconnecting after a daemon restart gets its watches back, and each
@@ -148,13 +241,13 @@ class XenStoreServer:
                 nursery.cancel_scope.cancel()
         finally:
             self._drop(conn)
-            await trio.aclose_forcefully(stream)
+            await conn.transport.aclose()
 
     async def _reader(self, conn: Connection) -> None:
         reader = W.MessageReader()
         while not conn.closed:
             try:
-                data = await conn.stream.receive_some(65536)
+                data = await conn.transport.recv()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             if not data:
@@ -166,27 +259,32 @@ class XenStoreServer:
                 log.warning("closing connection: protocol violation",
                             extra={"kv": {"conn": conn.name, "reason": str(exc)}})
                 return
-            for msg in messages:
-                self.handle(conn, msg)
-                if conn.closed:
-                    return
-            # Hold back while a client has too much unsent output (it is not reading).
-            while conn.queued > MAX_QUEUED_OUTPUT // 2 and not conn.closed:
-                await trio.sleep(0.001)
+            self.current = conn
+            try:
+                for msg in messages:
+                    self.handle(conn, msg)
+                    if conn.closed:
+                        return
+            finally:
+                self.current = None
+            # Watch events first, so watchers hear as early as possible; then all replies
+            # to this batch in one write (a client that does not read stalls only itself).
+            if self.dirty:
+                dirty, self.dirty = self.dirty, set()
+                for other in dirty:
+                    other.flush_nowait()
+            try:
+                await conn.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
 
     async def _writer(self, conn: Connection, scope: trio.CancelScope) -> None:
+        """Sends what other connections cause (watch events) while this one is idle."""
         try:
-            async for data in conn.receive:
-                # Coalesce whatever is queued into one write.
-                chunks = [data]
-                while True:
-                    try:
-                        chunks.append(conn.receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                blob = b"".join(chunks)
-                await conn.stream.send_all(blob)
-                conn.queued -= len(blob)
+            while not conn.closed:
+                await conn.wake.wait()
+                conn.wake = trio.Event()
+                await conn.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         scope.cancel()

@@ -24,8 +24,8 @@ async def serve_hypervisor_domains(server: XenStoreServer, hypervisor: str, *,
             task_status.started()
             while True:
                 domid, sock = await store_link.next_store_connection()
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-                nursery.start_soon(server.serve_domain_connection, stream, domid)
+                nursery.start_soon(server.serve_domain_connection,
+                                   trio.socket.from_stdlib_socket(sock), domid)
 
 
 async def _watch_domains(server: XenStoreServer, events) -> None:  # type: ignore[no-untyped-def]
