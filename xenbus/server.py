@@ -135,8 +135,11 @@ class Connection:
             log.warning("dropping a client that does not read", extra={"kv": {"conn": self.name}})
             self.close()
             return
-        if self.server.current is not self:
-            self.server.dirty.add(self)
+        current = self.server.current
+        if current is None:
+            self.wake.set()  # not inside a request batch: the writer sends it
+        elif current is not self:
+            self.server.dirty.add(self)  # sent when the batch ends
 
     async def flush(self) -> None:
         if self.flushing:
