@@ -1,12 +1,15 @@
 """xenstored on the sim platform: domains' connections and deaths from the hypervisor."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import trio
 
-from ringfence.hypervisor.sim.client import open_dom0
+from ringfence.hypervisor.sim.client import SimDomain, open_dom0
 from ringfence.hypervisor.sim.protocol import EventKind
+from ringfence.xenbus.client import XenStore, open_xenstore_stream
 from ringfence.xenbus.server import XenStoreServer
 
 log = logging.getLogger(__name__)
@@ -36,3 +39,11 @@ async def _watch_domains(server: XenStoreServer, events) -> None:  # type: ignor
             server.release_domain(domid)
         elif kind == EventKind.INTRODUCED and domid not in server.domains:
             server.introduce_domain(domid)
+
+
+@contextlib.asynccontextmanager
+async def open_domain_xenstore(domain: SimDomain) -> AsyncIterator[XenStore]:
+    """This domain's XenStore connection, authenticated by the hypervisor."""
+    sock = await domain.store_connection()
+    async with open_xenstore_stream(trio.SocketStream(trio.socket.from_stdlib_socket(sock))) as xs:
+        yield xs

@@ -22,6 +22,7 @@ from ringfence.isolation.sandbox import drop_privileges_from_environment
 COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.hypervisor.daemon",
     "ringfence.xenbus.cli",
+    "ringfence.backends.blkback.cli",
     "ringfence.toolstack.demo",
     "ringfence.bench.cli",
 )

@@ -1,0 +1,37 @@
+"""``ringfence blkback``: the block backend of a storage driver domain."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import trio
+
+from ringfence._sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "blkback", help="serve virtual block devices (run inside a storage driver domain)",
+        description="Serve the vbds the toolstack assigns to this domain in XenStore "
+        "(backend/vbd/FRONTEND/DEVID with params=PATH and mode=r|w). Run as a sim domain: "
+        "the domain's control socket comes in $RINGFENCE_DOMAIN_FD.",
+        epilog="example: started by `ringfence up` for each storage driver domain")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    trio.run(_serve)
+    return 0
+
+
+async def _serve() -> None:
+    from ringfence.backends.blkback.xenbus import serve_blkback
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    async with open_domain() as domain, open_domain_xenstore(domain) as xs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_blkback, domain, xs)
+            Notifier().ready(status=f"blkback serving in domain {domain.domid}")
+            log.info("blkback ready", extra={"kv": {"domid": domain.domid}})

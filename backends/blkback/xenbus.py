@@ -1,0 +1,326 @@
+"""blkback: the XenBus side of a virtual block device, and its serving loop.
+
+Runs inside the storage driver domain. It watches ``backend/vbd`` in its own XenStore
+directory; for each device the toolstack sets up there (``params``, ``mode``,
+``frontend``) it publishes the features Linux's blkback publishes, waits for the frontend's
+ring, maps it, and serves requests until the frontend closes — then waits for it to come
+back. Hostile input costs the frontend an error response or, for a broken ring, its
+connection; never the service, and never another device.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+
+from ringfence._log import logging_context
+from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Validator
+from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd
+from ringfence.hypervisor.io import blkif
+from ringfence.hypervisor.io.blkif import Op, Status
+from ringfence.hypervisor.io.ring import BackRing, RingOverflow
+from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.state import XenbusState
+
+log = logging.getLogger(__name__)
+
+MAX_RING_PAGE_ORDER = 4
+PERSISTENT_GRANTS_MAX = 1056   # LRU bound on cached mappings per device (as Linux's default)
+VDISK_READONLY = 4
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatistics:
+    frontend: int
+    devid: int
+    state: str
+    connections: int
+    requests: int
+    errors: int
+    rejected: dict[str, int]
+    persistent_grants: int
+    persistent_hits: int
+    persistent_maps: int
+    disconnects_for_abuse: int
+    ring: dict[str, Any] | None
+    vbd: dict[str, Any] | None
+
+
+class BlkbackDevice:
+    def __init__(self, domain: Any, xs: XenStore, path: str, frontend_id: int, devid: int) -> None:
+        self.domain, self.xs, self.path = domain, xs, path
+        self.frontend_id, self.devid = frontend_id, devid
+        self.vbd: Vbd | None = None
+        self.validator: Validator | None = None
+        self.ring: BackRing | None = None
+        self.state = XenbusState.Initialising
+        self.persistent: OrderedDict[int, Any] = OrderedDict()
+        self.connections = self.requests = self.errors = self.abuse = 0
+        self.hits = self.maps = 0
+
+    def statistics(self) -> DeviceStatistics:
+        return DeviceStatistics(
+            self.frontend_id, self.devid, self.state.name, self.connections, self.requests,
+            self.errors, dict(self.validator.rejected) if self.validator else {},
+            len(self.persistent), self.hits, self.maps, self.abuse,
+            asdict(self.ring.statistics()) if self.ring else None,
+            asdict(self.vbd.statistics()) if self.vbd else None)
+
+    async def _set_state(self, state: XenbusState) -> None:
+        self.state = state
+        await self.xs.write(f"{self.path}/state", str(int(state)))
+
+    async def run(self) -> None:
+        with logging_context(kind="vbd", frontend=self.frontend_id, devid=self.devid):
+            params = (await self.xs.read(f"{self.path}/params")).decode()
+            mode = (await self.xs.read(f"{self.path}/mode")).decode() if await self.xs.exists(
+                f"{self.path}/mode") else "w"
+            self.frontend_path = (await self.xs.read(f"{self.path}/frontend")).decode()
+            self.vbd = Vbd(params, read_only=mode.startswith("r"))
+            self.validator = Validator(Geometry(self.vbd.sectors, self.vbd.read_only))
+            try:
+                await self._publish_features()
+                async with self.xs.watch(f"{self.frontend_path}/state") as events:
+                    async for _ in events:
+                        if not await self._frontend_changed():
+                            return
+            finally:
+                self.vbd.close()
+
+    async def _publish_features(self) -> None:
+        assert self.vbd is not None
+        p, vbd = self.path, self.vbd
+        async for tx in self.xs.transaction():
+            async with tx:
+                for key, value in (
+                        ("sectors", vbd.sectors), ("sector-size", 512),
+                        ("physical-sector-size", vbd.physical_sector_size),
+                        ("info", VDISK_READONLY if vbd.read_only else 0),
+                        ("feature-flush-cache", 1), ("feature-discard", int(not vbd.read_only)),
+                        ("discard-granularity", 4096), ("discard-alignment", 0),
+                        ("discard-secure", 0), ("feature-persistent", 1),
+                        ("feature-max-indirect-segments", 256),
+                        ("multi-queue-max-queues", 1), ("max-ring-page-order", MAX_RING_PAGE_ORDER)):
+                    await tx.write(f"{p}/{key}", str(value))
+                await tx.write(f"{p}/state", str(int(XenbusState.InitWait)))
+        self.state = XenbusState.InitWait
+        log.info("device waiting for frontend", extra={"kv": {"sectors": vbd.sectors}})
+
+    async def _frontend_changed(self) -> bool:
+        """React to the frontend's state; False when the device is gone."""
+        try:
+            fe = XenbusState(int(await self.xs.read(f"{self.frontend_path}/state")))
+        except (XenStoreError, ValueError):
+            fe = XenbusState.Unknown
+        if fe in (XenbusState.Initialised, XenbusState.Connected) and self.state == XenbusState.InitWait:
+            try:
+                await self._connect_and_serve()
+            except _Disconnect as exc:
+                self.abuse += exc.abuse
+                log.warning("frontend disconnected", extra={"kv": {"reason": str(exc)}})
+                await self._set_state(XenbusState.Closing)
+                await self._set_state(XenbusState.Closed)
+            return True
+        if fe == XenbusState.Initialising and self.state == XenbusState.Closed:
+            await self._publish_features()  # the frontend reconnects
+        elif fe in (XenbusState.Closing, XenbusState.Closed) and self.state not in (
+                XenbusState.Closing, XenbusState.Closed):
+            await self._set_state(XenbusState.Closing)
+            await self._set_state(XenbusState.Closed)
+        elif fe == XenbusState.Unknown and self.state != XenbusState.InitWait:
+            return False
+        return True
+
+    async def _connect_and_serve(self) -> None:
+        fe = self.frontend_path
+        order = int(await self._read_or(f"{fe}/ring-page-order", b"0"))
+        if not 0 <= order <= MAX_RING_PAGE_ORDER:
+            raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
+        keys = ["ring-ref"] if order == 0 else [f"ring-ref{i}" for i in range(1 << order)]
+        try:
+            refs = [int(await self.xs.read(f"{fe}/{k}")) for k in keys]
+            port_no = int(await self.xs.read(f"{fe}/event-channel"))
+        except (XenStoreError, ValueError) as exc:
+            raise _Disconnect(f"frontend keys unreadable: {exc}", 1) from None
+        protocol = (await self._read_or(f"{fe}/protocol", b"x86_64-abi")).decode()
+        if protocol not in ("x86_64-abi", "native"):
+            raise _Disconnect(f"unsupported protocol {protocol}", 1)
+        self.use_persistent = (await self._read_or(f"{fe}/feature-persistent", b"0")) == b"1"
+        try:
+            mapped = await self.domain.grant_table.map(self.frontend_id, refs)
+        except OSError as exc:
+            raise _Disconnect(f"ring map failed: {exc}", 1) from None
+        port = await self.domain.events.bind_interdomain(self.frontend_id, port_no)
+        self.ring = BackRing(mapped.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
+        self.connections += 1
+        await self._set_state(XenbusState.Connected)
+        log.info("device connected", extra={"kv": {"ring_pages": len(refs), "persistent": self.use_persistent}})
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve, port)
+                nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
+        finally:
+            ring, self.ring = self.ring, None
+            del ring
+            for pages in self.persistent.values():
+                with contextlib.suppress(OSError):
+                    await self.domain.grant_table.unmap(pages)
+            self.persistent.clear()
+            with contextlib.suppress(OSError):
+                await self.domain.grant_table.unmap(mapped)
+            await port.close()
+
+    async def _watch_for_close(self, scope: trio.CancelScope) -> None:
+        async with self.xs.watch(f"{self.frontend_path}/state") as events:
+            async for _ in events:
+                try:
+                    fe = int(await self.xs.read(f"{self.frontend_path}/state"))
+                except (XenStoreError, ValueError):
+                    fe = XenbusState.Unknown
+                if fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown,
+                          XenbusState.Initialising):
+                    scope.cancel()
+                    await self._set_state(XenbusState.Closing)
+                    await self._set_state(XenbusState.Closed)
+                    return
+
+    async def _read_or(self, path: str, default: bytes) -> bytes:
+        try:
+            return await self.xs.read(path)
+        except XenStoreError:
+            return default
+
+    # ---- datapath --------------------------------------------------------------------
+    async def _serve(self, port: Any) -> None:
+        ring = self.ring
+        assert ring is not None and self.validator is not None
+        while True:
+            try:
+                raws = ring.take_requests()
+            except RingOverflow:
+                raise _Disconnect("ring overflow: frontend published more than the ring holds", 1) from None
+            if not raws:
+                if ring.final_check_for_requests():
+                    continue
+                await port.wait()
+                continue
+            responses = await self._handle_batch(raws)
+            ring.put_responses(responses)
+            ring.push_responses(port.notify_fd)
+
+    async def _handle_batch(self, raws: list[bytes]) -> list[bytes]:
+        assert self.validator is not None and self.vbd is not None
+        self.requests += len(raws)
+        results: list[tuple[int, int, int]] = []   # id, operation, status
+        io: list[tuple[Plan, IoRequest]] = []
+        for raw in raws:
+            planned = self.validator.plan(raw)
+            if isinstance(planned, Plan) and planned.indirect_grefs:
+                planned = await self._load_indirect(planned, raw)
+            if isinstance(planned, Rejection):
+                self.errors += 1
+                results.append((planned.id, planned.operation, planned.status))
+                continue
+            try:
+                request = await self._io_request(planned)
+            except OSError:
+                self.errors += 1
+                self.validator.rejected["bad_grant"] += 1
+                results.append((planned.id, planned.operation, Status.ERROR))
+                continue
+            io.append((planned, request))
+        await self.vbd.submit([request for _, request in io])
+        for plan, request in io:
+            if request.error:
+                self.errors += 1
+            results.append((plan.id, plan.operation, Status.ERROR if request.error else Status.OKAY))
+        return [blkif.encode_response(rid, op, status) for rid, op, status in results]
+
+    async def _load_indirect(self, plan: Plan, raw: bytes) -> Plan | Rejection:
+        assert self.validator is not None
+        nr_segments = blkif.decode_request(raw).nr_segments
+        pages = []
+        for gref in plan.indirect_grefs:
+            try:
+                mapping = await self._page(gref, readonly=True)
+            except OSError:
+                return self.validator.reject(blkif.decode_request(raw), "bad_grant")
+            pages.append(bytes(mapping.buffer))  # copied once, then parsed
+        return self.validator.indirect_segments(plan, pages, nr_segments)
+
+    async def _io_request(self, plan: Plan) -> IoRequest:
+        kind = {Op.READ: IoKind.READ, Op.WRITE: IoKind.WRITE, Op.FLUSH_DISKCACHE: IoKind.FLUSH,
+                Op.DISCARD: IoKind.DISCARD}[Op(plan.kind)]
+        buffers = []
+        for seg in plan.segments:
+            mapping = await self._page(seg.gref, readonly=kind != IoKind.READ)
+            buffers.append(mapping.buffer[seg.offset:seg.offset + seg.length])
+        return IoRequest(kind, plan.offset, plan.length, buffers)
+
+    async def _page(self, gref: int, readonly: bool) -> Any:
+        """A frontend page: persistent grants stay mapped (LRU-bounded)."""
+        cached = self.persistent.get(gref)
+        if cached is not None and (readonly or not cached.readonly):
+            self.persistent.move_to_end(gref)
+            self.hits += 1
+            return cached
+        mapping = await self.domain.grant_table.map(self.frontend_id, [gref], readonly=False
+                                                    if self.use_persistent else readonly)
+        self.maps += 1
+        if cached is not None:
+            await self.domain.grant_table.unmap(self.persistent.pop(gref))
+        self.persistent[gref] = mapping
+        while len(self.persistent) > PERSISTENT_GRANTS_MAX:
+            _, old = self.persistent.popitem(last=False)
+            with contextlib.suppress(OSError):
+                await self.domain.grant_table.unmap(old)
+        return mapping
+
+
+class _Disconnect(Exception):
+    def __init__(self, reason: str, abuse: int = 0) -> None:
+        super().__init__(reason)
+        self.abuse = abuse
+
+
+async def serve_blkback(domain: Any, xs: XenStore, *,
+                        task_status: trio.TaskStatus[dict[tuple[int, int], BlkbackDevice]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve every vbd the toolstack assigns to this domain (``backend/vbd/FE/DEVID``)."""
+    devices: dict[tuple[int, int], BlkbackDevice] = {}
+    base = f"/local/domain/{domain.domid}/backend/vbd"
+    async with trio.open_nursery() as nursery, xs.watch(base) as events:
+        task_status.started(devices)
+        async for _ in events:
+            for fe in await _children(xs, base):
+                for devid in await _children(xs, f"{base}/{fe}"):
+                    key = (int(fe), int(devid))
+                    path = f"{base}/{fe}/{devid}"
+                    if key not in devices and await xs.exists(f"{path}/params"):
+                        device = BlkbackDevice(domain, xs, path, *key)
+                        devices[key] = device
+                        nursery.start_soon(_run_device, device, devices, key)
+
+
+async def _run_device(device: BlkbackDevice, devices: dict[tuple[int, int], BlkbackDevice],
+                      key: tuple[int, int]) -> None:
+    try:
+        await device.run()
+    except (OSError, XenStoreError) as exc:
+        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1], "error": exc}})
+    finally:
+        devices.pop(key, None)
+
+
+async def _children(xs: XenStore, path: str) -> list[str]:
+    try:
+        return [c for c in await xs.directory(path) if c.isdigit()]
+    except XenStoreError:
+        return []
+
+
+__all__ = ["BlkbackDevice", "serve_blkback"]

@@ -1,0 +1,323 @@
+"""blkfront: a virtual block device as the guest uses it, with replay across backend restarts.
+
+The frontend owns a pool of pages granted to the backend once (persistent grants) and a ring.
+Every request stays in ``pending`` until its response has arrived: when the backend goes
+away and a backend comes back (the driver domain was relaunched), the frontend connects to
+it again and resubmits everything pending, in order. Callers of :meth:`read`/:meth:`write`
+see a pause, never an error, and an acknowledged write is never lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ringfence.hypervisor.io import blkif
+from ringfence.hypervisor.io.blkif import Op, Status
+from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
+from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.state import XenbusState
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+POOL_PAGES = 352          # 32 requests x 11 segments in flight
+SEGMENTS = blkif.MAX_SEGMENTS_PER_REQUEST
+
+
+class BlockIOError(OSError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BlkfrontStatistics:
+    devid: int
+    backend_id: int
+    state: str
+    connections: int
+    requests: int
+    replayed: int
+    in_flight: int
+    errors: int
+    bad_responses: int
+    bytes_read: int
+    bytes_written: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    id: int
+    operation: int
+    sector: int
+    pages: list[int]             # pool page indexes, in order
+    sectors_in_last: int = 8     # how much of the last page is used
+    nr_sectors: int = 0          # discard
+    done: trio.Event = field(default_factory=trio.Event)
+    status: int = Status.OKAY
+
+
+class BlkFront:
+    def __init__(self, domain: Any, xs: XenStore, devid: int) -> None:
+        self.domain, self.xs, self.devid = domain, xs, devid
+        self.path = f"/local/domain/{domain.domid}/device/vbd/{devid}"
+        self.backend_id = -1
+        self.backend_path = ""
+        self.sectors = 0
+        self.read_only = False
+        self.features: dict[str, int] = {}
+        self.pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._free_pages: list[int] = []
+        self._page_freed = trio.Condition()
+        self._connected = trio.Event()
+        self._ring: FrontRing | None = None
+        self._port: Any = None
+        self._pool: Any = None
+        self._pool_grefs: list[int] = []
+        self._ring_pages: Any = None
+        self._ring_grefs: list[int] = []
+        self.state = XenbusState.Initialising
+        self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
+        self.bytes_read = self.bytes_written = 0
+
+    @property
+    def size(self) -> int:
+        return self.sectors * blkif.SECTOR_SIZE
+
+    def statistics(self) -> BlkfrontStatistics:
+        return BlkfrontStatistics(self.devid, self.backend_id, self.state.name, self.connections,
+                                  self.requests, self.replayed, len(self.pending), self.errors,
+                                  self.bad_responses, self.bytes_read, self.bytes_written)
+
+    # ---- connection ------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve responses, and reconnect whenever the backend starts over."""
+        self._pool = await self.domain.memory.alloc_pages(POOL_PAGES)
+        self._free_pages = list(range(POOL_PAGES))
+        self._ring_pages = await self.domain.memory.alloc_pages(1)
+        started = False
+        while True:
+            await self._connect()
+            if not started:
+                task_status.started()
+                started = True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_responses, nursery.cancel_scope)
+                await self._wait_backend_restart()
+                nursery.cancel_scope.cancel()
+            await self._disconnect()
+
+    async def _write_state(self, state: XenbusState) -> None:
+        self.state = state
+        await self.xs.write(f"{self.path}/state", str(int(state)))
+
+    async def _backend_state(self) -> XenbusState:
+        try:
+            return XenbusState(int(await self.xs.read(f"{self.backend_path}/state")))
+        except (XenStoreError, ValueError):
+            return XenbusState.Unknown
+
+    async def _wait_for_backend(self, wanted: tuple[XenbusState, ...]) -> XenbusState:
+        async with self.xs.watch(f"{self.backend_path}/state") as events:
+            async for _ in events:
+                state = await self._backend_state()
+                if state in wanted:
+                    return state
+        raise XenStoreError("EIO", "watch ended")
+
+    async def _connect(self) -> None:
+        await self._write_state(XenbusState.Initialising)
+        backend_id = int(await self.xs.read(f"{self.path}/backend-id"))
+        self.backend_path = (await self.xs.read(f"{self.path}/backend")).decode()
+        await self._wait_for_backend((XenbusState.InitWait,))
+        if backend_id != self.backend_id:
+            self._grant_all(backend_id)
+        b = self.backend_path
+        self.sectors = int(await self.xs.read(f"{b}/sectors"))
+        self.read_only = int(await self._read_or(f"{b}/info", b"0")) & 4 != 0
+        for key in ("feature-flush-cache", "feature-discard", "feature-persistent",
+                    "feature-max-indirect-segments", "max-ring-page-order"):
+            self.features[key] = int(await self._read_or(f"{b}/{key}", b"0"))
+        self._ring = FrontRing(self._ring_pages.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
+        self._port = await self.domain.events.alloc_unbound(self.backend_id)
+        async for tx in self.xs.transaction():
+            async with tx:
+                await tx.write(f"{self.path}/ring-ref", str(self._ring_grefs[0]))
+                await tx.write(f"{self.path}/event-channel", str(self._port.port))
+                await tx.write(f"{self.path}/protocol", "x86_64-abi")
+                await tx.write(f"{self.path}/feature-persistent", "1")
+                await tx.write(f"{self.path}/state", str(int(XenbusState.Initialised)))
+        self.state = XenbusState.Initialised
+        await self._wait_for_backend((XenbusState.Connected,))
+        await self._write_state(XenbusState.Connected)
+        self.connections += 1
+        if self.pending:
+            # Everything not answered by the previous backend goes again, in order.
+            self.replayed += len(self.pending)
+            log.info("replaying requests", extra={"kv": {"count": len(self.pending)}})
+            for pending in sorted(self.pending.values(), key=lambda p: p.id):
+                await self._put(pending)
+        self._connected.set()
+        log.info("vbd connected", extra={"kv": {"devid": self.devid, "backend": self.backend_id,
+                                               "sectors": self.sectors}})
+
+    def _grant_all(self, backend_id: int) -> None:
+        gt = self.domain.grant_table
+        for gref in self._pool_grefs + self._ring_grefs:
+            gt.end_access(gref)  # the old backend is gone: nothing maps them any more
+        self.backend_id = backend_id
+        self._pool_grefs = [gt.grant_access(backend_id, f) for f in self._pool.frames]
+        self._ring_grefs = [gt.grant_access(backend_id, f) for f in self._ring_pages.frames]
+
+    async def _read_or(self, path: str, default: bytes) -> bytes:
+        try:
+            return await self.xs.read(path)
+        except XenStoreError:
+            return default
+
+    async def _wait_backend_restart(self) -> None:
+        """Return when the backend is no longer connected to us (it closed or restarted)."""
+        async with self.xs.watch(f"{self.backend_path}/state") as events:
+            async for _ in events:
+                if await self._backend_state() != XenbusState.Connected:
+                    log.warning("backend went away; will reconnect and replay",
+                                extra={"kv": {"pending": len(self.pending)}})
+                    return
+
+    async def _disconnect(self) -> None:
+        self._connected = trio.Event()
+        self._ring = None
+        if self._port is not None:
+            port, self._port = self._port, None
+            with contextlib.suppress(OSError):
+                await port.close()
+
+    async def _receive_responses(self, scope: trio.CancelScope) -> None:
+        ring, port = self._ring, self._port
+        assert ring is not None
+        while True:
+            try:
+                responses = ring.take_responses()
+            except RingOverflow:
+                self.bad_responses += 1
+                log.error("backend overflowed the ring; reconnecting")
+                scope.cancel()
+                return
+            if not responses:
+                if not ring.final_check_for_responses():
+                    await port.wait()
+                continue
+            for raw in responses:
+                rid, _, status = blkif.decode_response(raw)
+                pending = self.pending.get(rid)
+                if pending is None:
+                    self.bad_responses += 1  # an id we never sent, or answered twice
+                    continue
+                del self.pending[rid]
+                pending.status = status
+                pending.done.set()
+            async with self._page_freed:
+                self._page_freed.notify_all()
+
+    # ---- requests --------------------------------------------------------------------
+    async def _put(self, pending: _Pending) -> None:
+        while True:
+            ring = self._ring
+            if ring is not None and ring.free_requests():
+                break
+            if ring is None:
+                await self._connected.wait()
+                continue
+            async with self._page_freed:
+                await self._page_freed.wait()
+        ring.put_requests([self._encode(pending)])
+        ring.push_requests(self._port.notify_fd)
+
+    def _encode(self, p: _Pending) -> bytes:
+        if p.operation == Op.DISCARD:
+            return blkif.encode_request(blkif.Request(Op.DISCARD, 0, self.devid & 0xFFFF, p.id,
+                                                      p.sector, nr_sectors=p.nr_sectors))
+        segs = tuple(blkif.Segment(self._pool_grefs[page], 0,
+                                   (p.sectors_in_last if i == len(p.pages) - 1 else 8) - 1)
+                     for i, page in enumerate(p.pages))
+        return blkif.encode_request(blkif.Request(p.operation, len(segs), self.devid & 0xFFFF,
+                                                  p.id, p.sector, segs))
+
+    async def _pages(self, count: int) -> list[int]:
+        async with self._page_freed:
+            while len(self._free_pages) < count:
+                await self._page_freed.wait()
+            taken, self._free_pages = self._free_pages[:count], self._free_pages[count:]
+        return taken
+
+    async def _submit(self, operation: int, sector: int, pages: list[int], sectors_in_last: int = 8,
+                      nr_sectors: int = 0) -> None:
+        pending = _Pending(next(self._ids), operation, sector, pages, sectors_in_last, nr_sectors)
+        self.pending[pending.id] = pending
+        self.requests += 1
+        await self._put(pending)
+        await pending.done.wait()
+        if pending.status != Status.OKAY:
+            self.errors += 1
+            raise BlockIOError(5, f"{Op(operation).name} at sector {sector}: backend status {pending.status}")
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset % 512 or length % 512 or offset < 0 or offset + length > self.size:
+            raise ValueError(f"I/O at {offset}+{length} not sector-aligned or past {self.size}")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        chunks = []
+        for start in range(offset, offset + length, SEGMENTS * PAGE):
+            size = min(SEGMENTS * PAGE, offset + length - start)
+            pages = await self._pages(-(-size // PAGE))
+            try:
+                last = (size - (len(pages) - 1) * PAGE) // 512
+                await self._submit(Op.READ, start // 512, pages, last)
+                view = self._pool.buffer
+                chunks.append(b"".join(bytes(view[p * PAGE:(p + 1) * PAGE]) for p in pages)[:size])
+            finally:
+                await self._release(pages)
+        self.bytes_read += length
+        return b"".join(chunks)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self.read_only:
+            raise BlockIOError(30, "read-only disk")
+        self._check(offset, len(data))
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(data), SEGMENTS * PAGE):
+                nursery.start_soon(self._write_chunk, offset + start, data[start:start + SEGMENTS * PAGE])
+        self.bytes_written += len(data)
+
+    async def _write_chunk(self, offset: int, chunk: bytes) -> None:
+        pages = await self._pages(-(-len(chunk) // PAGE))
+        try:
+            view = self._pool.buffer
+            for i, page in enumerate(pages):
+                piece = chunk[i * PAGE:(i + 1) * PAGE]
+                view[page * PAGE:page * PAGE + len(piece)] = piece
+            last = (len(chunk) - (len(pages) - 1) * PAGE) // 512
+            await self._submit(Op.WRITE, offset // 512, pages, last)
+        finally:
+            await self._release(pages)
+
+    async def flush(self) -> None:
+        await self._submit(Op.FLUSH_DISKCACHE, 0, [])
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        await self._submit(Op.DISCARD, offset // 512, [], nr_sectors=length // 512)
+
+    async def _release(self, pages: list[int]) -> None:
+        async with self._page_freed:
+            self._free_pages.extend(pages)
+            self._page_freed.notify_all()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()

@@ -1,0 +1,43 @@
+"""Device set-up in XenStore, as Xen's toolstack (libxl) lays it out."""
+from __future__ import annotations
+
+from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.paths import DevicePaths
+from ringfence.xenbus.state import XenbusState
+
+
+async def add_vbd(xs: XenStore, *, backend: int, frontend: int, devid: int, target: str,
+                  mode: str = "w", vdev: str = "xvda") -> DevicePaths:
+    """Write the backend and frontend directories of a virtual block device.
+
+    The backend directory belongs to the driver domain and is readable by the guest; the
+    frontend directory belongs to the guest and is readable by the driver domain.
+    """
+    paths = DevicePaths("vbd", frontend, backend, devid)
+    be, fe = paths.backend, paths.frontend
+    async for tx in xs.transaction():
+        async with tx:
+            for key, value in (("frontend", fe), ("frontend-id", frontend), ("params", target),
+                               ("mode", mode), ("online", 1), ("type", "raw"), ("dev", vdev),
+                               ("state", int(XenbusState.Initialising))):
+                await tx.write(f"{be}/{key}", str(value))
+            for key, value in (("backend", be), ("backend-id", backend), ("virtual-device", devid),
+                               ("device-type", "disk"), ("state", int(XenbusState.Initialising))):
+                await tx.write(f"{fe}/{key}", str(value))
+    # Each domain owns its own directory; each half of the device is readable by the other.
+    for domid in (backend, frontend):
+        await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
+    for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/vbd",
+                   f"/local/domain/{backend}/backend/vbd/{frontend}"):
+        await xs.set_perms(parent, [f"n{backend}"])
+    for parent in (f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/vbd"):
+        await xs.set_perms(parent, [f"n{frontend}"])
+    await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"])
+    await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"])
+    return paths
+
+
+async def _chmod_tree(xs: XenStore, path: str, perms: list[str]) -> None:
+    await xs.set_perms(path, perms)
+    for child in await xs.directory(path):
+        await _chmod_tree(xs, f"{path}/{child}", perms)
