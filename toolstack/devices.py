@@ -1,6 +1,7 @@
 """Device set-up in XenStore, as Xen's toolstack (libxl) lays it out."""
 from __future__ import annotations
 
+from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.paths import DevicePaths
 from ringfence.xenbus.state import XenbusState
@@ -21,9 +22,11 @@ async def add_vbd(xs: XenStore, *, backend: int, frontend: int, devid: int, targ
                                ("mode", mode), ("online", 1), ("type", "raw"), ("dev", vdev),
                                ("state", int(XenbusState.Initialising))):
                 await tx.write(f"{be}/{key}", str(value))
+            fresh = not await tx.exists(f"{fe}/state")
             for key, value in (("backend", be), ("backend-id", backend), ("virtual-device", devid),
                                ("device-type", "disk"), ("state", int(XenbusState.Initialising))):
-                await tx.write(f"{fe}/{key}", str(value))
+                if key != "state" or fresh:  # a live frontend keeps its own state
+                    await tx.write(f"{fe}/{key}", str(value))
     # Each domain owns its own directory; each half of the device is readable by the other.
     for domid in (backend, frontend):
         await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
@@ -41,3 +44,17 @@ async def _chmod_tree(xs: XenStore, path: str, perms: list[str]) -> None:
     await xs.set_perms(path, perms)
     for child in await xs.directory(path):
         await _chmod_tree(xs, f"{path}/{child}", perms)
+
+
+async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,
+                   devid: int, target: str, mode: str = "w") -> DevicePaths:
+    """Hand a vbd to a relaunched driver domain: the new backend directory first, then the
+    frontend's pointers, then the old directory goes (which is what the frontend watches)."""
+    old = DevicePaths("vbd", frontend, old_backend, devid)
+    paths = await add_vbd(xs, backend=new_backend, frontend=frontend, devid=devid,
+                          target=target, mode=mode)
+    try:
+        await xs.rm(old.backend)
+    except XenStoreError:  # already gone with its domain
+        pass
+    return paths

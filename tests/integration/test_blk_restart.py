@@ -1,0 +1,146 @@
+"""The storage driver domain is killed with -9 in the middle of a write workload and a new
+one is started: the guest sees a pause, no error, and every acknowledged write is on disk."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import trio
+
+from ringfence.toolstack.devices import add_vbd, move_vbd
+from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+from ringfence.xenbus.client import open_xenstore
+
+BLOCK = 65536
+BLOCKS = 48
+
+GUEST = textwrap.dedent(f"""
+    import hashlib, json, sys, trio
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    from ringfence.frontends.blkfront.device import BlkFront
+    from dataclasses import asdict
+
+    def block(i):
+        seed = hashlib.sha256(str(i).encode()).digest()
+        return (seed * ({BLOCK} // 32))
+
+    async def main():
+        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+            front = BlkFront(dom, xs, 51712)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(front.run)
+                acked = 0
+                stop = trio.Event()
+
+                async def stopper():
+                    await trio.to_thread.run_sync(sys.stdin.readline)
+                    stop.set()
+                nursery.start_soon(stopper)
+
+                async def writer(lane):
+                    nonlocal acked
+                    i = lane
+                    while not stop.is_set():
+                        await front.write((i % {BLOCKS}) * {BLOCK}, block(i))
+                        acked = max(acked, i)
+                        print(json.dumps({{"acked": i}}), flush=True)
+                        i += 8
+                async with trio.open_nursery() as writers:
+                    for lane in range(8):
+                        writers.start_soon(writer, lane)
+                await front.flush()
+                print(json.dumps({{"done": True, "stats": asdict(front.statistics())}}), flush=True)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+""")
+
+
+def block(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (BLOCK // 32)
+
+
+async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(BLOCK * BLOCKS))
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
+             "--hypervisor", hv_path], stderr=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(20):
+                while not os.path.exists(xs_path):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            argv = [sys.executable, "-m", "ringfence", "blkback"]
+            stor_domid, stor = await spawn_domain(dom0, "stor", argv, stderr=subprocess.DEVNULL)
+            guest_domid, fd = await dom0.create_domain("guest")
+            async with open_xenstore(xs_path) as xs:
+                await add_vbd(xs, backend=stor_domid, frontend=guest_domid, devid=51712,
+                              target=str(disk))
+                env = dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd))
+                guest = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", GUEST], pass_fds=(fd,), env=env,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                os.close(fd)
+                lines = _Lines(guest.stdout)
+                acked: set[int] = set()
+
+                async def progress(count: int) -> None:
+                    for _ in range(count):
+                        acked.add(json.loads(await lines.next())["acked"])
+
+                with trio.fail_after(60):
+                    await progress(100)
+                for round_ in range(3):
+                    stor.kill()  # kill -9 of the driver domain, requests in flight
+                    await stor.wait()
+                    new_domid, stor = await spawn_domain(dom0, f"stor{round_}", argv,
+                                                         stderr=subprocess.DEVNULL)
+                    await move_vbd(xs, old_backend=stor_domid, new_backend=new_domid,
+                                   frontend=guest_domid, devid=51712, target=str(disk))
+                    stor_domid = new_domid
+                    with trio.fail_after(60):
+                        await progress(60)  # the guest carries on
+                await guest.stdin.send_all(b"stop\n")
+                with trio.fail_after(60):
+                    while True:
+                        record = json.loads(await lines.next())
+                        if record.get("done"):
+                            break
+                        acked.add(record["acked"])
+                assert await guest.wait() == 0
+            stats = record["stats"]
+            assert stats["errors"] == 0 and stats["connections"] == 4
+            data = disk.read_bytes()
+            # every block holds its last acknowledged write, or a later one that was issued
+            top = max(acked) + 8 * BLOCKS
+            for b in range(BLOCKS):
+                content = data[b * BLOCK:(b + 1) * BLOCK]
+                last_acked = max(i for i in acked if i % BLOCKS == b)
+                matches = [i for i in range(b, top, BLOCKS) if block(i) == content]
+                assert matches and matches[0] >= last_acked, f"block {b}: stale or corrupt"
+            stor.kill()
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
+
+
+class _Lines:
+    def __init__(self, stream):
+        self.stream, self.buffer = stream, b""
+
+    async def next(self) -> str:
+        while b"\n" not in self.buffer:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise EOFError("guest exited")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
