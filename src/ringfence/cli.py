@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.hypervisor.daemon",
     "ringfence.xenbus.cli",
     "ringfence.backends.blkback.cli",
+    "ringfence.frontends.blkfront.cli",
     "ringfence.toolstack.demo",
     "ringfence.bench.cli",
 )
