@@ -62,6 +62,8 @@ class BlkbackDevice:
         self.persistent: OrderedDict[int, Any] = OrderedDict()
         self.connections = self.requests = self.errors = self.abuse = 0
         self.hits = self.maps = 0
+        self.use_persistent = True
+        self._transient: list[Any] = []
 
     def statistics(self) -> DeviceStatistics:
         return DeviceStatistics(
@@ -218,6 +220,7 @@ class BlkbackDevice:
         self.requests += len(raws)
         results: list[tuple[int, int, int]] = []   # id, operation, status
         io: list[tuple[Plan, IoRequest]] = []
+        self._transient: list[Any] = []
         for raw in raws:
             planned = self.validator.plan(raw)
             if isinstance(planned, Plan) and planned.indirect_grefs:
@@ -235,6 +238,10 @@ class BlkbackDevice:
                 continue
             io.append((planned, request))
         await self.vbd.submit([request for _, request in io])
+        for mapping in self._transient:  # without persistent grants: a map per request
+            with contextlib.suppress(OSError):
+                await self.domain.grant_table.unmap(mapping)
+        self._transient = []
         for plan, request in io:
             if request.error:
                 self.errors += 1
@@ -272,6 +279,9 @@ class BlkbackDevice:
         mapping = await self.domain.grant_table.map(self.frontend_id, [gref], readonly=False
                                                     if self.use_persistent else readonly)
         self.maps += 1
+        if not self.use_persistent:
+            self._transient.append(mapping)
+            return mapping
         if cached is not None:
             await self.domain.grant_table.unmap(self.persistent.pop(gref))
         self.persistent[gref] = mapping

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import trio
 
@@ -41,7 +42,8 @@ async def _serve(args: argparse.Namespace) -> None:
     from ringfence.hypervisor.sim.client import open_domain
     from ringfence.xenbus.sim import open_domain_xenstore
     async with open_domain() as domain, open_domain_xenstore(domain) as xs:
-        front = BlkFront(domain, xs, args.devid)
+        persistent = os.environ.get("RINGFENCE_BLKFRONT_PERSISTENT", "1") != "0"
+        front = BlkFront(domain, xs, args.devid, persistent=persistent)
         async with trio.open_nursery() as nursery:
             await nursery.start(front.run)
             server = NbdServer(front)

@@ -62,8 +62,9 @@ class _Pending:
 
 
 class BlkFront:
-    def __init__(self, domain: Any, xs: XenStore, devid: int) -> None:
+    def __init__(self, domain: Any, xs: XenStore, devid: int, *, persistent: bool = True) -> None:
         self.domain, self.xs, self.devid = domain, xs, devid
+        self.persistent = persistent
         self.path = f"/local/domain/{domain.domid}/device/vbd/{devid}"
         self.backend_id = -1
         self.backend_path = ""
@@ -150,7 +151,7 @@ class BlkFront:
                 await tx.write(f"{self.path}/ring-ref", str(self._ring_grefs[0]))
                 await tx.write(f"{self.path}/event-channel", str(self._port.port))
                 await tx.write(f"{self.path}/protocol", "x86_64-abi")
-                await tx.write(f"{self.path}/feature-persistent", "1")
+                await tx.write(f"{self.path}/feature-persistent", "1" if self.persistent else "0")
                 await tx.write(f"{self.path}/state", str(int(XenbusState.Initialised)))
         self.state = XenbusState.Initialised
         await self._wait_for_backend((XenbusState.Connected,))

@@ -118,8 +118,12 @@ class NbdServer:
         except FileNotFoundError:
             pass
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(16)
+        # Bind under a temporary name and rename once listening, so that the socket's
+        # appearance means clients can connect.
+        staging = f"{path}.{os.getpid()}.tmp"
+        await sock.bind(staging)
+        sock.listen(64)
+        os.rename(staging, path)
         await trio.serve_listeners(self.serve_stream, [trio.SocketListener(sock)],
                                    task_status=task_status)
 
@@ -215,22 +219,32 @@ class NbdServer:
     async def _transmission(self, stream: trio.abc.Stream, reader: _Reader) -> None:
         send_lock = trio.Lock()
         slots = trio.Semaphore(MAX_IN_FLIGHT)
+        violation = None
         async with trio.open_nursery() as nursery:
+            # Errors end the loop, not the nursery, so that requests in flight finish and
+            # nothing escapes as an exception group.
             while True:
-                magic, flags, kind, handle, offset, length = REQUEST.unpack(
-                    await reader.exactly(REQUEST.size))
-                if magic != REQUEST_MAGIC:
-                    raise ProtocolError("bad request magic")
-                if kind == CMD_DISC:
-                    return  # the nursery lets requests in flight finish first
-                data = b""
-                if kind == CMD_WRITE:
-                    if length > MAX_REQUEST:
-                        raise ProtocolError(f"write of {length} bytes")  # cannot skip the data
-                    data = await reader.exactly(length)
+                try:
+                    magic, flags, kind, handle, offset, length = REQUEST.unpack(
+                        await reader.exactly(REQUEST.size))
+                    if magic != REQUEST_MAGIC:
+                        violation = "bad request magic"
+                        break
+                    if kind == CMD_DISC:
+                        break
+                    data = b""
+                    if kind == CMD_WRITE:
+                        if length > MAX_REQUEST:
+                            violation = f"write of {length} bytes"  # its data cannot be skipped
+                            break
+                        data = await reader.exactly(length)
+                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                    break
                 await slots.acquire()
                 nursery.start_soon(self._command, stream, send_lock, slots, kind, flags, handle,
                                    offset, length, data)
+        if violation:
+            raise ProtocolError(violation)
 
     async def _command(self, stream: trio.abc.Stream, lock: trio.Lock, slots: trio.Semaphore,
                        kind: int, flags: int, handle: int, offset: int, length: int, data: bytes) -> None:
@@ -240,6 +254,8 @@ class NbdServer:
                 self.counters["errors"] += 1
             async with lock:
                 await stream.send_all(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass  # the client went away; its other requests end the same way
         finally:
             slots.release()
 
