@@ -162,10 +162,13 @@ class BlkbackDevice:
         self.connections += 1
         await self._set_state(XenbusState.Connected)
         log.info("device connected", extra={"kv": {"ring_pages": len(refs), "persistent": self.use_persistent}})
+        self._abuse_reason = ""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve, port)
+                nursery.start_soon(self._serve, port, nursery.cancel_scope)
                 nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
+            if self._abuse_reason:
+                raise _Disconnect(self._abuse_reason, 1)
         finally:
             ring, self.ring = self.ring, None
             del ring
@@ -198,14 +201,17 @@ class BlkbackDevice:
             return default
 
     # ---- datapath --------------------------------------------------------------------
-    async def _serve(self, port: Any) -> None:
+    async def _serve(self, port: Any, scope: trio.CancelScope) -> None:
         ring = self.ring
         assert ring is not None and self.validator is not None
         while True:
             try:
                 raws = ring.take_requests()
             except RingOverflow:
-                raise _Disconnect("ring overflow: frontend published more than the ring holds", 1) from None
+                # Reported outside the nursery, as a plain exception.
+                self._abuse_reason = "ring overflow: frontend published more than the ring holds"
+                scope.cancel()
+                return
             if not raws:
                 if ring.final_check_for_requests():
                     continue
@@ -320,8 +326,8 @@ async def _run_device(device: BlkbackDevice, devices: dict[tuple[int, int], Blkb
                       key: tuple[int, int]) -> None:
     try:
         await device.run()
-    except (OSError, XenStoreError) as exc:
-        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1], "error": exc}})
+    except Exception as exc:  # one device's failure must never take the others down
+        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1], "error": repr(exc)}})
     finally:
         devices.pop(key, None)
 

@@ -1,0 +1,149 @@
+"""A deliberately hostile frontend against blkback: every bad request gets an error
+response (and a counter), a ring overflow costs that frontend its connection, and the
+driver domain keeps serving a well-behaved guest throughout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import trio
+
+from ringfence.toolstack.devices import add_vbd
+from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+from ringfence.xenbus.client import open_xenstore
+
+HOSTILE = textwrap.dedent("""
+    import json, trio
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    from ringfence.hypervisor.io import blkif
+    from ringfence.hypervisor.io.blkif import Op, Request, Segment
+    from ringfence.hypervisor.io.ring import FrontRing
+
+    async def main():
+        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+            me = f"/local/domain/{dom.domid}/device/vbd/51712"
+            backend = (await xs.read(me + "/backend")).decode()
+            be_id = int(await xs.read(me + "/backend-id"))
+            async with xs.watch(backend + "/state") as ev:
+                async for _ in ev:
+                    if await xs.read(backend + "/state") == b"2":
+                        break
+            sectors = int(await xs.read(backend + "/sectors"))
+            ring_pages = await dom.memory.alloc_pages(1)
+            data = await dom.memory.alloc_pages(1)
+            ring = FrontRing(ring_pages.buffer, 112, 16)
+            gref = dom.grant_table.grant_access(be_id, ring_pages.frames[0])
+            good = dom.grant_table.grant_access(be_id, data.frames[0])
+            port = await dom.events.alloc_unbound(be_id)
+            await xs.write(me + "/ring-ref", str(gref))
+            await xs.write(me + "/event-channel", str(port.port))
+            await xs.write(me + "/state", "3")
+            async with xs.watch(backend + "/state") as ev:
+                async for _ in ev:
+                    if await xs.read(backend + "/state") == b"4":
+                        break
+            cases = {
+                1: Request(Op.READ, 0, 0, 1, 0, ()),                              # no segment
+                2: Request(Op.READ, 12, 0, 2, 0, ()),                             # too many
+                3: Request(Op.READ, 1, 0, 3, 0, (Segment(good, 6, 2),)),          # first > last
+                4: Request(Op.READ, 1, 0, 4, 0, (Segment(good, 0, 9),)),          # past the page
+                5: Request(Op.READ, 1, 0, 5, sectors, (Segment(good, 0, 7),)),    # past the disk
+                6: Request(0x55, 1, 0, 6, 0, (Segment(good, 0, 7),)),             # unknown op
+                7: Request(Op.READ, 1, 0, 7, 0, (Segment(9999, 0, 7),)),          # never granted
+                8: Request(Op.INDIRECT, 5000, 0, 8, 0, indirect_op=Op.READ),      # too many indirect
+                9: Request(Op.READ, 1, 0, 9, 8, (Segment(good, 0, 7),)),          # a good one
+            }
+            ring.put_requests([blkif.encode_request(r) for r in cases.values()])
+            ring.push_requests(port.notify_fd)
+            answers = {}
+            while len(answers) < len(cases):
+                for raw in ring.take_responses():
+                    rid, op, status = blkif.decode_response(raw)
+                    answers[rid] = status
+                if len(answers) < len(cases) and not ring.final_check_for_responses():
+                    await port.wait()
+            print(json.dumps({"answers": answers}), flush=True)
+            # now overflow the ring: claim 1000 requests in a 32-slot ring
+            ring.sring.req_prod = ring.sring.req_prod + 1000
+            port.notify()
+            async with xs.watch(backend + "/state") as ev:
+                async for _ in ev:
+                    if await xs.read(backend + "/state") == b"6":
+                        print(json.dumps({"disconnected": True}), flush=True)
+                        return
+
+    trio.run(main)
+""")
+
+GOOD = textwrap.dedent("""
+    import json, trio
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    from ringfence.frontends.blkfront.device import BlkFront
+
+    async def main():
+        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+            front = BlkFront(dom, xs, 51712)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(front.run)
+                for i in range(200):
+                    await front.write(i * 4096, bytes([i % 256]) * 4096)
+                    assert await front.read(i * 4096, 4096) == bytes([i % 256]) * 4096
+                    await trio.sleep(0.005)
+                print(json.dumps({"ok": True}), flush=True)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+""")
+
+
+async def test_hostile_frontend_gets_errors_and_a_disconnect_others_unaffected(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 << 20))
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(4 << 20))
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv_path],
+            stderr=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(20):
+                while not os.path.exists(xs_path):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            stor_domid, stor = await spawn_domain(
+                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL)
+            evil_domid, evil_fd = await dom0.create_domain("evil")
+            good_domid, good_fd = await dom0.create_domain("good")
+            async with open_xenstore(xs_path) as xs:
+                await add_vbd(xs, backend=stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
+                await add_vbd(xs, backend=stor_domid, frontend=good_domid, devid=51712, target=str(other))
+            procs = {}
+            for name, code, fd in (("evil", HOSTILE, evil_fd), ("good", GOOD, good_fd)):
+                env = dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd))
+                with open(tmp_path / f"{name}.out", "wb") as out:
+                    procs[name] = await trio.lowlevel.open_process(
+                        [sys.executable, "-c", code], pass_fds=(fd,), env=env, stdout=out)
+                os.close(fd)
+            with trio.fail_after(60):
+                for proc in procs.values():
+                    await proc.wait()
+            results = {name: [json.loads(line) for line in (tmp_path / f"{name}.out").read_text().splitlines()]
+                       for name in procs}
+            answers = {int(k): v for k, v in results["evil"][0]["answers"].items()}
+            for rid in range(1, 9):
+                assert answers[rid] in (-1, -2), (rid, answers)
+            assert answers[6] == -2  # unknown operation: EOPNOTSUPP
+            assert answers[9] == 0
+            assert results["evil"][1] == {"disconnected": True}
+            assert results["good"] == [{"ok": True}]
+            assert stor.poll() is None  # the driver domain is still running
+            stor.kill()
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
