@@ -217,10 +217,11 @@ class NbdServer:
         await stream.send_all(OPTION_REPLY.pack(REPLY_MAGIC, option, kind, len(data)) + data)
 
     async def _transmission(self, stream: trio.abc.Stream, reader: _Reader) -> None:
-        send_lock = trio.Lock()
+        send_lock = _ReplyQueue(stream)
         slots = trio.Semaphore(MAX_IN_FLIGHT)
         violation = None
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_lock.run)
             # Errors end the loop, not the nursery, so that requests in flight finish and
             # nothing escapes as an exception group.
             while True:
@@ -243,19 +244,18 @@ class NbdServer:
                 await slots.acquire()
                 nursery.start_soon(self._command, stream, send_lock, slots, kind, flags, handle,
                                    offset, length, data)
+            await send_lock.drain(slots)
+            nursery.cancel_scope.cancel()
         if violation:
             raise ProtocolError(violation)
 
-    async def _command(self, stream: trio.abc.Stream, lock: trio.Lock, slots: trio.Semaphore,
+    async def _command(self, stream: trio.abc.Stream, replies: _ReplyQueue, slots: trio.Semaphore,
                        kind: int, flags: int, handle: int, offset: int, length: int, data: bytes) -> None:
         try:
             error, payload = await self._execute(kind, flags, offset, length, data)
             if error:
                 self.counters["errors"] += 1
-            async with lock:
-                await stream.send_all(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            pass  # the client went away; its other requests end the same way
+            replies.add(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload)
         finally:
             slots.release()
 
@@ -302,3 +302,34 @@ class NbdServer:
         except OSError as exc:
             log.warning("nbd request failed", extra={"kv": {"kind": names[kind], "error": exc}})
             return EIO, b""
+
+
+class _ReplyQueue:
+    """Replies of one connection, sent by one task in as few writes as possible."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.pending: list[bytes] = []
+        self.ready = trio.Event()
+        self.broken = False
+
+    def add(self, reply: bytes) -> None:
+        self.pending.append(reply)
+        self.ready.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.ready.wait()
+                self.ready = trio.Event()
+                await trio.lowlevel.checkpoint()  # let replies completing together join
+                batch, self.pending = self.pending, []
+                if batch:
+                    await self.stream.send_all(b"".join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            self.broken = True  # the client went away; replies are dropped
+
+    async def drain(self, slots: trio.Semaphore) -> None:
+        """Wait until every request has completed and its reply has gone out."""
+        while not self.broken and (slots.value < MAX_IN_FLIGHT or self.pending):
+            await trio.sleep(0.001)
