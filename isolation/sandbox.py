@@ -245,7 +245,22 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
         raise
     log.info("sandbox started", extra={"kv": {"sandbox": spec.name, "pid": process.pid,
                                               "rootless": rootless}})
-    return SandboxedProcess(spec, process, cgroup)
+    boxed = SandboxedProcess(spec, process, cgroup)
+    # Whoever started it, the cgroup goes when the sandbox's process does.
+    trio.lowlevel.spawn_system_task(_reap, boxed)
+    return boxed
+
+
+async def _reap(boxed: SandboxedProcess) -> None:
+    try:
+        await boxed.process.wait()
+    finally:
+        boxed.cgroup.kill_all()
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            while boxed.cgroup.pids():
+                boxed.cgroup.kill_all()
+                await trio.sleep(0.01)
+        boxed.cgroup.remove()
 
 
 def drop_privileges_from_environment() -> None:

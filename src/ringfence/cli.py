@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.xenbus.cli",
     "ringfence.backends.blkback.cli",
     "ringfence.frontends.blkfront.cli",
+    "ringfence.toolstack.up",
     "ringfence.toolstack.demo",
     "ringfence.bench.cli",
 )

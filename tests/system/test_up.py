@@ -1,0 +1,58 @@
+"""`ringfence up` as a user runs it: the embedded default comes up sandboxed, the guests'
+disks work with qemu's and libnbd's tools, killing the storage driver domain is a pause,
+and SIGTERM leaves no process or cgroup behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nbdcopy"),
+                                reason="needs root and libnbd-bin")
+
+
+def _pids(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
+    runtime = f"/run/ringfence-test-{os.getpid()}"
+    up = subprocess.Popen(["ringfence", "up", "--runtime-dir", runtime], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    try:
+        uris = {}
+        deadline = time.monotonic() + 60
+        while len(uris) < 2 and time.monotonic() < deadline:
+            line = up.stdout.readline()
+            assert line, "ringfence up exited early"
+            fields = dict(item.split("=", 1) for item in line.split())
+            uris[fields["guest"]] = fields["nbd"]
+        data = os.urandom(8 << 20)
+        source = tmp_path / "data.img"
+        source.write_bytes(data)
+        subprocess.run(["nbdcopy", str(source), uris["guest1"]], check=True, timeout=60)
+        subprocess.run(["nbdcopy", str(source), uris["guest2"]], check=True, timeout=60)
+        blkback = _pids(f"ringfence blkback")
+        assert blkback
+        for pid in blkback:
+            os.kill(pid, signal.SIGKILL)  # the storage driver domain crashes
+        for name in ("guest1", "guest2"):
+            back = tmp_path / f"{name}.img"
+            subprocess.run(["nbdcopy", uris[name], str(back)], check=True, timeout=60)
+            assert back.read_bytes()[:len(data)] == data
+        assert set(_pids("ringfence blkback")).isdisjoint(blkback)  # a new one serves
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    time.sleep(0.5)
+    assert _pids(runtime) == []
+    assert _pids("ringfence blkback") == [] and _pids("ringfence blkfront") == []
+    leftover = [name for name in ("stor", "guest1", "guest2")
+                if os.path.exists(f"/sys/fs/cgroup/pids/ringfence/{name}")]
+    assert leftover == []
+    shutil.rmtree(runtime, ignore_errors=True)

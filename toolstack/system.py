@@ -1,0 +1,201 @@
+"""A running system: hypervisor, xenstored, supervised driver domains and guests.
+
+:func:`open_system` brings up everything a configuration names and tears it all down in
+order on exit. Storage driver domains are supervised: when one dies it is relaunched as a
+new domain, its vbds are handed to it in XenStore (:func:`move_vbd`), and the guests'
+blkfronts reconnect and replay — the guests only see a pause.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
+from ringfence.isolation.sandbox import SandboxSpec, sandbox_uid, spawn_sandboxed
+from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
+from ringfence.toolstack.config import Config, DiskSpec
+from ringfence.toolstack.devices import add_vbd, move_vbd
+from ringfence.toolstack.hypervisor import open_hypervisor
+from ringfence.xenbus.client import open_xenstore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Guest:
+    name: str
+    domid: int
+    disks: list[DiskSpec]
+    nbd_sockets: dict[str, str] = field(default_factory=dict)
+    process: Any = None
+
+
+@dataclass
+class System:
+    config: Config
+    runtime_dir: str
+    dom0: Dom0
+    xenstore_path: str
+    supervisor: Supervisor
+    drivers: dict[str, Service] = field(default_factory=dict)
+    driver_domids: dict[str, int] = field(default_factory=dict)
+    guests: dict[str, Guest] = field(default_factory=dict)
+    recoveries: list[tuple[str, float]] = field(default_factory=list)
+
+    async def statistics(self) -> dict[str, Any]:
+        return {"hypervisor": await self.dom0.statistics(),
+                "services": [vars(s) for s in self._service_stats()],
+                "guests": {g.name: {"domid": g.domid, "nbd": g.nbd_sockets} for g in self.guests.values()}}
+
+    def _service_stats(self) -> list[Any]:
+        return [s.statistics() for s in self.drivers.values()]
+
+
+def _sandbox(name: str, sandboxed: bool, **limits: Any) -> SandboxSpec | None:
+    if not sandboxed or os.geteuid() != 0:
+        return None
+    # Domains need the runtime directory (NBD sockets) visible: /run is shared, /tmp is not.
+    return SandboxSpec(name, **limits)
+
+
+@contextlib.asynccontextmanager
+async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = True,
+                      quiet: bool = True) -> AsyncIterator[System]:
+    os.makedirs(runtime_dir, exist_ok=True)
+    async with open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
+        xs_path = os.path.join(runtime_dir, "xenstored.sock")
+        state_dir = os.path.join(runtime_dir, "xenstore-state")
+        os.makedirs(state_dir, exist_ok=True)
+        xenstored = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
+             "--state-dir", state_dir, "--hypervisor", hv_path],
+            stderr=subprocess.DEVNULL if quiet else None)
+        try:
+            with trio.fail_after(30):
+                while not os.path.exists(xs_path):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            async with trio.open_nursery() as nursery:
+                supervisor = await nursery.start(Supervisor().run)
+                system = System(config, runtime_dir, dom0, xs_path, supervisor)
+                guests = [d for d in config.domains if d.kind == "guest"]
+                # Guests exist first (their domids go into the vbds), start last.
+                for spec in guests:
+                    domid, fd = await dom0.create_domain(spec.name)
+                    guest = Guest(spec.name, domid, spec.disks)
+                    guest._fd = fd  # type: ignore[attr-defined]
+                    system.guests[spec.name] = guest
+                for spec in config.domains:
+                    if spec.kind == "driver":
+                        await _start_driver(system, spec.name, sandboxed, quiet)
+                for guest in system.guests.values():
+                    await _start_guest(system, guest, sandboxed, quiet)
+                try:
+                    yield system
+                finally:
+                    for guest in system.guests.values():
+                        if guest.process is not None:
+                            guest.process.kill()
+                    await supervisor.stop_all()
+                    with trio.move_on_after(10):
+                        for service in system.drivers.values():
+                            while service.state.value not in ("stopped", "failed"):
+                                await trio.sleep(0.02)
+                    nursery.cancel_scope.cancel()
+        finally:
+            xenstored.terminate()
+            with trio.move_on_after(5):
+                await xenstored.wait()
+
+
+async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool) -> None:
+    started_once = False
+
+    async def prepare() -> Launch:
+        nonlocal started_once
+        domid, fd = await system.dom0.create_domain(name)
+        old = system.driver_domids.get(name)
+        if sandboxed and os.geteuid() == 0:
+            # The driver domain runs as its own unprivileged user: give it its disks.
+            for guest in system.guests.values():
+                for disk in guest.disks:
+                    if disk.backend == name:
+                        os.chown(disk.target, sandbox_uid(name), -1)
+        system.driver_domids[name] = domid
+        async with open_xenstore(system.xenstore_path) as xs:
+            for guest in system.guests.values():
+                for disk in guest.disks:
+                    if disk.backend != name:
+                        continue
+                    if started_once and old is not None:
+                        await move_vbd(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
+                                       devid=disk.devid, target=disk.target, mode=disk.mode)
+                    else:
+                        await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
+                                      target=disk.target, mode=disk.mode, vdev=disk.vdev)
+        started_once = True
+
+        async def teardown() -> None:
+            with contextlib.suppress(OSError):
+                await system.dom0.destroy_domain(domid)
+            os.close(fd)
+
+        env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd)})
+        kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
+        return Launch([sys.executable, "-m", "ringfence", "blkback"], pass_fds=(fd,), env=env,
+                      teardown=teardown, kwargs=kwargs)
+
+    sandbox = _sandbox(name, sandboxed) or SandboxSpec(name, namespaces=frozenset())
+    service = Service(name, prepare, sandbox, RestartPolicy(initial_delay=0.01, watchdog=None),
+                      runtime_dir=os.path.join(system.runtime_dir, "notify"))
+
+    def on_state(svc: Service) -> None:
+        if svc.state.value == "ready" and svc.last_recovery_ms is not None and svc.starts > 1:
+            system.recoveries.append((svc.name, svc.last_recovery_ms))
+
+    service.on_state = on_state
+    system.drivers[name] = await system.supervisor.add(service)
+    with trio.fail_after(30):
+        await service.wait_ready()
+
+
+async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: bool) -> None:
+    fd = guest._fd  # type: ignore[attr-defined]
+    disk = guest.disks[0]
+    # The guest's own directory: a sandboxed guest runs as its own user and must create
+    # its NBD socket there.
+    home = os.path.join(system.runtime_dir, "guests", guest.name)
+    os.makedirs(home, mode=0o755, exist_ok=True)
+    if sandboxed and os.geteuid() == 0:
+        os.chown(home, sandbox_uid(guest.name), -1)
+    sock = os.path.join(home, f"{disk.vdev}.sock")
+    guest.nbd_sockets[disk.vdev] = sock
+    env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd)})
+    argv = [sys.executable, "-m", "ringfence", "blkfront", "--devid", str(disk.devid), "--nbd", sock]
+    kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
+    spec = _sandbox(guest.name, sandboxed)
+    if spec is not None:
+        guest.process = (await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env, **kwargs)).process
+    else:
+        guest.process = await trio.lowlevel.open_process(argv, pass_fds=(fd,), env=env, **kwargs)
+    os.close(fd)
+    with trio.fail_after(30):
+        while not os.path.exists(sock):
+            await trio.sleep(0.02)
+
+
+async def kill_driver(system: System, name: str) -> float:
+    """Fault injection: kill -9 a driver domain; returns the time of the kill."""
+    service = system.drivers[name]
+    killed_at = time.monotonic()
+    service.kill()
+    return killed_at
