@@ -116,6 +116,14 @@ class Cgroup:
             return int((path / (v2_name if self.v2 else v1_name)).read_text().split()[0])
         return 0
 
+    def live_processes(self) -> int:
+        """Processes still running in the cgroup (zombies awaiting a reaper are not)."""
+        count = 0
+        for path in self.dirs.values():
+            with contextlib.suppress(OSError):
+                count = max(count, len((path / "cgroup.procs").read_text().split()))
+        return count
+
     def memory_bytes(self) -> int:
         return self._read("memory", "memory.usage_in_bytes", "memory.current")
 
@@ -156,9 +164,9 @@ class SandboxedProcess:
         self.kill()
         await self.process.wait()
         with trio.move_on_after(2):
-            while self.cgroup.pids():
+            while self.cgroup.live_processes():
                 self.cgroup.kill_all()
-                await trio.sleep(0.01)
+                await trio.sleep(0.005)
         self.cgroup.remove()
 
     def statistics(self) -> SandboxStatistics:
@@ -257,7 +265,7 @@ async def _reap(boxed: SandboxedProcess) -> None:
     finally:
         boxed.cgroup.kill_all()
         with trio.CancelScope(shield=True), trio.move_on_after(2):
-            while boxed.cgroup.pids():
+            while boxed.cgroup.live_processes():
                 boxed.cgroup.kill_all()
                 await trio.sleep(0.01)
         boxed.cgroup.remove()
