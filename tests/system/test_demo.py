@@ -14,7 +14,7 @@ def test_demo_carries_requests_between_two_domains():
     assert "ring (back)" in text and "overflows=0" in text
     assert "ring-front" in text and "ring-back" in text
     # part 2: the storage driver domain is killed under fio's verified writes
-    assert text.count("storage driver domain relaunched") == 2
+    assert text.count("storage driver domain relaunched and ready in") == 2
     assert "guest1: fio finished, verify passed" in text
     assert "guest2: fio finished, verify passed" in text
     assert "result: every guest verified its data" in text
