@@ -3,7 +3,7 @@
 #   make test   install everything, then run the test suite
 PYTHON ?= python3
 APT_PACKAGES = build-essential libxen-dev xenstore-utils xen-utils-4.17 qemu-utils \
-               libnbd-bin iperf3 fio iproute2 procps
+               libnbd-bin iperf3 fio iproute2 procps iputils-ping util-linux
 
 .PHONY: deps install demo test bench clean
 

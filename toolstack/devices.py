@@ -58,3 +58,29 @@ async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend
     except XenStoreError:  # already gone with its domain
         pass
     return paths
+
+
+async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac: str,
+                  bridge: str = "xenbr0") -> DevicePaths:
+    """Write the backend and frontend directories of a virtual network interface."""
+    paths = DevicePaths("vif", frontend, backend, devid)
+    be, fe = paths.backend, paths.frontend
+    async for tx in xs.transaction():
+        async with tx:
+            for key, value in (("frontend", fe), ("frontend-id", frontend), ("mac", mac),
+                               ("bridge", bridge), ("online", 1), ("handle", devid),
+                               ("state", int(XenbusState.Initialising))):
+                await tx.write(f"{be}/{key}", str(value))
+            for key, value in (("backend", be), ("backend-id", backend), ("mac", mac),
+                               ("handle", devid), ("state", int(XenbusState.Initialising))):
+                await tx.write(f"{fe}/{key}", str(value))
+    for domid in (backend, frontend):
+        await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
+    for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/vif",
+                   f"/local/domain/{backend}/backend/vif/{frontend}"):
+        await xs.set_perms(parent, [f"n{backend}"])
+    for parent in (f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/vif"):
+        await xs.set_perms(parent, [f"n{frontend}"])
+    await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"])
+    await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"])
+    return paths

@@ -24,6 +24,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.xenbus.cli",
     "ringfence.backends.blkback.cli",
     "ringfence.frontends.blkfront.cli",
+    "ringfence.backends.netback.cli",
+    "ringfence.frontends.netfront.cli",
     "ringfence.toolstack.up",
     "ringfence.toolstack.demo",
     "ringfence.bench.cli",

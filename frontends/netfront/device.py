@@ -1,0 +1,155 @@
+"""netfront: the guest's ``eth0``, a TAP in its own network namespace, backed by tx and rx
+rings to netback (copy mode, one queue, one event channel).
+
+Packets read from eth0 are copied into granted tx buffers and put on the tx ring; the rx ring
+carries buffers posted to the backend, which copies received packets into them. Frontends
+distrust backends too: response ids are checked against what is outstanding.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ringfence.hypervisor.io import netif
+from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
+from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.isolation import netlink
+from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.state import XenbusState
+
+log = logging.getLogger(__name__)
+PAGE = 4096
+BUFFERS = 128  # tx and rx each; RAM frames 0..127 tx, 128..255 rx
+
+
+@dataclass(frozen=True, slots=True)
+class NetfrontStatistics:
+    devid: int
+    state: str
+    tx_packets: int
+    rx_packets: int
+    tx_dropped: int
+    bad_responses: int
+
+
+class NetFront:
+    def __init__(self, domain: Any, xs: XenStore, devid: int, *, ifname: str = "eth0",
+                 mac: str | None = None, addresses: tuple[str, ...] = (), mtu: int = 1500) -> None:
+        self.domain, self.xs, self.devid = domain, xs, devid
+        self.path = f"/local/domain/{domain.domid}/device/vif/{devid}"
+        self.ifname, self.mac, self.addresses, self.mtu = ifname, mac, addresses, mtu
+        self.state = XenbusState.Initialising
+        self.tx_packets = self.rx_packets = self.tx_dropped = self.bad_responses = 0
+
+    def statistics(self) -> NetfrontStatistics:
+        return NetfrontStatistics(self.devid, self.state.name, self.tx_packets, self.rx_packets,
+                                  self.tx_dropped, self.bad_responses)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        xs, p = self.xs, self.path
+        backend = (await xs.read(f"{p}/backend")).decode()
+        backend_id = int(await xs.read(f"{p}/backend-id"))
+        if self.mac is None:
+            self.mac = (await xs.read(f"{p}/mac")).decode()
+        await self._wait_backend(backend, (XenbusState.InitWait,))
+        gt, mem = self.domain.grant_table, self.domain.memory
+        rings = await mem.alloc_pages(2)
+        tx = FrontRing(rings.buffer[:PAGE], netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
+        rx = FrontRing(rings.buffer[PAGE:], netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
+        tx_ref = gt.grant_access(backend_id, rings.frames[0])
+        rx_ref = gt.grant_access(backend_id, rings.frames[1])
+        self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in range(BUFFERS)]
+        self.rx_grefs = [gt.grant_access(backend_id, f) for f in range(BUFFERS, 2 * BUFFERS)]
+        port = await self.domain.events.alloc_unbound(backend_id)
+        async for tx_ in xs.transaction():
+            async with tx_:
+                await tx_.write(f"{p}/tx-ring-ref", str(tx_ref))
+                await tx_.write(f"{p}/rx-ring-ref", str(rx_ref))
+                await tx_.write(f"{p}/event-channel", str(port.port))
+                await tx_.write(f"{p}/request-rx-copy", "1")
+                await tx_.write(f"{p}/feature-rx-notify", "1")
+                await tx_.write(f"{p}/state", str(int(XenbusState.Connected)))
+        self.state = XenbusState.Connected
+        await self._wait_backend(backend, (XenbusState.Connected,))
+        tap_fd, _ = netlink.open_tap(self.ifname, vnet_hdr=False)
+        await netlink.set_link(self.ifname, mac=self.mac, mtu=self.mtu, up=True)
+        await netlink.set_link("lo", up=True)
+        for cidr in self.addresses:
+            await netlink.add_address(self.ifname, cidr)
+        # post every rx buffer
+        rx.put_requests([netif.RX_REQUEST.pack(i, self.rx_grefs[i]) for i in range(min(BUFFERS, rx.size))])
+        rx.push_requests(port.notify_fd)
+        log.info("vif connected", extra={"kv": {"devid": self.devid, "mac": self.mac}})
+        task_status.started()
+        free_tx = list(range(BUFFERS))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
+            await self._from_rings(tx, rx, port, tap_fd, free_tx)
+
+    async def _wait_backend(self, backend: str, wanted: tuple[XenbusState, ...]) -> None:
+        async with self.xs.watch(f"{backend}/state") as events:
+            async for _ in events:
+                try:
+                    if XenbusState(int(await self.xs.read(f"{backend}/state"))) in wanted:
+                        return
+                except (XenStoreError, ValueError):
+                    pass
+
+    async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, free_tx: list[int]) -> None:
+        ram = self.domain.memory
+        while True:
+            try:
+                packet = os.read(tap_fd, 65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(tap_fd)
+                continue
+            if not free_tx or len(packet) > PAGE or not tx.free_requests():
+                self.tx_dropped += 1
+                continue
+            slot = free_tx.pop()
+            ram.ram_page(slot)[:len(packet)] = packet
+            tx.put_requests([netif.encode_tx_request(netif.TxRequest(self.tx_grefs[slot], 0, 0, slot, len(packet)))])
+            tx.push_requests(port.notify_fd)
+            self.tx_packets += 1
+
+    async def _from_rings(self, tx: FrontRing, rx: FrontRing, port: Any, tap_fd: int,
+                          free_tx: list[int]) -> None:
+        ram = self.domain.memory
+        while True:
+            try:
+                tx_done = tx.take_responses()
+                rx_done = rx.take_responses()
+            except RingOverflow:
+                self.bad_responses += 1
+                log.error("backend overflowed a ring")
+                return
+            for raw in tx_done:
+                rid, _ = netif.TX_RESPONSE.unpack(raw)
+                if 0 <= rid < BUFFERS and rid not in free_tx:
+                    free_tx.append(rid)
+                else:
+                    self.bad_responses += 1
+            repost = []
+            for raw in rx_done:
+                rid, offset, _, status = netif.RX_RESPONSE.unpack(raw)
+                if not 0 <= rid < BUFFERS:
+                    self.bad_responses += 1
+                    continue
+                if status > 0 and offset + status <= PAGE:
+                    packet = bytes(ram.ram_page(BUFFERS + rid)[offset:offset + status])
+                    try:
+                        os.write(tap_fd, packet)
+                        self.rx_packets += 1
+                    except OSError:
+                        pass
+                repost.append(netif.RX_REQUEST.pack(rid, self.rx_grefs[rid]))
+            if repost:
+                rx.put_requests(repost)
+                rx.push_requests(port.notify_fd)
+            if not tx_done and not rx_done:
+                if not tx.final_check_for_responses() and not rx.final_check_for_responses():
+                    await port.wait()

@@ -1,0 +1,90 @@
+"""Guest networking through a network driver domain: two sandboxed guests, each with an eth0
+in its own network namespace, on one bridge in the driver domain; real ping both ways."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
+from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.toolstack.devices import add_vif
+from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+from ringfence.xenbus.client import open_xenstore
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and TAP")
+
+
+def inner_pid(waiter: int) -> int:
+    with open(f"/proc/{waiter}/task/{waiter}/children") as f:
+        return int(f.read().split()[0])
+
+
+def in_netns(pid: int, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", *argv], capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path):
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv_path],
+            stderr=subprocess.DEVNULL)
+        boxes = []
+        try:
+            with trio.fail_after(20):
+                while not os.path.exists(xs_path):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            net_domid, net = await spawn_domain(
+                dom0, "net", [sys.executable, "-m", "ringfence", "netback"],
+                sandbox=SandboxSpec("net", uid=0), stderr=subprocess.DEVNULL)
+            pids = {}
+            for n in (1, 2):
+                domid, fd = await dom0.create_domain(f"g{n}")
+                async with open_xenstore(xs_path) as xs:
+                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0,
+                                  mac=f"02:00:00:00:00:0{n}")
+                out = open(tmp_path / f"g{n}.out", "wb")
+                box = await spawn_sandboxed(
+                    SandboxSpec(f"g{n}", uid=0),
+                    [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24",
+                     "--ip", f"fd00:77::{n}/64"],
+                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
+                    stdout=out, stderr=subprocess.DEVNULL)
+                os.close(fd)
+                boxes.append(box)
+                with trio.fail_after(30):
+                    while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
+                        assert box.process.poll() is None, f"g{n} exited"
+                        await trio.sleep(0.05)
+                pids[n] = inner_pid(box.pid)
+
+            def pings() -> None:
+                one = in_netns(pids[1], "ping", "-c", "3", "-W", "5", "10.77.0.2")
+                assert one.returncode == 0, one.stdout + one.stderr
+                two = in_netns(pids[2], "ping", "-c", "3", "-W", "5", "10.77.0.1")
+                assert two.returncode == 0, two.stdout + two.stderr
+                six = in_netns(pids[1], "ping", "-6", "-c", "3", "-W", "5", "fd00:77::2")
+                for _ in range(10):  # duplicate address detection may still be running
+                    if six.returncode == 0:
+                        break
+                    import time
+                    time.sleep(0.5)
+                    six = in_netns(pids[1], "ping", "-6", "-c", "2", "-W", "5", "fd00:77::2")
+                assert six.returncode == 0, six.stdout + six.stderr
+                # the guests' link is theirs alone: nothing of the host is visible
+                links = in_netns(pids[1], "ip", "-o", "link").stdout
+                assert "eth0" in links and "xenbr0" not in links
+
+            await trio.to_thread.run_sync(pings)
+            net.kill()
+        finally:
+            for box in boxes:
+                await box.aclose()
+            xenstored.terminate()
+            await xenstored.wait()
