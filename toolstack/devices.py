@@ -71,9 +71,11 @@ async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac:
                                ("bridge", bridge), ("online", 1), ("handle", devid),
                                ("state", int(XenbusState.Initialising))):
                 await tx.write(f"{be}/{key}", str(value))
+            fresh = not await tx.exists(f"{fe}/state")
             for key, value in (("backend", be), ("backend-id", backend), ("mac", mac),
                                ("handle", devid), ("state", int(XenbusState.Initialising))):
-                await tx.write(f"{fe}/{key}", str(value))
+                if key != "state" or fresh:
+                    await tx.write(f"{fe}/{key}", str(value))
     for domid in (backend, frontend):
         await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
     for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/vif",
@@ -83,4 +85,17 @@ async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac:
         await xs.set_perms(parent, [f"n{frontend}"])
     await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"])
     await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"])
+    return paths
+
+
+async def move_vif(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,
+                   devid: int, mac: str, bridge: str = "xenbr0") -> DevicePaths:
+    """Hand a vif to a relaunched network driver domain (see :func:`move_vbd`)."""
+    old = DevicePaths("vif", frontend, old_backend, devid)
+    paths = await add_vif(xs, backend=new_backend, frontend=frontend, devid=devid, mac=mac,
+                          bridge=bridge)
+    try:
+        await xs.rm(old.backend)
+    except XenStoreError:
+        pass
     return paths

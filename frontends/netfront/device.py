@@ -50,45 +50,82 @@ class NetFront:
                                   self.tx_dropped, self.bad_responses)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
+        interface, its addresses and its link stay; packets in flight are lost and TCP
+        retransmits them."""
+        xs, p = self.xs, self.path
+        if self.mac is None:
+            self.mac = (await xs.read(f"{p}/mac")).decode()
+        tap_fd, _ = netlink.open_tap(self.ifname, vnet_hdr=False)
+        await netlink.set_link(self.ifname, mac=self.mac, mtu=self.mtu, up=True)
+        await netlink.set_link("lo", up=True)
+        for cidr in self.addresses:
+            await netlink.add_address(self.ifname, cidr)
+        self.rings = await self.domain.memory.alloc_pages(2)
+        self.backend_id = -1
+        self.connections = 0
+        started = False
+        while True:
+            backend, tx, rx, port = await self._connect()
+            if not started:
+                task_status.started()
+                started = True
+            free_tx = list(range(BUFFERS))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
+                nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, free_tx)
+                await self._wait_backend_leaves(backend)
+                nursery.cancel_scope.cancel()
+            log.warning("backend went away; reconnecting", extra={"kv": {"devid": self.devid}})
+            self.state = XenbusState.Initialising
+            await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
+            await port.close()
+
+    async def _connect(self) -> tuple[str, FrontRing, FrontRing, Any]:
         xs, p = self.xs, self.path
         backend = (await xs.read(f"{p}/backend")).decode()
         backend_id = int(await xs.read(f"{p}/backend-id"))
-        if self.mac is None:
-            self.mac = (await xs.read(f"{p}/mac")).decode()
         await self._wait_backend(backend, (XenbusState.InitWait,))
-        gt, mem = self.domain.grant_table, self.domain.memory
-        rings = await mem.alloc_pages(2)
-        tx = FrontRing(rings.buffer[:PAGE], netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
-        rx = FrontRing(rings.buffer[PAGE:], netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
-        tx_ref = gt.grant_access(backend_id, rings.frames[0])
-        rx_ref = gt.grant_access(backend_id, rings.frames[1])
-        self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in range(BUFFERS)]
-        self.rx_grefs = [gt.grant_access(backend_id, f) for f in range(BUFFERS, 2 * BUFFERS)]
+        gt = self.domain.grant_table
+        if backend_id != self.backend_id:
+            # a new driver domain: grant our pages to it (the old one is gone)
+            for gref in getattr(self, "all_grefs", []):
+                gt.end_access(gref)
+            self.backend_id = backend_id
+            self.ring_grefs = [gt.grant_access(backend_id, f) for f in self.rings.frames]
+            self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in range(BUFFERS)]
+            self.rx_grefs = [gt.grant_access(backend_id, f) for f in range(BUFFERS, 2 * BUFFERS)]
+            self.all_grefs = self.ring_grefs + self.tx_grefs + self.rx_grefs
+        buffer = self.rings.buffer
+        tx = FrontRing(buffer[:PAGE], netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
+        rx = FrontRing(buffer[PAGE:], netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
         port = await self.domain.events.alloc_unbound(backend_id)
         async for tx_ in xs.transaction():
             async with tx_:
-                await tx_.write(f"{p}/tx-ring-ref", str(tx_ref))
-                await tx_.write(f"{p}/rx-ring-ref", str(rx_ref))
+                await tx_.write(f"{p}/tx-ring-ref", str(self.ring_grefs[0]))
+                await tx_.write(f"{p}/rx-ring-ref", str(self.ring_grefs[1]))
                 await tx_.write(f"{p}/event-channel", str(port.port))
                 await tx_.write(f"{p}/request-rx-copy", "1")
                 await tx_.write(f"{p}/feature-rx-notify", "1")
                 await tx_.write(f"{p}/state", str(int(XenbusState.Connected)))
         self.state = XenbusState.Connected
         await self._wait_backend(backend, (XenbusState.Connected,))
-        tap_fd, _ = netlink.open_tap(self.ifname, vnet_hdr=False)
-        await netlink.set_link(self.ifname, mac=self.mac, mtu=self.mtu, up=True)
-        await netlink.set_link("lo", up=True)
-        for cidr in self.addresses:
-            await netlink.add_address(self.ifname, cidr)
-        # post every rx buffer
         rx.put_requests([netif.RX_REQUEST.pack(i, self.rx_grefs[i]) for i in range(min(BUFFERS, rx.size))])
         rx.push_requests(port.notify_fd)
-        log.info("vif connected", extra={"kv": {"devid": self.devid, "mac": self.mac}})
-        task_status.started()
-        free_tx = list(range(BUFFERS))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
-            await self._from_rings(tx, rx, port, tap_fd, free_tx)
+        self.connections += 1
+        log.info("vif connected", extra={"kv": {"devid": self.devid, "mac": self.mac,
+                                               "backend": backend_id}})
+        return backend, tx, rx, port
+
+    async def _wait_backend_leaves(self, backend: str) -> None:
+        async with self.xs.watch(f"{backend}/state") as events:
+            async for _ in events:
+                try:
+                    state = XenbusState(int(await self.xs.read(f"{backend}/state")))
+                except (XenStoreError, ValueError):
+                    state = XenbusState.Unknown
+                if state != XenbusState.Connected:
+                    return
 
     async def _wait_backend(self, backend: str, wanted: tuple[XenbusState, ...]) -> None:
         async with self.xs.watch(f"{backend}/state") as events:

@@ -88,3 +88,66 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                 await box.aclose()
             xenstored.terminate()
             await xenstored.wait()
+
+
+async def test_net_driver_domain_restart_keeps_guest_tcp_going(tmp_path):
+    from ringfence.toolstack.devices import move_vif
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv_path],
+            stderr=subprocess.DEVNULL)
+        boxes = []
+        try:
+            with trio.fail_after(20):
+                while not os.path.exists(xs_path):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            argv = [sys.executable, "-m", "ringfence", "netback"]
+            net_domid, net = await spawn_domain(dom0, "net", argv, sandbox=SandboxSpec("net", uid=0),
+                                                stderr=subprocess.DEVNULL)
+            pids, guests = {}, {}
+            for n in (1, 2):
+                domid, fd = await dom0.create_domain(f"g{n}")
+                guests[n] = domid
+                async with open_xenstore(xs_path) as xs:
+                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0, mac=f"02:00:00:00:00:0{n}")
+                out = open(tmp_path / f"g{n}.out", "wb")
+                box = await spawn_sandboxed(
+                    SandboxSpec(f"g{n}", uid=0),
+                    [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24"],
+                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
+                    stdout=out, stderr=subprocess.DEVNULL)
+                os.close(fd)
+                boxes.append(box)
+                with trio.fail_after(30):
+                    while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
+                        await trio.sleep(0.05)
+                pids[n] = inner_pid(box.pid)
+            server = subprocess.Popen(["nsenter", "-t", str(pids[2]), "-n", "iperf3", "-s", "-1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await trio.sleep(0.5)
+            client = await trio.lowlevel.open_process(
+                ["nsenter", "-t", str(pids[1]), "-n", "iperf3", "-c", "10.77.0.2", "-t", "8", "-b", "20M"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await trio.sleep(2)
+            net.kill()  # the network driver domain crashes mid-stream
+            await net.wait()
+            new_domid, net = await spawn_domain(dom0, "net2", argv, sandbox=SandboxSpec("net2", uid=0),
+                                                stderr=subprocess.DEVNULL)
+            async with open_xenstore(xs_path) as xs:
+                for n, domid in guests.items():
+                    await move_vif(xs, old_backend=net_domid, new_backend=new_domid, frontend=domid,
+                                   devid=0, mac=f"02:00:00:00:00:0{n}")
+            with trio.fail_after(60):
+                assert await client.wait() == 0  # the TCP stream carried on
+            server.wait(timeout=10)
+            ping = await trio.to_thread.run_sync(
+                lambda: in_netns(pids[2], "ping", "-c", "2", "-W", "5", "10.77.0.1"))
+            assert ping.returncode == 0
+            net.kill()
+        finally:
+            for box in boxes:
+                await box.aclose()
+            xenstored.terminate()
+            await xenstored.wait()
