@@ -22,20 +22,26 @@ from ringfence.errors import CommandError
 VDEV_BASE = {"xvd": 202 << 8, "hd": 3 << 8, "sd": 8 << 8}
 
 DEFAULT = """\
-# ringfence's embedded default: one storage driver domain, two guests with a disk each.
+# ringfence's embedded default: a storage and a network driver domain, two guests.
 [[domain]]
 name = "stor"
+kind = "driver"
+
+[[domain]]
+name = "net"
 kind = "driver"
 
 [[domain]]
 name = "guest1"
 kind = "guest"
 disks = ["target={state}/guest1.img,vdev=xvda,format=raw,access=rw,backend=stor"]
+vifs = ["mac=02:00:00:00:00:01,bridge=xenbr0,backend=net,ip=10.0.0.1/24 fd00::1/64"]
 
 [[domain]]
 name = "guest2"
 kind = "guest"
 disks = ["target={state}/guest2.img,vdev=xvda,format=raw,access=rw,backend=stor"]
+vifs = ["mac=02:00:00:00:00:02,bridge=xenbr0,backend=net,ip=10.0.0.2/24 fd00::2/64"]
 """
 
 
@@ -66,10 +72,19 @@ class DiskSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class VifSpec:
+    mac: str
+    backend: str
+    bridge: str = "xenbr0"
+    ip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DomainSpec:
     name: str
     kind: str
     disks: list[DiskSpec] = field(default_factory=list)
+    vifs: list[VifSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +111,25 @@ def parse_disk(text: str) -> DiskSpec:
     disk = DiskSpec(**values)
     disk.devid  # validates vdev
     return disk
+
+
+def parse_vif(text: str) -> VifSpec:
+    """xl.cfg vif spec: ``mac=02:00:00:00:00:01,bridge=xenbr0,backend=NAME,ip=CIDR[ CIDR]``."""
+    values: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("mac", "bridge", "backend", "ip"):
+            raise ValueError(f"bad vif spec item {item!r}")
+        values[key] = value.strip()
+    mac = values.get("mac", "")
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise ValueError(f"bad mac {mac!r}")
+    if not values.get("backend"):
+        raise ValueError("vif spec needs backend=")
+    return VifSpec(mac, values["backend"], values.get("bridge", "xenbr0"),
+                   tuple(values.get("ip", "").split()))
 
 
 def load(path: str | None, state_dir: str) -> Config:
@@ -130,13 +164,25 @@ def load(path: str | None, state_dir: str) -> Config:
                 disks.append(parse_disk(raw))
             except (ValueError, TypeError) as exc:
                 raise CommandError(f"{where} ({name}): key 'disks[{j}]': {exc}") from None
-        domains.append(DomainSpec(name, kind, disks))
+        vifs = []
+        for j, raw in enumerate(entry.get("vifs", [])):
+            try:
+                vifs.append(parse_vif(raw))
+            except (ValueError, TypeError) as exc:
+                raise CommandError(f"{where} ({name}): key 'vifs[{j}]': {exc}") from None
+        domains.append(DomainSpec(name, kind, disks, vifs))
     drivers = {d.name for d in domains if d.kind == "driver"}
     for d in domains:
-        for disk in d.disks:
-            if disk.backend not in drivers:
-                raise CommandError(f"{source}: domain {d.name}: disk backend {disk.backend!r} "
+        for dev in [*d.disks, *d.vifs]:
+            if dev.backend not in drivers:
+                raise CommandError(f"{source}: domain {d.name}: backend {dev.backend!r} "
                                    "is not a driver domain")
+    for driver in drivers:
+        kinds = {("disk" if isinstance(dev, DiskSpec) else "vif") for d in domains
+                 for dev in [*d.disks, *d.vifs] if dev.backend == driver}
+        if len(kinds) > 1:
+            raise CommandError(f"{source}: driver domain {driver!r} serves both disks and vifs; "
+                               "use one driver domain per device class")
     return Config(source, domains)
 
 

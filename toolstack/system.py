@@ -22,8 +22,8 @@ import trio
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.sandbox import SandboxSpec, sandbox_uid, spawn_sandboxed
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
-from ringfence.toolstack.config import Config, DiskSpec
-from ringfence.toolstack.devices import add_vbd, move_vbd
+from ringfence.toolstack.config import Config, DiskSpec, VifSpec
+from ringfence.toolstack.devices import add_vbd, add_vif, move_vbd, move_vif
 from ringfence.toolstack.hypervisor import open_hypervisor
 from ringfence.xenbus.client import open_xenstore
 
@@ -35,6 +35,7 @@ class Guest:
     name: str
     domid: int
     disks: list[DiskSpec]
+    vifs: list[VifSpec] = field(default_factory=list)
     nbd_sockets: dict[str, str] = field(default_factory=dict)
     process: Any = None
 
@@ -91,7 +92,7 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                 # Guests exist first (their domids go into the vbds), start last.
                 for spec in guests:
                     domid, fd = await dom0.create_domain(spec.name)
-                    guest = Guest(spec.name, domid, spec.disks)
+                    guest = Guest(spec.name, domid, spec.disks, spec.vifs)
                     guest._fd = fd  # type: ignore[attr-defined]
                     system.guests[spec.name] = guest
                 for spec in config.domains:
@@ -142,6 +143,15 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool)
                     else:
                         await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
                                       target=disk.target, mode=disk.mode, vdev=disk.vdev)
+                for devid, vif in enumerate(guest.vifs):
+                    if vif.backend != name:
+                        continue
+                    if started_once and old is not None:
+                        await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
+                                       devid=devid, mac=vif.mac, bridge=vif.bridge)
+                    else:
+                        await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
+                                      mac=vif.mac, bridge=vif.bridge)
         started_once = True
 
         async def teardown() -> None:
@@ -151,10 +161,15 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool)
 
         env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd)})
         kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
-        return Launch([sys.executable, "-m", "ringfence", "blkback"], pass_fds=(fd,), env=env,
+        program = "netback" if serves_net else "blkback"
+        return Launch([sys.executable, "-m", "ringfence", program], pass_fds=(fd,), env=env,
                       teardown=teardown, kwargs=kwargs)
 
-    sandbox = _sandbox(name, sandboxed) or SandboxSpec(name, namespaces=frozenset())
+    serves_net = any(v.backend == name for g in system.guests.values() for v in g.vifs)
+    # A network driver domain creates TAPs and a bridge in its own network namespace: it
+    # keeps root there (as a Linux driver domain is root in its own VM).
+    sandbox = (_sandbox(name, sandboxed, uid=0 if serves_net else None)
+               or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset()))
     service = Service(name, prepare, sandbox, RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
 
@@ -170,27 +185,51 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool)
 
 async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: bool) -> None:
     fd = guest._fd  # type: ignore[attr-defined]
-    disk = guest.disks[0]
-    # The guest's own directory: a sandboxed guest runs as its own user and must create
-    # its NBD socket there.
+    # The guest's own directory: a sandboxed guest may run as its own user and must create
+    # its NBD sockets there.
     home = os.path.join(system.runtime_dir, "guests", guest.name)
     os.makedirs(home, mode=0o755, exist_ok=True)
-    if sandboxed and os.geteuid() == 0:
+    needs_root = bool(guest.vifs)  # creating its eth0 TAP needs root in its own namespace
+    if sandboxed and os.geteuid() == 0 and not needs_root:
         os.chown(home, sandbox_uid(guest.name), -1)
-    sock = os.path.join(home, f"{disk.vdev}.sock")
-    guest.nbd_sockets[disk.vdev] = sock
+    argv = [sys.executable, "-m", "ringfence", "guest"]
+    for disk in guest.disks:
+        sock = os.path.join(home, f"{disk.vdev}.sock")
+        guest.nbd_sockets[disk.vdev] = sock
+        argv += ["--disk", f"{disk.devid}:{sock}"]
+    for devid, vif in enumerate(guest.vifs):
+        argv += ["--vif", f"{devid}:{','.join(vif.ip)}"]
     env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd)})
-    argv = [sys.executable, "-m", "ringfence", "blkfront", "--devid", str(disk.devid), "--nbd", sock]
-    kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
-    spec = _sandbox(guest.name, sandboxed)
-    if spec is not None:
-        guest.process = (await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env, **kwargs)).process
-    else:
-        guest.process = await trio.lowlevel.open_process(argv, pass_fds=(fd,), env=env, **kwargs)
+    ready = os.path.join(home, "ready")
+    with open(ready, "wb") as out:
+        kwargs: dict[str, Any] = {"stdout": out}
+        if quiet:
+            kwargs["stderr"] = subprocess.DEVNULL
+        spec = _sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
+        if spec is None and guest.vifs:
+            spec = SandboxSpec(guest.name, namespaces=frozenset({"net"}))
+        if spec is not None:
+            boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env, **kwargs)
+            guest.process = boxed.process
+        else:
+            guest.process = await trio.lowlevel.open_process(argv, pass_fds=(fd,), env=env, **kwargs)
     os.close(fd)
-    with trio.fail_after(30):
-        while not os.path.exists(sock):
+    with trio.fail_after(60):
+        while b"guest ready" not in open(ready, "rb").read():
+            if guest.process.poll() is not None:
+                raise RuntimeError(f"guest {guest.name} exited during start")
             await trio.sleep(0.02)
+
+
+def guest_pid(guest: Guest) -> int:
+    """The guest's own process (inside its namespaces), for nsenter."""
+    pid = guest.process.pid
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+        return int(children[0]) if children else pid
+    except OSError:
+        return pid
 
 
 async def kill_driver(system: System, name: str) -> float:

@@ -48,10 +48,14 @@ async def _up(config, args: argparse.Namespace) -> None:  # type: ignore[no-unty
     notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_system(config, args.runtime_dir, sandboxed=not args.no_sandbox) as system:
+            from ringfence.toolstack.system import guest_pid
             for guest in system.guests.values():
                 for vdev, sock in guest.nbd_sockets.items():
                     print(f"guest={guest.name} domid={guest.domid} disk={vdev} "
                           f"nbd=nbd+unix:///?socket={sock}", flush=True)
+                for i, vif in enumerate(guest.vifs):
+                    print(f"guest={guest.name} domid={guest.domid} nic=eth{i} mac={vif.mac} "
+                          f"ip={','.join(vif.ip)} netns_pid={guest_pid(guest)}", flush=True)
             notifier.ready(status=f"{len(system.guests)} guests up")
             log.info("up", extra={"kv": {"config": config.source, "guests": len(system.guests)}})
             async for signum in signals:

@@ -25,13 +25,25 @@ def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
     up = subprocess.Popen(["ringfence", "up", "--runtime-dir", runtime], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
     try:
-        uris = {}
+        uris, nics = {}, {}
         deadline = time.monotonic() + 60
-        while len(uris) < 2 and time.monotonic() < deadline:
+        while (len(uris) < 2 or len(nics) < 2) and time.monotonic() < deadline:
             line = up.stdout.readline()
             assert line, "ringfence up exited early"
             fields = dict(item.split("=", 1) for item in line.split())
-            uris[fields["guest"]] = fields["nbd"]
+            if "nbd" in fields:
+                uris[fields["guest"]] = fields["nbd"]
+            else:
+                nics[fields["guest"]] = fields
+
+        def ping(src: str, dst: str) -> None:
+            address = nics[dst]["ip"].split(",")[0].split("/")[0]
+            out = subprocess.run(["nsenter", "-t", nics[src]["netns_pid"], "-n", "ping", "-c", "2",
+                                  "-W", "5", address], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+
+        ping("guest1", "guest2")
+        ping("guest2", "guest1")
         data = os.urandom(8 << 20)
         source = tmp_path / "data.img"
         source.write_bytes(data)
@@ -46,13 +58,20 @@ def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
             subprocess.run(["nbdcopy", uris[name], str(back)], check=True, timeout=60)
             assert back.read_bytes()[:len(data)] == data
         assert set(_pids("ringfence blkback")).isdisjoint(blkback)  # a new one serves
+        netback = _pids("ringfence netback")
+        for pid in netback:
+            os.kill(pid, signal.SIGKILL)  # the network driver domain crashes too
+        time.sleep(1)
+        ping("guest1", "guest2")
+        assert set(_pids("ringfence netback")).isdisjoint(netback)
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
     time.sleep(0.5)
     assert _pids(runtime) == []
-    assert _pids("ringfence blkback") == [] and _pids("ringfence blkfront") == []
-    leftover = [name for name in ("stor", "guest1", "guest2")
+    assert _pids("ringfence blkback") == [] and _pids("ringfence guest") == []
+    assert _pids("ringfence netback") == []
+    leftover = [name for name in ("stor", "net", "guest1", "guest2")
                 if os.path.exists(f"/sys/fs/cgroup/pids/ringfence/{name}")]
     assert leftover == []
     shutil.rmtree(runtime, ignore_errors=True)
