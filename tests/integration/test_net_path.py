@@ -151,3 +151,120 @@ async def test_net_driver_domain_restart_keeps_guest_tcp_going(tmp_path):
                 await box.aclose()
             xenstored.terminate()
             await xenstored.wait()
+
+
+HOSTILE_NETFRONT = """
+import json, trio
+from ringfence.hypervisor.sim.client import open_domain
+from ringfence.xenbus.sim import open_domain_xenstore
+from ringfence.hypervisor.io import netif
+from ringfence.hypervisor.io.netif import TxRequest, TxFlags
+from ringfence.hypervisor.io.ring import FrontRing
+
+async def main():
+    async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+        me = f"/local/domain/{dom.domid}/device/vif/0"
+        backend = (await xs.read(me + "/backend")).decode()
+        be = int(await xs.read(me + "/backend-id"))
+        async def wait_state(value):
+            async with xs.watch(backend + "/state") as ev:
+                async for _ in ev:
+                    if await xs.read(backend + "/state") == value:
+                        return
+        await wait_state(b"2")
+        rings = await dom.memory.alloc_pages(2)
+        tx = FrontRing(rings.buffer[:4096], 12, 4, 12)
+        rx = FrontRing(rings.buffer[4096:], 8, 8, 8)
+        g_tx = dom.grant_table.grant_access(be, rings.frames[0])
+        g_rx = dom.grant_table.grant_access(be, rings.frames[1])
+        page = dom.grant_table.grant_access(be, 0, readonly=True)
+        port = await dom.events.alloc_unbound(be)
+        for k, v in (("tx-ring-ref", g_tx), ("rx-ring-ref", g_rx), ("event-channel", port.port),
+                     ("request-rx-copy", 1), ("state", 4)):
+            await xs.write(me + "/" + k, str(v))
+        await wait_state(b"4")
+        frame = (b"\\xff" * 6 + b"\\x02" * 6 + b"\\x08\\x00").ljust(60, b"\\0")
+        dom.memory.ram_page(0)[:60] = frame
+        cases = [TxRequest(page, 0, 0, 1, 0),                       # size 0
+                 TxRequest(page, 4000, 0, 2, 200),                  # past the page
+                 TxRequest(page, 0, TxFlags.MORE_DATA, 3, 60),      # a slot chain
+                 TxRequest(99999, 0, 0, 4, 60),                     # never granted
+                 TxRequest(page, 0, TxFlags.EXTRA_INFO, 5, 60),     # extra info not offered
+                 TxRequest(page, 0, 0, 6, 60)]                      # a good one
+        tx.put_requests([netif.encode_tx_request(r) for r in cases])
+        tx.push_requests(port.notify_fd)
+        answers = {}
+        while len(answers) < len(cases):
+            for raw in tx.take_responses():
+                rid, status = netif.TX_RESPONSE.unpack(raw)
+                answers[rid] = status
+            if len(answers) < len(cases) and not tx.final_check_for_responses():
+                await port.wait()
+        print(json.dumps({"answers": answers}), flush=True)
+        tx.sring.req_prod = tx.sring.req_prod + 5000   # overflow the tx ring
+        port.notify()
+        await wait_state(b"6")
+        print(json.dumps({"disconnected": True}), flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging(tmp_path):
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv_path],
+            stderr=subprocess.DEVNULL)
+        boxes = []
+        try:
+            with trio.fail_after(20):
+                while not os.path.exists(xs_path):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            net_domid, net = await spawn_domain(
+                dom0, "net", [sys.executable, "-m", "ringfence", "netback"],
+                sandbox=SandboxSpec("net", uid=0), stderr=subprocess.DEVNULL)
+            pids = {}
+            for n in (1, 2):
+                domid, fd = await dom0.create_domain(f"g{n}")
+                async with open_xenstore(xs_path) as xs:
+                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0, mac=f"02:00:00:00:00:0{n}")
+                out = open(tmp_path / f"g{n}.out", "wb")
+                box = await spawn_sandboxed(
+                    SandboxSpec(f"g{n}", uid=0),
+                    [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24"],
+                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
+                    stdout=out, stderr=subprocess.DEVNULL)
+                os.close(fd)
+                boxes.append(box)
+                with trio.fail_after(30):
+                    while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
+                        await trio.sleep(0.05)
+                pids[n] = inner_pid(box.pid)
+            evil_domid, fd = await dom0.create_domain("evil")
+            async with open_xenstore(xs_path) as xs:
+                await add_vif(xs, backend=net_domid, frontend=evil_domid, devid=0, mac="02:00:00:00:00:66")
+            with open(tmp_path / "evil.out", "wb") as out:
+                evil = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", HOSTILE_NETFRONT], pass_fds=(fd,),
+                    env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=out)
+            os.close(fd)
+            with trio.fail_after(60):
+                assert await evil.wait() == 0
+            import json
+            lines = [json.loads(l) for l in (tmp_path / "evil.out").read_text().splitlines()]
+            answers = {int(k): v for k, v in lines[0]["answers"].items()}
+            assert all(answers[i] == -1 for i in range(1, 6)), answers
+            assert answers[6] == 0
+            assert lines[1] == {"disconnected": True}
+            ping = await trio.to_thread.run_sync(
+                lambda: in_netns(pids[1], "ping", "-c", "2", "-W", "5", "10.77.0.2"))
+            assert ping.returncode == 0, ping.stdout
+            assert net.poll() is None
+            net.kill()
+        finally:
+            for box in boxes:
+                await box.aclose()
+            xenstored.terminate()
+            await xenstored.wait()
