@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.frontends.netfront.cli",
     "ringfence.toolstack.up",
     "ringfence.toolstack.guest",
+    "ringfence.toolstack.inject",
     "ringfence.toolstack.demo",
     "ringfence.bench.cli",
 )

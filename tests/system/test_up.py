@@ -59,11 +59,15 @@ def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
             assert back.read_bytes()[:len(data)] == data
         assert set(_pids("ringfence blkback")).isdisjoint(blkback)  # a new one serves
         netback = _pids("ringfence netback")
-        for pid in netback:
-            os.kill(pid, signal.SIGKILL)  # the network driver domain crashes too
+        injected = subprocess.run(["ringfence", "inject", "kill", "net", "--runtime-dir", runtime],
+                                  capture_output=True, text=True, timeout=60)
+        assert injected.returncode == 0 and "injected=kill domain=net" in injected.stdout
         time.sleep(1)
         ping("guest1", "guest2")
         assert set(_pids("ringfence netback")).isdisjoint(netback)
+        bad = subprocess.run(["ringfence", "inject", "kill", "nosuch", "--runtime-dir", "/nonexistent"],
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
