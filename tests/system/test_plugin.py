@@ -1,0 +1,30 @@
+"""The pytest plugin other projects use: a running system as a fixture, faults as markers."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import trio
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.mark.ringfence_fault("kill", domain="stor", after=0.3)
+async def test_fixture_and_fault_marker(ringfence_system, tmp_path):
+    system = ringfence_system
+    uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
+    data = os.urandom(4 << 20)
+    (tmp_path / "in").write_bytes(data)
+
+    def io() -> None:
+        for _ in range(3):  # spans the kill 0.3 s in
+            subprocess.run(["nbdcopy", str(tmp_path / "in"), uri], check=True, timeout=60)
+            subprocess.run(["nbdcopy", uri, str(tmp_path / "out")], check=True, timeout=60)
+            assert (tmp_path / "out").read_bytes()[:len(data)] == data
+
+    await trio.to_thread.run_sync(io)
+    with trio.fail_after(30):
+        while not system.recoveries:
+            await trio.sleep(0.05)
+    assert system.recoveries[0][0] == "stor"
