@@ -1,6 +1,8 @@
 """Device set-up in XenStore, as Xen's toolstack (libxl) lays it out."""
 from __future__ import annotations
 
+from typing import Any
+
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.paths import DevicePaths
@@ -15,35 +17,43 @@ async def add_vbd(xs: XenStore, *, backend: int, frontend: int, devid: int, targ
     frontend directory belongs to the guest and is readable by the driver domain.
     """
     paths = DevicePaths("vbd", frontend, backend, devid)
-    be, fe = paths.backend, paths.frontend
-    async for tx in xs.transaction():
-        async with tx:
-            for key, value in (("frontend", fe), ("frontend-id", frontend), ("params", target),
-                               ("mode", mode), ("online", 1), ("type", "raw"), ("dev", vdev),
-                               ("state", int(XenbusState.Initialising))):
-                await tx.write(f"{be}/{key}", str(value))
-            fresh = not await tx.exists(f"{fe}/state")
-            for key, value in (("backend", be), ("backend-id", backend), ("virtual-device", devid),
-                               ("device-type", "disk"), ("state", int(XenbusState.Initialising))):
-                if key != "state" or fresh:  # a live frontend keeps its own state
-                    await tx.write(f"{fe}/{key}", str(value))
-    # Each domain owns its own directory; each half of the device is readable by the other.
-    for domid in (backend, frontend):
-        await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
-    for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/vbd",
-                   f"/local/domain/{backend}/backend/vbd/{frontend}"):
-        await xs.set_perms(parent, [f"n{backend}"])
-    for parent in (f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/vbd"):
-        await xs.set_perms(parent, [f"n{frontend}"])
-    await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"])
-    await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"])
+    await _write_device(xs, paths,
+                        (("frontend", paths.frontend), ("frontend-id", frontend), ("params", target),
+                         ("mode", mode), ("online", 1), ("type", "raw"), ("dev", vdev)),
+                        (("virtual-device", devid), ("device-type", "disk")))
     return paths
 
 
-async def _chmod_tree(xs: XenStore, path: str, perms: list[str]) -> None:
-    await xs.set_perms(path, perms)
-    for child in await xs.directory(path):
-        await _chmod_tree(xs, f"{path}/{child}", perms)
+async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, frontend_keys: Any) -> None:
+    """Both halves of a device, with their permissions, in one transaction: a driver domain
+    watching its directory never sees a node it may not read yet."""
+    be, fe = paths.backend, paths.frontend
+    backend, frontend, kind = paths.backend_domid, paths.frontend_domid, paths.kind
+    async for tx in xs.transaction():
+        async with tx:
+            for key, value in (*backend_keys, ("state", int(XenbusState.Initialising))):
+                await tx.write(f"{be}/{key}", str(value))
+            fresh = not await tx.exists(f"{fe}/state")
+            for key, value in (("backend", be), ("backend-id", backend), *frontend_keys,
+                               ("state", int(XenbusState.Initialising))):
+                if key != "state" or fresh:  # a live frontend keeps its own state
+                    await tx.write(f"{fe}/{key}", str(value))
+            # Each domain owns its own directory; each half is readable by the other.
+            for domid in (backend, frontend):
+                await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"], tx.id)
+            for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/{kind}",
+                           f"/local/domain/{backend}/backend/{kind}/{frontend}"):
+                await xs.set_perms(parent, [f"n{backend}"], tx.id)
+            for parent in (f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}"):
+                await xs.set_perms(parent, [f"n{frontend}"], tx.id)
+            await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"], tx.id)
+            await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"], tx.id)
+
+
+async def _chmod_tree(xs: XenStore, path: str, perms: list[str], tx_id: int = 0) -> None:
+    await xs.set_perms(path, perms, tx_id)
+    for child in await xs.directory(path, tx_id):
+        await _chmod_tree(xs, f"{path}/{child}", perms, tx_id)
 
 
 async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,
@@ -64,27 +74,10 @@ async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac:
                   bridge: str = "xenbr0") -> DevicePaths:
     """Write the backend and frontend directories of a virtual network interface."""
     paths = DevicePaths("vif", frontend, backend, devid)
-    be, fe = paths.backend, paths.frontend
-    async for tx in xs.transaction():
-        async with tx:
-            for key, value in (("frontend", fe), ("frontend-id", frontend), ("mac", mac),
-                               ("bridge", bridge), ("online", 1), ("handle", devid),
-                               ("state", int(XenbusState.Initialising))):
-                await tx.write(f"{be}/{key}", str(value))
-            fresh = not await tx.exists(f"{fe}/state")
-            for key, value in (("backend", be), ("backend-id", backend), ("mac", mac),
-                               ("handle", devid), ("state", int(XenbusState.Initialising))):
-                if key != "state" or fresh:
-                    await tx.write(f"{fe}/{key}", str(value))
-    for domid in (backend, frontend):
-        await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
-    for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/vif",
-                   f"/local/domain/{backend}/backend/vif/{frontend}"):
-        await xs.set_perms(parent, [f"n{backend}"])
-    for parent in (f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/vif"):
-        await xs.set_perms(parent, [f"n{frontend}"])
-    await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"])
-    await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"])
+    await _write_device(xs, paths,
+                        (("frontend", paths.frontend), ("frontend-id", frontend), ("mac", mac),
+                         ("bridge", bridge), ("online", 1), ("handle", devid)),
+                        (("mac", mac), ("handle", devid)))
     return paths
 
 

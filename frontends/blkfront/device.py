@@ -34,6 +34,10 @@ class BlockIOError(OSError):
     pass
 
 
+class _BackendMoved(Exception):
+    """The backend we were connecting to was replaced (see _wait_for_backend)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BlkfrontStatistics:
     devid: int
@@ -129,12 +133,34 @@ class BlkFront:
                 state = await self._backend_state()
                 if state in wanted:
                     return state
+                if state == XenbusState.Unknown and await self._backend_moved():
+                    # That backend is gone before it ever came up (killed while starting):
+                    # the toolstack has pointed us at its successor.
+                    raise _BackendMoved
         raise XenStoreError("EIO", "watch ended")
 
+    async def _backend_moved(self) -> bool:
+        try:
+            return (await self.xs.read(f"{self.path}/backend")).decode() != self.backend_path
+        except XenStoreError:
+            return False
+
     async def _connect(self) -> None:
+        while True:
+            try:
+                return await self._try_connect()
+            except _BackendMoved:
+                log.info("backend moved while connecting; following it")
+                if self._port is not None:
+                    port, self._port = self._port, None
+                    with contextlib.suppress(OSError):
+                        await port.close()
+
+    async def _try_connect(self) -> None:
         await self._write_state(XenbusState.Initialising)
         backend_id = int(await self.xs.read(f"{self.path}/backend-id"))
         self.backend_path = (await self.xs.read(f"{self.path}/backend")).decode()
+        log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
         await self._wait_for_backend((XenbusState.InitWait,))
         if backend_id != self.backend_id:
             self._grant_all(backend_id)
@@ -154,6 +180,7 @@ class BlkFront:
                 await tx.write(f"{self.path}/feature-persistent", "1" if self.persistent else "0")
                 await tx.write(f"{self.path}/state", str(int(XenbusState.Initialised)))
         self.state = XenbusState.Initialised
+        log.debug("initialised; waiting for backend to connect")
         await self._wait_for_backend((XenbusState.Connected,))
         await self._write_state(XenbusState.Connected)
         self.connections += 1

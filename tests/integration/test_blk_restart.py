@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import trio
 
 from ringfence.toolstack.devices import add_vbd, move_vbd
@@ -19,7 +21,8 @@ BLOCK = 65536
 BLOCKS = 48
 
 GUEST = textwrap.dedent(f"""
-    import hashlib, json, sys, trio
+    import hashlib, json, sys, trio, logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from ringfence.hypervisor.sim.client import open_domain
     from ringfence.xenbus.sim import open_domain_xenstore
     from ringfence.frontends.blkfront.device import BlkFront
@@ -65,7 +68,10 @@ def block(i: int) -> bytes:
     return hashlib.sha256(str(i).encode()).digest() * (BLOCK // 32)
 
 
-async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path):
+@pytest.mark.parametrize("kills", [3, 100], ids=["3-kills", "crash-battery-100"])
+async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path, kills):
+    """With 100 kills at random moments this is issue 7's crash battery for storage."""
+    rng = random.Random(kills)
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(BLOCK * BLOCKS))
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
@@ -87,18 +93,22 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
                 env = dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd))
                 guest = await trio.lowlevel.open_process(
                     [sys.executable, "-c", GUEST], pass_fds=(fd,), env=env,
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=open(tmp_path / "guest.log", "wb"))
                 os.close(fd)
                 lines = _Lines(guest.stdout)
                 acked: set[int] = set()
 
                 async def progress(count: int) -> None:
-                    for _ in range(count):
+                    # New writes, not lines already buffered: indices beyond what was seen.
+                    target = max(acked, default=0) + count
+                    while max(acked, default=0) < target:
                         acked.add(json.loads(await lines.next())["acked"])
 
                 with trio.fail_after(60):
                     await progress(100)
-                for round_ in range(3):
+                for round_ in range(kills):
+                    await trio.sleep(rng.uniform(0, 0.05))  # a random moment
                     stor.kill()  # kill -9 of the driver domain, requests in flight
                     await stor.wait()
                     new_domid, stor = await spawn_domain(dom0, f"stor{round_}", argv,
@@ -107,7 +117,7 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
                                    frontend=guest_domid, devid=51712, target=str(disk))
                     stor_domid = new_domid
                     with trio.fail_after(60):
-                        await progress(60)  # the guest carries on
+                        await progress(64 if kills < 10 else 16)  # the guest carries on
                 await guest.stdin.send_all(b"stop\n")
                 with trio.fail_after(60):
                     while True:
@@ -117,7 +127,7 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
                         acked.add(record["acked"])
                 assert await guest.wait() == 0
             stats = record["stats"]
-            assert stats["errors"] == 0 and stats["connections"] == 4
+            assert stats["errors"] == 0 and 1 < stats["connections"] <= kills + 1
             data = disk.read_bytes()
             # every block holds its last acknowledged write, or a later one that was issued
             top = max(acked) + 8 * BLOCKS
