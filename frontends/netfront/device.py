@@ -26,6 +26,10 @@ PAGE = 4096
 BUFFERS = 128  # tx and rx each; RAM frames 0..127 tx, 128..255 rx
 
 
+class _BackendMoved(Exception):
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class NetfrontStatistics:
     devid: int
@@ -82,6 +86,13 @@ class NetFront:
             await port.close()
 
     async def _connect(self) -> tuple[str, FrontRing, FrontRing, Any]:
+        while True:
+            try:
+                return await self._try_connect()
+            except _BackendMoved:
+                log.info("backend moved while connecting; following it")
+
+    async def _try_connect(self) -> tuple[str, FrontRing, FrontRing, Any]:
         xs, p = self.xs, self.path
         backend = (await xs.read(f"{p}/backend")).decode()
         backend_id = int(await xs.read(f"{p}/backend-id"))
@@ -109,7 +120,11 @@ class NetFront:
                 await tx_.write(f"{p}/feature-rx-notify", "1")
                 await tx_.write(f"{p}/state", str(int(XenbusState.Connected)))
         self.state = XenbusState.Connected
-        await self._wait_backend(backend, (XenbusState.Connected,))
+        try:
+            await self._wait_backend(backend, (XenbusState.Connected,))
+        except BaseException:
+            await port.close()
+            raise
         rx.put_requests([netif.RX_REQUEST.pack(i, self.rx_grefs[i]) for i in range(min(BUFFERS, rx.size))])
         rx.push_requests(port.notify_fd)
         self.connections += 1
@@ -134,7 +149,13 @@ class NetFront:
                     if XenbusState(int(await self.xs.read(f"{backend}/state"))) in wanted:
                         return
                 except (XenStoreError, ValueError):
-                    pass
+                    # gone: if the toolstack pointed us at a successor, follow it
+                    try:
+                        moved = (await self.xs.read(f"{self.path}/backend")).decode() != backend
+                    except XenStoreError:
+                        moved = False
+                    if moved:
+                        raise _BackendMoved from None
 
     async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, free_tx: list[int]) -> None:
         ram = self.domain.memory
