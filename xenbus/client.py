@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -37,8 +37,18 @@ class ClientStatistics:
 
 
 class XenStore:
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    """A connection to xenstored. With ``reconnect`` (a callable returning a fresh stream)
+    it survives a daemon restart: it reconnects, registers its watches again (each fires
+    once, as on registration) and resends the requests that had no reply; requests inside a
+    transaction then get EAGAIN and ``transaction()`` retries."""
+
+    def __init__(self, stream: trio.abc.Stream,
+                 reconnect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> None:
         self._stream = stream
+        self._reconnect = reconnect
+        self._sent: dict[int, bytes] = {}
+        self._watch_paths: dict[bytes, str] = {}
+        self.reconnects = 0
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[W.Message]] = {}
@@ -48,13 +58,53 @@ class XenStore:
         self.requests = self.errors = self.watch_events = self.retries = 0
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        reader = W.MessageReader()
         task_status.started()
+        try:
+            while True:
+                await self._read_until_closed()
+                if self._reconnect is None or not await self._redial():
+                    break
+        finally:
+            self._closed = True
+            for waiter in self._pending.values():
+                waiter.close()
+            for channel in self._watches.values():
+                channel.close()
+
+    async def _redial(self) -> bool:
+        """The daemon went away: connect again, re-register watches, resend what is unanswered."""
+        assert self._reconnect is not None
+        delay = 0.01
+        stream = None
+        with trio.move_on_after(120):
+            while stream is None:
+                try:
+                    stream = await self._reconnect()
+                except OSError:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        if stream is None:
+            return False
+        await trio.aclose_forcefully(self._stream)
+        self._stream = stream
+        self.reconnects += 1
+        blob = b"".join(W.encode(Op.WATCH, 0xFFFFFFFF, 0, W.join(path, token))
+                        for token, path in self._watch_paths.items())
+        blob += b"".join(self._sent[rid] for rid in sorted(self._sent))
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(blob)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # gone again: the next read notices
+        return True
+
+    async def _read_until_closed(self) -> None:
+        reader = W.MessageReader()
         try:
             while True:
                 data = await self._stream.receive_some(65536)
                 if not data:
-                    break
+                    return
                 for msg in reader.feed(data):
                     if msg.type == Op.WATCH_EVENT:
                         args = msg.args()
@@ -66,16 +116,11 @@ class XenStore:
                                     channel.send_nowait((args[0].decode(), args[1]))
                         continue
                     waiter = self._pending.pop(msg.req_id, None)
+                    self._sent.pop(msg.req_id, None)
                     if waiter is not None:
                         waiter.send_nowait(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            self._closed = True
-            for waiter in self._pending.values():
-                waiter.close()
-            for channel in self._watches.values():
-                channel.close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, W.ProtocolViolation):
+            return
 
     async def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
         """One request; many may be in flight at once (replies are matched by req_id)."""
@@ -86,8 +131,16 @@ class XenStore:
         self._pending[req_id] = send
         self.requests += 1
         data = W.encode(op, req_id, tx_id, payload)
-        async with self._send_lock:
-            await self._stream.send_all(data)
+        self._sent[req_id] = data
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            if self._reconnect is None:
+                self._pending.pop(req_id, None)
+                self._sent.pop(req_id, None)
+                raise XenStoreError("EIO", "connection closed") from None
+            # resent after the reconnection
         try:
             reply = await receive.receive()
         except trio.EndOfChannel:
@@ -165,9 +218,11 @@ class XenStore:
         self._watches[raw_token] = send
         try:
             await self.request(Op.WATCH, W.join(path, raw_token))
+            self._watch_paths[raw_token] = path
             yield receive
         finally:
             self._watches.pop(raw_token, None)
+            self._watch_paths.pop(raw_token, None)
             with contextlib.suppress(XenStoreError), trio.CancelScope(shield=True):
                 await self.request(Op.UNWATCH, W.join(path, raw_token))
 
@@ -219,8 +274,9 @@ class Transaction:
 
 
 @contextlib.asynccontextmanager
-async def open_xenstore_stream(stream: trio.abc.Stream) -> AsyncIterator[XenStore]:
-    xs = XenStore(stream)
+async def open_xenstore_stream(stream: trio.abc.Stream,
+                               reconnect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> AsyncIterator[XenStore]:
+    xs = XenStore(stream, reconnect)
     async with trio.open_nursery() as nursery:
         await nursery.start(xs._run)
         try:
@@ -230,14 +286,20 @@ async def open_xenstore_stream(stream: trio.abc.Stream) -> AsyncIterator[XenStor
             await trio.aclose_forcefully(stream)
 
 
-@contextlib.asynccontextmanager
-async def open_xenstore(path: str) -> AsyncIterator[XenStore]:
-    """Connect to a xenstored Unix socket (ours or Xen's)."""
+async def _dial(path: str) -> trio.abc.Stream:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(path)
     except OSError:
         sock.close()
         raise
-    async with open_xenstore_stream(trio.SocketStream(sock)) as xs:
+    return trio.SocketStream(sock)
+
+
+@contextlib.asynccontextmanager
+async def open_xenstore(path: str, *, reconnect: bool = False) -> AsyncIterator[XenStore]:
+    """Connect to a xenstored Unix socket (ours or Xen's); with ``reconnect`` the connection
+    survives a daemon restart (see :class:`XenStore`)."""
+    stream = await _dial(path)
+    async with open_xenstore_stream(stream, (lambda: _dial(path)) if reconnect else None) as xs:
         yield xs

@@ -44,6 +44,11 @@ async def _watch_domains(server: XenStoreServer, events) -> None:  # type: ignor
 @contextlib.asynccontextmanager
 async def open_domain_xenstore(domain: SimDomain) -> AsyncIterator[XenStore]:
     """This domain's XenStore connection, authenticated by the hypervisor."""
-    sock = await domain.store_connection()
-    async with open_xenstore_stream(trio.SocketStream(trio.socket.from_stdlib_socket(sock))) as xs:
+    async def dial() -> trio.abc.Stream:
+        sock = await domain.store_connection()
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+    # A restarted xenstored registers with the hypervisor again; until then dialling fails
+    # (ENOTCONN) and the client keeps trying.
+    async with open_xenstore_stream(await dial(), dial) as xs:
         yield xs

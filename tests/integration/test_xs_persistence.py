@@ -113,3 +113,25 @@ async def test_domain_watches_come_back_after_restart(tmp_path):
 async def reborn_write(server: XenStoreServer) -> None:
     from ringfence.xenbus.store import Caller
     server._changed(server.store.write(Caller(0), "/local/domain/4/device/x", b"1"))
+
+
+async def test_clients_reconnect_and_their_watches_fire_again(tmp_path):
+    path, state = str(tmp_path / "xs.sock"), str(tmp_path / "state")
+    proc = await start(path, state)
+    try:
+        async with open_xenstore(path, reconnect=True) as xs:
+            await xs.write("/svc/a", b"1")
+            async with xs.watch("/svc", "tok") as events:
+                assert await events.receive() == ("/svc", b"tok")
+                proc.send_signal(signal.SIGKILL)   # the daemon crashes...
+                await proc.wait()
+                proc = await start(path, state)    # ...and is restarted from its journal
+                with trio.fail_after(20):
+                    assert (await events.receive())[1] == b"tok"  # the watch fires again
+                    assert await xs.read("/svc/a") == b"1"     # requests work again
+                    await xs.write("/svc/b", b"2")
+                    assert (await events.receive())[0] == "/svc/b"
+                assert xs.reconnects == 1
+    finally:
+        proc.terminate()
+        await proc.wait()
