@@ -51,6 +51,7 @@ class System:
     driver_domids: dict[str, int] = field(default_factory=dict)
     guests: dict[str, Guest] = field(default_factory=dict)
     recoveries: list[tuple[str, float]] = field(default_factory=list)
+    xenstored: Any = None
 
     async def statistics(self) -> dict[str, Any]:
         return {"hypervisor": await self.dom0.statistics(),
@@ -76,46 +77,49 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
         xs_path = os.path.join(runtime_dir, "xenstored.sock")
         state_dir = os.path.join(runtime_dir, "xenstore-state")
         os.makedirs(state_dir, exist_ok=True)
-        xenstored = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
-             "--state-dir", state_dir, "--hypervisor", hv_path],
-            stderr=subprocess.DEVNULL if quiet else None)
-        try:
+        async with trio.open_nursery() as nursery:
+            supervisor = await nursery.start(Supervisor().run)
+            # xenstored is supervised too: after a crash it comes back from its journal,
+            # registers with the hypervisor again, and every client redials.
+            xs_argv = [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
+                       "--state-dir", state_dir, "--hypervisor", hv_path]
+
+            async def prepare_xenstored() -> Launch:
+                return Launch(xs_argv, kwargs={"stderr": subprocess.DEVNULL} if quiet else {})
+
+            xenstored = Service("xenstored", prepare_xenstored,
+                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0),
+                                RestartPolicy(initial_delay=0.01),
+                                runtime_dir=os.path.join(runtime_dir, "notify"))
+            await supervisor.add(xenstored)
             with trio.fail_after(30):
-                while not os.path.exists(xs_path):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.2)
-            async with trio.open_nursery() as nursery:
-                supervisor = await nursery.start(Supervisor().run)
-                system = System(config, runtime_dir, dom0, xs_path, supervisor)
-                guests = [d for d in config.domains if d.kind == "guest"]
-                # Guests exist first (their domids go into the vbds), start last.
-                for spec in guests:
-                    domid, fd = await dom0.create_domain(spec.name)
-                    guest = Guest(spec.name, domid, spec.disks, spec.vifs)
-                    guest._fd = fd  # type: ignore[attr-defined]
-                    system.guests[spec.name] = guest
-                for spec in config.domains:
-                    if spec.kind == "driver":
-                        await _start_driver(system, spec.name, sandboxed, quiet)
+                await xenstored.wait_ready()
+            system = System(config, runtime_dir, dom0, xs_path, supervisor)
+            system.xenstored = xenstored
+            guests = [d for d in config.domains if d.kind == "guest"]
+            # Guests exist first (their domids go into the vbds), start last.
+            for spec in guests:
+                domid, fd = await dom0.create_domain(spec.name)
+                guest = Guest(spec.name, domid, spec.disks, spec.vifs)
+                guest._fd = fd  # type: ignore[attr-defined]
+                system.guests[spec.name] = guest
+            for spec in config.domains:
+                if spec.kind == "driver":
+                    await _start_driver(system, spec.name, sandboxed, quiet)
+            for guest in system.guests.values():
+                await _start_guest(system, guest, sandboxed, quiet)
+            try:
+                yield system
+            finally:
                 for guest in system.guests.values():
-                    await _start_guest(system, guest, sandboxed, quiet)
-                try:
-                    yield system
-                finally:
-                    for guest in system.guests.values():
-                        if guest.process is not None:
-                            guest.process.kill()
-                    await supervisor.stop_all()
-                    with trio.move_on_after(10):
-                        for service in system.drivers.values():
-                            while service.state.value not in ("stopped", "failed"):
-                                await trio.sleep(0.02)
-                    nursery.cancel_scope.cancel()
-        finally:
-            xenstored.terminate()
-            with trio.move_on_after(5):
-                await xenstored.wait()
+                    if guest.process is not None:
+                        guest.process.kill()
+                await supervisor.stop_all()
+                with trio.move_on_after(10):
+                    for service in [*system.drivers.values(), xenstored]:
+                        while service.state.value not in ("stopped", "failed"):
+                            await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
 
 
 async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool) -> None:

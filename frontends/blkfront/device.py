@@ -63,6 +63,7 @@ class _Pending:
     nr_sectors: int = 0          # discard
     done: trio.Event = field(default_factory=trio.Event)
     status: int = Status.OKAY
+    sent_on: int = 0             # the connection whose ring carries it (0: none yet)
 
 
 class BlkFront:
@@ -108,11 +109,15 @@ class BlkFront:
         started = False
         while True:
             await self._connect()
-            if not started:
-                task_status.started()
-                started = True
             async with trio.open_nursery() as nursery:
+                # Responses flow while the replay fills the ring: more requests may be pending
+                # than the ring has slots.
                 nursery.start_soon(self._receive_responses, nursery.cancel_scope)
+                nursery.start_soon(self._replay)
+                if not started:
+                    await self._connected.wait()
+                    task_status.started()
+                    started = True
                 await self._wait_backend_restart()
                 nursery.cancel_scope.cancel()
             await self._disconnect()
@@ -184,12 +189,15 @@ class BlkFront:
         await self._wait_for_backend((XenbusState.Connected,))
         await self._write_state(XenbusState.Connected)
         self.connections += 1
+
+    async def _replay(self) -> None:
+        """Everything not answered by the previous backend goes again, in order, before
+        anything new: then the device counts as connected."""
         if self.pending:
-            # Everything not answered by the previous backend goes again, in order.
             self.replayed += len(self.pending)
             log.info("replaying requests", extra={"kv": {"count": len(self.pending)}})
             for pending in sorted(self.pending.values(), key=lambda p: p.id):
-                await self._put(pending)
+                await self._put(pending, replaying=True)
         self._connected.set()
         log.info("vbd connected", extra={"kv": {"devid": self.devid, "backend": self.backend_id,
                                                "sectors": self.sectors}})
@@ -218,8 +226,11 @@ class BlkFront:
                     return
 
     async def _disconnect(self) -> None:
-        self._connected = trio.Event()
+        if self._connected.is_set():  # an unset one stays: its waiters wake on the next connect
+            self._connected = trio.Event()
         self._ring = None
+        async with self._page_freed:  # putters waiting for ring space wait for the next ring
+            self._page_freed.notify_all()
         if self._port is not None:
             port, self._port = self._port, None
             with contextlib.suppress(OSError):
@@ -253,17 +264,20 @@ class BlkFront:
                 self._page_freed.notify_all()
 
     # ---- requests --------------------------------------------------------------------
-    async def _put(self, pending: _Pending) -> None:
+    async def _put(self, pending: _Pending, *, replaying: bool = False) -> None:
         while True:
+            if pending.done.is_set() or pending.sent_on == self.connections:
+                return  # answered, or already replayed onto this ring
             ring = self._ring
-            if ring is not None and ring.free_requests():
-                break
-            if ring is None:
+            if ring is None or not (replaying or self._connected.is_set()):
                 await self._connected.wait()
                 continue
+            if ring.free_requests():
+                break
             async with self._page_freed:
                 await self._page_freed.wait()
         ring.put_requests([self._encode(pending)])
+        pending.sent_on = self.connections
         ring.push_requests(self._port.notify_fd)
 
     def _encode(self, p: _Pending) -> bytes:

@@ -353,12 +353,14 @@ class Hypervisor:
                     if self._store is not None:  # a restarted xenstored takes over
                         self._store.close()
                     self._store = send
-                nursery.start_soon(self._forward_events, domain, receive)
+                nursery.start_soon(self._forward_events, domain, receive,
+                                   send if op == Op.STORE_REGISTER else None)
                 return P.reply(msg, 0), []
         raise P.ProtocolError(f"op {op} not allowed here")
 
     async def _forward_events(self, dom0: Domain,
-                              receive: trio.MemoryReceiveChannel[tuple[bytes, int]]) -> None:
+                              receive: trio.MemoryReceiveChannel[tuple[bytes, int]],
+                              store: trio.MemorySendChannel[tuple[bytes, int]] | None) -> None:
         assert dom0.connection is not None
         try:
             async for event, fd in receive:
@@ -368,10 +370,16 @@ class Hypervisor:
                             [event], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", fd))])
                     else:
                         await dom0.connection.send(event)
+                except OSError:
+                    return  # the subscriber is gone; its connection's loop cleans up
                 finally:
                     if fd >= 0:
                         os.close(fd)
         finally:
+            # A dead xenstored must not be handed connections nobody will ever serve: later
+            # STORE_CONNECTs fail with ENOTCONN and the domains keep redialling.
+            if store is not None and self._store is store:
+                self._store = None
             # fds queued behind a failed send must not leak
             while True:
                 try:
@@ -380,6 +388,7 @@ class Hypervisor:
                     break
                 if fd >= 0:
                     os.close(fd)
+            receive.close()
 
     def _store_connect(self, domain: Domain, msg: P.Message) -> tuple[bytes, list[int]]:
         if self._store is None:

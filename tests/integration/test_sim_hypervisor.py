@@ -246,3 +246,21 @@ async def test_store_connections_are_authenticated_by_the_hypervisor(hv, tmp_pat
                 nursery.start_soon(answer)
                 reply = await guest.ok("store_ping", data=b"hi".hex())
             assert bytes.fromhex(reply["reply"]) == f"dom{guest.domid}:hi".encode()
+
+
+async def test_a_dead_xenstored_or_subscriber_costs_only_its_connection(hv, tmp_path):
+    """Events for a subscriber (or xenstored) that died must not take the hypervisor down,
+    and domains dialling XenStore meanwhile are told it is not there (ENOTCONN), so they
+    keep redialling instead of holding a connection nobody serves."""
+    async with open_dom0(os.path.join(tmp_path, "hv.sock")) as store:
+        await store.register_store()
+        await store.subscribe()
+    async with open_agent(hv, "guest") as guest:  # announced to the dead subscriber
+        for _ in range(20):
+            errno = (await guest.call("store_ping", data="00"))["errno"]
+            if errno == 107:
+                break
+            await trio.sleep(0.05)
+        assert errno == 107
+        assert (await guest.ok("info"))["domid"] == guest.domid
+    assert len(await hv.list_domains()) >= 0  # the daemon still answers

@@ -28,3 +28,26 @@ async def test_fixture_and_fault_marker(ringfence_system, tmp_path):
         while not system.recoveries:
             await trio.sleep(0.05)
     assert system.recoveries[0][0] == "stor"
+
+
+async def test_xenstored_crash_is_survived_by_every_domain(ringfence_system, tmp_path):
+    """kill -9 xenstored: the supervisor restarts it from its journal, the domains' XenStore
+    clients redial through the hypervisor, and a storage driver domain crash afterwards is
+    still recovered (which needs XenStore for the handshake)."""
+    system = ringfence_system
+    uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
+    data = os.urandom(2 << 20)
+    (tmp_path / "in").write_bytes(data)
+    system.xenstored.kill()
+    with trio.fail_after(30):
+        while system.xenstored.starts < 2 or system.xenstored.state.value != "ready":
+            await trio.sleep(0.05)
+    system.drivers["stor"].kill()
+
+    def io() -> None:
+        subprocess.run(["nbdcopy", str(tmp_path / "in"), uri], check=True, timeout=60)
+        subprocess.run(["nbdcopy", uri, str(tmp_path / "out")], check=True, timeout=60)
+        assert (tmp_path / "out").read_bytes()[:len(data)] == data
+
+    await trio.to_thread.run_sync(io)
+    assert any(name == "stor" for name, _ in system.recoveries)
