@@ -286,3 +286,25 @@ def drop_privileges_from_environment() -> None:
     os.setresuid(uid, uid, uid)
     if os.geteuid() != uid:
         raise OSError(errno.EPERM, "could not drop privileges")
+
+
+_CLONE_FLAGS = {"net": 0x40000000, "uts": 0x04000000, "ipc": 0x08000000, "mnt": 0x00020000}
+
+
+def enter_namespaces(pid: int, names: Sequence[str]) -> None:
+    """Join the namespaces of process ``pid`` (``ringfence exec``). The caller must be
+    single-threaded (the kernel refuses a mount namespace otherwise) and about to exec."""
+    fds = []
+    try:
+        # All opened first: once in the guest's mount namespace, its /proc is what we see.
+        for name in names:
+            target = os.stat(f"/proc/{pid}/ns/{name}")
+            if target.st_ino != os.stat(f"/proc/self/ns/{name}").st_ino:
+                fds.append((name, os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)))
+        for name, fd in fds:
+            status = lib.rf_setns(fd, _CLONE_FLAGS[name])
+            if status < 0:
+                raise OSError(-status, f"entering the {name} namespace of {pid}: {os.strerror(-status)}")
+    finally:
+        for _, fd in fds:
+            os.close(fd)

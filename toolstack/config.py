@@ -145,11 +145,16 @@ def load(path: str | None, state_dir: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise CommandError(f"{source}: {exc}") from None
+        raise CommandError(f"{source}: {exc}") from None  # names line and column itself
     domains = []
     names = set()
-    for i, entry in enumerate(data.get("domain", [])):
-        where = f"{source}: domain[{i}]"
+    entries = data.get("domain", [])
+    if not isinstance(entries, list):
+        raise CommandError(f"{_at(source, text, '[domain')}: 'domain' must be an array of tables ([[domain]])")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise CommandError(f"{source}: domain[{i}] must be a table")
+        where = f"{_at(source, text, _entry_anchor(entry, i))}: domain[{i}]"
         name, kind = entry.get("name"), entry.get("kind", "guest")
         if not isinstance(name, str) or not name or "/" in name:
             raise CommandError(f"{where}: key 'name' must be a non-empty string")
@@ -163,12 +168,14 @@ def load(path: str | None, state_dir: str) -> Config:
             try:
                 disks.append(parse_disk(raw))
             except (ValueError, TypeError) as exc:
+                where = f"{_at(source, text, str(raw))}: domain[{i}]"
                 raise CommandError(f"{where} ({name}): key 'disks[{j}]': {exc}") from None
         vifs = []
         for j, raw in enumerate(entry.get("vifs", [])):
             try:
                 vifs.append(parse_vif(raw))
             except (ValueError, TypeError) as exc:
+                where = f"{_at(source, text, str(raw))}: domain[{i}]"
                 raise CommandError(f"{where} ({name}): key 'vifs[{j}]': {exc}") from None
         domains.append(DomainSpec(name, kind, disks, vifs))
     drivers = {d.name for d in domains if d.kind == "driver"}
@@ -184,6 +191,19 @@ def load(path: str | None, state_dir: str) -> Config:
             raise CommandError(f"{source}: driver domain {driver!r} serves both disks and vifs; "
                                "use one driver domain per device class")
     return Config(source, domains)
+
+
+def _entry_anchor(entry: dict[str, object], index: int) -> str:
+    name = entry.get("name")
+    return f'"{name}"' if isinstance(name, str) and name else f"#domain{index}"
+
+
+def _at(source: str, text: str, needle: str) -> str:
+    """``source:LINE`` for the first line holding ``needle`` (just ``source`` if none)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if needle and needle in line:
+            return f"{source}:{number}"
+    return source
 
 
 def ensure_disk_images(config: Config, size: int = 64 << 20) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -49,9 +50,14 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError("--requests must be at least 1")
     sandboxed = os.geteuid() == 0 and not args.no_sandbox
     started = time.monotonic()
+    if not getattr(args, "verbose", 0):
+        # The tour narrates what happens; the daemons' own logs are for -v.
+        logging.getLogger("ringfence").setLevel(logging.ERROR)
+
+    clear = "\r\033[K" if sys.stdout.isatty() else ""  # over the live status line
 
     def progress(text: str) -> None:
-        print(f"  [{time.monotonic() - started:5.2f}s] {text}", flush=True)
+        print(f"{clear}  [{time.monotonic() - started:5.2f}s] {text}", flush=True)
 
     print("ringfence demo: sim hypervisor, two domains, one shared ring"
           + (" (each domain sandboxed)" if sandboxed else ""))
@@ -68,7 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
     print()
     print("part 2: storage driver domain crashes under a verified write workload"
           + (" (sandboxed)" if sandboxed else ""))
-    summary = trio.run(lambda: _storage_crash_demo(progress, sandboxed, args.kills))
+    summary = trio.run(lambda: _storage_crash_demo(progress, sandboxed, args.kills, started))
     print()
     print(f"{'guest':<8} {'fio verify':<11} {'written':>10} {'io errors':>9}")
     for row in summary["guests"]:
@@ -77,8 +83,11 @@ def run_command(args: argparse.Namespace) -> int:
     for i, ms in enumerate(summary["recoveries"], 1):
         print(f"kill {i}: storage driver domain relaunched and ready in {ms:.0f} ms")
     if summary.get("network"):
-        print(f"network driver domain relaunched and ready in {summary['network']['recovery_ms']:.0f} ms; "
-              f"ping across the kill: {summary['network']['ping']}")
+        net = summary["network"]
+        print(f"network driver domain relaunched and ready in {net['recovery_ms']:.0f} ms; "
+              f"ping across the kill: {net['ping']}")
+        if "iperf3" in net:
+            print(f"iperf3 guest1 -> guest2: {net['iperf3']}")
     ok = all(row["verify"] == "passed" for row in summary["guests"])
     print(f"result: {'every guest verified its data' if ok else 'VERIFY FAILED'}; "
           f"{len(summary['recoveries'])} recoveries, guests never saw an I/O error"
@@ -86,39 +95,108 @@ def run_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+async def _output(process: Any) -> bytes:
+    data = b""
+    while chunk := await process.stdout.receive_some(65536):
+        data += chunk
+    await process.wait()
+    return data
+
+
 async def _network_crash(system: Any, progress: Any) -> dict[str, Any]:
-    """guest1 pings guest2 through the network driver domain, which is killed meanwhile."""
+    """guest1 pings guest2 and sends it TCP (iperf3) through the network driver domain,
+    which is killed in the middle."""
+    import shutil
     import subprocess
     from ringfence.toolstack.system import guest_pid
-    if "net" not in system.drivers or len(system.guests) < 2:
+    guests = [g for g in system.guests.values() if g.vifs]
+    if "net" not in system.drivers or len(guests) < 2:
         return {}
-    g1, g2 = list(system.guests.values())[:2]
+    g1, g2 = guests[:2]
     target = g2.vifs[0].ip[0].split("/")[0]
-    argv = ["nsenter", "-t", str(guest_pid(g1)), "-n", "ping", "-c", "30", "-i", "0.1", "-W", "2", target]
-    progress(f"{g1.name} pings {g2.name} ({target}) through the network driver domain")
-    ping = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    await trio.sleep(1.0)
+
+    def inside(guest: Any, *argv: str) -> list[str]:
+        return ["nsenter", "-t", str(guest_pid(guest)), "-n", *argv]
+
+    progress(f"{g1.name} pings {g2.name} ({target}) and runs iperf3 to it, through the network driver domain")
+    ping = await trio.lowlevel.open_process(inside(g1, "ping", "-c", "50", "-i", "0.1", "-W", "2", target),
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    iperf = None
+    if shutil.which("iperf3"):
+        server = await trio.lowlevel.open_process(inside(g2, "iperf3", "-s", "-1"),
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await trio.sleep(0.5)
+        iperf = await trio.lowlevel.open_process(
+            inside(g1, "iperf3", "-c", target, "-t", "5", "-i", "1", "--json"),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    await trio.sleep(1.5)
     before = len(system.recoveries)
     progress("kill -9 network driver domain")
     system.drivers["net"].kill()
     with trio.fail_after(30):
         while len(system.recoveries) == before:
             await trio.sleep(0.01)
-    progress(f"network driver domain relaunched, ready in {system.recoveries[-1][1]:.0f} ms; "
-             "netfronts reconnect")
-    out = b""
+    recovery_ms = system.recoveries[-1][1]
+    progress(f"network driver domain relaunched, ready in {recovery_ms:.0f} ms; netfronts reconnect")
+    summary = [line for line in (await _output(ping)).decode().splitlines() if "packets transmitted" in line]
+    result = {"recovery_ms": recovery_ms, "ping": summary[0] if summary else "no summary"}
+    progress(f"ping: {result['ping']}")
+    if iperf is not None:
+        try:
+            report = json.loads(await _output(iperf))
+            intervals = [i["sum"]["bits_per_second"] / 1e6 for i in report["intervals"]]
+            mbps = report["end"]["sum_received"]["bits_per_second"] / 1e6
+            result["iperf3"] = (f"{mbps:.0f} Mbit/s over the kill; per second: "
+                                + " ".join(f"{m:.0f}" for m in intervals))
+        except (ValueError, KeyError, TypeError):
+            result["iperf3"] = "no report"
+        with trio.move_on_after(5):
+            await server.wait()
+        progress(f"iperf3: {result['iperf3']}")
+    return result
+
+
+async def _live_view(system: Any, started: float) -> None:
+    """A status line from the domains' own statistics: refreshed in place on a terminal,
+    every two seconds otherwise."""
+    tty = sys.stdout.isatty()
     while True:
-        chunk = await ping.stdout.receive_some(65536)
-        if not chunk:
-            break
-        out += chunk
-    await ping.wait()
-    summary = [line for line in out.decode().splitlines() if "packets transmitted" in line]
-    progress(f"ping: {summary[0] if summary else 'no summary'}")
-    return {"recovery_ms": system.recoveries[-1][1], "ping": summary[0] if summary else ""}
+        stats = (await system.statistics())["domains"]
+        parts = []
+        for name in system.guests:
+            device = (stats.get(name, {}).get("devices") or {}).get("vbd/51712") or {}
+            parts.append(f"{name}: {device.get('bytes_written', 0) >> 20} MiB written, "
+                         f"{device.get('replayed', 0)} replayed")
+        line = (f"  [{time.monotonic() - started:5.2f}s] live: " + "; ".join(parts)
+                + f"; recoveries {len(system.recoveries)}")
+        if tty:
+            print("\r\033[K" + line, end="", flush=True)
+            await trio.sleep(0.3)
+        else:
+            print(line, flush=True)
+            await trio.sleep(2)
 
 
-async def _storage_crash_demo(progress: Any, sandboxed: bool, kills: int) -> dict[str, Any]:
+async def _kill_under_fio(system: Any, progress: Any, jobs: dict[str, Any], collect: Any,
+                          outputs: dict[str, bytes], kills: int) -> None:
+    async with trio.open_nursery() as nursery:
+        for name, proc in jobs.items():
+            nursery.start_soon(collect, name, proc)
+        for i in range(kills):
+            await trio.sleep(0.8)
+            if len(outputs) == len(jobs):
+                break
+            service = system.drivers["stor"]
+            progress(f"kill -9 storage driver domain (pid {service.process.pid if service.process else '?'})")
+            service.kill()
+            with trio.fail_after(30):
+                while len(system.recoveries) <= i:
+                    await trio.sleep(0.01)
+            progress(f"storage driver domain relaunched, ready in {system.recoveries[i][1]:.0f} ms; "
+                     "guests reconnect and replay")
+
+
+async def _storage_crash_demo(progress: Any, sandboxed: bool, kills: int, started: float) -> dict[str, Any]:
     import shutil
     import subprocess
     from ringfence.toolstack.config import ensure_disk_images, load
@@ -143,30 +221,12 @@ async def _storage_crash_demo(progress: Any, sandboxed: bool, kills: int) -> dic
             outputs: dict[str, bytes] = {}
 
             async def collect(name: str, proc: Any) -> None:
-                data = b""
-                while True:
-                    chunk = await proc.stdout.receive_some(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                await proc.wait()
-                outputs[name] = data
+                outputs[name] = await _output(proc)
 
-            async with trio.open_nursery() as nursery:
-                for name, proc in jobs.items():
-                    nursery.start_soon(collect, name, proc)
-                for i in range(kills):
-                    await trio.sleep(0.8)
-                    if len(outputs) == len(jobs):
-                        break
-                    service = system.drivers["stor"]
-                    progress(f"kill -9 storage driver domain (pid {service.process.pid if service.process else '?'})")
-                    service.kill()
-                    with trio.fail_after(30):
-                        while len(system.recoveries) <= i:
-                            await trio.sleep(0.01)
-                    progress(f"storage driver domain relaunched, ready in {system.recoveries[i][1]:.0f} ms; "
-                             "guests reconnect and replay")
+            async with trio.open_nursery() as viewer:
+                viewer.start_soon(_live_view, system, started)
+                await _kill_under_fio(system, progress, jobs, collect, outputs, kills)
+                viewer.cancel_scope.cancel()
             guests = []
             for name, raw in outputs.items():
                 try:

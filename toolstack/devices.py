@@ -71,22 +71,25 @@ async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend
 
 
 async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac: str,
-                  bridge: str = "xenbr0") -> DevicePaths:
-    """Write the backend and frontend directories of a virtual network interface."""
+                  bridge: str = "xenbr0", ip: tuple[str, ...] = ()) -> DevicePaths:
+    """Write the backend and frontend directories of a virtual network interface (``ip``
+    as libxl writes it: space-separated; a sim guest configures these addresses itself)."""
     paths = DevicePaths("vif", frontend, backend, devid)
     await _write_device(xs, paths,
                         (("frontend", paths.frontend), ("frontend-id", frontend), ("mac", mac),
-                         ("bridge", bridge), ("online", 1), ("handle", devid)),
+                         ("bridge", bridge), ("online", 1), ("handle", devid),
+                         *((("ip", " ".join(ip)),) if ip else ())),
                         (("mac", mac), ("handle", devid)))
     return paths
 
 
 async def move_vif(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,
-                   devid: int, mac: str, bridge: str = "xenbr0") -> DevicePaths:
+                   devid: int, mac: str, bridge: str = "xenbr0",
+                   ip: tuple[str, ...] = ()) -> DevicePaths:
     """Hand a vif to a relaunched network driver domain (see :func:`move_vbd`)."""
     old = DevicePaths("vif", frontend, old_backend, devid)
     paths = await add_vif(xs, backend=new_backend, frontend=frontend, devid=devid, mac=mac,
-                          bridge=bridge)
+                          bridge=bridge, ip=ip)
     try:
         await xs.rm(old.backend)
     except XenStoreError:

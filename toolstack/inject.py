@@ -15,6 +15,7 @@ import time
 import trio
 
 from ringfence.errors import CommandError, UsageError
+from ringfence.toolstack.up import DEFAULT_RUNTIME
 
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
 EXAMPLES = """examples:
@@ -32,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fault", choices=sorted(SIGNALS), help="what to do to the domain")
     parser.add_argument("domain", help="domain name, e.g. stor or net")
-    parser.add_argument("--runtime-dir", default="/run/ringfence", metavar="DIR")
+    parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
+                        help=f"the host's runtime directory (default {DEFAULT_RUNTIME})")
     parser.add_argument("--repeat", type=int, default=1, metavar="N")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                         help="mean time between repeats (jittered by --seed)")

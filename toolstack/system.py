@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
@@ -22,7 +22,11 @@ import trio
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.sandbox import SandboxSpec, sandbox_uid, spawn_sandboxed
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
-from ringfence.toolstack.config import Config, DiskSpec, VifSpec
+from ringfence._statsock import STATS_SOCKET_ENV, fetch_statistics
+from ringfence.errors import CommandError
+from ringfence.toolstack.control import control_path, serve_control
+from ringfence.toolstack.hotplug import check_image
+from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.devices import add_vbd, add_vif, move_vbd, move_vif
 from ringfence.toolstack.hypervisor import open_hypervisor
 from ringfence.xenbus.client import open_xenstore
@@ -35,7 +39,7 @@ class Guest:
     name: str
     domid: int
     disks: list[DiskSpec]
-    vifs: list[VifSpec] = field(default_factory=list)
+    vifs: dict[int, VifSpec] = field(default_factory=dict)  # by devid (ethN): stable across detach
     nbd_sockets: dict[str, str] = field(default_factory=dict)
     process: Any = None
 
@@ -52,14 +56,62 @@ class System:
     guests: dict[str, Guest] = field(default_factory=dict)
     recoveries: list[tuple[str, float]] = field(default_factory=list)
     xenstored: Any = None
+    driver_kinds: dict[str, str] = field(default_factory=dict)  # "vbd" or "vif"
+    sandboxed: bool = True
+    quiet: bool = True
+
+    def stats_socket(self, name: str, uid: int | None) -> str:
+        """Where domain ``name`` answers statistics requests: a directory of its own user."""
+        directory = os.path.join(self.runtime_dir, "stats", name)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if uid is not None and os.geteuid() == 0:
+            os.chown(directory, uid, -1)
+        return os.path.join(directory, "stats.sock")
+
+    async def domain_statistics(self) -> dict[str, Any]:
+        names = [*self.drivers, *self.guests]
+        results: dict[str, Any] = {}
+
+        async def one(name: str) -> None:
+            results[name] = await fetch_statistics(os.path.join(self.runtime_dir, "stats", name, "stats.sock"))
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(one, name)
+        return {name: results[name] for name in names}
+
+    def guest_home(self, guest: Guest) -> str:
+        """The guest's own directory (its NBD sockets): shared /run, not the private /tmp."""
+        return os.path.join(self.runtime_dir, "guests", guest.name)
+
+    async def add_guest(self, spec: DomainSpec) -> Guest:
+        """Create and start a guest on the running host (``ringfence create``)."""
+        if spec.name in self.guests or spec.name in self.drivers:
+            raise CommandError(f"a domain named {spec.name!r} exists already")
+        for dev, kind in [*((d, "vbd") for d in spec.disks), *((v, "vif") for v in spec.vifs)]:
+            if self.driver_kinds.get(dev.backend) != kind:
+                raise CommandError(f"backend {dev.backend!r} is not a driver domain serving {kind}s")
+        for disk in spec.disks:
+            check_image(self, disk.target)
+        domid, fd = await self.dom0.create_domain(spec.name)
+        guest = Guest(spec.name, domid, list(spec.disks), dict(enumerate(spec.vifs)))
+        guest._fd = fd  # type: ignore[attr-defined]
+        self.guests[spec.name] = guest
+        async with open_xenstore(self.xenstore_path) as xs:
+            await _write_guest_devices(self, xs, guest)
+        await _start_guest(self, guest, self.sandboxed, self.quiet)
+        return guest
+
+    control_statistics: dict[str, int] = field(default_factory=dict)
 
     async def statistics(self) -> dict[str, Any]:
+        services = [self.xenstored, *self.drivers.values()] if self.xenstored else list(self.drivers.values())
         return {"hypervisor": await self.dom0.statistics(),
-                "services": [vars(s) for s in self._service_stats()],
-                "guests": {g.name: {"domid": g.domid, "nbd": g.nbd_sockets} for g in self.guests.values()}}
-
-    def _service_stats(self) -> list[Any]:
-        return [s.statistics() for s in self.drivers.values()]
+                "services": {s.name: asdict(s.statistics()) for s in services},
+                "guests": {g.name: {"domid": g.domid, "nbd": g.nbd_sockets, "disks": len(g.disks),
+                                    "vifs": len(g.vifs)} for g in self.guests.values()},
+                "domains": await self.domain_statistics(),
+                "recoveries": [{"driver": name, "ms": round(ms, 1)} for name, ms in self.recoveries],
+                "control": dict(self.control_statistics)}
 
 
 def _sandbox(name: str, sandboxed: bool, **limits: Any) -> SandboxSpec | None:
@@ -94,13 +146,18 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
             await supervisor.add(xenstored)
             with trio.fail_after(30):
                 await xenstored.wait_ready()
-            system = System(config, runtime_dir, dom0, xs_path, supervisor)
+            system = System(config, runtime_dir, dom0, xs_path, supervisor,
+                            sandboxed=sandboxed, quiet=quiet)
             system.xenstored = xenstored
             guests = [d for d in config.domains if d.kind == "guest"]
+            for spec in config.domains:
+                if spec.kind == "driver":
+                    serves_vif = any(v.backend == spec.name for g in guests for v in g.vifs)
+                    system.driver_kinds[spec.name] = "vif" if serves_vif else "vbd"
             # Guests exist first (their domids go into the vbds), start last.
             for spec in guests:
                 domid, fd = await dom0.create_domain(spec.name)
-                guest = Guest(spec.name, domid, spec.disks, spec.vifs)
+                guest = Guest(spec.name, domid, list(spec.disks), dict(enumerate(spec.vifs)))
                 guest._fd = fd  # type: ignore[attr-defined]
                 system.guests[spec.name] = guest
             for spec in config.domains:
@@ -108,6 +165,7 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                     await _start_driver(system, spec.name, sandboxed, quiet)
             for guest in system.guests.values():
                 await _start_guest(system, guest, sandboxed, quiet)
+            await nursery.start(serve_control, system, control_path(runtime_dir))
             try:
                 yield system
             finally:
@@ -147,15 +205,15 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool)
                     else:
                         await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
                                       target=disk.target, mode=disk.mode, vdev=disk.vdev)
-                for devid, vif in enumerate(guest.vifs):
+                for devid, vif in guest.vifs.items():
                     if vif.backend != name:
                         continue
                     if started_once and old is not None:
                         await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                                       devid=devid, mac=vif.mac, bridge=vif.bridge)
+                                       devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
                     else:
                         await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
-                                      mac=vif.mac, bridge=vif.bridge)
+                                      mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
         started_once = True
 
         async def teardown() -> None:
@@ -163,13 +221,15 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool)
                 await system.dom0.destroy_domain(domid)
             os.close(fd)
 
-        env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd)})
+        uid = sandbox.uid if sandbox.uid is not None else sandbox_uid(name)
+        env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd),
+                                  STATS_SOCKET_ENV: system.stats_socket(name, uid)})
         kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
         program = "netback" if serves_net else "blkback"
         return Launch([sys.executable, "-m", "ringfence", program], pass_fds=(fd,), env=env,
                       teardown=teardown, kwargs=kwargs)
 
-    serves_net = any(v.backend == name for g in system.guests.values() for v in g.vifs)
+    serves_net = system.driver_kinds.get(name) == "vif"
     # A network driver domain creates TAPs and a bridge in its own network namespace: it
     # keeps root there (as a Linux driver domain is root in its own VM).
     sandbox = (_sandbox(name, sandboxed, uid=0 if serves_net else None)
@@ -187,31 +247,39 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool)
         await service.wait_ready()
 
 
+async def _write_guest_devices(system: System, xs: Any, guest: Guest) -> None:
+    """A new guest's devices, served by the driver domains running now."""
+    for disk in guest.disks:
+        if system.sandboxed and os.geteuid() == 0:
+            os.chown(disk.target, sandbox_uid(disk.backend), -1)
+        await add_vbd(xs, backend=system.driver_domids[disk.backend], frontend=guest.domid,
+                      devid=disk.devid, target=disk.target, mode=disk.mode, vdev=disk.vdev)
+    for devid, vif in guest.vifs.items():
+        await add_vif(xs, backend=system.driver_domids[vif.backend], frontend=guest.domid,
+                      devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
+
+
 async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: bool) -> None:
     fd = guest._fd  # type: ignore[attr-defined]
     # The guest's own directory: a sandboxed guest may run as its own user and must create
     # its NBD sockets there.
-    home = os.path.join(system.runtime_dir, "guests", guest.name)
+    home = system.guest_home(guest)
     os.makedirs(home, mode=0o755, exist_ok=True)
-    needs_root = bool(guest.vifs)  # creating its eth0 TAP needs root in its own namespace
-    if sandboxed and os.geteuid() == 0 and not needs_root:
-        os.chown(home, sandbox_uid(guest.name), -1)
-    argv = [sys.executable, "-m", "ringfence", "guest"]
+    # A guest is root in its own namespaces (as a guest kernel owns its NICs): it creates
+    # its ethN TAPs there, including those attached later.
+    needs_root = True
+    argv = [sys.executable, "-m", "ringfence", "guest", "--nbd-dir", home]
     for disk in guest.disks:
-        sock = os.path.join(home, f"{disk.vdev}.sock")
-        guest.nbd_sockets[disk.vdev] = sock
-        argv += ["--disk", f"{disk.devid}:{sock}"]
-    for devid, vif in enumerate(guest.vifs):
-        argv += ["--vif", f"{devid}:{','.join(vif.ip)}"]
-    env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd)})
+        guest.nbd_sockets[disk.vdev] = os.path.join(home, f"{disk.vdev}.sock")
+    env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: system.stats_socket(guest.name, None)})
     ready = os.path.join(home, "ready")
     with open(ready, "wb") as out:
         kwargs: dict[str, Any] = {"stdout": out}
         if quiet:
             kwargs["stderr"] = subprocess.DEVNULL
         spec = _sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
-        if spec is None and guest.vifs:
-            spec = SandboxSpec(guest.name, namespaces=frozenset({"net"}))
+        if spec is None:
+            spec = SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0)
         if spec is not None:
             boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env, **kwargs)
             guest.process = boxed.process

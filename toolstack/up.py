@@ -13,7 +13,9 @@ from ringfence.toolstack.config import ensure_disk_images, load
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUNTIME = "/run/ringfence"
+# Every command that works on a running host takes --runtime-dir; the environment sets
+# the default for a whole shell session (and for tests).
+DEFAULT_RUNTIME = os.environ.get("RINGFENCE_RUNTIME_DIR", "/run/ringfence")
 EXAMPLES = """examples:
   ringfence up                        # the embedded default: stor + guest1 + guest2
   ringfence up examples/host.toml
@@ -47,13 +49,14 @@ async def _up(config, args: argparse.Namespace) -> None:  # type: ignore[no-unty
     from ringfence.toolstack.system import open_system
     notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_system(config, args.runtime_dir, sandboxed=not args.no_sandbox) as system:
+        async with open_system(config, args.runtime_dir, sandboxed=not args.no_sandbox,
+                               quiet=not args.verbose) as system:
             from ringfence.toolstack.system import guest_pid
             for guest in system.guests.values():
                 for vdev, sock in guest.nbd_sockets.items():
                     print(f"guest={guest.name} domid={guest.domid} disk={vdev} "
                           f"nbd=nbd+unix:///?socket={sock}", flush=True)
-                for i, vif in enumerate(guest.vifs):
+                for i, vif in guest.vifs.items():
                     print(f"guest={guest.name} domid={guest.domid} nic=eth{i} mac={vif.mac} "
                           f"ip={','.join(vif.ip)} netns_pid={guest_pid(guest)}", flush=True)
             notifier.ready(status=f"{len(system.guests)} guests up")

@@ -7,6 +7,7 @@ import logging
 import trio
 
 from ringfence._sdnotify import Notifier
+from ringfence._statsock import serve_statistics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ async def _serve() -> None:
     from ringfence.xenbus.sim import open_domain_xenstore
     async with open_domain() as domain, open_domain_xenstore(domain) as xs:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_blkback, domain, xs)
+            devices = await nursery.start(serve_blkback, domain, xs)
+            await nursery.start(serve_statistics, lambda: {
+                "domid": domain.domid, "xenstore": xs.statistics(),
+                "vbds": {f"{fe}/{devid}": d.statistics() for (fe, devid), d in sorted(devices.items())}})
             Notifier().ready(status=f"blkback serving in domain {domain.domid}")
             log.info("blkback ready", extra={"kv": {"domid": domain.domid}})

@@ -24,6 +24,7 @@ from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.xenbus.backend import serve_devices
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 
@@ -179,6 +180,9 @@ class BlkbackDevice:
             with contextlib.suppress(OSError):
                 await self.domain.grant_table.unmap(mapped)
             await port.close()
+        # The frontend closed (or went away): tell it, as xen-blkback does on Closing.
+        await self._set_state(XenbusState.Closing)
+        await self._set_state(XenbusState.Closed)
 
     async def _watch_for_close(self, scope: trio.CancelScope) -> None:
         async with self.xs.watch(f"{self.frontend_path}/state") as events:
@@ -189,9 +193,9 @@ class BlkbackDevice:
                     fe = XenbusState.Unknown
                 if fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown,
                           XenbusState.Initialising):
+                    # Closing and Closed are written once the ring is unmapped, outside
+                    # this (now cancelled) scope.
                     scope.cancel()
-                    await self._set_state(XenbusState.Closing)
-                    await self._set_state(XenbusState.Closed)
                     return
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
@@ -307,36 +311,9 @@ class _Disconnect(Exception):
 async def serve_blkback(domain: Any, xs: XenStore, *,
                         task_status: trio.TaskStatus[dict[tuple[int, int], BlkbackDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve every vbd the toolstack assigns to this domain (``backend/vbd/FE/DEVID``)."""
-    devices: dict[tuple[int, int], BlkbackDevice] = {}
-    base = f"/local/domain/{domain.domid}/backend/vbd"
-    async with trio.open_nursery() as nursery, xs.watch(base) as events:
-        task_status.started(devices)
-        async for _ in events:
-            for fe in await _children(xs, base):
-                for devid in await _children(xs, f"{base}/{fe}"):
-                    key = (int(fe), int(devid))
-                    path = f"{base}/{fe}/{devid}"
-                    if key not in devices and await xs.exists(f"{path}/params"):
-                        device = BlkbackDevice(domain, xs, path, *key)
-                        devices[key] = device
-                        nursery.start_soon(_run_device, device, devices, key)
-
-
-async def _run_device(device: BlkbackDevice, devices: dict[tuple[int, int], BlkbackDevice],
-                      key: tuple[int, int]) -> None:
-    try:
-        await device.run()
-    except Exception as exc:  # one device's failure must never take the others down
-        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1], "error": repr(exc)}})
-    finally:
-        devices.pop(key, None)
-
-
-async def _children(xs: XenStore, path: str) -> list[str]:
-    try:
-        return [c for c in await xs.directory(path) if c.isdigit()]
-    except XenStoreError:
-        return []
+    await serve_devices(xs, f"/local/domain/{domain.domid}/backend/vbd", "params",
+                        lambda path, fe, devid: BlkbackDevice(domain, xs, path, fe, devid),
+                        task_status=task_status)
 
 
 __all__ = ["BlkbackDevice", "serve_blkback"]

@@ -6,6 +6,7 @@ import argparse
 import trio
 
 from ringfence._sdnotify import Notifier
+from ringfence._statsock import serve_statistics
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,5 +28,8 @@ async def _serve() -> None:
     from ringfence.xenbus.sim import open_domain_xenstore
     async with open_domain() as domain, open_domain_xenstore(domain) as xs:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_netback, domain, xs)
+            vifs = await nursery.start(serve_netback, domain, xs)
+            await nursery.start(serve_statistics, lambda: {
+                "domid": domain.domid, "xenstore": xs.statistics(),
+                "vifs": {f"{fe}/{devid}": v.statistics() for (fe, devid), v in sorted(vifs.items())}})
             Notifier().ready(status=f"netback serving in domain {domain.domid}")

@@ -28,6 +28,7 @@ from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import GrantCopy
 from ringfence.isolation import netlink
+from ringfence.xenbus.backend import serve_devices
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 
@@ -238,35 +239,10 @@ class _Disconnect(Exception):
 
 async def serve_netback(domain: Any, xs: XenStore, *,
                         task_status: trio.TaskStatus[dict[tuple[int, int], NetbackVif]] = trio.TASK_STATUS_IGNORED) -> None:
-    vifs: dict[tuple[int, int], NetbackVif] = {}
-    base = f"/local/domain/{domain.domid}/backend/vif"
-    async with trio.open_nursery() as nursery, xs.watch(base) as events:
-        task_status.started(vifs)
-        async for _ in events:
-            for fe in await _children(xs, base):
-                for devid in await _children(xs, f"{base}/{fe}"):
-                    key = (int(fe), int(devid))
-                    path = f"{base}/{fe}/{devid}"
-                    if key not in vifs and await xs.exists(f"{path}/frontend"):
-                        vif = NetbackVif(domain, xs, path, *key)
-                        vifs[key] = vif
-                        nursery.start_soon(_run_vif, vif, vifs, key)
-
-
-async def _run_vif(vif: NetbackVif, vifs: dict[tuple[int, int], NetbackVif], key: tuple[int, int]) -> None:
-    try:
-        await vif.run()
-    except Exception as exc:  # one vif's failure never takes the others down
-        log.error("vif failed", extra={"kv": {"vif": vif.tap_name, "error": repr(exc)}})
-    finally:
-        vifs.pop(key, None)
-
-
-async def _children(xs: XenStore, path: str) -> list[str]:
-    try:
-        return [c for c in await xs.directory(path) if c.isdigit()]
-    except XenStoreError:
-        return []
+    """Serve every vif the toolstack assigns to this domain (``backend/vif/FE/DEVID``)."""
+    await serve_devices(xs, f"/local/domain/{domain.domid}/backend/vif", "frontend",
+                        lambda path, fe, devid: NetbackVif(domain, xs, path, fe, devid),
+                        task_status=task_status)
 
 
 __all__ = ["NetbackVif", "serve_netback"]

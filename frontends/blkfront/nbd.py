@@ -10,6 +10,7 @@ The device may pause (its backend restarting): requests then simply wait.
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import socket
 import struct
@@ -124,8 +125,12 @@ class NbdServer:
         await sock.bind(staging)
         sock.listen(64)
         os.rename(staging, path)
-        await trio.serve_listeners(self.serve_stream, [trio.SocketListener(sock)],
-                                   task_status=task_status)
+        try:
+            await trio.serve_listeners(self.serve_stream, [trio.SocketListener(sock)],
+                                       task_status=task_status)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a detached disk leaves no socket behind
 
     async def serve_tcp(self, port: int, host: str = "127.0.0.1", *,
                         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:

@@ -61,29 +61,33 @@ class NetFront:
         if self.mac is None:
             self.mac = (await xs.read(f"{p}/mac")).decode()
         tap_fd, _ = netlink.open_tap(self.ifname, vnet_hdr=False)
-        await netlink.set_link(self.ifname, mac=self.mac, mtu=self.mtu, up=True)
-        await netlink.set_link("lo", up=True)
-        for cidr in self.addresses:
-            await netlink.add_address(self.ifname, cidr)
-        self.rings = await self.domain.memory.alloc_pages(2)
-        self.backend_id = -1
-        self.connections = 0
-        started = False
-        while True:
-            backend, tx, rx, port = await self._connect()
-            if not started:
-                task_status.started()
-                started = True
-            free_tx = list(range(BUFFERS))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
-                nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, free_tx)
-                await self._wait_backend_leaves(backend)
-                nursery.cancel_scope.cancel()
-            log.warning("backend went away; reconnecting", extra={"kv": {"devid": self.devid}})
-            self.state = XenbusState.Initialising
-            await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
-            await port.close()
+        try:
+            await netlink.set_link(self.ifname, mac=self.mac, mtu=self.mtu, up=True)
+            await netlink.set_link("lo", up=True)
+            for cidr in self.addresses:
+                await netlink.add_address(self.ifname, cidr)
+            self.rings = await self.domain.memory.alloc_pages(2)
+            self.backend_id = -1
+            self.connections = 0
+            started = False
+            while True:
+                backend, tx, rx, port = await self._connect()
+                if not started:
+                    task_status.started()
+                    started = True
+                free_tx = list(range(BUFFERS))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
+                    nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, free_tx)
+                    await self._wait_backend_leaves(backend)
+                    nursery.cancel_scope.cancel()
+                log.warning("backend went away; reconnecting", extra={"kv": {"devid": self.devid}})
+                self.state = XenbusState.Initialising
+                await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
+                await port.close()
+        finally:
+            trio.lowlevel.notify_closing(tap_fd)
+            os.close(tap_fd)  # the interface goes with its last fd (detach, guest exit)
 
     async def _connect(self) -> tuple[str, FrontRing, FrontRing, Any]:
         while True:

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.backends.netback.cli",
     "ringfence.frontends.netfront.cli",
     "ringfence.toolstack.up",
+    "ringfence.toolstack.xl",
     "ringfence.toolstack.guest",
     "ringfence.toolstack.inject",
     "ringfence.toolstack.demo",

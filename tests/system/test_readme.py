@@ -1,0 +1,68 @@
+"""The README's first session, as a new user types it: every command of its shell block,
+in order, against a real host (``ringfence up`` with the embedded default), each must
+succeed. Only the runtime directory and the data image move somewhere private."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nbdinfo")
+                                or not shutil.which("qemu-img"),
+                                reason="needs root, libnbd-bin and qemu-utils")
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def first_session() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## A first session"):]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_first_session(tmp_path):
+    commands = first_session()
+    assert commands[0] == "ringfence up &" and commands[-1] == "kill %1"
+    runtime = f"/run/ringfence-readme-{os.getpid()}"
+    env = dict(os.environ, RINGFENCE_RUNTIME_DIR=runtime)
+
+    def localize(command: str) -> str:
+        return (command.replace("/run/ringfence/", f"{runtime}/")
+                .replace("/var/lib/ringfence-data.img", f"{runtime}/data.img"))
+
+    up = subprocess.Popen(["ringfence", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [up.stdout.readline() for _ in range(4)]  # the guests' disks and NICs
+        assert all(line.startswith("guest=") for line in lines), lines
+        for command in commands[1:-1]:
+            result = subprocess.run(["bash", "-c", localize(command)], env=env, capture_output=True,
+                                    text=True, timeout=120)
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+            if command.startswith("ringfence stats"):
+                assert '"domains"' in result.stdout and '"hypervisor"' in result.stdout
+            if command.startswith("ringfence list"):
+                assert "guest1" in result.stdout and "stor" in result.stdout
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", runtime], capture_output=True, text=True).stdout
+    assert left == ""
+    assert not os.path.exists(f"{runtime}/control.sock")
+
+
+def test_usage_and_runtime_errors_are_one_line(tmp_path):
+    env = dict(os.environ, RINGFENCE_RUNTIME_DIR=str(tmp_path / "none"))
+    for argv, status in ((["list"], 1), (["block-attach", "guest1"], 2), (["exec", "guest1"], 2),
+                         (["create", str(tmp_path / "missing.toml")], 1), (["xenstore-ls"], 1)):
+        result = subprocess.run(["ringfence", *argv], env=env, capture_output=True, text=True)
+        assert result.returncode == status, (argv, result.stderr)
+        assert result.stderr.count("\n") <= 1 or status == 2, (argv, result.stderr)

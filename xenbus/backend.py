@@ -1,0 +1,62 @@
+"""What every backend driver does with its XenStore directory, as Linux's xenbus_probe
+does for a driver domain: one device per ``backend/KIND/FRONTEND/DEVID`` the toolstack
+writes, started once the directory is complete and cancelled when the toolstack removes
+it (detach, or its guest destroyed)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.xenbus.client import XenStore
+
+log = logging.getLogger(__name__)
+
+Device = TypeVar("Device")
+
+
+async def serve_devices(xs: XenStore, base: str, complete_key: str,
+                        make: Callable[[str, int, int], Device], *,
+                        task_status: trio.TaskStatus[dict[tuple[int, int], Device]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``make(path, frontend, devid).run()`` for each device directory under ``base``
+    holding ``complete_key``; the dict of running devices is given to the starter."""
+    devices: dict[tuple[int, int], Device] = {}
+    scopes: dict[tuple[int, int], trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery, xs.watch(base) as events:
+        task_status.started(devices)
+        async for _ in events:
+            present = set()
+            for fe in await _children(xs, base):
+                for devid in await _children(xs, f"{base}/{fe}"):
+                    key, path = (int(fe), int(devid)), f"{base}/{fe}/{devid}"
+                    if not await xs.exists(f"{path}/{complete_key}"):
+                        continue
+                    present.add(key)
+                    if key not in devices:
+                        devices[key] = make(path, *key)
+                        scopes[key] = trio.CancelScope()
+                        nursery.start_soon(_run, devices, scopes, key)
+            for key in [k for k in devices if k not in present]:
+                scopes[key].cancel()
+
+
+async def _run(devices: dict[tuple[int, int], Any], scopes: dict[tuple[int, int], trio.CancelScope],
+               key: tuple[int, int]) -> None:
+    try:
+        with scopes[key]:
+            await devices[key].run()
+    except Exception as exc:  # one device's failure must never take the others down
+        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1], "error": repr(exc)}})
+    finally:
+        devices.pop(key, None)
+        scopes.pop(key, None)
+
+
+async def _children(xs: XenStore, path: str) -> list[str]:
+    try:
+        return [c for c in await xs.directory(path) if c.isdigit()]
+    except XenStoreError:
+        return []
