@@ -20,7 +20,7 @@ BENCHMARKS = {
     "xenstore": "our xenstored vs Debian's C xenstored",
     "blk": "blkfront/blkback NBD export vs qemu-nbd",
     "net": "netfront/netback vs veth and raw TAP",
-    "recovery": "driver-domain kill to first I/O",
+    "recovery": "storage driver domain kill to first I/O (p50, p99) and a bystander's throughput",
 }
 
 EXAMPLES = """examples:

@@ -60,6 +60,9 @@ class Launch:
     env: dict[str, str] | None = None
     teardown: Callable[[], Awaitable[None]] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # A process already running that this start takes over instead of spawning one (a warm
+    # spare): it counts as ready at once, having started long before.
+    adopt: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +165,15 @@ class Service:
             if self.policy.watchdog:
                 env["WATCHDOG_USEC"] = str(int(self.policy.watchdog * 1e6))
             self._set_state(State.STARTING)
-            self.process = await spawn_sandboxed(self.sandbox, launch.argv,
-                                                 pass_fds=launch.pass_fds, env=env, **launch.kwargs)
+            if launch.adopt is not None:
+                self.process = launch.adopt
+            else:
+                self.process = await spawn_sandboxed(self.sandbox, launch.argv,
+                                                     pass_fds=launch.pass_fds, env=env, **launch.kwargs)
             self.starts += 1
             self._last_ping = time.monotonic()
+            if launch.adopt is not None:
+                self._became_ready()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_notifications, notify)
                 nursery.start_soon(self._watchdog)
@@ -195,14 +203,17 @@ class Service:
             for line in data.decode(errors="replace").splitlines():
                 key, _, value = line.partition("=")
                 if key == "READY" and value == "1":
-                    if self._crashed_at is not None:
-                        self.last_recovery_ms = (time.monotonic() - self._crashed_at) * 1000
-                        self._crashed_at = None
-                    self._set_state(State.READY)
+                    self._became_ready()
                 elif key == "WATCHDOG" and value == "1":
                     self._last_ping = time.monotonic()
                 elif key == "STATUS":
                     self.status = value
+
+    def _became_ready(self) -> None:
+        if self._crashed_at is not None:
+            self.last_recovery_ms = (time.monotonic() - self._crashed_at) * 1000
+            self._crashed_at = None
+        self._set_state(State.READY)
 
     def _from_our_process(self, ancdata: list[tuple[int, int, bytes]]) -> bool:
         for level, kind, cdata in ancdata:

@@ -85,6 +85,7 @@ class DomainSpec:
     kind: str
     disks: list[DiskSpec] = field(default_factory=list)
     vifs: list[VifSpec] = field(default_factory=list)
+    spare: bool = False  # driver domains: keep a warm spare ready to take over on a crash
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +178,10 @@ def load(path: str | None, state_dir: str) -> Config:
             except (ValueError, TypeError) as exc:
                 where = f"{_at(source, text, str(raw))}: domain[{i}]"
                 raise CommandError(f"{where} ({name}): key 'vifs[{j}]': {exc}") from None
-        domains.append(DomainSpec(name, kind, disks, vifs))
+        spare = entry.get("spare", False)
+        if not isinstance(spare, bool) or (spare and kind != "driver"):
+            raise CommandError(f"{where} ({name}): key 'spare' must be true or false, on a driver domain")
+        domains.append(DomainSpec(name, kind, disks, vifs, spare))
     drivers = {d.name for d in domains if d.kind == "driver"}
     for d in domains:
         for dev in [*d.disks, *d.vifs]:

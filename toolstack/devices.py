@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.paths import DevicePaths
@@ -26,34 +28,37 @@ async def add_vbd(xs: XenStore, *, backend: int, frontend: int, devid: int, targ
 
 async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, frontend_keys: Any) -> None:
     """Both halves of a device, with their permissions, in one transaction: a driver domain
-    watching its directory never sees a node it may not read yet."""
+    watching its directory never sees a node it may not read yet. The requests of each step
+    go out together (pipelined): a handover after a crash waits on this."""
     be, fe = paths.backend, paths.frontend
     backend, frontend, kind = paths.backend_domid, paths.frontend_domid, paths.kind
     async for tx in xs.transaction():
         async with tx:
-            for key, value in (*backend_keys, ("state", int(XenbusState.Initialising))):
-                await tx.write(f"{be}/{key}", str(value))
             fresh = not await tx.exists(f"{fe}/state")
-            for key, value in (("backend", be), ("backend-id", backend), *frontend_keys,
-                               ("state", int(XenbusState.Initialising))):
-                if key != "state" or fresh:  # a live frontend keeps its own state
-                    await tx.write(f"{fe}/{key}", str(value))
+            writes = [(f"{be}/{key}", value) for key, value in
+                      (*backend_keys, ("state", int(XenbusState.Initialising)))]
+            writes += [(f"{fe}/{key}", value) for key, value in
+                       (("backend", be), ("backend-id", backend), *frontend_keys,
+                        ("state", int(XenbusState.Initialising)))
+                       if key != "state" or fresh]  # a live frontend keeps its own state
+            await _together(tx.write(path, str(value)) for path, value in writes)
             # Each domain owns its own directory; each half is readable by the other.
-            for domid in (backend, frontend):
-                await xs.set_perms(f"/local/domain/{domid}", [f"n{domid}"], tx.id)
-            for parent in (f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/{kind}",
-                           f"/local/domain/{backend}/backend/{kind}/{frontend}"):
-                await xs.set_perms(parent, [f"n{backend}"], tx.id)
-            for parent in (f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}"):
-                await xs.set_perms(parent, [f"n{frontend}"], tx.id)
-            await _chmod_tree(xs, be, [f"n{backend}", f"r{frontend}"], tx.id)
-            await _chmod_tree(xs, fe, [f"n{frontend}", f"r{backend}"], tx.id)
+            perms = [(f"/local/domain/{d}", [f"n{d}"]) for d in (backend, frontend)]
+            perms += [(parent, [f"n{backend}"]) for parent in (
+                f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/{kind}",
+                f"/local/domain/{backend}/backend/{kind}/{frontend}")]
+            perms += [(parent, [f"n{frontend}"]) for parent in (
+                f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}")]
+            for top, owner, reader in ((be, backend, frontend), (fe, frontend, backend)):
+                nodes = [top] + [f"{top}/{child}" for child in await xs.directory(top, tx.id)]
+                perms += [(node, [f"n{owner}", f"r{reader}"]) for node in nodes]
+            await _together(xs.set_perms(path, p, tx.id) for path, p in perms)
 
 
-async def _chmod_tree(xs: XenStore, path: str, perms: list[str], tx_id: int = 0) -> None:
-    await xs.set_perms(path, perms, tx_id)
-    for child in await xs.directory(path, tx_id):
-        await _chmod_tree(xs, f"{path}/{child}", perms, tx_id)
+async def _together(requests: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        for request in requests:
+            nursery.start_soon(lambda r=request: r)
 
 
 async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +60,15 @@ class System:
     driver_kinds: dict[str, str] = field(default_factory=dict)  # "vbd" or "vif"
     sandboxed: bool = True
     quiet: bool = True
+    spares: dict[str, Any] = field(default_factory=dict)   # driver name -> Spare
+    nursery: Any = None
+    xs: Any = None   # the toolstack's own XenStore connection
+
+    def spare_ready(self, name: str) -> bool:
+        """A warm spare stands by for ``name`` and has finished starting (it serves its
+        statistics socket once connected to XenStore and watching its backend directory)."""
+        return name in self.spares and os.path.exists(
+            os.path.join(self.runtime_dir, "stats", name, "spare.sock"))
 
     def stats_socket(self, name: str, uid: int | None) -> str:
         """Where domain ``name`` answers statistics requests: a directory of its own user."""
@@ -123,7 +133,11 @@ def _sandbox(name: str, sandboxed: bool, **limits: Any) -> SandboxSpec | None:
 
 @contextlib.asynccontextmanager
 async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = True,
-                      quiet: bool = True) -> AsyncIterator[System]:
+                      quiet: bool = True, driver_policy: RestartPolicy | None = None,
+                      warm_spares: bool | None = None) -> AsyncIterator[System]:
+    """The whole host; ``driver_policy`` overrides how driver domains are restarted
+    (the default: at once, backoff doubling, 10 starts per minute); ``warm_spares``
+    overrides the config's ``spare`` key for every driver domain."""
     os.makedirs(runtime_dir, exist_ok=True)
     async with open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
         xs_path = os.path.join(runtime_dir, "xenstored.sock")
@@ -149,6 +163,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
             system = System(config, runtime_dir, dom0, xs_path, supervisor,
                             sandboxed=sandboxed, quiet=quiet)
             system.xenstored = xenstored
+            system.nursery = nursery
+            system.xs = await nursery_xs(nursery, xs_path)
             guests = [d for d in config.domains if d.kind == "guest"]
             for spec in config.domains:
                 if spec.kind == "driver":
@@ -162,7 +178,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                 system.guests[spec.name] = guest
             for spec in config.domains:
                 if spec.kind == "driver":
-                    await _start_driver(system, spec.name, sandboxed, quiet)
+                    await _start_driver(system, spec.name, sandboxed, quiet, driver_policy,
+                                        spec.spare if warm_spares is None else warm_spares)
             for guest in system.guests.values():
                 await _start_guest(system, guest, sandboxed, quiet)
             await nursery.start(serve_control, system, control_path(runtime_dir))
@@ -172,6 +189,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                 for guest in system.guests.values():
                     if guest.process is not None:
                         guest.process.kill()
+                for spare in system.spares.values():
+                    spare.process.kill()
                 await supervisor.stop_all()
                 with trio.move_on_after(10):
                     for service in [*system.drivers.values(), xenstored]:
@@ -180,61 +199,133 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                 nursery.cancel_scope.cancel()
 
 
-async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool) -> None:
+async def nursery_xs(nursery: trio.Nursery, path: str) -> Any:
+    """A XenStore connection that lives as long as ``nursery`` (it redials after a xenstored
+    restart)."""
+    ready = trio.Event()
+    holder: list[Any] = []
+
+    async def hold() -> None:
+        async with open_xenstore(path, reconnect=True) as xs:
+            holder.append(xs)
+            ready.set()
+            await trio.sleep_forever()
+    nursery.start_soon(hold)
+    await ready.wait()
+    return holder[0]
+
+
+SPARE_DELAY = 0.5  # after a takeover, the next spare starts once recovery has had the CPUs
+
+
+@dataclass
+class Spare:
+    """A warm spare: a driver domain already started, serving nothing, that takes over the
+    devices of its predecessor the moment that one dies."""
+    domid: int
+    name: str
+    process: Any
+
+
+async def _hand_over(system: System, name: str, old: int | None, domid: int) -> None:
+    """Write (or move, after a crash) the devices of driver domain ``name`` to ``domid``."""
+    async with contextlib.AsyncExitStack() as stack:
+        # The toolstack's standing connection; a fresh one only before it exists.
+        xs = system.xs or await stack.enter_async_context(open_xenstore(system.xenstore_path))
+        for guest in system.guests.values():
+            for disk in guest.disks:
+                if disk.backend != name:
+                    continue
+                if old is not None:
+                    await move_vbd(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
+                                   devid=disk.devid, target=disk.target, mode=disk.mode)
+                else:
+                    await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
+                                  target=disk.target, mode=disk.mode, vdev=disk.vdev)
+            for devid, vif in guest.vifs.items():
+                if vif.backend != name:
+                    continue
+                if old is not None:
+                    await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
+                                   devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
+                else:
+                    await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
+                                  mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
+
+
+async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
+                        policy: RestartPolicy | None = None, warm_spare: bool = False) -> None:
     started_once = False
+    generation = 0
+    serves_net = system.driver_kinds.get(name) == "vif"
+    program = [sys.executable, "-m", "ringfence", "netback" if serves_net else "blkback"]
+    kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
+    # A network driver domain creates TAPs and a bridge in its own network namespace: it
+    # keeps root there (as a Linux driver domain is root in its own VM).
+    sandbox = (_sandbox(name, sandboxed, uid=0 if serves_net else None)
+               or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset()))
+    uid = sandbox.uid if sandbox.uid is not None else sandbox_uid(name)
+    stats = system.stats_socket(name, uid)
+
+    def teardown_of(domid: int, fd: int | None = None) -> Any:
+        async def teardown() -> None:
+            with contextlib.suppress(OSError):
+                await system.dom0.destroy_domain(domid)
+            if fd is not None:
+                os.close(fd)
+        return teardown
+
+    async def start_spare(delay: float = 0.0) -> None:
+        nonlocal generation
+        await trio.sleep(delay)
+        generation += 1
+        spare_name = f"{name}.spare{generation}"
+        domid, fd = await system.dom0.create_domain(spare_name)
+        try:
+            # Its own cgroup (the active one's goes with the active one), the same user.
+            spec = dataclasses.replace(sandbox, name=spare_name, uid=uid)
+            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd),
+                                      STATS_SOCKET_ENV: os.path.join(os.path.dirname(stats), "spare.sock")})
+            process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env, **kwargs)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await system.dom0.destroy_domain(domid)
+            raise
+        finally:
+            os.close(fd)
+        system.spares[name] = Spare(domid, spare_name, process)
 
     async def prepare() -> Launch:
         nonlocal started_once
-        domid, fd = await system.dom0.create_domain(name)
-        old = system.driver_domids.get(name)
+        old = system.driver_domids.get(name) if started_once else None
         if sandboxed and os.geteuid() == 0:
             # The driver domain runs as its own unprivileged user: give it its disks.
             for guest in system.guests.values():
                 for disk in guest.disks:
                     if disk.backend == name:
-                        os.chown(disk.target, sandbox_uid(name), -1)
-        system.driver_domids[name] = domid
-        async with open_xenstore(system.xenstore_path) as xs:
-            for guest in system.guests.values():
-                for disk in guest.disks:
-                    if disk.backend != name:
-                        continue
-                    if started_once and old is not None:
-                        await move_vbd(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                                       devid=disk.devid, target=disk.target, mode=disk.mode)
-                    else:
-                        await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
-                                      target=disk.target, mode=disk.mode, vdev=disk.vdev)
-                for devid, vif in guest.vifs.items():
-                    if vif.backend != name:
-                        continue
-                    if started_once and old is not None:
-                        await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                                       devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
-                    else:
-                        await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
-                                      mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
-        started_once = True
-
-        async def teardown() -> None:
+                        os.chown(disk.target, uid, -1)
+        spare = system.spares.pop(name, None) if started_once else None
+        if spare is not None and spare.process.process.poll() is None:
+            # Warm: the spare takes the name and the devices; a new spare starts behind it.
+            await system.dom0.rename_domain(spare.domid, name)
+            system.driver_domids[name] = spare.domid
+            await _hand_over(system, name, old, spare.domid)
             with contextlib.suppress(OSError):
-                await system.dom0.destroy_domain(domid)
-            os.close(fd)
+                os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
+            system.nursery.start_soon(start_spare, SPARE_DELAY)
+            return Launch(program, teardown=teardown_of(spare.domid), adopt=spare.process)
+        if spare is not None:
+            spare.process.kill()
+        domid, fd = await system.dom0.create_domain(name)
+        system.driver_domids[name] = domid
+        await _hand_over(system, name, old, domid)
+        started_once = True
+        if warm_spare and name not in system.spares:
+            system.nursery.start_soon(start_spare)
+        env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: stats})
+        return Launch(program, pass_fds=(fd,), env=env, teardown=teardown_of(domid, fd), kwargs=kwargs)
 
-        uid = sandbox.uid if sandbox.uid is not None else sandbox_uid(name)
-        env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd),
-                                  STATS_SOCKET_ENV: system.stats_socket(name, uid)})
-        kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
-        program = "netback" if serves_net else "blkback"
-        return Launch([sys.executable, "-m", "ringfence", program], pass_fds=(fd,), env=env,
-                      teardown=teardown, kwargs=kwargs)
-
-    serves_net = system.driver_kinds.get(name) == "vif"
-    # A network driver domain creates TAPs and a bridge in its own network namespace: it
-    # keeps root there (as a Linux driver domain is root in its own VM).
-    sandbox = (_sandbox(name, sandboxed, uid=0 if serves_net else None)
-               or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset()))
-    service = Service(name, prepare, sandbox, RestartPolicy(initial_delay=0.01, watchdog=None),
+    service = Service(name, prepare, sandbox, policy or RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
 
     def on_state(svc: Service) -> None:

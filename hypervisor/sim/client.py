@@ -493,6 +493,9 @@ class Dom0:
     async def destroy_domain(self, domid: int) -> None:
         await self.connection.checked(Op.DESTROY_DOMAIN, P.U16.pack(domid), "destroy")
 
+    async def rename_domain(self, domid: int, name: str) -> None:
+        await self.connection.checked(Op.RENAME_DOMAIN, P.U16.pack(domid) + name.encode(), "rename")
+
     async def list_domains(self) -> list[dict[str, Any]]:
         body, _ = await self.connection.checked(Op.LIST_DOMAINS)
         return list(json.loads(body))

@@ -339,6 +339,16 @@ class Hypervisor:
                     return P.reply(msg, -errno.ESRCH), []
                 self.destroy(target, reason="destroyed by dom0")
                 return P.reply(msg, 0), []
+            if op == Op.RENAME_DOMAIN:
+                domid, name = P.decode_rename(msg.payload)
+                target = self.domains.get(domid)
+                if target is None:
+                    return P.reply(msg, -errno.ESRCH), []
+                if any(d.name == name and d is not target for d in self.domains.values()):
+                    return P.reply(msg, -errno.EEXIST), []
+                log.info("domain renamed", extra={"kv": {"domid": domid, "old": target.name, "new": name}})
+                target.name = name
+                return P.reply(msg, 0), []
             if op == Op.LIST_DOMAINS:
                 P.decode_empty(msg.payload, "list")
                 rows = [{"domid": d.domid, "name": d.name, "state": d.state, "pid": d.pid}

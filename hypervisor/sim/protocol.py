@@ -42,6 +42,7 @@ class Op(enum.IntEnum):
     LIST_DOMAINS = 22
     SUBSCRIBE = 23
     STORE_REGISTER = 24   # this dom0 connection is xenstored: receive domains' connections
+    RENAME_DOMAIN = 25    # as libxl_domain_rename: a warm spare takes its predecessor's name
 
 
 class EventKind(enum.IntEnum):
@@ -225,6 +226,12 @@ def decode_name(payload: bytes) -> str:
     if not name.isprintable() or "/" in name:
         raise ProtocolError("name has unprintable characters or '/'")
     return name
+
+
+def decode_rename(payload: bytes) -> tuple[int, str]:
+    if len(payload) < U16.size:
+        raise ProtocolError("rename without a domid")
+    return U16.unpack_from(payload)[0], decode_name(payload[U16.size:])
 
 
 def reply(msg: Message, status: int, body: bytes = b"") -> bytes:

@@ -264,3 +264,14 @@ async def test_a_dead_xenstored_or_subscriber_costs_only_its_connection(hv, tmp_
         assert errno == 107
         assert (await guest.ok("info"))["domid"] == guest.domid
     assert len(await hv.list_domains()) >= 0  # the daemon still answers
+
+
+async def test_rename_domain_is_dom0s_and_names_stay_unique(hv):
+    async with open_agent(hv, "spare") as spare, open_agent(hv, "taken"):
+        await hv.rename_domain(spare.domid, "active")
+        names = {d["name"]: d["domid"] for d in await hv.list_domains()}
+        assert names["active"] == spare.domid and "spare" not in names
+        with pytest.raises(OSError, match="File exists"):
+            await hv.rename_domain(spare.domid, "taken")
+        with pytest.raises(OSError):
+            await hv.rename_domain(0x7FEE, "ghost")

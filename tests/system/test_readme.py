@@ -57,6 +57,13 @@ def test_readme_first_session(tmp_path):
     left = subprocess.run(["pgrep", "-f", runtime], capture_output=True, text=True).stdout
     assert left == ""
     assert not os.path.exists(f"{runtime}/control.sock")
+    # Nothing left behind: TAPs and bridges lived in the domains' own network namespaces,
+    # mounts in their mount namespaces, and the cgroups go with their processes.
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "vif" not in links and "xenbr" not in links
+    assert runtime not in Path("/proc/self/mounts").read_text()
+    assert [name for name in ("stor", "net", "guest1", "guest2")
+            if os.path.exists(f"/sys/fs/cgroup/pids/ringfence/{name}")] == []
 
 
 def test_usage_and_runtime_errors_are_one_line(tmp_path):

@@ -1,0 +1,202 @@
+"""``ringfence bench recovery``: how long a storage driver domain crash is visible.
+
+A host with two storage driver domains: ``stor`` serves the victim guest, ``stor2`` the
+bystander. A probe reads the victim's disk one 4 KiB block at a time over NBD (its own
+minimal NBD client, so that nothing but the I/O path is timed) while ``stor`` is killed
+with -9 again and again: each kill's recovery time is kill → the first read completed
+after it (the supervisor relaunches the domain, the backend runs the handshake, blkfront
+reconnects and replays). Meanwhile fio reads the bystander's disk; its IOPS during the
+kills against a run without them show containment. The budgets are the goals' (p99 at
+most 200 ms cold, 20 ms with a warm spare; bystander at least 95 %). The run is done
+twice: cold (each kill relaunches the driver domain) and warm (a spare driver domain,
+started beforehand, takes over and a new spare starts behind it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import trio
+
+from ringfence.bench.report import Metric
+
+CONFIG = """
+[[domain]]
+name = "stor"
+kind = "driver"
+
+[[domain]]
+name = "stor2"
+kind = "driver"
+
+[[domain]]
+name = "victim"
+kind = "guest"
+disks = ["target={dir}/victim.img,vdev=xvda,backend=stor"]
+
+[[domain]]
+name = "bystander"
+kind = "guest"
+disks = ["target={dir}/bystander.img,vdev=xvda,backend=stor2"]
+"""
+DISK = 64 << 20
+
+
+class NbdProbe:
+    """One read at a time through NBD, completion times recorded (a thread: blocking I/O)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.sock.settimeout(30)
+        self._handshake()
+        self.completions: list[tuple[float, float]] = []  # (submitted, completed)
+        self.errors = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="nbd-probe", daemon=True)
+
+    def _recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("NBD server closed the connection")
+            data += chunk
+        return data
+
+    def _handshake(self) -> None:
+        magic, opt_magic, _flags = struct.unpack(">QQH", self._recv(18))
+        if magic != 0x4E42444D41474943 or opt_magic != 0x49484156454F5054:
+            raise ConnectionError("not a fixed-newstyle NBD server")
+        self.sock.sendall(struct.pack(">I", 1))  # NBD_FLAG_C_FIXED_NEWSTYLE
+        self.sock.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))  # NBD_OPT_EXPORT_NAME ""
+        self.size, _ = struct.unpack(">QH", self._recv(10))
+        self._recv(124)
+
+    def _loop(self) -> None:
+        handle, blocks = 0, self.size // 4096
+        while not self._stop.is_set():
+            handle += 1
+            offset = random.randrange(blocks) * 4096
+            submitted = time.monotonic()
+            self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, offset, 4096))
+            magic, error, _ = struct.unpack(">IIQ", self._recv(16))
+            if magic != 0x67446698:
+                raise ConnectionError("bad NBD reply")
+            self._recv(4096)
+            if error:
+                self.errors += 1
+            self.completions.append((submitted, time.monotonic()))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def _fio_iops(uri: str, seconds: float) -> float:
+    out = subprocess.run(["fio", "--name=bystander", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
+                          "--bs=4k", "--iodepth=8", f"--runtime={seconds:.0f}", "--time_based",
+                          "--output-format=json"], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]["iops"])
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+async def _measure(quick: bool, warm: bool, progress: Callable[[str], None]) -> tuple[list[float], float, float]:
+    """Kill ``stor`` repeatedly; returns the recovery times (ms) and the bystander's IOPS
+    during the kills and alone."""
+    from ringfence.isolation.supervisor import RestartPolicy
+    from ringfence.toolstack.config import load
+    from ringfence.toolstack.system import open_system
+    kills = 10 if quick else 50
+    label = "warm" if warm else "cold"
+    runtime = f"/run/ringfence-bench-recovery-{os.getpid()}"
+    os.makedirs(runtime, exist_ok=True)
+    for name in ("victim", "bystander"):
+        with open(os.path.join(runtime, f"{name}.img"), "wb") as f:
+            f.truncate(DISK)
+    config_path = os.path.join(runtime, "host.toml")
+    with open(config_path, "w") as f:
+        f.write(CONFIG.format(dir=runtime))
+    config = load(config_path, runtime)
+    # Every kill is a crash to recover from at once: no backoff, no start limit.
+    policy = RestartPolicy(initial_delay=0.0, stable_after=0.0, burst=10 * kills + 10, watchdog=None)
+    recoveries: list[float] = []
+    try:
+        async with open_system(config, runtime, driver_policy=policy, warm_spares=warm) as system:
+            victim = system.guests["victim"].nbd_sockets["xvda"]
+            bystander_uri = f"nbd+unix:///?socket={system.guests['bystander'].nbd_sockets['xvda']}"
+            window = 3.0 if quick else 10.0
+            progress(f"{label}: bystander alone, fio 4 KiB randread qd8 for {window:.0f} s")
+            alone = await trio.to_thread.run_sync(_fio_iops, bystander_uri, window)
+            probe = NbdProbe(victim)
+            probe.start()
+            service = system.drivers["stor"]
+
+            async def kill_repeatedly() -> None:
+                for i in range(kills):
+                    await trio.sleep(0.15 + random.random() * 0.1)
+                    with trio.fail_after(30):
+                        while service.state.value != "ready" or (warm and not system.spare_ready("stor")):
+                            await trio.sleep(0.005)
+                    killed = time.monotonic()
+                    service.kill()
+                    with trio.fail_after(30):
+                        # the first read issued after the kill that completes: the service is back
+                        while not probe.completions or probe.completions[-1][0] <= killed:
+                            await trio.sleep(0.0005)
+                    first = min(done for issued, done in probe.completions[-3:] if issued > killed)
+                    recoveries.append((first - killed) * 1000)
+                    progress(f"{label}: kill {i + 1}/{kills}: first read after {recoveries[-1]:.1f} ms")
+
+            during: list[float] = []
+
+            async def bystander() -> None:
+                during.append(await trio.to_thread.run_sync(_fio_iops, bystander_uri, window))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bystander)
+                await kill_repeatedly()
+            await trio.to_thread.run_sync(probe.stop)
+            if probe.errors:
+                raise RuntimeError(f"the victim saw {probe.errors} I/O errors across the kills")
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    progress(f"{label}: p50 {statistics.median(recoveries):.1f} ms, "
+             f"p99 {_percentile(recoveries, 0.99):.1f} ms over {len(recoveries)} kills")
+    return recoveries, during[0], alone
+
+
+async def _run(quick: bool, progress: Callable[[str], None]) -> list[Metric]:
+    cold, during, alone = await _measure(quick, False, progress)
+    warm, during_warm, alone_warm = await _measure(quick, True, progress)
+    return [Metric("recovery_p50_cold", statistics.median(cold), 200.0, "ms", "<=1.0"),
+            Metric("recovery_p99_cold", _percentile(cold, 0.99), 200.0, "ms", "<=1.0"),
+            Metric("recovery_p50_warm", statistics.median(warm), 20.0, "ms", "<=1.0"),
+            Metric("recovery_p99_warm", _percentile(warm, 0.99), 20.0, "ms", "<=1.0"),
+            Metric("bystander_throughput", during, alone, "iops", ">=0.95"),
+            Metric("bystander_throughput_warm", during_warm, alone_warm, "iops", ">=0.95")]
+
+
+def run(quick: bool, progress: Callable[[str], None]) -> list[Metric]:
+    if os.geteuid() != 0:
+        raise RuntimeError("the recovery benchmark sandboxes driver domains: run it as root")
+    if not shutil.which("fio"):
+        raise RuntimeError("the recovery benchmark needs fio (apt-get install fio)")
+    return trio.run(_run, quick, progress)

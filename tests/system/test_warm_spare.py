@@ -1,0 +1,70 @@
+"""A driver domain with a warm spare: on a crash the spare (started beforehand, serving
+nothing) takes the name and the devices, the guest's I/O carries on, and a new spare
+starts behind it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import trio
+
+from ringfence.toolstack.config import load
+from ringfence.toolstack.system import open_system
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+CONFIG = """
+[[domain]]
+name = "stor"
+kind = "driver"
+spare = true
+
+[[domain]]
+name = "guest1"
+kind = "guest"
+disks = ["target={dir}/g.img,vdev=xvda,backend=stor"]
+"""
+
+
+async def test_spare_takes_over_and_is_replaced():
+    runtime = f"/run/ringfence-spare-{os.getpid()}"
+    os.makedirs(runtime, exist_ok=True)
+    with open(f"{runtime}/g.img", "wb") as f:
+        f.truncate(32 << 20)
+    with open(f"{runtime}/host.toml", "w") as f:
+        f.write(CONFIG.format(dir=runtime))
+    try:
+        await _exercise(runtime)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def _exercise(runtime: str) -> None:
+    async with open_system(load(f"{runtime}/host.toml", runtime), runtime) as system:
+        with trio.fail_after(30):
+            while not system.spare_ready("stor"):
+                await trio.sleep(0.05)
+        spare = system.spares["stor"]
+        uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
+        data = os.urandom(4 << 20)
+        with open(f"{runtime}/in", "wb") as f:
+            f.write(data)
+        system.drivers["stor"].kill()
+
+        def io() -> bytes:
+            subprocess.run(["nbdcopy", f"{runtime}/in", uri], check=True, timeout=60)
+            subprocess.run(["nbdcopy", uri, f"{runtime}/out"], check=True, timeout=60)
+            with open(f"{runtime}/out", "rb") as f:
+                return f.read(len(data))
+
+        assert await trio.to_thread.run_sync(io) == data
+        names = {d["name"]: d["domid"] for d in await system.dom0.list_domains()}
+        assert names["stor"] == spare.domid == system.driver_domids["stor"]
+        assert system.drivers["stor"].process is spare.process
+        with trio.fail_after(30):
+            while not system.spare_ready("stor"):
+                await trio.sleep(0.05)
+        assert system.spares["stor"].domid != spare.domid
+    assert not os.path.exists(f"{runtime}/control.sock")
