@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from ringfence._unixsock import listen_unix
 from ringfence.errors import CommandError
 from ringfence.toolstack import hotplug
 
@@ -70,7 +71,29 @@ def _async(function: Callable[..., Awaitable[Any]], *keys: str) -> Callable[[Any
     return call
 
 
+async def _service_pid(system: Any, args: dict[str, Any]) -> Any:
+    name = str(args.get("service"))
+    service = system.xenstored if name == "xenstored" else system.drivers.get(name)
+    if service is None:
+        raise CommandError(f"no supervised service named {name!r}")
+    process = service.process
+    alive = process is not None and process.process.poll() is None
+    return {"service": name, "pid": _innermost(process.process.pid) if alive else 0,
+            "state": service.state.value}
+
+
+def _innermost(pid: int) -> int:
+    """The service's own process: a sandbox with a pid namespace runs it under a waiter."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+        return int(children[0]) if children else pid
+    except OSError:
+        return pid
+
+
 OPS: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
+    "service-pid": _service_pid,
     "list": _sync(hotplug.describe),
     "stats": _statistics,
     "create": _create,
@@ -87,15 +110,7 @@ OPS: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
 
 async def serve_control(system: Any, path: str, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if os.path.exists(path):
-        os.unlink(path)
-    old_umask = os.umask(0o077)  # the host's controls: root only
-    try:
-        await listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(16)
+    listener = await listen_unix(path, backlog=16)  # the host's controls: root only
     # Requests change shared state (guests, devices): one at a time, as xl takes its lock.
     lock = trio.Lock()
     counters = {"requests": 0, "errors": 0}

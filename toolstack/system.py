@@ -30,7 +30,9 @@ from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.devices import add_vbd, add_vif, move_vbd, move_vif
 from ringfence.toolstack.hypervisor import open_hypervisor
+from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import open_xenstore
+from ringfence.xenbus.state import XenbusState
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +333,36 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
     def on_state(svc: Service) -> None:
         if svc.state.value == "ready" and svc.last_recovery_ms is not None and svc.starts > 1:
             system.recoveries.append((svc.name, svc.last_recovery_ms))
+        if svc.state.value == "failed" and system.nursery is not None:
+            system.nursery.start_soon(_mark_failed, system, svc.name,
+                                      f"driver domain {svc.name} failed: start limit "
+                                      f"({svc.policy.burst} starts in {svc.policy.interval:.0f} s)")
 
     service.on_state = on_state
     system.drivers[name] = await system.supervisor.add(service)
     with trio.fail_after(30):
         await service.wait_ready()
+
+
+async def _mark_failed(system: System, name: str, reason: str) -> None:
+    """The supervisor gave up on a driver domain: its devices' backends are marked failed
+    (``hotplug-error`` and Closed, as libxl does on a failed hotplug), so that frontends
+    fail their I/O instead of waiting for a backend that will not come."""
+    domid = system.driver_domids.get(name)
+    if domid is None or system.xs is None:
+        return
+    log.error("devices marked failed", extra={"kv": {"driver": name, "reason": reason}})
+    base = f"/local/domain/{domid}/backend"
+    for guest in system.guests.values():
+        devices = [("vbd", d.devid) for d in guest.disks if d.backend == name]
+        devices += [("vif", devid) for devid, v in guest.vifs.items() if v.backend == name]
+        for kind, devid in devices:
+            path = f"{base}/{kind}/{guest.domid}/{devid}"
+            with contextlib.suppress(XenStoreError):
+                async for tx in system.xs.transaction():
+                    async with tx:
+                        await tx.write(f"{path}/hotplug-error", reason)
+                        await tx.write(f"{path}/state", str(int(XenbusState.Closed)))
 
 
 async def _write_guest_devices(system: System, xs: Any, guest: Guest) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
+from ringfence._unixsock import listen_unix
 
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
@@ -201,17 +202,7 @@ class XenStoreServer:
     async def serve_unix(self, path: str, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve dom0 tools on ``path`` (mode 0600: only dom0 may connect)."""
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            await sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(128)
+        sock = await listen_unix(path, backlog=128)
         async with trio.open_nursery() as nursery:
             task_status.started()
             try:

@@ -38,6 +38,10 @@ class _BackendMoved(Exception):
     """The backend we were connecting to was replaced (see _wait_for_backend)."""
 
 
+class _BackendFailed(Exception):
+    """The toolstack gave up on the backend (its driver domain hit its start limit)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BlkfrontStatistics:
     devid: int
@@ -89,6 +93,7 @@ class BlkFront:
         self._ring_grefs: list[int] = []
         self.state = XenbusState.Initialising
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
+        self.failed: str | None = None  # why the backend is given up on, while it is
         self.bytes_read = self.bytes_written = 0
 
     @property
@@ -142,6 +147,10 @@ class BlkFront:
                     # That backend is gone before it ever came up (killed while starting):
                     # the toolstack has pointed us at its successor.
                     raise _BackendMoved
+                if state == XenbusState.Closed:
+                    error = await self._read_or(f"{self.backend_path}/hotplug-error", b"")
+                    if error:
+                        raise _BackendFailed(error.decode(errors="replace"))
         raise XenStoreError("EIO", "watch ended")
 
     async def _backend_moved(self) -> bool:
@@ -154,12 +163,40 @@ class BlkFront:
         while True:
             try:
                 return await self._try_connect()
-            except _BackendMoved:
-                log.info("backend moved while connecting; following it")
+            except (_BackendMoved, _BackendFailed) as exc:
                 if self._port is not None:
                     port, self._port = self._port, None
                     with contextlib.suppress(OSError):
                         await port.close()
+                if isinstance(exc, _BackendMoved):
+                    log.info("backend moved while connecting; following it")
+                    continue
+                await self._fail_until_replaced(str(exc))
+
+    async def _fail_until_replaced(self, reason: str) -> None:
+        """No backend will come: what is pending fails with EIO (so does anything new),
+        until the toolstack writes a fresh backend for this device."""
+        self.failed = reason
+        log.error("backend failed; I/O fails until it is replaced", extra={"kv": {
+            "devid": self.devid, "reason": reason, "failed_requests": len(self.pending)}})
+        for pending in self.pending.values():
+            pending.status = Status.ERROR
+            pending.done.set()
+        self.errors += len(self.pending)
+        self.pending.clear()
+        self._connected.set()  # wakes putters waiting for a ring: they fail now
+        async with self._page_freed:
+            self._page_freed.notify_all()
+        failed_backend = self.backend_path
+        async with self.xs.watch(f"{self.path}/backend") as events:
+            async for _ in events:
+                current = (await self._read_or(f"{self.path}/backend", b"")).decode()
+                if current and (current != failed_backend or not await self.xs.exists(
+                        f"{failed_backend}/hotplug-error")):
+                    log.info("backend replaced; reconnecting", extra={"kv": {"backend": current}})
+                    self.failed = None
+                    self._connected = trio.Event()
+                    return
 
     async def _try_connect(self) -> None:
         await self._write_state(XenbusState.Initialising)
@@ -266,6 +303,10 @@ class BlkFront:
     # ---- requests --------------------------------------------------------------------
     async def _put(self, pending: _Pending, *, replaying: bool = False) -> None:
         while True:
+            if self.failed is not None and not replaying:
+                pending.status = Status.ERROR
+                pending.done.set()
+                return
             if pending.done.is_set() or pending.sent_on == self.connections:
                 return  # answered, or already replayed onto this ring
             ring = self._ring
@@ -299,6 +340,9 @@ class BlkFront:
 
     async def _submit(self, operation: int, sector: int, pages: list[int], sectors_in_last: int = 8,
                       nr_sectors: int = 0) -> None:
+        if self.failed is not None:
+            self.errors += 1
+            raise BlockIOError(5, f"{Op(operation).name}: the backend failed ({self.failed})")
         pending = _Pending(next(self._ids), operation, sector, pages, sectors_in_last, nr_sectors)
         self.pending[pending.id] = pending
         self.requests += 1

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import contextlib
 import os
-import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
+
+from ringfence._unixsock import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,8 @@ class NbdServer:
 
     # ---- listeners -------------------------------------------------------------------
     async def serve_unix(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bind under a temporary name and rename once listening, so that the socket's
-        # appearance means clients can connect.
-        staging = f"{path}.{os.getpid()}.tmp"
-        await sock.bind(staging)
-        sock.listen(64)
-        os.rename(staging, path)
+        # Clients may connect as soon as the socket appears.
+        sock = await listen_unix(path, private=False)
         try:
             await trio.serve_listeners(self.serve_stream, [trio.SocketListener(sock)],
                                        task_status=task_status)

@@ -31,6 +31,8 @@ from typing import Any
 
 import trio
 
+from ringfence._unixsock import listen_unix
+
 from ringfence.hypervisor._lib import ffi, lib
 from ringfence.hypervisor.sim import protocol as P
 from ringfence.hypervisor.sim.protocol import GNTST, Op
@@ -180,17 +182,8 @@ class Hypervisor:
 
     # ---- serving ----------------------------------------------------------------------
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        old_umask = os.umask(0o077)  # the socket is dom0's: nobody else may connect
-        try:
-            await listener.bind(path)
-        finally:
-            os.umask(old_umask)
-        listener.listen(64)
+        # The socket is dom0's: nobody else may connect.
+        listener = await listen_unix(path, kind=socket.SOCK_SEQPACKET)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()

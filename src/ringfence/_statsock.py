@@ -9,11 +9,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import trio
+
+from ringfence._unixsock import listen_unix
 
 STATS_SOCKET_ENV = "RINGFENCE_STATS_SOCKET"
 
@@ -30,15 +31,7 @@ async def serve_statistics(provider: Callable[[], Any], path: str | None = None,
     if not path:
         task_status.started()
         return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
-    try:
-        await listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(8)
+    listener = await listen_unix(path, backlog=8)
     task_status.started()
     with listener:
         while True:
