@@ -6,6 +6,7 @@ namespace and then ends, so no thread that trio reuses ever changes namespace.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -100,7 +101,11 @@ async def link_exists(name: str, netns_pid: int | None = None) -> bool:
 async def ensure_bridge(name: str, *, mtu: int | None = None, netns_pid: int | None = None) -> None:
     def make(ipr: IPRoute) -> None:
         if not ipr.link_lookup(ifname=name):
-            ipr.link("add", ifname=name, kind="bridge")
+            try:
+                ipr.link("add", ifname=name, kind="bridge")
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:  # another vif made it meanwhile: fine
+                    raise
         index = _index(ipr, name)
         if mtu:
             ipr.link("set", index=index, mtu=mtu)

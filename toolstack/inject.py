@@ -49,7 +49,11 @@ def run_command(args: argparse.Namespace) -> int:
     socket_path = os.path.join(args.runtime_dir, "hv.sock")
     if not os.path.exists(socket_path):
         raise CommandError(f"no running system in {args.runtime_dir} (no {socket_path})")
-    trio.run(_inject, args, socket_path)
+    try:
+        trio.run(_inject, args, socket_path)
+    except trio.TooSlowError:
+        raise CommandError(f"{args.domain} is not running and did not come back within 30 s "
+                           "(its supervisor may have given up: see 'ringfence list')") from None
     return 0
 
 

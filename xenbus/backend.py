@@ -25,6 +25,7 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
     holding ``complete_key``; the dict of running devices is given to the starter."""
     devices: dict[tuple[int, int], Device] = {}
     scopes: dict[tuple[int, int], trio.CancelScope] = {}
+    failures: dict[tuple[int, int], int] = {}
     async with trio.open_nursery() as nursery, xs.watch(base) as events:
         task_status.started(devices)
         async for _ in events:
@@ -38,18 +39,25 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                     if key not in devices:
                         devices[key] = make(path, *key)
                         scopes[key] = trio.CancelScope()
-                        nursery.start_soon(_run, devices, scopes, key)
+                        nursery.start_soon(_run, devices, scopes, failures, key)
             for key in [k for k in devices if k not in present]:
                 scopes[key].cancel()
 
 
 async def _run(devices: dict[tuple[int, int], Any], scopes: dict[tuple[int, int], trio.CancelScope],
-               key: tuple[int, int]) -> None:
+               failures: dict[tuple[int, int], int], key: tuple[int, int]) -> None:
     try:
         with scopes[key]:
             await devices[key].run()
+        failures.pop(key, None)
     except Exception as exc:  # one device's failure must never take the others down
-        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1], "error": repr(exc)}})
+        failures[key] = failures.get(key, 0) + 1
+        log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1],
+                                                 "error": repr(exc), "failures": failures[key]}})
+        # Restarted at the next change of its directory, but not in a loop: whatever a
+        # frontend writes, a failing device costs at most a few starts per second.
+        with scopes[key]:
+            await trio.sleep(min(0.05 * 2 ** failures[key], 5.0))
     finally:
         devices.pop(key, None)
         scopes.pop(key, None)

@@ -112,17 +112,23 @@ class NetbackVif:
             rx_map = await gt.map(self.frontend_id, [rx_ref])
         except OSError as exc:
             raise _Disconnect(f"ring map: {exc}") from None
-        port = await self.domain.events.bind_interdomain(self.frontend_id, port_no)
-        tx = BackRing(tx_map.buffer, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
-        rx = BackRing(rx_map.buffer, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
-        tap_fd, _ = netlink.open_tap(self.tap_name, vnet_hdr=False)
-        await netlink.ensure_bridge(self.bridge)
-        await netlink.set_link(self.tap_name, master=self.bridge, up=True)
-        await self._set_state(XenbusState.Connected)
-        log.info("vif connected", extra={"kv": {"vif": self.tap_name, "bridge": self.bridge}})
-        self.rx_buffers: collections.deque[tuple[int, int]] = collections.deque()  # (id, gref)
-        self._abuse = ""
+        port = tap_fd = None
         try:
+            # Everything taken from here on is given back whatever fails (finally below):
+            # a device that failed once must be able to connect again.
+            try:
+                port = await self.domain.events.bind_interdomain(self.frontend_id, port_no)
+            except OSError as exc:
+                raise _Disconnect(f"event channel: {exc}") from None
+            tx = BackRing(tx_map.buffer, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
+            rx = BackRing(rx_map.buffer, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
+            tap_fd, _ = netlink.open_tap(self.tap_name, vnet_hdr=False)
+            await netlink.ensure_bridge(self.bridge)
+            await netlink.set_link(self.tap_name, master=self.bridge, up=True)
+            await self._set_state(XenbusState.Connected)
+            log.info("vif connected", extra={"kv": {"vif": self.tap_name, "bridge": self.bridge}})
+            self.rx_buffers: collections.deque[tuple[int, int]] = collections.deque()  # (id, gref)
+            self._abuse = ""
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
                 nursery.start_soon(self._tap_to_guest, rx, port, tap_fd)
@@ -130,14 +136,16 @@ class NetbackVif:
             if self._abuse:
                 raise _Disconnect(self._abuse)
         finally:
-            trio.lowlevel.notify_closing(tap_fd)
-            os.close(tap_fd)
-            with contextlib.suppress(OSError):
-                await netlink.delete_link(self.tap_name)
+            if tap_fd is not None:
+                trio.lowlevel.notify_closing(tap_fd)
+                os.close(tap_fd)
+                with contextlib.suppress(OSError):
+                    await netlink.delete_link(self.tap_name)
             for mapping in (tx_map, rx_map):
                 with contextlib.suppress(OSError):
                     await gt.unmap(mapping)
-            await port.close()
+            if port is not None:
+                await port.close()
 
     async def _watch_close(self, scope: trio.CancelScope) -> None:
         async with self.xs.watch(f"{self.frontend_path}/state") as events:

@@ -98,6 +98,10 @@ class NetFront:
 
     async def _try_connect(self) -> tuple[str, FrontRing, FrontRing, Any]:
         xs, p = self.xs, self.path
+        # Every attempt starts from Initialising: a backend that came up while we still said
+        # Connected (to its predecessor) and failed on our stale keys waits for exactly this.
+        self.state = XenbusState.Initialising
+        await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
         backend = (await xs.read(f"{p}/backend")).decode()
         backend_id = int(await xs.read(f"{p}/backend-id"))
         await self._wait_backend(backend, (XenbusState.InitWait,))
