@@ -63,6 +63,8 @@ class Launch:
     # A process already running that this start takes over instead of spawning one (a warm
     # spare): it counts as ready at once, having started long before.
     adopt: Any = None
+    # For programs that do not speak sd_notify: running counts as ready.
+    ready_on_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +174,7 @@ class Service:
                                                      pass_fds=launch.pass_fds, env=env, **launch.kwargs)
             self.starts += 1
             self._last_ping = time.monotonic()
-            if launch.adopt is not None:
+            if launch.adopt is not None or launch.ready_on_start:
                 self._became_ready()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_notifications, notify)

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ringfence.frontends.blkfront.cli",
     "ringfence.backends.netback.cli",
     "ringfence.frontends.netfront.cli",
+    "ringfence.isolation.cli",
     "ringfence.toolstack.up",
     "ringfence.toolstack.xl",
     "ringfence.toolstack.guest",

@@ -90,3 +90,32 @@ async def test_steady_service_is_ready_and_recovers_from_a_kill(tmp_path):
             while svc.state != State.STOPPED:
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
+
+
+def test_supervise_command_restarts_then_gives_up(tmp_path):
+    """`ringfence supervise`: a command that keeps dying is restarted, then given up."""
+    import subprocess
+    import time
+    started = time.monotonic()
+    result = subprocess.run(
+        ["ringfence", "supervise", "--name", "flaky", "--no-sandbox", "--ready-on-start",
+         "--burst", "3", "--interval", "30", "--runtime-dir", str(tmp_path), "--",
+         "sh", "-c", f"echo x >> {tmp_path}/starts; exit 3"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert (tmp_path / "starts").read_text().count("x") == 3
+    assert "start limit" in result.stderr and time.monotonic() - started < 30
+
+
+def test_supervise_command_stops_cleanly_on_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import time
+    process = subprocess.Popen(
+        ["ringfence", "supervise", "--name", "sleeper", "--no-sandbox", "--ready-on-start",
+         "--runtime-dir", str(tmp_path), "--", "sleep", "300"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).returncode == 1
