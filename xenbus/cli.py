@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--socket", default=os.environ.get("XENSTORED_PATH", DEFAULT_SOCKET),
                         metavar="PATH", help=f"dom0 socket (default $XENSTORED_PATH or {DEFAULT_SOCKET})")
     parser.add_argument("--state-dir", metavar="DIR",
-                        help="make every change durable here and restore from it on start")
+                        help="journal every change here before replying (it survives a crash "
+                        "of the daemon) and restore from it on start")
+    parser.add_argument("--fsync", action="store_true",
+                        help="with --state-dir: flush each change to disk too (survives a "
+                        "crash of the host; costs a disk round trip per change)")
     parser.add_argument("--hypervisor", metavar="SOCKET",
                         help="serve the sim domains of this hypervisor")
     parser.set_defaults(func=run_command)
@@ -55,7 +59,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server = XenStoreServer()
     if args.state_dir:
         from ringfence.xenbus.persistence import Journal
-        Journal.open(args.state_dir, server)
+        Journal.open(args.state_dir, server, fsync=args.fsync)
     notifier = Notifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
