@@ -153,6 +153,12 @@ class BlkFront:
                         raise _BackendFailed(error.decode(errors="replace"))
         raise XenStoreError("EIO", "watch ended")
 
+    async def _wait_for_backend_change(self, seen: XenbusState) -> None:
+        async with self.xs.watch(f"{self.backend_path}/state") as events:
+            async for _ in events:
+                if await self._backend_state() != seen or await self._backend_moved():
+                    return
+
     async def _backend_moved(self) -> bool:
         try:
             return (await self.xs.read(f"{self.path}/backend")).decode() != self.backend_path
@@ -213,7 +219,13 @@ class BlkFront:
                     "feature-max-indirect-segments", "max-ring-page-order"):
             self.features[key] = int(await self._read_or(f"{b}/{key}", b"0"))
         self._ring = FrontRing(self._ring_pages.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
-        self._port = await self.domain.events.alloc_unbound(self.backend_id)
+        try:
+            self._port = await self.domain.events.alloc_unbound(self.backend_id)
+        except OSError:
+            # The backend's domain died after it announced InitWait: wait for the toolstack
+            # to move the device or give up on it, then start over.
+            await self._wait_for_backend_change(XenbusState.InitWait)
+            raise _BackendMoved from None
         async for tx in self.xs.transaction():
             async with tx:
                 await tx.write(f"{self.path}/ring-ref", str(self._ring_grefs[0]))

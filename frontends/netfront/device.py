@@ -118,7 +118,13 @@ class NetFront:
         buffer = self.rings.buffer
         tx = FrontRing(buffer[:PAGE], netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
         rx = FrontRing(buffer[PAGE:], netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
-        port = await self.domain.events.alloc_unbound(backend_id)
+        try:
+            port = await self.domain.events.alloc_unbound(backend_id)
+        except OSError:
+            # That backend's domain died after announcing InitWait: wait until the toolstack
+            # moves us (its directory goes) or it changes state, then start over.
+            await self._wait_backend_leaves_state(backend, XenbusState.InitWait)
+            raise _BackendMoved from None
         async for tx_ in xs.transaction():
             async with tx_:
                 await tx_.write(f"{p}/tx-ring-ref", str(self.ring_grefs[0]))
@@ -140,15 +146,18 @@ class NetFront:
                                                "backend": backend_id}})
         return backend, tx, rx, port
 
-    async def _wait_backend_leaves(self, backend: str) -> None:
+    async def _wait_backend_leaves_state(self, backend: str, seen: XenbusState) -> None:
         async with self.xs.watch(f"{backend}/state") as events:
             async for _ in events:
                 try:
                     state = XenbusState(int(await self.xs.read(f"{backend}/state")))
                 except (XenStoreError, ValueError):
-                    state = XenbusState.Unknown
-                if state != XenbusState.Connected:
                     return
+                if state != seen:
+                    return
+
+    async def _wait_backend_leaves(self, backend: str) -> None:
+        await self._wait_backend_leaves_state(backend, XenbusState.Connected)
 
     async def _wait_backend(self, backend: str, wanted: tuple[XenbusState, ...]) -> None:
         async with self.xs.watch(f"{backend}/state") as events:
