@@ -213,9 +213,11 @@ def describe(system: Any) -> list[dict[str, Any]]:
     rows = []
     for name, service in system.drivers.items():
         stats = service.statistics()
+        spare = system.spares.get(name)
         rows.append({"name": name, "kind": "driver", "serves": system.driver_kinds.get(name, ""),
                      "domid": system.driver_domids.get(name), "state": service.state.value,
-                     "starts": stats.starts, "crashes": stats.crashes})
+                     "starts": stats.starts, "crashes": stats.crashes,
+                     "spare": (spare.domid if system.spare_ready(name) else "starting") if spare else None})
     for guest in system.guests.values():
         alive = guest.process is not None and guest.process.poll() is None
         rows.append({"name": guest.name, "kind": "guest", "domid": guest.domid,
