@@ -55,6 +55,8 @@ class XenStore:
         self._watches: dict[bytes, trio.MemorySendChannel[tuple[str, bytes]]] = {}
         self._tokens = itertools.count(1)
         self._closed = False
+        self._outbox: list[bytes] = []
+        self._flushing = False
         self.requests = self.errors = self.watch_events = self.retries = 0
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -122,6 +124,21 @@ class XenStore:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, W.ProtocolViolation):
             return
 
+    async def _flush(self) -> None:
+        """Send the outbox: requests made by other tasks in the same scheduling round go in
+        the same write (one syscall and one daemon wake-up for a pipelined batch)."""
+        self._flushing = True
+        try:
+            with trio.CancelScope(shield=True):  # others' requests ride on this write
+                await trio.lowlevel.checkpoint()
+                while self._outbox:
+                    blob = b"".join(self._outbox)
+                    self._outbox.clear()
+                    async with self._send_lock:
+                        await self._stream.send_all(blob)
+        finally:
+            self._flushing = False
+
     async def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
         """One request; many may be in flight at once (replies are matched by req_id)."""
         if self._closed:
@@ -132,15 +149,16 @@ class XenStore:
         self.requests += 1
         data = W.encode(op, req_id, tx_id, payload)
         self._sent[req_id] = data
-        try:
-            async with self._send_lock:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            if self._reconnect is None:
-                self._pending.pop(req_id, None)
-                self._sent.pop(req_id, None)
-                raise XenStoreError("EIO", "connection closed") from None
-            # resent after the reconnection
+        self._outbox.append(data)
+        if not self._flushing:
+            try:
+                await self._flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                if self._reconnect is None:
+                    self._pending.pop(req_id, None)
+                    self._sent.pop(req_id, None)
+                    raise XenStoreError("EIO", "connection closed") from None
+                # resent after the reconnection
         try:
             reply = await receive.receive()
         except trio.EndOfChannel:
