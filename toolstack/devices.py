@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.client import XenStore, gather
 from ringfence.xenbus.paths import DevicePaths
 from ringfence.xenbus.state import XenbusState
 
@@ -41,7 +39,7 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                        (("backend", be), ("backend-id", backend), *frontend_keys,
                         ("state", int(XenbusState.Initialising)))
                        if key != "state" or fresh]  # a live frontend keeps its own state
-            await _together(tx.write(path, str(value)) for path, value in writes)
+            await tx.write_many([(path, str(value)) for path, value in writes])
             # Each domain owns its own directory; each half is readable by the other.
             perms = [(f"/local/domain/{d}", [f"n{d}"]) for d in (backend, frontend)]
             perms += [(parent, [f"n{backend}"]) for parent in (
@@ -52,13 +50,7 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
             for top, owner, reader in ((be, backend, frontend), (fe, frontend, backend)):
                 nodes = [top] + [f"{top}/{child}" for child in await xs.directory(top, tx.id)]
                 perms += [(node, [f"n{owner}", f"r{reader}"]) for node in nodes]
-            await _together(xs.set_perms(path, p, tx.id) for path, p in perms)
-
-
-async def _together(requests: Any) -> None:
-    async with trio.open_nursery() as nursery:
-        for request in requests:
-            nursery.start_soon(lambda r=request: r)
+            await gather([xs.set_perms(path, p, tx.id) for path, p in perms])
 
 
 async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,

@@ -18,6 +18,7 @@ import itertools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -172,6 +173,23 @@ class XenStore:
     async def read(self, path: str, tx_id: int = 0) -> bytes:
         return await self.request(Op.READ, W.join(path), tx_id)
 
+    async def read_many(self, paths: list[str], tx_id: int = 0) -> list[bytes | None]:
+        """Several reads in flight at once (one write to the daemon); None where a node is
+        missing."""
+        async def one(path: str) -> bytes | None:
+            try:
+                return await self.read(path, tx_id)
+            except XenStoreError as exc:
+                if exc.name != "ENOENT":
+                    raise
+                return None
+
+        return await gather([one(path) for path in paths])
+
+    async def write_many(self, items: list[tuple[str, bytes | str]], tx_id: int = 0) -> None:
+        """Several writes in flight at once (one write to the daemon)."""
+        await gather([self.write(path, value, tx_id) for path, value in items])
+
     async def write(self, path: str, value: bytes | str, tx_id: int = 0) -> None:
         data = value.encode() if isinstance(value, str) else value
         await self.request(Op.WRITE, path.encode() + b"\0" + data, tx_id)
@@ -278,6 +296,12 @@ class Transaction:
     async def write(self, path: str, value: bytes | str) -> None:
         await self.xs.write(path, value, self.id)
 
+    async def read_many(self, paths: list[str]) -> list[bytes | None]:
+        return await self.xs.read_many(paths, self.id)
+
+    async def write_many(self, items: list[tuple[str, bytes | str]]) -> None:
+        await self.xs.write_many(items, self.id)
+
     async def mkdir(self, path: str) -> None:
         await self.xs.mkdir(path, self.id)
 
@@ -289,6 +313,26 @@ class Transaction:
 
     async def exists(self, path: str) -> bool:
         return await self.xs.exists(path, self.id)
+
+
+async def gather(calls: list[Any]) -> list[Any]:
+    """Await coroutines concurrently (their requests pipelined); results in order. The
+    first failure is raised as itself, not wrapped in an exception group."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[Exception] = []
+
+    async def run(i: int, call: Any) -> None:
+        try:
+            results[i] = await call
+        except Exception as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(run, i, call)
+    if errors:
+        raise errors[0]
+    return results
 
 
 @contextlib.asynccontextmanager

@@ -80,10 +80,12 @@ class BlkbackDevice:
 
     async def run(self) -> None:
         with logging_context(kind="vbd", frontend=self.frontend_id, devid=self.devid):
-            params = (await self.xs.read(f"{self.path}/params")).decode()
-            mode = (await self.xs.read(f"{self.path}/mode")).decode() if await self.xs.exists(
-                f"{self.path}/mode") else "w"
-            self.frontend_path = (await self.xs.read(f"{self.path}/frontend")).decode()
+            raw_params, raw_mode, raw_frontend = await self.xs.read_many(
+                [f"{self.path}/{key}" for key in ("params", "mode", "frontend")])
+            if raw_params is None or raw_frontend is None:
+                return  # removed meanwhile
+            params, mode = raw_params.decode(), (raw_mode or b"w").decode()
+            self.frontend_path = raw_frontend.decode()
             self.vbd = Vbd(params, read_only=mode.startswith("r"))
             self.validator = Validator(Geometry(self.vbd.sectors, self.vbd.read_only))
             try:
@@ -98,19 +100,19 @@ class BlkbackDevice:
     async def _publish_features(self) -> None:
         assert self.vbd is not None
         p, vbd = self.path, self.vbd
+        features = (
+            ("sectors", vbd.sectors), ("sector-size", 512),
+            ("physical-sector-size", vbd.physical_sector_size),
+            ("info", VDISK_READONLY if vbd.read_only else 0),
+            ("feature-flush-cache", 1), ("feature-discard", int(not vbd.read_only)),
+            ("discard-granularity", 4096), ("discard-alignment", 0),
+            ("discard-secure", 0), ("feature-persistent", 1),
+            ("feature-max-indirect-segments", 256),
+            ("multi-queue-max-queues", 1), ("max-ring-page-order", MAX_RING_PAGE_ORDER),
+            ("state", int(XenbusState.InitWait)))
         async for tx in self.xs.transaction():
             async with tx:
-                for key, value in (
-                        ("sectors", vbd.sectors), ("sector-size", 512),
-                        ("physical-sector-size", vbd.physical_sector_size),
-                        ("info", VDISK_READONLY if vbd.read_only else 0),
-                        ("feature-flush-cache", 1), ("feature-discard", int(not vbd.read_only)),
-                        ("discard-granularity", 4096), ("discard-alignment", 0),
-                        ("discard-secure", 0), ("feature-persistent", 1),
-                        ("feature-max-indirect-segments", 256),
-                        ("multi-queue-max-queues", 1), ("max-ring-page-order", MAX_RING_PAGE_ORDER)):
-                    await tx.write(f"{p}/{key}", str(value))
-                await tx.write(f"{p}/state", str(int(XenbusState.InitWait)))
+                await tx.write_many([(f"{p}/{key}", str(value)) for key, value in features])
         self.state = XenbusState.InitWait
         log.info("device waiting for frontend", extra={"kv": {"sectors": vbd.sectors}})
 
@@ -141,19 +143,30 @@ class BlkbackDevice:
 
     async def _connect_and_serve(self) -> None:
         fe = self.frontend_path
-        order = int(await self._read_or(f"{fe}/ring-page-order", b"0"))
-        if not 0 <= order <= MAX_RING_PAGE_ORDER:
-            raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
-        keys = ["ring-ref"] if order == 0 else [f"ring-ref{i}" for i in range(1 << order)]
+        # The frontend's keys in one round trip (each value copied once, then validated).
+        raw_order, raw_ref, raw_port, raw_protocol, raw_persistent = await self.xs.read_many(
+            [f"{fe}/{key}" for key in ("ring-page-order", "ring-ref", "event-channel", "protocol",
+                                       "feature-persistent")])
         try:
-            refs = [int(await self.xs.read(f"{fe}/{k}")) for k in keys]
-            port_no = int(await self.xs.read(f"{fe}/event-channel"))
-        except (XenStoreError, ValueError) as exc:
+            order = int(raw_order or b"0")
+            if not 0 <= order <= MAX_RING_PAGE_ORDER:
+                raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
+            if order == 0:
+                values = [raw_ref]
+            else:
+                values = await self.xs.read_many([f"{fe}/ring-ref{i}" for i in range(1 << order)])
+            if raw_port is None or any(v is None for v in values):
+                raise _Disconnect("frontend keys unreadable: ring-ref or event-channel missing", 1)
+            refs = [int(v) for v in values]  # type: ignore[arg-type]
+            port_no = int(raw_port)
+        except ValueError as exc:
             raise _Disconnect(f"frontend keys unreadable: {exc}", 1) from None
-        protocol = (await self._read_or(f"{fe}/protocol", b"x86_64-abi")).decode()
+        except XenStoreError as exc:
+            raise _Disconnect(f"frontend keys unreadable: {exc}", 1) from None
+        protocol = (raw_protocol or b"x86_64-abi").decode(errors="replace")
         if protocol not in ("x86_64-abi", "native"):
             raise _Disconnect(f"unsupported protocol {protocol}", 1)
-        self.use_persistent = (await self._read_or(f"{fe}/feature-persistent", b"0")) == b"1"
+        self.use_persistent = raw_persistent == b"1"
         try:
             mapped = await self.domain.grant_table.map(self.frontend_id, refs)
         except OSError as exc:
