@@ -68,11 +68,11 @@ class NetbackVif:
     async def run(self) -> None:
         self.frontend_path = (await self.xs.read(f"{self.path}/frontend")).decode()
         self.bridge = (await self._read_or(f"{self.path}/bridge", b"xenbr0")).decode()
-        for key, value in (("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 0),
-                           ("feature-gso-tcpv4", 0), ("feature-gso-tcpv6", 0),
-                           ("feature-ipv6-csum-offload", 0), ("feature-rx-notify", 1),
-                           ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1)):
-            await self.xs.write(f"{self.path}/{key}", str(value))
+        await self.xs.write_many([(f"{self.path}/{key}", str(value)) for key, value in (
+            ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 0),
+            ("feature-gso-tcpv4", 0), ("feature-gso-tcpv6", 0),
+            ("feature-ipv6-csum-offload", 0), ("feature-rx-notify", 1),
+            ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1))])
         await self._set_state(XenbusState.InitWait)
         async with self.xs.watch(f"{self.frontend_path}/state") as events:
             async for _ in events:
@@ -98,20 +98,28 @@ class NetbackVif:
 
     async def _connect_and_serve(self) -> None:
         fe = self.frontend_path
+        # The frontend's keys in one round trip, each copied once and validated.
+        raw = await self.xs.read_many([f"{fe}/{key}" for key in (
+            "tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy")])
         try:
-            tx_ref = int(await self.xs.read(f"{fe}/tx-ring-ref"))
-            rx_ref = int(await self.xs.read(f"{fe}/rx-ring-ref"))
-            port_no = int(await self.xs.read(f"{fe}/event-channel"))
-        except (XenStoreError, ValueError) as exc:
+            if any(value is None for value in raw[:3]):
+                raise ValueError("tx-ring-ref, rx-ring-ref or event-channel missing")
+            tx_ref, rx_ref, port_no = (int(value) for value in raw[:3])  # type: ignore[arg-type]
+        except ValueError as exc:
             raise _Disconnect(f"frontend keys: {exc}") from None
-        if (await self._read_or(f"{fe}/request-rx-copy", b"0")) != b"1":
+        if raw[3] != b"1":
             raise _Disconnect("frontend does not request rx-copy")
         gt = self.domain.grant_table
         try:
             tx_map = await gt.map(self.frontend_id, [tx_ref])
+        except OSError as exc:
+            raise _Disconnect(f"tx ring map: {exc}") from None
+        try:
             rx_map = await gt.map(self.frontend_id, [rx_ref])
         except OSError as exc:
-            raise _Disconnect(f"ring map: {exc}") from None
+            with contextlib.suppress(OSError):
+                await gt.unmap(tx_map)
+            raise _Disconnect(f"rx ring map: {exc}") from None
         port = tap_fd = None
         try:
             # Everything taken from here on is given back whatever fails (finally below):

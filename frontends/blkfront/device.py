@@ -228,11 +228,12 @@ class BlkFront:
             raise _BackendMoved from None
         async for tx in self.xs.transaction():
             async with tx:
-                await tx.write(f"{self.path}/ring-ref", str(self._ring_grefs[0]))
-                await tx.write(f"{self.path}/event-channel", str(self._port.port))
-                await tx.write(f"{self.path}/protocol", "x86_64-abi")
-                await tx.write(f"{self.path}/feature-persistent", "1" if self.persistent else "0")
-                await tx.write(f"{self.path}/state", str(int(XenbusState.Initialised)))
+                await tx.write_many([
+                    (f"{self.path}/ring-ref", str(self._ring_grefs[0])),
+                    (f"{self.path}/event-channel", str(self._port.port)),
+                    (f"{self.path}/protocol", "x86_64-abi"),
+                    (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
+                    (f"{self.path}/state", str(int(XenbusState.Initialised)))])
         self.state = XenbusState.Initialised
         log.debug("initialised; waiting for backend to connect")
         await self._wait_for_backend((XenbusState.Connected,))

@@ -127,12 +127,12 @@ class NetFront:
             raise _BackendMoved from None
         async for tx_ in xs.transaction():
             async with tx_:
-                await tx_.write(f"{p}/tx-ring-ref", str(self.ring_grefs[0]))
-                await tx_.write(f"{p}/rx-ring-ref", str(self.ring_grefs[1]))
-                await tx_.write(f"{p}/event-channel", str(port.port))
-                await tx_.write(f"{p}/request-rx-copy", "1")
-                await tx_.write(f"{p}/feature-rx-notify", "1")
-                await tx_.write(f"{p}/state", str(int(XenbusState.Connected)))
+                await tx_.write_many([
+                    (f"{p}/tx-ring-ref", str(self.ring_grefs[0])),
+                    (f"{p}/rx-ring-ref", str(self.ring_grefs[1])),
+                    (f"{p}/event-channel", str(port.port)),
+                    (f"{p}/request-rx-copy", "1"), (f"{p}/feature-rx-notify", "1"),
+                    (f"{p}/state", str(int(XenbusState.Connected)))])
         self.state = XenbusState.Connected
         try:
             await self._wait_backend(backend, (XenbusState.Connected,))
