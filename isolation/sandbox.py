@@ -230,7 +230,12 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
     expose = [(cover.encode(), [ffi.new("char[]", p.encode()) for p in paths])
               for cover, paths in covers.items()]
 
+    parent = os.getpid()
+
     def enter() -> None:  # runs in the child between fork and exec
+        status = lib.rf_die_with_parent(parent)
+        if status < 0:
+            raise OSError(-status, "the toolstack exited while this domain was starting")
         for path in procs_files:
             with open(path, "w") as f:
                 f.write(str(os.getpid()))
@@ -281,11 +286,15 @@ def drop_privileges_from_environment() -> None:
     if value is None:
         return
     uid = int(value)
+    parent = os.getppid()
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     if os.geteuid() != uid:
         raise OSError(errno.EPERM, "could not drop privileges")
+    # Changing credentials cleared the parent-death signal: set it again.
+    if lib.rf_die_with_parent(parent) < 0:
+        raise OSError(errno.ESRCH, "the sandbox's parent exited while it was starting")
 
 
 _CLONE_FLAGS = {"net": 0x40000000, "uts": 0x04000000, "ipc": 0x08000000, "mnt": 0x00020000}

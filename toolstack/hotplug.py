@@ -8,6 +8,7 @@ backend directory (the driver domain forgets the device).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -72,6 +73,8 @@ async def block_attach(system: Any, guest_name: str, spec_text: str) -> dict[str
         os.chown(disk.target, sandbox_uid(disk.backend), -1)  # the driver domain's own user
     guest.disks.append(disk)
     sock = guest.nbd_sockets[disk.vdev] = os.path.join(system.guest_home(guest), f"{disk.vdev}.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)  # a leftover must not pass for the new export
     async with open_xenstore(system.xenstore_path) as xs:
         await add_vbd(xs, backend=backend, frontend=guest.domid, devid=disk.devid,
                       target=disk.target, mode=disk.mode, vdev=disk.vdev)

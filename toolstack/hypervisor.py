@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from ringfence.hypervisor._lib import lib
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0, open_dom0
 from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
 
@@ -22,10 +23,20 @@ async def open_hypervisor(directory: str | os.PathLike[str], *, verbose: bool = 
                           quiet: bool = False) -> AsyncIterator[tuple[str, Dom0]]:
     """Start a hypervisor daemon process; yields (socket path, dom0 client)."""
     path = os.path.join(os.fspath(directory), "hv.sock")
+    # A socket left by a host that was killed: its appearance must mean the new daemon.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     argv = [sys.executable, "-m", "ringfence"] + (["-vv"] if verbose else []) + [
         "hypervisor", "--socket", path]
+    parent = os.getpid()
+
+    def die_with_us() -> None:  # the domains' hypervisor goes when its toolstack does
+        if lib.rf_die_with_parent(parent) < 0:
+            os._exit(1)
+
     process = await trio.lowlevel.open_process(
-        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None)
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None,
+        preexec_fn=die_with_us)
     try:
         with trio.fail_after(20):
             while not os.path.exists(path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,9 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
     async with open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
         xs_path = os.path.join(runtime_dir, "xenstored.sock")
         state_dir = os.path.join(runtime_dir, "xenstore-state")
+        # The journal lets xenstored survive its own crashes within this host's life; a
+        # previous host's tree (its domids, its devices) means nothing to a new hypervisor.
+        shutil.rmtree(state_dir, ignore_errors=True)
         os.makedirs(state_dir, exist_ok=True)
         async with trio.open_nursery() as nursery:
             supervisor = await nursery.start(Supervisor().run)

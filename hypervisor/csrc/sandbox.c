@@ -186,3 +186,14 @@ int rf_tap_open(const char *name, int vnet_hdr, int multi_queue, char *actual_na
         memcpy(actual_name, ifr.ifr_name, IFNAMSIZ);
     return fd;
 }
+
+int rf_die_with_parent(int parent_pid)
+{
+    /* A domain outlives no toolstack: killed -9 or crashed, its children follow it
+     * instead of lingering as orphans that hold the runtime directory. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+        return -errno;
+    if (getppid() != parent_pid)
+        return -ESRCH; /* the parent died before we asked */
+    return 0;
+}

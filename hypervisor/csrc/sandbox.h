@@ -10,5 +10,7 @@
 int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gid);
 int rf_sandbox_expose(const char *cover, const char *const *paths, int n);
 int rf_setns(int fd, int nstype);
+/* PR_SET_PDEATHSIG(SIGKILL); -ESRCH if the parent is already gone */
+int rf_die_with_parent(int parent_pid);
 int rf_tap_open(const char *name, int vnet_hdr, int multi_queue, char *actual_name);
 #endif

@@ -79,3 +79,27 @@ def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
                 if os.path.exists(f"/sys/fs/cgroup/pids/ringfence/{name}")]
     assert leftover == []
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_up_killed_leaves_no_orphans_and_can_start_again():
+    """kill -9 of `ringfence up` takes its hypervisor, xenstored and domains with it (they
+    die with their parent), and a new `up` on the same runtime directory starts clean."""
+    runtime = f"/run/ringfence-test-kill-{os.getpid()}"
+
+    def start() -> subprocess.Popen[str]:
+        up = subprocess.Popen(["ringfence", "up", "--runtime-dir", runtime], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+        for _ in range(4):  # two guests, a disk and a NIC each
+            assert up.stdout.readline().startswith("guest="), "ringfence up did not come up"
+        return up
+
+    up = start()
+    up.kill()
+    up.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while (_pids(runtime) or _pids("ringfence blkback") or _pids("ringfence guest")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _pids(runtime) == [] and _pids("ringfence blkback") == [] and _pids("ringfence guest") == []
+    again = start()
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 0
