@@ -1,0 +1,39 @@
+"""docs/interop.md, checked: every key Linux's xen-blkfront and xen-netfront read from a
+backend directory is published by our backends on a running host, and the keys Linux
+blkback/netback read are written by our frontends."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+BLKFRONT_READS = {"state", "sectors", "info", "sector-size", "physical-sector-size",
+                  "feature-flush-cache", "feature-discard", "discard-granularity",
+                  "discard-alignment", "discard-secure", "feature-persistent",
+                  "feature-max-indirect-segments", "multi-queue-max-queues", "max-ring-page-order"}
+BLKBACK_READS = {"ring-ref", "event-channel", "protocol", "feature-persistent", "state"}
+NETFRONT_READS = {"state", "feature-rx-copy", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
+                  "feature-ipv6-csum-offload", "feature-rx-notify", "feature-split-event-channels",
+                  "multi-queue-max-queues"}
+NETBACK_READS = {"tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy", "state"}
+
+
+async def _keys(xs, path):
+    return set(await xs.directory(path))
+
+
+async def test_backends_publish_what_linux_frontends_read(ringfence_system):
+    system = ringfence_system
+    xs = system.xs
+    guest = system.guests["guest1"]
+    vbd_back = f"/local/domain/{system.driver_domids['stor']}/backend/vbd/{guest.domid}/51712"
+    vif_back = f"/local/domain/{system.driver_domids['net']}/backend/vif/{guest.domid}/0"
+    assert BLKFRONT_READS <= await _keys(xs, vbd_back)
+    assert NETFRONT_READS <= await _keys(xs, vif_back)
+    assert await xs.read(f"{vbd_back}/state") == b"4" and await xs.read(f"{vif_back}/state") == b"4"
+    assert await xs.read(f"{vif_back}/feature-rx-copy") == b"1"
+    assert BLKBACK_READS <= await _keys(xs, f"/local/domain/{guest.domid}/device/vbd/51712")
+    assert NETBACK_READS <= await _keys(xs, f"/local/domain/{guest.domid}/device/vif/0")
+    assert await xs.read(f"/local/domain/{guest.domid}/device/vbd/51712/protocol") == b"x86_64-abi"
