@@ -94,6 +94,7 @@ def _innermost(pid: int) -> int:
 
 OPS: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
     "service-pid": _service_pid,
+    "disk-fault": _async(hotplug.inject_disk_fault, "driver", "fault"),
     "list": _sync(hotplug.describe),
     "stats": _statistics,
     "create": _create,

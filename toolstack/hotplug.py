@@ -159,6 +159,19 @@ async def _read_int(xs: Any, path: str) -> int:
         return XenbusState.Unknown
 
 
+async def inject_disk_fault(system: Any, driver: str, fault: str) -> dict[str, Any]:
+    """Make every disk a storage driver domain serves fail (``eio``), fail its next N
+    requests (``eio:N``), or heal (``""``): through its backend directories, as a dying
+    disk would look to the driver domain."""
+    _driver(system, driver, "vbd")
+    paths = [f"{DevicePaths('vbd', g.domid, system.driver_domids[driver], d.devid).backend}/fault-inject"
+             for g in system.guests.values() for d in g.disks if d.backend == driver]
+    await system.xs.write_many([(path, fault) for path in paths])
+    log.warning("disk fault injected", extra={"kv": {"driver": driver, "fault": fault or "healed",
+                                                     "disks": len(paths)}})
+    return {"driver": driver, "fault": fault or "healed", "disks": len(paths)}
+
+
 def block_list(system: Any, guest_name: str) -> list[dict[str, Any]]:
     guest = find_guest(system, guest_name)
     return [{"vdev": d.vdev, "devid": d.devid, "backend": d.backend, "target": d.target,

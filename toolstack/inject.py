@@ -18,21 +18,29 @@ from ringfence.errors import CommandError, UsageError
 from ringfence.toolstack.up import DEFAULT_RUNTIME
 
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
+DISK_FAULTS = ("eio", "heal")
 EXAMPLES = """examples:
   ringfence inject kill stor                 # kill -9 the storage driver domain
   ringfence inject kill xenstored            # it restarts from its journal; domains redial
   ringfence inject hang net; ringfence inject resume net
+  ringfence inject eio stor                  # every disk stor serves fails I/O with EIO
+  ringfence inject eio stor --count 10       # ... the next 10 requests only (transient)
+  ringfence inject heal stor
   ringfence inject kill stor --repeat 5 --interval 2 --seed 7   # jittered, reproducible
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "inject", help="inject faults into a running system (kill, hang, resume a domain)",
+        "inject", help="inject faults into a running system (kill, hang, resume, disk EIO)",
         description="Inject a fault into a domain of a running `ringfence up`, found by name "
-        "in the hypervisor's domain table.", epilog=EXAMPLES,
+        "in the hypervisor's domain table: kill -9 it, stop (hang) or continue (resume) it, "
+        "or make the disks of a storage driver domain fail (eio, sticky or --count N "
+        "requests) and heal.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fault", choices=sorted(SIGNALS), help="what to do to the domain")
+    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS]), help="what to do")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="eio: fail only the next N requests of each disk")
     parser.add_argument("domain", help="domain name, e.g. stor or net")
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
                         help=f"the host's runtime directory (default {DEFAULT_RUNTIME})")
@@ -46,6 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_command(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.interval < 0:
         raise UsageError("--repeat must be >= 1 and --interval >= 0")
+    if args.fault in DISK_FAULTS:
+        if args.count is not None and (args.count < 1 or args.fault != "eio"):
+            raise UsageError("--count N (N >= 1) goes with eio")
+        from ringfence.toolstack.control import call
+        fault = "" if args.fault == "heal" else "eio" + (f":{args.count}" if args.count else "")
+        result = call(args.runtime_dir, "disk-fault", driver=args.domain, fault=fault)
+        print(f"injected={args.fault} domain={args.domain} disks={result['disks']} "
+              f"count={args.count or 'all'} t={time.time():.3f}", flush=True)
+        return 0
     socket_path = os.path.join(args.runtime_dir, "hv.sock")
     if not os.path.exists(socket_path):
         raise CommandError(f"no running system in {args.runtime_dir} (no {socket_path})")

@@ -48,6 +48,7 @@ class DeviceStatistics:
     persistent_hits: int
     persistent_maps: int
     disconnects_for_abuse: int
+    injected_errors: int
     ring: dict[str, Any] | None
     vbd: dict[str, Any] | None
 
@@ -63,6 +64,9 @@ class BlkbackDevice:
         self.persistent: OrderedDict[int, Any] = OrderedDict()
         self.connections = self.requests = self.errors = self.abuse = 0
         self.hits = self.maps = 0
+        # Fault injection (ringfence inject eio): None, -1 (every I/O fails), or how many more
+        self.failing: int | None = None
+        self.injected_errors = 0
         self.use_persistent = True
         self._transient: list[Any] = []
 
@@ -70,7 +74,7 @@ class BlkbackDevice:
         return DeviceStatistics(
             self.frontend_id, self.devid, self.state.name, self.connections, self.requests,
             self.errors, dict(self.validator.rejected) if self.validator else {},
-            len(self.persistent), self.hits, self.maps, self.abuse,
+            len(self.persistent), self.hits, self.maps, self.abuse, self.injected_errors,
             asdict(self.ring.statistics()) if self.ring else None,
             asdict(self.vbd.statistics()) if self.vbd else None)
 
@@ -90,12 +94,27 @@ class BlkbackDevice:
             self.validator = Validator(Geometry(self.vbd.sectors, self.vbd.read_only))
             try:
                 await self._publish_features()
-                async with self.xs.watch(f"{self.frontend_path}/state") as events:
-                    async for _ in events:
-                        if not await self._frontend_changed():
-                            return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._follow_fault_injection)
+                    async with self.xs.watch(f"{self.frontend_path}/state") as events:
+                        async for _ in events:
+                            if not await self._frontend_changed():
+                                break
+                    nursery.cancel_scope.cancel()
             finally:
                 self.vbd.close()
+
+    async def _follow_fault_injection(self) -> None:
+        """The toolstack's ``fault-inject`` node: ``eio`` fails every read, write and flush
+        with BLKIF_RSP_ERROR (a dead disk), ``eio:N`` the next N (a transient one), empty or
+        absent nothing."""
+        async with self.xs.watch(f"{self.path}/fault-inject") as events:
+            async for _ in events:
+                value = (await self._read_or(f"{self.path}/fault-inject", b"")).decode(errors="replace")
+                kind, _, count = value.partition(":")
+                self.failing = (-1 if not count else max(0, int(count))) if kind == "eio" and (
+                    not count or count.isdigit()) else None
+                log.warning("fault injection", extra={"kv": {"fault": value or "none"}})
 
     async def _publish_features(self) -> None:
         assert self.vbd is not None
@@ -251,6 +270,12 @@ class BlkbackDevice:
             if isinstance(planned, Rejection):
                 self.errors += 1
                 results.append((planned.id, planned.operation, planned.status))
+                continue
+            if self.failing is not None and self.failing != 0:
+                if self.failing > 0:
+                    self.failing -= 1
+                self.injected_errors += 1
+                results.append((planned.id, planned.operation, Status.ERROR))
                 continue
             try:
                 request = await self._io_request(planned)
