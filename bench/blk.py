@@ -56,19 +56,14 @@ async def _qemu_nbd(disk: str, sock: str) -> AsyncIterator[str]:
 @contextlib.asynccontextmanager
 async def _ringfence(directory: str, disk: str, sock: str, persistent: bool = True) -> AsyncIterator[str]:
     from ringfence.toolstack.devices import add_vbd
-    from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+    from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
     from ringfence.xenbus.client import open_xenstore
     async with open_hypervisor(directory, quiet=True) as (hv_path, dom0):
         xs_path = os.path.join(directory, "xs.sock")
-        xenstored = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv_path],
-            stderr=subprocess.DEVNULL)
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
         processes = [xenstored]
         try:
-            with trio.fail_after(20):
-                while not os.path.exists(xs_path):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # registered with the hypervisor
             stor_domid, stor = await spawn_domain(
                 dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL)
             processes.append(stor)

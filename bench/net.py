@@ -105,19 +105,14 @@ async def _guests(directory: str) -> AsyncIterator[dict[int, int]]:
     from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
     from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
     from ringfence.toolstack.devices import add_vif
-    from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+    from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
     from ringfence.xenbus.client import open_xenstore
     async with open_hypervisor(directory, quiet=True) as (hv, dom0):
         xs_path = os.path.join(directory, "xs.sock")
-        xenstored = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv],
-            stderr=subprocess.DEVNULL)
+        xenstored = await start_xenstored(xs_path, hypervisor=hv)
         boxes = []
         try:
-            with trio.fail_after(20):
-                while not os.path.exists(xs_path):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # registered with the hypervisor
             net_domid, net = await spawn_domain(
                 dom0, "net", [sys.executable, "-m", "ringfence", "netback"],
                 sandbox=SandboxSpec("bench-net", uid=0), stderr=subprocess.DEVNULL)

@@ -8,8 +8,6 @@ a restarted daemon does, against the 100 ms goal.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,15 +20,9 @@ from ringfence.xenbus.client import XenStore, open_xenstore
 
 
 async def _start_ours(directory: str, state: str | None = None) -> tuple[str, trio.Process]:
+    from ringfence.toolstack.hypervisor import start_xenstored
     path = os.path.join(directory, f"ours-{time.monotonic_ns()}.sock")
-    argv = [sys.executable, "-m", "ringfence", "xenstored", "--socket", path]
-    if state:
-        argv += ["--state-dir", state]
-    process = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
-    with trio.fail_after(30):
-        while not os.path.exists(path):
-            await trio.sleep(0.02)
-    return path, process
+    return path, await start_xenstored(path, state_dir=state)
 
 
 async def _read_latency(xs: XenStore, n: int) -> float:

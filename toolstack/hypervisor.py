@@ -54,6 +54,24 @@ async def open_hypervisor(directory: str | os.PathLike[str], *, verbose: bool = 
             await process.wait()
 
 
+async def start_xenstored(path: str, *, hypervisor: str | None = None,
+                          state_dir: str | None = None, quiet: bool = True) -> trio.Process:
+    """Start our xenstored on ``path`` and return once it accepts connections (a socket
+    left at ``path`` by an earlier run is removed first, so its appearance means this one)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    argv = [sys.executable, "-m", "ringfence", "xenstored", "--socket", path]
+    argv += ["--hypervisor", hypervisor] if hypervisor else []
+    argv += ["--state-dir", state_dir] if state_dir else []
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL if quiet else None)
+    with trio.fail_after(30):
+        while not os.path.exists(path):
+            if process.poll() is not None:
+                raise RuntimeError(f"xenstored exited with status {process.returncode}")
+            await trio.sleep(0.02)
+    return process
+
+
 async def spawn_domain(dom0: Dom0, name: str, argv: Sequence[str], *,
                        sandbox: SandboxSpec | None = None, **kwargs: Any) -> tuple[int, trio.Process]:
     """Create a domain and start ``argv`` as its process (it inherits the control socket),
