@@ -276,6 +276,17 @@ async def _reap(boxed: SandboxedProcess) -> None:
         boxed.cgroup.remove()
 
 
+def innermost_pid(pid: int) -> int:
+    """The program a sandbox runs: with a pid namespace it runs under a waiter (``pid``),
+    as that waiter's only child."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+        return int(children[0]) if children else pid
+    except OSError:
+        return pid
+
+
 def drop_privileges_from_environment() -> None:
     """Called first thing by a domain's entry point: become the sandbox's own uid.
 

@@ -19,6 +19,7 @@ import trio
 
 from ringfence._unixsock import listen_unix
 from ringfence.errors import CommandError
+from ringfence.isolation.sandbox import innermost_pid
 from ringfence.toolstack import hotplug
 
 log = logging.getLogger(__name__)
@@ -78,18 +79,8 @@ async def _service_pid(system: Any, args: dict[str, Any]) -> Any:
         raise CommandError(f"no supervised service named {name!r}")
     process = service.process
     alive = process is not None and process.process.poll() is None
-    return {"service": name, "pid": _innermost(process.process.pid) if alive else 0,
+    return {"service": name, "pid": innermost_pid(process.process.pid) if alive else 0,
             "state": service.state.value}
-
-
-def _innermost(pid: int) -> int:
-    """The service's own process: a sandbox with a pid namespace runs it under a waiter."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = f.read().split()
-        return int(children[0]) if children else pid
-    except OSError:
-        return pid
 
 
 OPS: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
-from ringfence.isolation.sandbox import SandboxSpec, sandbox_uid, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
 from ringfence._statsock import STATS_SOCKET_ENV, fetch_statistics
 from ringfence.errors import CommandError
@@ -417,13 +417,7 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
 
 def guest_pid(guest: Guest) -> int:
     """The guest's own process (inside its namespaces), for nsenter."""
-    pid = guest.process.pid
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = f.read().split()
-        return int(children[0]) if children else pid
-    except OSError:
-        return pid
+    return innermost_pid(guest.process.pid)
 
 
 async def kill_driver(system: System, name: str) -> float:
