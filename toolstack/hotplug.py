@@ -21,7 +21,6 @@ from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation.sandbox import sandbox_uid
 from ringfence.toolstack.config import DiskSpec, DomainSpec, VifSpec, parse_disk, parse_vif
 from ringfence.toolstack.devices import add_vbd, add_vif
-from ringfence.xenbus.client import open_xenstore
 from ringfence.xenbus.paths import DevicePaths
 from ringfence.xenbus.state import XenbusState
 
@@ -51,6 +50,10 @@ async def _wait_for_node(path: str, timeout: float) -> None:
             await trio.sleep(0.02)
 
 
+def _paths(system: Any, guest: Any, kind: str, devid: int, backend: str) -> DevicePaths:
+    return DevicePaths(kind, guest.domid, system.driver_domids[backend], devid)
+
+
 def check_image(system: Any, target: str) -> None:
     if not os.path.isfile(target):
         raise CommandError(f"{target}: no such image file")
@@ -75,9 +78,8 @@ async def block_attach(system: Any, guest_name: str, spec_text: str) -> dict[str
     sock = guest.nbd_sockets[disk.vdev] = os.path.join(system.guest_home(guest), f"{disk.vdev}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)  # a leftover must not pass for the new export
-    async with open_xenstore(system.xenstore_path) as xs:
-        await add_vbd(xs, backend=backend, frontend=guest.domid, devid=disk.devid,
-                      target=disk.target, mode=disk.mode, vdev=disk.vdev)
+    await add_vbd(system.xs, backend=backend, frontend=guest.domid, devid=disk.devid,
+                  target=disk.target, mode=disk.mode, vdev=disk.vdev)
     await _wait_for_node(sock, 30)
     if not os.path.exists(sock):
         raise CommandError(f"{disk.vdev} did not come up within 30 s (see the driver domain's "
@@ -93,7 +95,7 @@ async def block_detach(system: Any, guest_name: str, vdev: str) -> dict[str, Any
         raise CommandError(f"{guest_name} has no disk {vdev!r} (see 'ringfence block-list {guest_name}')")
     guest.disks.remove(disk)
     guest.nbd_sockets.pop(disk.vdev, None)
-    seconds = await _detach(system, DevicePaths("vbd", guest.domid, system.driver_domids[disk.backend], disk.devid))
+    seconds = await _detach(system, _paths(system, guest, "vbd", disk.devid, disk.backend))
     return {"guest": guest_name, "vdev": disk.vdev, "detach_ms": round(seconds * 1000, 1)}
 
 
@@ -106,13 +108,12 @@ async def network_attach(system: Any, guest_name: str, spec_text: str) -> dict[s
     backend = _driver(system, vif.backend, "vif")
     devid = max(guest.vifs, default=-1) + 1
     guest.vifs[devid] = vif
-    async with open_xenstore(system.xenstore_path) as xs:
-        await add_vif(xs, backend=backend, frontend=guest.domid, devid=devid, mac=vif.mac,
-                      bridge=vif.bridge, ip=vif.ip)
-        fe_state = f"{DevicePaths('vif', guest.domid, backend, devid).frontend}/state"
-        with trio.move_on_after(30):
-            while (await _read_int(xs, fe_state)) != XenbusState.Connected:
-                await trio.sleep(0.05)
+    await add_vif(system.xs, backend=backend, frontend=guest.domid, devid=devid, mac=vif.mac,
+                  bridge=vif.bridge, ip=vif.ip)
+    fe_state = f"{_paths(system, guest, 'vif', devid, vif.backend).frontend}/state"
+    with trio.move_on_after(30):
+        while (await _read_int(system.xs, fe_state)) != XenbusState.Connected:
+            await trio.sleep(0.05)
     log.info("vif attached", extra={"kv": {"guest": guest_name, "devid": devid, "backend": vif.backend}})
     return {"guest": guest_name, "devid": devid, "ifname": f"eth{devid}", "mac": vif.mac}
 
@@ -124,31 +125,31 @@ async def network_detach(system: Any, guest_name: str, devid_text: str) -> dict[
     vif = guest.vifs.pop(devid, None)
     if vif is None:
         raise CommandError(f"{guest_name} has no vif {devid_text!r} (see 'ringfence network-list {guest_name}')")
-    seconds = await _detach(system, DevicePaths("vif", guest.domid, system.driver_domids[vif.backend], devid))
+    seconds = await _detach(system, _paths(system, guest, "vif", devid, vif.backend))
     return {"guest": guest_name, "devid": devid, "detach_ms": round(seconds * 1000, 1)}
 
 
 async def _detach(system: Any, paths: DevicePaths) -> float:
     started = time.monotonic()
-    async with open_xenstore(system.xenstore_path) as xs:
-        async for tx in xs.transaction():
-            async with tx:
-                await tx.write(f"{paths.backend}/online", "0")
-                if await tx.exists(paths.frontend):
-                    await tx.rm(paths.frontend)
-        with trio.move_on_after(DETACH_TIMEOUT) as waited:
-            while (await _read_int(xs, f"{paths.backend}/state")) not in (
-                    XenbusState.Closed, XenbusState.Unknown, XenbusState.InitWait):
-                await trio.sleep(0.02)
-        if waited.cancelled_caught:
-            log.warning("backend did not close in time; removing it anyway",
-                        extra={"kv": {"backend": paths.backend}})
-        for path in (paths.backend, paths.backend.rsplit("/", 1)[0]):  # and backend/KIND/FE once empty
-            try:
-                if path == paths.backend or not await xs.directory(path):
-                    await xs.rm(path)
-            except XenStoreError:
-                pass
+    xs = system.xs
+    async for tx in xs.transaction():
+        async with tx:
+            await tx.write(f"{paths.backend}/online", "0")
+            if await tx.exists(paths.frontend):
+                await tx.rm(paths.frontend)
+    with trio.move_on_after(DETACH_TIMEOUT) as waited:
+        while (await _read_int(xs, f"{paths.backend}/state")) not in (
+                XenbusState.Closed, XenbusState.Unknown, XenbusState.InitWait):
+            await trio.sleep(0.02)
+    if waited.cancelled_caught:
+        log.warning("backend did not close in time; removing it anyway",
+                    extra={"kv": {"backend": paths.backend}})
+    with contextlib.suppress(XenStoreError):
+        await xs.rm(paths.backend)
+    parent = paths.backend.rsplit("/", 1)[0]  # backend/KIND/FE, once its last device is gone
+    with contextlib.suppress(XenStoreError):
+        if not await xs.directory(parent):
+            await xs.rm(parent)
     return time.monotonic() - started
 
 
@@ -164,7 +165,7 @@ async def inject_disk_fault(system: Any, driver: str, fault: str) -> dict[str, A
     requests (``eio:N``), or heal (``""``): through its backend directories, as a dying
     disk would look to the driver domain."""
     _driver(system, driver, "vbd")
-    paths = [f"{DevicePaths('vbd', g.domid, system.driver_domids[driver], d.devid).backend}/fault-inject"
+    paths = [f"{_paths(system, g, 'vbd', d.devid, driver).backend}/fault-inject"
              for g in system.guests.values() for d in g.disks if d.backend == driver]
     await system.xs.write_many([(path, fault) for path in paths])
     log.warning("disk fault injected", extra={"kv": {"driver": driver, "fault": fault or "healed",
@@ -194,14 +195,11 @@ async def destroy_guest(system: Any, name: str) -> dict[str, Any]:
         with trio.move_on_after(10):
             await guest.process.wait()
     for disk in list(guest.disks):
-        await _detach(system, DevicePaths("vbd", guest.domid, system.driver_domids[disk.backend], disk.devid))
+        await _detach(system, _paths(system, guest, "vbd", disk.devid, disk.backend))
     for devid, vif in list(guest.vifs.items()):
-        await _detach(system, DevicePaths("vif", guest.domid, system.driver_domids[vif.backend], devid))
-    async with open_xenstore(system.xenstore_path) as xs:
-        try:
-            await xs.rm(f"/local/domain/{guest.domid}")
-        except XenStoreError:
-            pass
+        await _detach(system, _paths(system, guest, "vif", devid, vif.backend))
+    with contextlib.suppress(XenStoreError):
+        await system.xs.rm(f"/local/domain/{guest.domid}")
     del system.guests[name]
     log.info("guest destroyed", extra={"kv": {"guest": name, "domid": guest.domid}})
     return {"guest": name, "domid": guest.domid, "ms": round((time.monotonic() - started) * 1000, 1)}

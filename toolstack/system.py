@@ -8,6 +8,7 @@ blkfronts reconnect and replay — the guests only see a pause.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -15,23 +16,22 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
 
+from ringfence._statsock import STATS_SOCKET_ENV, fetch_statistics
+from ringfence.errors import CommandError
+from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
-from ringfence._statsock import STATS_SOCKET_ENV, fetch_statistics
-from ringfence.errors import CommandError
-from ringfence.toolstack.control import control_path, serve_control
-from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
+from ringfence.toolstack.control import control_path, serve_control
 from ringfence.toolstack.devices import add_vbd, add_vif, move_vbd, move_vif
+from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.hypervisor import open_hypervisor
-from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import open_xenstore
 from ringfence.xenbus.state import XenbusState
 
@@ -66,6 +66,7 @@ class System:
     spares: dict[str, Any] = field(default_factory=dict)   # driver name -> Spare
     nursery: Any = None
     xs: Any = None   # the toolstack's own XenStore connection
+    control_statistics: dict[str, int] = field(default_factory=dict)
 
     def spare_ready(self, name: str) -> bool:
         """A warm spare stands by for ``name`` and has finished starting (it serves its
@@ -109,12 +110,9 @@ class System:
         guest = Guest(spec.name, domid, list(spec.disks), dict(enumerate(spec.vifs)))
         guest._fd = fd  # type: ignore[attr-defined]
         self.guests[spec.name] = guest
-        async with open_xenstore(self.xenstore_path) as xs:
-            await _write_guest_devices(self, xs, guest)
+        await _write_guest_devices(self, self.xs, guest)
         await _start_guest(self, guest, self.sandboxed, self.quiet)
         return guest
-
-    control_statistics: dict[str, int] = field(default_factory=dict)
 
     async def statistics(self) -> dict[str, Any]:
         services = [self.xenstored, *self.drivers.values()] if self.xenstored else list(self.drivers.values())
@@ -235,28 +233,26 @@ class Spare:
 
 async def _hand_over(system: System, name: str, old: int | None, domid: int) -> None:
     """Write (or move, after a crash) the devices of driver domain ``name`` to ``domid``."""
-    async with contextlib.AsyncExitStack() as stack:
-        # The toolstack's standing connection; a fresh one only before it exists.
-        xs = system.xs or await stack.enter_async_context(open_xenstore(system.xenstore_path))
-        for guest in system.guests.values():
-            for disk in guest.disks:
-                if disk.backend != name:
-                    continue
-                if old is not None:
-                    await move_vbd(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                                   devid=disk.devid, target=disk.target, mode=disk.mode)
-                else:
-                    await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
-                                  target=disk.target, mode=disk.mode, vdev=disk.vdev)
-            for devid, vif in guest.vifs.items():
-                if vif.backend != name:
-                    continue
-                if old is not None:
-                    await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                                   devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
-                else:
-                    await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
-                                  mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
+    xs = system.xs
+    for guest in system.guests.values():
+        for disk in guest.disks:
+            if disk.backend != name:
+                continue
+            if old is not None:
+                await move_vbd(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
+                               devid=disk.devid, target=disk.target, mode=disk.mode)
+            else:
+                await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
+                              target=disk.target, mode=disk.mode, vdev=disk.vdev)
+        for devid, vif in guest.vifs.items():
+            if vif.backend != name:
+                continue
+            if old is not None:
+                await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
+                               devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
+            else:
+                await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
+                              mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
 
 
 async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,

@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
                             help=f"the host's runtime directory (default {DEFAULT_RUNTIME})")
         _ARGUMENTS.get(name, lambda p: None)(parser)
-        parser.set_defaults(func=globals()["_cmd_" + name.replace("-", "_")])
+        parser.set_defaults(func=_forwarder(name) if name in FORWARDED else
+                            globals()["_cmd_" + name.replace("-", "_")])
 
 
 def _guest(parser: argparse.ArgumentParser) -> None:
@@ -130,8 +131,25 @@ def _kv(result: dict[str, Any]) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    return _show(args, call(args.runtime_dir, "list"))
+# Commands that are one control request: its arguments, and how the answer is shown.
+FORWARDED: dict[str, tuple[tuple[str, ...], Any]] = {
+    "list": ((), lambda args, result: _show(args, result)),
+    "destroy": (("guest",), lambda args, result: _kv(result)),
+    "block-attach": (("guest", "spec"), lambda args, result: _kv(result)),
+    "block-detach": (("guest", "device"), lambda args, result: _kv(result)),
+    "block-list": (("guest",), lambda args, result: _show(args, result)),
+    "network-attach": (("guest", "spec"), lambda args, result: _kv(result)),
+    "network-detach": (("guest", "device"), lambda args, result: _kv(result)),
+    "network-list": (("guest",), lambda args, result: _show(args, result)),
+}
+
+
+def _forwarder(name: str) -> Any:
+    keys, show = FORWARDED[name]
+
+    def forward(args: argparse.Namespace) -> int:
+        return int(show(args, call(args.runtime_dir, name, **{k: getattr(args, k) for k in keys})))
+    return forward
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -148,10 +166,6 @@ def _cmd_create(args: argparse.Namespace) -> int:
     return _kv(call(args.runtime_dir, "create", domain=domains[0], source=args.config))
 
 
-def _cmd_destroy(args: argparse.Namespace) -> int:
-    return _kv(call(args.runtime_dir, "destroy", guest=args.guest))
-
-
 def _cmd_exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -164,30 +178,6 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"{argv[0]}: {exc.strerror}") from None
     return 127  # not reached
-
-
-def _cmd_block_attach(args: argparse.Namespace) -> int:
-    return _kv(call(args.runtime_dir, "block-attach", guest=args.guest, spec=args.spec))
-
-
-def _cmd_block_detach(args: argparse.Namespace) -> int:
-    return _kv(call(args.runtime_dir, "block-detach", guest=args.guest, device=args.device))
-
-
-def _cmd_block_list(args: argparse.Namespace) -> int:
-    return _show(args, call(args.runtime_dir, "block-list", guest=args.guest))
-
-
-def _cmd_network_attach(args: argparse.Namespace) -> int:
-    return _kv(call(args.runtime_dir, "network-attach", guest=args.guest, spec=args.spec))
-
-
-def _cmd_network_detach(args: argparse.Namespace) -> int:
-    return _kv(call(args.runtime_dir, "network-detach", guest=args.guest, device=args.device))
-
-
-def _cmd_network_list(args: argparse.Namespace) -> int:
-    return _show(args, call(args.runtime_dir, "network-list", guest=args.guest))
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

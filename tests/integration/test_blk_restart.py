@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import trio
 
+from ringfence.testing.streams import LineReader
 from ringfence.toolstack.devices import add_vbd, move_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
@@ -96,7 +97,7 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=open(tmp_path / "guest.log", "wb"))
                 os.close(fd)
-                lines = _Lines(guest.stdout)
+                lines = LineReader(guest.stdout, "guest exited")
                 acked: set[int] = set()
 
                 async def progress(count: int) -> None:
@@ -140,17 +141,3 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
         finally:
             xenstored.terminate()
             await xenstored.wait()
-
-
-class _Lines:
-    def __init__(self, stream):
-        self.stream, self.buffer = stream, b""
-
-    async def next(self) -> str:
-        while b"\n" not in self.buffer:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("guest exited")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from ringfence.isolation.supervisor import RestartPolicy
+from ringfence.testing.streams import LineReader
 from ringfence.toolstack.config import load
 from ringfence.toolstack.system import guest_pid, open_system
 
@@ -89,7 +90,7 @@ async def test_net_driver_killed_under_a_verified_tcp_stream():
                 return ["nsenter", "-t", str(pid), "-n", sys.executable, "-c", script]
 
             receiver = await trio.lowlevel.open_process(inside(g2, RECEIVER), stdout=subprocess.PIPE)
-            lines = _Lines(receiver.stdout)
+            lines = LineReader(receiver.stdout)
             assert await lines.next() == "listening"
             sender = await trio.lowlevel.open_process(inside(g1, SENDER), stdout=subprocess.PIPE)
             received = 0
@@ -111,24 +112,10 @@ async def test_net_driver_killed_under_a_verified_tcp_stream():
             with trio.fail_after(120):
                 while not (line := await lines.next()).startswith("done"):
                     assert line.startswith("received"), line
-                sent_line = await _Lines(sender.stdout).next()
+                sent_line = await LineReader(sender.stdout).next()
             sent = int(sent_line.split()[1])
             done, leftover = map(int, line.split()[1:])
             assert done == sent and leftover == 0  # every byte, in order, exactly once
             assert service.crashes == KILLS
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
-
-
-class _Lines:
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream, self.buffer = stream, b""
-
-    async def next(self) -> str:
-        while b"\n" not in self.buffer:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("stream ended")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
