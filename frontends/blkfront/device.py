@@ -55,6 +55,7 @@ class BlkfrontStatistics:
     bad_responses: int
     bytes_read: int
     bytes_written: int
+    free_pages: int
 
 
 @dataclass(eq=False)
@@ -103,7 +104,8 @@ class BlkFront:
     def statistics(self) -> BlkfrontStatistics:
         return BlkfrontStatistics(self.devid, self.backend_id, self.state.name, self.connections,
                                   self.requests, self.replayed, len(self.pending), self.errors,
-                                  self.bad_responses, self.bytes_read, self.bytes_written)
+                                  self.bad_responses, self.bytes_read, self.bytes_written,
+                                  len(self._free_pages))
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -414,9 +416,12 @@ class BlkFront:
         await self._submit(Op.DISCARD, offset // 512, [], nr_sectors=length // 512)
 
     async def _release(self, pages: list[int]) -> None:
-        async with self._page_freed:
-            self._free_pages.extend(pages)
-            self._page_freed.notify_all()
+        # Shielded: this runs in the finally of a request its client gave up on (an NBD
+        # client that disconnects mid-I/O); a cancelled release would lose the pages.
+        with trio.CancelScope(shield=True):
+            async with self._page_freed:
+                self._free_pages.extend(pages)
+                self._page_freed.notify_all()
 
     async def wait_connected(self) -> None:
         await self._connected.wait()

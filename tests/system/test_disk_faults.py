@@ -39,6 +39,15 @@ async def test_disk_eio_sticky_transient_and_heal(ringfence_system, tmp_path):
         bad = run("ringfence", "inject", "heal", "stor", "--count", "2", "--runtime-dir", system.runtime_dir)
         assert bad.returncode == 2
 
+    async def guest_vbd() -> dict:
+        return (await system.statistics())["domains"]["guest1"]["devices"]["vbd/51712"]
+
+    pool = (await guest_vbd())["free_pages"]
     await trio.to_thread.run_sync(scenario)
     stats = (await system.statistics())["domains"]["stor"]["vbds"]
     assert sum(device["injected_errors"] for device in stats.values()) >= 4
+    # Clients that gave up mid-I/O (on EIO) must not cost the frontend its pages.
+    with trio.fail_after(10):
+        while (vbd := await guest_vbd())["in_flight"]:
+            await trio.sleep(0.05)
+    assert vbd["free_pages"] == pool
