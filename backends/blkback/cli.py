@@ -8,6 +8,7 @@ import trio
 
 from ringfence._sdnotify import Notifier
 from ringfence._statsock import serve_statistics
+from ringfence.xenbus.platforms import PLATFORMS, open_platform
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "(backend/vbd/FRONTEND/DEVID with params=PATH and mode=r|w). Run as a sim domain: "
         "the domain's control socket comes in $RINGFENCE_DOMAIN_FD.",
         epilog="example: started by `ringfence up` for each storage driver domain")
+    parser.add_argument("--platform", choices=PLATFORMS, default="auto",
+                        help="sim (started by the sim hypervisor) or xen (a real Xen driver "
+                        "domain, through libxengnttab/libxenevtchn); auto picks sim when "
+                        "$RINGFENCE_DOMAIN_FD is set, else xen where /dev/xen exists")
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    trio.run(_serve)
+    trio.run(_serve, args.platform)
     return 0
 
 
-async def _serve() -> None:
+async def _serve(platform: str) -> None:
     from ringfence.backends.blkback.xenbus import serve_blkback
-    from ringfence.hypervisor.sim.client import open_domain
-    from ringfence.xenbus.sim import open_domain_xenstore
-    async with open_domain() as domain, open_domain_xenstore(domain) as xs:
+    async with open_platform(platform) as (domain, xs):
         async with trio.open_nursery() as nursery:
             devices = await nursery.start(serve_blkback, domain, xs)
             await nursery.start(serve_statistics, lambda: {

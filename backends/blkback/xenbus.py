@@ -255,7 +255,8 @@ class BlkbackDevice:
                 continue
             responses = await self._handle_batch(raws)
             ring.put_responses(responses)
-            ring.push_responses(port.notify_fd)
+            if ring.push_responses():
+                port.notify()
 
     async def _handle_batch(self, raws: list[bytes]) -> list[bytes]:
         assert self.validator is not None and self.vbd is not None

@@ -217,7 +217,8 @@ class NetbackVif:
             except OSError:
                 responses.append(netif.TX_RESPONSE.pack(req.id, Status.DROPPED))
         tx.put_responses(responses)
-        tx.push_responses(port.notify_fd)
+        if tx.push_responses():
+            port.notify()
 
     async def _tap_to_guest(self, rx: BackRing, port: Any, tap_fd: int) -> None:
         while True:
@@ -246,7 +247,8 @@ class NetbackVif:
                          for (rid, size), status in zip(ids, statuses)]
             self.rx_packets += len(responses)
             rx.put_responses(responses)
-            rx.push_responses(port.notify_fd)
+            if rx.push_responses():
+                port.notify()
 
 
 class _Disconnect(Exception):

@@ -334,7 +334,8 @@ class BlkFront:
                 await self._page_freed.wait()
         ring.put_requests([self._encode(pending)])
         pending.sent_on = self.connections
-        ring.push_requests(self._port.notify_fd)
+        if ring.push_requests():
+            self._port.notify()
 
     def _encode(self, p: _Pending) -> bytes:
         if p.operation == Op.DISCARD:

@@ -140,7 +140,8 @@ class NetFront:
             await port.close()
             raise
         rx.put_requests([netif.RX_REQUEST.pack(i, self.rx_grefs[i]) for i in range(min(BUFFERS, rx.size))])
-        rx.push_requests(port.notify_fd)
+        if rx.push_requests():
+            port.notify()
         self.connections += 1
         log.info("vif connected", extra={"kv": {"devid": self.devid, "mac": self.mac,
                                                "backend": backend_id}})
@@ -188,7 +189,8 @@ class NetFront:
             slot = free_tx.pop()
             ram.ram_page(slot)[:len(packet)] = packet
             tx.put_requests([netif.encode_tx_request(netif.TxRequest(self.tx_grefs[slot], 0, 0, slot, len(packet)))])
-            tx.push_requests(port.notify_fd)
+            if tx.push_requests():
+                port.notify()
             self.tx_packets += 1
 
     async def _from_rings(self, tx: FrontRing, rx: FrontRing, port: Any, tap_fd: int,
@@ -224,7 +226,8 @@ class NetFront:
                 repost.append(netif.RX_REQUEST.pack(rid, self.rx_grefs[rid]))
             if repost:
                 rx.put_requests(repost)
-                rx.push_requests(port.notify_fd)
+                if rx.push_requests():
+                    port.notify()
             if not tx_done and not rx_done:
                 if not tx.final_check_for_responses() and not rx.final_check_for_responses():
                     await port.wait()

@@ -496,6 +496,12 @@ class Dom0:
     async def rename_domain(self, domid: int, name: str) -> None:
         await self.connection.checked(Op.RENAME_DOMAIN, P.U16.pack(domid) + name.encode(), "rename")
 
+    async def store_connection_for(self, domid: int) -> socket.socket:
+        """A XenStore connection on which xenstored knows the caller as ``domid`` (what a
+        domain's xenbus device gives its processes)."""
+        _, fds = await self.connection.checked(Op.STORE_CONNECT, P.U16.pack(domid))
+        return socket.socket(fileno=fds[0])
+
     async def list_domains(self) -> list[dict[str, Any]]:
         body, _ = await self.connection.checked(Op.LIST_DOMAINS)
         return list(json.loads(body))

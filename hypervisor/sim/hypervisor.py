@@ -317,6 +317,11 @@ class Hypervisor:
         if op == Op.STORE_CONNECT and not is_dom0:
             P.decode_empty(msg.payload, "store_connect")
             return self._store_connect(domain, msg)
+        if op == Op.STORE_CONNECT:  # dom0 dials for a domain, as a kernel's xenbus device would
+            target = self.domains.get(P.decode_domid(msg.payload, "store_connect"))
+            if target is None or target.domid == 0:
+                return P.reply(msg, -errno.ESRCH), []
+            return self._store_connect(target, msg)
         if op == Op.STATISTICS:
             P.decode_empty(msg.payload, "statistics")
             body: Any = ({"hypervisor": asdict(self.statistics()),
