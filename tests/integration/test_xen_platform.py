@@ -264,3 +264,70 @@ async def test_grant_sharing_and_event_channels_between_xen_and_sim_domains(tmp_
             nursery.cancel_scope.cancel()
         xenstored.terminate()
         await xenstored.wait()
+
+
+async def test_blkback_on_the_xen_platform_follows_linux_blkfronts_handshake(tmp_path):
+    """The XenBus conversation of Linux's xen-blkfront (talk_to_blkback, blkfront_connect,
+    blkfront_closing), played key by key from a sim domain against blkback on the xen
+    platform; the backend's states are recorded from a watch (docs/interop.md)."""
+    from ringfence.testing.sim import open_agent
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    libdir = build_standin(tmp_path / "standin")
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        async with open_xenstore(xs_path) as xs, open_agent(dom0, "linux") as guest, \
+                trio.open_nursery() as nursery:
+            stor_domid, stor = await spawn_xen_domain(
+                nursery, dom0, xs, "stor", [sys.executable, "-m", "ringfence", "blkback", "--platform", "xen"],
+                libdir=libdir, directory=tmp_path, stderr=subprocess.DEVNULL)
+            await add_vbd(xs, backend=stor_domid, frontend=guest.domid, devid=51712, target=str(disk))
+            be = f"/local/domain/{stor_domid}/backend/vbd/{guest.domid}/51712"
+            fe = f"/local/domain/{guest.domid}/device/vbd/51712"
+            states: list[int] = []
+            changed = trio.Event()
+
+            async def record(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                nonlocal changed
+                async with xs.watch(f"{be}/state") as events:
+                    task_status.started()
+                    async for _ in events:
+                        raw = await xs.read(f"{be}/state") if await xs.exists(f"{be}/state") else b""
+                        if raw and (not states or states[-1] != int(raw)):
+                            states.append(int(raw))
+                            changed.set()
+                            changed = trio.Event()
+
+            async def until(state: int) -> None:
+                with trio.fail_after(20):
+                    while not states or states[-1] != state:
+                        await changed.wait()
+
+            await nursery.start(record)
+            await until(2)  # InitWait: features published before the frontend reads them
+            assert await xs.read(f"{be}/feature-persistent") == b"1"
+            ring = await guest.ok("alloc", count=1)
+            gref = (await guest.ok("grant", to=stor_domid, frame=ring["frames"][0]))["gref"]
+            port = (await guest.ok("evt_alloc", remote=stor_domid))["port"]
+            async for tx in xs.transaction():  # as talk_to_blkback: one transaction
+                async with tx:
+                    await tx.write_many([(f"{fe}/ring-ref", str(gref)), (f"{fe}/event-channel", str(port)),
+                                         (f"{fe}/protocol", "x86_64-abi"), (f"{fe}/feature-persistent", "1")])
+            await xs.write(f"{fe}/state", "3")  # Initialised
+            await until(4)  # Connected
+            assert int(await xs.read(f"{be}/sectors")) == (1 << 20) // 512  # blkfront_connect reads
+            assert await xs.read(f"{be}/sector-size") == b"512"
+            await xs.write(f"{fe}/state", "4")
+            await xs.write(f"{fe}/state", "5")  # Closing (blkfront_remove)
+            await until(6)  # the backend unmaps, then Closing -> Closed
+            await xs.write(f"{fe}/state", "6")
+            await xs.write(f"{fe}/state", "1")  # a new frontend driver: Initialising again
+            await until(2)
+            # (the toolstack's Initialising may or may not be seen before InitWait replaces it)
+            assert states[states[0] == 1:] == [2, 4, 5, 6, 2], states
+            stor.kill()
+            await stor.wait()
+            nursery.cancel_scope.cancel()
+        xenstored.terminate()
+        await xenstored.wait()

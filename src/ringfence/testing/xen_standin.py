@@ -22,7 +22,7 @@ import os
 import pathlib
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
