@@ -59,6 +59,21 @@ class VbdStatistics:
     batches: int
 
 
+RAW_PREFIXES = ("raw:", "aio:", "file:", "phy:")  # what xl/libxl put before a raw target
+
+
+def backing_path(params: str) -> str:
+    """The file or device a backend's ``params`` names: ours write the path, libxl writes
+    ``FORMAT:PATH`` for qdisk-style disks. Only raw images are served."""
+    for prefix in RAW_PREFIXES:
+        if params.startswith(prefix):
+            return params[len(prefix):]
+    head, sep, _ = params.partition(":")
+    if sep and not head.startswith("/") and head.isalnum():
+        raise OSError(errno.EOPNOTSUPP, f"disk format {head!r} is not served (raw images only)")
+    return params
+
+
 class Vbd:
     def __init__(self, path: str, *, read_only: bool = False, inline_limit: int = 256 << 10) -> None:
         self.path = path

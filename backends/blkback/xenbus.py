@@ -19,7 +19,7 @@ import trio
 
 from ringfence._log import logging_context
 from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Validator
-from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd
+from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd, backing_path
 from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
@@ -90,7 +90,7 @@ class BlkbackDevice:
                 return  # removed meanwhile
             params, mode = raw_params.decode(), (raw_mode or b"w").decode()
             self.frontend_path = raw_frontend.decode()
-            self.vbd = Vbd(params, read_only=mode.startswith("r"))
+            self.vbd = Vbd(backing_path(params), read_only=mode.startswith("r"))
             self.validator = Validator(Geometry(self.vbd.sectors, self.vbd.read_only))
             try:
                 await self._publish_features()

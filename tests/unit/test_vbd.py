@@ -47,3 +47,16 @@ async def test_read_only_refuses_writes_and_discards(disk):
 def test_not_a_disk(tmp_path):
     with pytest.raises(OSError):
         Vbd(str(tmp_path))
+
+
+def test_backing_path_takes_libxl_raw_prefixes_and_refuses_other_formats():
+    import errno
+
+    from ringfence.backends.blkback.vbd import backing_path
+    assert backing_path("/srv/disk.img") == "/srv/disk.img"
+    assert backing_path("aio:/srv/disk.img") == "/srv/disk.img"
+    assert backing_path("raw:/dev/vg/guest") == "/dev/vg/guest"
+    assert backing_path("/srv/odd:name.img") == "/srv/odd:name.img"
+    with pytest.raises(OSError) as refused:
+        backing_path("qcow2:/srv/disk.qcow2")
+    assert refused.value.errno == errno.EOPNOTSUPP
