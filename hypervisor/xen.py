@@ -31,6 +31,7 @@ else:
     _IMPORT_ERROR = None
 
 MAX_COPY_LENGTH = PAGE_SIZE  # a grant copy segment stays within one page
+MAX_MAPPED_GRANTS = 1 << 16  # rings plus persistent grants of every device, with room
 
 
 class XenUnavailable(OSError):
@@ -98,6 +99,8 @@ class XenGrantTable:
         self._gnttab = lib.xengnttab_open(ffi.NULL, 0)
         if self._gnttab == ffi.NULL:
             raise _oserror("xengnttab_open")
+        # Kernels with a per-handle limit (128 by default) would refuse persistent grants.
+        lib.xengnttab_set_max_grants(self._gnttab, MAX_MAPPED_GRANTS)
         self._gntshr: Any = None
         self._maps = self._unmaps = self._mapped = self._copies = self._copy_bytes = 0
         self._shared = self._failures = 0
