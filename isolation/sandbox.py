@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor._lib import ffi, lib
+from ringfence.isolation.spawn import open_process_dying_with_us
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +231,7 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
     expose = [(cover.encode(), [ffi.new("char[]", p.encode()) for p in paths])
               for cover, paths in covers.items()]
 
-    parent = os.getpid()
-
     def enter() -> None:  # runs in the child between fork and exec
-        status = lib.rf_die_with_parent(parent)
-        if status < 0:
-            raise OSError(-status, "the toolstack exited while this domain was starting")
         for path in procs_files:
             with open(path, "w") as f:
                 f.write(str(os.getpid()))
@@ -250,7 +246,7 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
                 raise OSError(-status, f"exposing the interpreter: {os.strerror(-status)}")
 
     try:
-        process = await trio.lowlevel.open_process(
+        process = await open_process_dying_with_us(
             list(argv), pass_fds=tuple(pass_fds), close_fds=True, env=environment,
             preexec_fn=enter, **kwargs)
     except BaseException:

@@ -13,9 +13,9 @@ from typing import Any
 
 import trio
 
-from ringfence.hypervisor._lib import lib
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0, open_dom0
 from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.spawn import open_process_dying_with_us
 
 
 @contextlib.asynccontextmanager
@@ -28,15 +28,9 @@ async def open_hypervisor(directory: str | os.PathLike[str], *, verbose: bool = 
         os.unlink(path)
     argv = [sys.executable, "-m", "ringfence"] + (["-vv"] if verbose else []) + [
         "hypervisor", "--socket", path]
-    parent = os.getpid()
-
-    def die_with_us() -> None:  # the domains' hypervisor goes when its toolstack does
-        if lib.rf_die_with_parent(parent) < 0:
-            os._exit(1)
-
-    process = await trio.lowlevel.open_process(
-        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None,
-        preexec_fn=die_with_us)
+    # The domains' hypervisor goes when its toolstack does, even on kill -9.
+    process = await open_process_dying_with_us(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None)
     try:
         with trio.fail_after(20):
             while not os.path.exists(path):

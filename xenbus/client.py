@@ -339,13 +339,18 @@ async def gather(calls: list[Any]) -> list[Any]:
 async def open_xenstore_stream(stream: trio.abc.Stream,
                                reconnect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> AsyncIterator[XenStore]:
     xs = XenStore(stream, reconnect)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(xs._run)
-        try:
-            yield xs
-        finally:
-            nursery.cancel_scope.cancel()
-            await trio.aclose_forcefully(stream)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(xs._run)
+            try:
+                yield xs
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        # Shielded: a Cancelled from closing inside a cancelled scope would replace the
+        # exception the caller's block raised, and the cancelled scope would swallow both.
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(xs._stream)  # a redialled stream replaced ours
 
 
 async def _dial(path: str) -> trio.abc.Stream:

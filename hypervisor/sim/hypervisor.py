@@ -274,7 +274,9 @@ class Hypervisor:
                                                   struct.pack(f"<{len(fds)}i", *fds))])
                 else:
                     await conn.send(reply)
-            except OSError:
+            except OSError as exc:
+                log.info("reply failed; closing connection",
+                         extra={"kv": {"domid": domain.domid, "error": exc}})
                 return
             finally:
                 for fd in fds:

@@ -29,6 +29,7 @@ import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.spawn import open_process_dying_with_us
 from ringfence.xenbus.client import XenStore
 
 SONAMES = ("libxengnttab.so.1", "libxenevtchn.so.1")
@@ -72,7 +73,11 @@ async def serve_xenbus(dom0: Dom0, domid: int, path: str, *,
         try:
             while True:
                 client, _ = await listener.accept()
-                store = await dom0.store_connection_for(domid)
+                try:
+                    store = await dom0.store_connection_for(domid)
+                except OSError:  # no xenstored, or the domain is gone: as a dead device
+                    client.close()
+                    continue
                 ours = trio.SocketStream(client)
                 theirs = trio.SocketStream(trio.socket.from_stdlib_socket(store))
                 nursery.start_soon(_splice, ours, theirs)
@@ -104,7 +109,8 @@ async def spawn_xen_domain(nursery: trio.Nursery, dom0: Dom0, xs: XenStore, name
         if sandbox is not None:
             process = (await spawn_sandboxed(sandbox, argv, pass_fds=(fd,), env=env, **kwargs)).process
         else:
-            process = await trio.lowlevel.open_process(list(argv), pass_fds=(fd,), env=env, **kwargs)
+            # a failed test leaves no driver behind
+            process = await open_process_dying_with_us(list(argv), pass_fds=(fd,), env=env, **kwargs)
     finally:
         os.close(fd)
     return domid, process
