@@ -20,7 +20,7 @@ import struct
 import zlib
 from typing import Any
 
-from ringfence.xenbus.store import Node, Store
+from ringfence.xenbus.store import Node, Store, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,13 @@ class Journal:
                 store.nodes[path] = Node(value, tuple(tuple(p) for p in perms))
         elif kind == "P":
             _, path, value, perms = record
-            store.nodes[path] = Node(value, tuple(tuple(p) for p in perms))
+            perms = tuple(tuple(p) for p in perms)
+            store.nodes[path] = Node(value, perms)
+            # parents the write implied, as the store created them: empty, same permissions
+            parent = parent_of(path)
+            while parent != "/" and parent not in store.nodes:
+                store.nodes[parent] = Node(b"", perms)
+                parent = parent_of(parent)
         elif kind == "D":
             path = record[1]
             prefix = path + "/"
@@ -164,7 +170,7 @@ class Journal:
 
     def nodes_changed(self, changes: list[tuple[str, bool]]) -> None:
         # Children lists follow from the paths at load time, so each changed node is enough
-        # (implicitly created parents are in ``changes`` too).
+        # (the parents a write implied are created again when it is loaded).
         nodes = self.server.store.nodes
         records: list[tuple[Any, ...]] = []
         for path, removed in changes:

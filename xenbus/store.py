@@ -246,7 +246,6 @@ class Store:
             if self._owned(caller.domid, tx) + len(missing) > self.quotas.nodes:
                 self.counters["quota_nodes"] += 1
                 raise XenStoreError("ENOSPC", "node quota")
-        created = []
         for new in reversed(missing):
             node = Node(value if new == path else b"", perms)
             if new == path:
@@ -254,8 +253,9 @@ class Store:
             self._put(new, node, tx)
             self._add_child(parent_of(new), name_of(new), tx)
             self._own(perms[0][0], 1, tx)
-            created.append((new, False))
-        return self._changed(tx, created)
+        # Watches fire for the node written, not for the parents it implied (as Xen's C and
+        # OCaml daemons do).
+        return self._changed(tx, [(path, False)])
 
     def _add_child(self, parent: str, name: str, tx: Transaction | None) -> None:
         node = self._get(parent, tx)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_RING_PAGE_ORDER = 4
 PERSISTENT_GRANTS_MAX = 1056   # LRU bound on cached mappings per device (as Linux's default)
 VDISK_READONLY = 4
+RELEASE_TIMEOUT = 10  # seconds for giving back a device's mappings and port
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +206,16 @@ class BlkbackDevice:
         finally:
             ring, self.ring = self.ring, None
             del ring
-            for pages in self.persistent.values():
+            # Shielded: a vbd removed by the toolstack is cancelled, and the frontend's pages
+            # and port must be given back all the same.
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                for pages in self.persistent.values():
+                    with contextlib.suppress(OSError):
+                        await self.domain.grant_table.unmap(pages)
+                self.persistent.clear()
                 with contextlib.suppress(OSError):
-                    await self.domain.grant_table.unmap(pages)
-            self.persistent.clear()
-            with contextlib.suppress(OSError):
-                await self.domain.grant_table.unmap(mapped)
-            await port.close()
+                    await self.domain.grant_table.unmap(mapped)
+                await port.close()
         # The frontend closed (or went away): tell it, as xen-blkback does on Closing.
         await self._set_state(XenbusState.Closing)
         await self._set_state(XenbusState.Closed)

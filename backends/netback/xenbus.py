@@ -35,6 +35,7 @@ from ringfence.xenbus.state import XenbusState
 log = logging.getLogger(__name__)
 PAGE = 4096
 RX_RSP = netif.RX_RESPONSE
+RELEASE_TIMEOUT = 10  # seconds for giving back a vif's rings, port and TAP
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +145,19 @@ class NetbackVif:
             if self._abuse:
                 raise _Disconnect(self._abuse)
         finally:
-            if tap_fd is not None:
-                trio.lowlevel.notify_closing(tap_fd)
-                os.close(tap_fd)
-                with contextlib.suppress(OSError):
-                    await netlink.delete_link(self.tap_name)
-            for mapping in (tx_map, rx_map):
-                with contextlib.suppress(OSError):
-                    await gt.unmap(mapping)
-            if port is not None:
-                await port.close()
+            # Shielded: a vif removed by the toolstack is cancelled, and what it holds of
+            # the frontend must be given back all the same.
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                if tap_fd is not None:
+                    trio.lowlevel.notify_closing(tap_fd)
+                    os.close(tap_fd)
+                    with contextlib.suppress(OSError):
+                        await netlink.delete_link(self.tap_name)
+                for mapping in (tx_map, rx_map):
+                    with contextlib.suppress(OSError):
+                        await gt.unmap(mapping)
+                if port is not None:
+                    await port.close()
 
     async def _watch_close(self, scope: trio.CancelScope) -> None:
         async with self.xs.watch(f"{self.frontend_path}/state") as events:

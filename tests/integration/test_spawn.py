@@ -17,7 +17,7 @@ PARENT = textwrap.dedent("""
 
     async def main():
         await trio.to_thread.run_sync(lambda: None)  # a worker thread exists, then idles
-        child = await open_process_dying_with_us(["sleep", "300"], stdout=subprocess.PIPE)
+        child = await open_process_dying_with_us(["sleep", "299"], stdout=subprocess.PIPE)
         print(child.pid, flush=True)
         await trio.sleep(11.5)  # trio retires idle worker threads after 10 s
         print("alive" if child.poll() is None else "dead", flush=True)

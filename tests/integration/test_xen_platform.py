@@ -68,12 +68,14 @@ async def xen_host(tmp_path) -> AsyncIterator[XenHost]:
 
 
 async def _until_mappings_released(dom0, domid: int) -> None:
-    with trio.fail_after(20):
+    stats: dict[str, Any] = {}
+    with trio.move_on_after(20):
         while True:
             stats = next(d for d in (await dom0.statistics())["domains"] if d["domid"] == domid)
             if stats["mappings_held"] == 0 and stats["ports"] == 0:
                 return
             await trio.sleep(0.1)
+    raise AssertionError(f"dom{domid} still holds mappings or ports: {stats}")
 
 
 GUEST = textwrap.dedent("""

@@ -131,7 +131,8 @@ async def test_clients_reconnect_and_their_watches_fire_again(tmp_path):
                     assert await xs.read("/svc/a") == b"1"     # requests work again
                     await xs.write("/svc/b", b"2")
                     assert (await events.receive())[0] == "/svc/b"
-                assert xs.reconnects == 1
+                # (a redial can reach the dying daemon's listener before the kernel closes it)
+                assert xs.reconnects >= 1
     finally:
         proc.terminate()
         await proc.wait()
