@@ -3,6 +3,7 @@ in order, against a real host (``ringfence up`` with the embedded default), each
 succeed. Only the runtime directory and the data image move somewhere private."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -42,7 +43,10 @@ def test_readme_first_session(tmp_path):
     try:
         lines = [up.stdout.readline() for _ in range(4)]  # the guests' disks and NICs
         assert all(line.startswith("guest=") for line in lines), lines
+        held = {}
         for command in commands[1:-1]:
+            if command.startswith(("ringfence block-attach", "ringfence network-attach")):
+                held[command.split()[1]] = _mappings_held(env)
             result = subprocess.run(["bash", "-c", localize(command)], env=env, capture_output=True,
                                     text=True, timeout=120)
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
@@ -50,6 +54,8 @@ def test_readme_first_session(tmp_path):
                 assert '"domains"' in result.stdout and '"hypervisor"' in result.stdout
             if command.startswith("ringfence list"):
                 assert "guest1" in result.stdout and "stor" in result.stdout
+        # Detached devices gave back every page and port they had from the guest.
+        _until_released(env, held["block-attach"])
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
@@ -64,6 +70,25 @@ def test_readme_first_session(tmp_path):
     assert runtime not in Path("/proc/self/mounts").read_text()
     assert [name for name in ("stor", "net", "guest1", "guest2")
             if os.path.exists(f"/sys/fs/cgroup/pids/ringfence/{name}")] == []
+
+
+def _mappings_held(env: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Each driver domain's mapped foreign pages and event channel ports."""
+    out = subprocess.run(["ringfence", "stats"], env=env, capture_output=True, text=True, check=True)
+    domains = json.loads(out.stdout)["hypervisor"]["domains"]
+    return {d["name"]: (d["mappings_held"], d["ports"]) for d in domains if d["name"] in ("stor", "net")}
+
+
+def _until_released(env: dict[str, str], before: dict[str, tuple[int, int]]) -> None:
+    """Back to the ports held before attaching, and no more mapped pages (persistent grants
+    of the disks that stay come and go with their I/O)."""
+    deadline = time.monotonic() + 15
+    while True:
+        now = _mappings_held(env)
+        if all(now[d][1] == before[d][1] and now[d][0] <= before[d][0] for d in before):
+            return
+        assert time.monotonic() < deadline, f"driver domains hold {now}, held {before} before attaching"
+        time.sleep(0.2)
 
 
 def test_usage_and_runtime_errors_are_one_line(tmp_path):
