@@ -24,7 +24,7 @@ from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.backend import serve_devices
+from ringfence.xenbus.backend import NotificationStorm, serve_devices
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 
@@ -50,6 +50,7 @@ class DeviceStatistics:
     persistent_maps: int
     disconnects_for_abuse: int
     injected_errors: int
+    spurious_notifications: int
     ring: dict[str, Any] | None
     vbd: dict[str, Any] | None
 
@@ -64,6 +65,7 @@ class BlkbackDevice:
         self.state = XenbusState.Initialising
         self.persistent: OrderedDict[int, Any] = OrderedDict()
         self.connections = self.requests = self.errors = self.abuse = 0
+        self.storm = NotificationStorm()
         self.hits = self.maps = 0
         # Fault injection (ringfence inject eio): None, -1 (every I/O fails), or how many more
         self.failing: int | None = None
@@ -76,7 +78,7 @@ class BlkbackDevice:
             self.frontend_id, self.devid, self.state.name, self.connections, self.requests,
             self.errors, dict(self.validator.rejected) if self.validator else {},
             len(self.persistent), self.hits, self.maps, self.abuse, self.injected_errors,
-            asdict(self.ring.statistics()) if self.ring else None,
+            self.storm.spurious, asdict(self.ring.statistics()) if self.ring else None,
             asdict(self.vbd.statistics()) if self.vbd else None)
 
     async def _set_state(self, state: XenbusState) -> None:
@@ -256,6 +258,7 @@ class BlkbackDevice:
                 if ring.final_check_for_requests():
                     continue
                 await port.wait()
+                await self.storm.woken(ring.unconsumed_requests() > 0)
                 continue
             responses = await self._handle_batch(raws)
             ring.put_responses(responses)

@@ -28,7 +28,7 @@ from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import GrantCopy
 from ringfence.isolation import netlink
-from ringfence.xenbus.backend import serve_devices
+from ringfence.xenbus.backend import NotificationStorm, serve_devices
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 
@@ -46,6 +46,7 @@ class VifStatistics:
     tx_packets: int
     rx_packets: int
     rx_dropped_no_buffer: int
+    spurious_notifications: int
     rejected: dict[str, int]
 
 
@@ -57,10 +58,12 @@ class NetbackVif:
         self.state = XenbusState.Initialising
         self.tx_packets = self.rx_packets = self.rx_dropped = 0
         self.rejected: Counter[str] = Counter()
+        self.storm = NotificationStorm()
 
     def statistics(self) -> VifStatistics:
         return VifStatistics(self.frontend_id, self.devid, self.state.name, self.tx_packets,
-                             self.rx_packets, self.rx_dropped, dict(self.rejected))
+                             self.rx_packets, self.rx_dropped, self.storm.spurious,
+                             dict(self.rejected))
 
     async def _set_state(self, state: XenbusState) -> None:
         self.state = state
@@ -188,6 +191,7 @@ class NetbackVif:
                 continue
             if not tx.final_check_for_requests() and not rx.final_check_for_requests():
                 await port.wait()
+                await self.storm.woken(tx.unconsumed_requests() + rx.unconsumed_requests() > 0)
 
     async def _transmit(self, tx: BackRing, raws: list[bytes], port: Any, tap_fd: int) -> None:
         copies, kept, responses = [], [], []

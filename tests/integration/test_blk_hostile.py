@@ -15,7 +15,7 @@ from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
 
-HOSTILE = textwrap.dedent("""
+CONNECT = """
     import json, trio
     from ringfence.hypervisor.sim.client import open_domain
     from ringfence.xenbus.sim import open_domain_xenstore
@@ -46,7 +46,9 @@ HOSTILE = textwrap.dedent("""
                 async for _ in ev:
                     if await xs.read(backend + "/state") == b"4":
                         break
-            cases = {
+"""
+
+HOSTILE = textwrap.dedent(CONNECT + """            cases = {
                 1: Request(Op.READ, 0, 0, 1, 0, ()),                              # no segment
                 2: Request(Op.READ, 12, 0, 2, 0, ()),                             # too many
                 3: Request(Op.READ, 1, 0, 3, 0, (Segment(good, 6, 2),)),          # first > last
@@ -75,6 +77,18 @@ HOSTILE = textwrap.dedent("""
                     if await xs.read(backend + "/state") == b"6":
                         print(json.dumps({"disconnected": True}), flush=True)
                         return
+
+    trio.run(main)
+""")
+
+STORM = textwrap.dedent(CONNECT + """            import sys, time
+            print(json.dumps({"connected": True}), flush=True)
+            end, sent = time.monotonic() + float(sys.argv[1]), 0
+            while time.monotonic() < end:  # notifications that never bring a request
+                for _ in range(1000):
+                    port.notify()
+                sent += 1000
+            print(json.dumps({"notified": sent}), flush=True)
 
     trio.run(main)
 """)
@@ -145,5 +159,70 @@ async def test_hostile_frontend_gets_errors_and_a_disconnect_others_unaffected(t
             assert stor.poll() is None  # the driver domain is still running
             stor.kill()
         finally:
+            xenstored.terminate()
+            await xenstored.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_notification_storm_costs_blkback_little_cpu_and_others_nothing(tmp_path):
+    """ATTACKS A13 (XSA-332): a frontend notifying in a tight loop without requests."""
+    from ringfence.toolstack.hypervisor import start_xenstored
+    from ringfence.testing.streams import LineReader
+    disk, other = tmp_path / "disk.img", tmp_path / "other.img"
+    disk.write_bytes(bytes(4 << 20))
+    other.write_bytes(bytes(4 << 20))
+    stats_socket = str(tmp_path / "stor-stats.sock")
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        procs = []
+        try:
+            stor_domid, stor = await spawn_domain(
+                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
+                env=dict(os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
+            procs.append(stor)
+            evil_domid, evil_fd = await dom0.create_domain("evil")
+            good_domid, good_fd = await dom0.create_domain("good")
+            async with open_xenstore(xs_path) as xs:
+                await add_vbd(xs, backend=stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
+                await add_vbd(xs, backend=stor_domid, frontend=good_domid, devid=51712, target=str(other))
+            evil = await trio.lowlevel.open_process(
+                [sys.executable, "-c", STORM, "4"], pass_fds=(evil_fd,),
+                env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(evil_fd)), stdout=subprocess.PIPE)
+            procs.append(evil)
+            os.close(evil_fd)
+            lines = LineReader(evil.stdout)
+            with trio.fail_after(30):
+                assert json.loads(await lines.next()) == {"connected": True}
+            cpu_before, started = _cpu_seconds(stor.pid), trio.current_time()
+            with open(tmp_path / "good.out", "wb") as out:
+                good = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", GOOD], pass_fds=(good_fd,),
+                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(good_fd)), stdout=out)
+            procs.append(good)
+            os.close(good_fd)
+            with trio.fail_after(60):
+                sent = json.loads(await lines.next())["notified"]
+                cpu = (_cpu_seconds(stor.pid) - cpu_before) / (trio.current_time() - started)
+                assert await good.wait() == 0
+            assert json.loads((tmp_path / "good.out").read_text()) == {"ok": True}
+            assert sent > 100_000
+            # The storm's device backs off: blkback stays far below a core (it was 100 %).
+            assert cpu < 0.25, f"blkback used {cpu:.0%} of a core during the storm"
+            stream = await trio.open_unix_socket(stats_socket)
+            blob = b""
+            while chunk := await stream.receive_some():
+                blob += chunk
+            stats = json.loads(blob)
+            vbd = stats["vbds"][f"{evil_domid}/51712"]
+            assert vbd["spurious_notifications"] > 0 and vbd["state"] == "Connected"
+        finally:
+            for proc in procs:
+                proc.kill()
             xenstored.terminate()
             await xenstored.wait()
