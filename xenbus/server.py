@@ -406,7 +406,7 @@ class XenStoreServer:
         if op in (Op.GET_FEATURE, Op.SET_FEATURE):
             self._privileged(caller)
             return op, b"0\0" if op == Op.GET_FEATURE else b"OK\0"
-        raise XenStoreError("ENOSYS" if op < 64 else "EINVAL")
+        raise XenStoreError("ENOSYS")  # as Xen's C daemon answers any unknown type
 
     @staticmethod
     def _privileged(caller: Caller) -> None:
@@ -500,12 +500,18 @@ class XenStoreServer:
         return absolute[len(prefix):] if absolute.startswith(prefix) else absolute
 
     def _fire_one(self, watch: Watch, path: str) -> None:
+        payload = path.encode() + b"\0" + watch.token + b"\0"
+        if len(payload) > W.PAYLOAD_MAX:  # XSA-324: dropped, never sent oversized
+            self.counters["watch_events_dropped"] += 1
+            return
         self.counters["watch_events"] += 1
-        watch.connection.queue(W.encode(Op.WATCH_EVENT, 0, 0, path.encode() + b"\0" + watch.token + b"\0"))
+        watch.connection.queue(W.encode(Op.WATCH_EVENT, 0, 0, payload))
 
     def _fire_special(self, name: str) -> None:
+        # Which domains come and go is dom0's business (XSA-115): an unprivileged watcher
+        # gets only the initial event of its registration.
         for watch in self.watches:
-            if watch.absolute == name:
+            if watch.absolute == name and watch.connection.caller.privileged:
                 self._fire_one(watch, name)
 
     # ---- domains ---------------------------------------------------------------------
@@ -526,7 +532,9 @@ class XenStoreServer:
         self.watches = [w for w in self.watches if w.connection.caller.domid != domid]
         self.store.abort_all(domid)
         self.saved_watches.pop(domid, None)
+        changed = self.store.forget_domain(domid)
         if self.journal is not None:
+            self.journal.nodes_changed([(path, False) for path in changed])
             self.journal.append([("R", domid)])
         self._fire_special(RELEASE)
 

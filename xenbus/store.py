@@ -368,6 +368,21 @@ class Store:
         self.counters["commits"] += 1
         return list(dict.fromkeys(tx.changes))
 
+    def forget_domain(self, domid: int) -> list[str]:
+        """A destroyed domain leaves nothing for the next one given its domid (XSA-322, as
+        Xen's remove_domid_from_perm): nodes it owned pass to dom0, its other permission
+        entries go. Returns the paths changed."""
+        changed = []
+        for path, node in self.nodes.items():
+            if not any(d == domid for d, _ in node.perms):
+                continue
+            owner, mode = node.perms[0]
+            node.perms = ((0 if owner == domid else owner, mode),) + tuple(
+                p for p in node.perms[1:] if p[0] != domid)
+            changed.append(path)
+        self.owned[0] += self.owned.pop(domid, 0)
+        return changed
+
     def abort_all(self, domid: int | None = None) -> None:
         for tx in list(self.transactions.values()):
             if domid is None or tx.caller.domid == domid:
