@@ -69,24 +69,3 @@ async def _children(xs: XenStore, path: str) -> list[str]:
     except XenStoreError:
         return []
 
-
-class NotificationStorm:
-    """Backs off from a peer that notifies without giving work (XSA-332; Linux's late EOI):
-    after ``run`` wakeups in a row that brought nothing, each further one waits a delay that
-    doubles up to ``max_delay``; the first wakeup with work ends the back-off. A frontend
-    notifying in a loop then costs its backend almost no CPU, and only itself latency."""
-
-    def __init__(self, run: int = 8, first_delay: float = 0.0005, max_delay: float = 0.05) -> None:
-        self.run, self.first_delay, self.max_delay = run, first_delay, max_delay
-        self.spurious = 0   # wakeups that brought no work, in total
-        self._in_a_row = 0
-
-    async def woken(self, had_work: bool) -> None:
-        if had_work:
-            self._in_a_row = 0
-            return
-        self.spurious += 1
-        self._in_a_row += 1
-        if self._in_a_row > self.run:
-            excess = min(self._in_a_row - self.run - 1, 16)
-            await trio.sleep(min(self.first_delay * 2 ** excess, self.max_delay))

@@ -28,9 +28,10 @@ from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import GrantCopy
 from ringfence.isolation import netlink
-from ringfence.xenbus.backend import NotificationStorm, serve_devices
+from ringfence.xenbus.backend import serve_devices
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
+from ringfence.xenbus.storm import NotificationStorm
 
 log = logging.getLogger(__name__)
 PAGE = 4096

@@ -22,6 +22,7 @@ from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
+from ringfence.xenbus.storm import NotificationStorm
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class BlkfrontStatistics:
     bytes_read: int
     bytes_written: int
     free_pages: int
+    spurious_notifications: int
 
 
 @dataclass(eq=False)
@@ -94,6 +96,7 @@ class BlkFront:
         self._ring_grefs: list[int] = []
         self.state = XenbusState.Initialising
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
+        self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
         self.failed: str | None = None  # why the backend is given up on, while it is
         self.bytes_read = self.bytes_written = 0
 
@@ -105,7 +108,7 @@ class BlkFront:
         return BlkfrontStatistics(self.devid, self.backend_id, self.state.name, self.connections,
                                   self.requests, self.replayed, len(self.pending), self.errors,
                                   self.bad_responses, self.bytes_read, self.bytes_written,
-                                  len(self._free_pages))
+                                  len(self._free_pages), self.storm.spurious)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -302,6 +305,7 @@ class BlkFront:
             if not responses:
                 if not ring.final_check_for_responses():
                     await port.wait()
+                    await self.storm.woken(ring.unconsumed_responses() > 0)
                 continue
             for raw in responses:
                 rid, _, status = blkif.decode_response(raw)

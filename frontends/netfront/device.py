@@ -20,6 +20,7 @@ from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
+from ringfence.xenbus.storm import NotificationStorm
 
 log = logging.getLogger(__name__)
 PAGE = 4096
@@ -38,6 +39,7 @@ class NetfrontStatistics:
     rx_packets: int
     tx_dropped: int
     bad_responses: int
+    spurious_notifications: int
 
 
 class NetFront:
@@ -48,10 +50,11 @@ class NetFront:
         self.ifname, self.mac, self.addresses, self.mtu = ifname, mac, addresses, mtu
         self.state = XenbusState.Initialising
         self.tx_packets = self.rx_packets = self.tx_dropped = self.bad_responses = 0
+        self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
 
     def statistics(self) -> NetfrontStatistics:
         return NetfrontStatistics(self.devid, self.state.name, self.tx_packets, self.rx_packets,
-                                  self.tx_dropped, self.bad_responses)
+                                  self.tx_dropped, self.bad_responses, self.storm.spurious)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
@@ -231,3 +234,4 @@ class NetFront:
             if not tx_done and not rx_done:
                 if not tx.final_check_for_responses() and not rx.final_check_for_responses():
                     await port.wait()
+                    await self.storm.woken(tx.unconsumed_responses() + rx.unconsumed_responses() > 0)

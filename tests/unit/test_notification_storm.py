@@ -5,7 +5,7 @@ import pytest
 import trio
 import trio.testing
 
-from ringfence.xenbus.backend import NotificationStorm
+from ringfence.xenbus.storm import NotificationStorm
 
 
 @pytest.mark.parametrize("autojump_clock", [trio.testing.MockClock(autojump_threshold=0)])
