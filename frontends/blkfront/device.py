@@ -308,10 +308,12 @@ class BlkFront:
                     await self.storm.woken(ring.unconsumed_responses() > 0)
                 continue
             for raw in responses:
-                rid, _, status = blkif.decode_response(raw)
+                rid, operation, status = blkif.decode_response(raw)
                 pending = self.pending.get(rid)
-                if pending is None:
-                    self.bad_responses += 1  # an id we never sent, or answered twice
+                if pending is None or operation not in (pending.operation, Op.INDIRECT):
+                    # an id we never sent, one answered twice, or another operation's answer:
+                    # it completes nothing (the hardened Linux blkfront's checks)
+                    self.bad_responses += 1
                     continue
                 del self.pending[rid]
                 pending.status = status

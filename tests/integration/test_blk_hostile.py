@@ -226,3 +226,84 @@ async def test_a_notification_storm_costs_blkback_little_cpu_and_others_nothing(
                 proc.kill()
             xenstored.terminate()
             await xenstored.wait()
+
+
+HOSTILE_BACKEND_GUEST = textwrap.dedent("""
+    import json, trio
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    from ringfence.frontends.blkfront.device import BlkFront
+
+    async def main():
+        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+            front = BlkFront(dom, xs, 51712)
+            completed = []
+            async with trio.open_nursery() as nursery:
+                await nursery.start(front.run)
+
+                async def read(offset):
+                    completed.append(await front.read(offset, 4096))
+
+                nursery.start_soon(read, 0)
+                nursery.start_soon(read, 4096)
+                await trio.sleep(3)  # the backend answers meanwhile, wrongly
+                stats = front.statistics()
+                print(json.dumps({"completed": len(completed), "bad": stats.bad_responses,
+                                  "in_flight": stats.in_flight}), flush=True)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+""")
+
+
+async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
+    """ATTACKS A4: responses with an id never issued, or another operation's, complete no
+    request (as the hardened Linux blkfront checks) and are counted."""
+    from ringfence.hypervisor.io import blkif
+    from ringfence.testing.sim import open_agent
+    from ringfence.toolstack.hypervisor import start_xenstored
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        try:
+            async with open_xenstore(xs_path) as xs, open_agent(dom0, "evil-backend") as backend:
+                guest_domid, fd = await dom0.create_domain("guest")
+                await add_vbd(xs, backend=backend.domid, frontend=guest_domid, devid=51712,
+                              target="/nonexistent")
+                be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
+                fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+                await xs.write_many([(f"{be}/sectors", "2048"), (f"{be}/info", "0"),
+                                     (f"{be}/sector-size", "512"), (f"{be}/state", "2")])
+                guest = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", HOSTILE_BACKEND_GUEST], pass_fds=(fd,),
+                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
+                os.close(fd)
+                with trio.fail_after(20):
+                    while not await xs.exists(f"{fe}/state") or await xs.read(f"{fe}/state") != b"3":
+                        await trio.sleep(0.05)
+                ring_ref = int(await xs.read(f"{fe}/ring-ref"))
+                evtchn = int(await xs.read(f"{fe}/event-channel"))
+                ring = (await backend.ok("map", domid=guest_domid, grefs=[ring_ref]))["map"]
+                port = (await backend.ok("evt_bind", domid=guest_domid, port=evtchn))["port"]
+                await xs.write(f"{be}/state", "4")
+                with trio.fail_after(20):  # both reads are on the ring
+                    while int.from_bytes(bytes.fromhex(
+                            (await backend.ok("read", map=ring, length=4))["data"]), "little") < 2:
+                        await trio.sleep(0.05)
+                first = blkif.decode_request(bytes.fromhex(
+                    (await backend.ok("read", map=ring, offset=64, length=112))["data"]))
+                wrong_op = blkif.encode_response(first.id, blkif.Op.WRITE, 0)    # a read's id
+                never_issued = blkif.encode_response(first.id + 1000, blkif.Op.READ, 0)
+                await backend.ok("write", map=ring, offset=64, data=wrong_op.hex())
+                await backend.ok("write", map=ring, offset=64 + 112, data=never_issued.hex())
+                await backend.ok("write", map=ring, offset=8, data=(2).to_bytes(4, "little").hex())
+                await backend.ok("notify", port=port)
+                out = b""
+                with trio.fail_after(30):
+                    async for chunk in guest.stdout:
+                        out += chunk
+                    await guest.wait()
+                assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
