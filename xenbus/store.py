@@ -20,6 +20,7 @@ from ringfence.hypervisor.io.xs_wire import ABS_PATH_MAX, REL_PATH_MAX, XenStore
 PERM_CHARS = "nrwb"
 _VALID = re.compile(r"^[A-Za-z0-9\-/_@]*$")
 _SPECIAL = ("@introduceDomain", "@releaseDomain")
+_HOME = re.compile(r"^/local/domain/[0-9]{1,5}/")
 Perms = tuple[tuple[int, str], ...]
 Change = tuple[str, bool]  # (path, removed): what watches fire on
 
@@ -103,10 +104,11 @@ def canonical(caller: Caller, path: str, *, allow_special: bool = False) -> str:
     if not path or not _VALID.match(path) or "//" in path or "@" in path:
         raise XenStoreError("EINVAL", f"bad path {path[:64]!r}")
     if path[0] != "/":
-        if len(path) > REL_PATH_MAX:
-            raise XenStoreError("EINVAL", "relative path too long")
         path = f"{domain_path(caller.domid)}/{path}"
-    if len(path) > ABS_PATH_MAX:
+    # As Xen's C daemon (XSA-323): the limit counts what follows /local/domain/N/, so a
+    # path is accepted or refused the same whichever way it is spelt.
+    home = _HOME.match(path)
+    if len(path) - (home.end() if home else 0) > REL_PATH_MAX or len(path) > ABS_PATH_MAX:
         raise XenStoreError("EINVAL", "path too long")
     if len(path) > 1 and path.endswith("/"):
         raise XenStoreError("EINVAL", "trailing slash")

@@ -31,9 +31,19 @@ async def exercise(xs) -> list:
             await xs.read(bad)
         except XenStoreError as exc:
             seen.append(exc.name)
+    # path limits at their edges, spelt absolute under a domain's home and elsewhere
+    for path in ("/local/domain/5/" + "a" * 2048, "/local/domain/5/" + "a" * 2049,
+                 "/t/" + "b" * 2045, "/t/" + "b" * 2046):
+        try:
+            await xs.write(path, b"1")
+            seen.append("OK")
+        except XenStoreError as exc:
+            seen.append(exc.name)
     async with xs.watch("/t", "tok") as events:
         seen.append(await events.receive())
         await xs.write("/t/a", b"3")
+        seen.append(await events.receive())
+        await xs.write("/t/implied/parent/node", b"4")  # one event: parents it implied fire none
         seen.append(await events.receive())
         await xs.rm("/t/b")
         seen.append(await events.receive())
