@@ -171,3 +171,27 @@ async def test_reset_watches_inside_a_transaction():
             await dom0.write("/w/x", b"1")
             assert await dom0.read("/w/x") == b"1"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_misbehaving_connection_does_not_end_its_domain_early():
+    """X5 (XSA-325): a protocol violation ends that connection, not the domain's record:
+    @releaseDomain fires once, when the domain really goes."""
+    server = XenStoreServer()
+    async with trio.open_nursery() as nursery:
+        dom0_stream, _ = await _connection(server, nursery, 0)
+        async with open_xenstore_stream(dom0_stream) as dom0:
+            server.introduce_domain(5)
+            async with dom0.watch("@releaseDomain", "r") as releases:
+                await releases.receive()  # the initial event
+                bad, _ = await _connection(server, nursery, 5)
+                await bad.send_all(struct.pack("<IIII", Op.READ, 1, 0, 5000) + b"x" * 16)
+                with trio.fail_after(2):
+                    assert await bad.receive_some() == b""
+                assert await dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"T\0"
+                with trio.move_on_after(0.2):
+                    raise AssertionError(f"released early: {await releases.receive()}")
+                server.release_domain(5)
+                assert (await releases.receive())[0] == "@releaseDomain"
+                with trio.move_on_after(0.2):
+                    raise AssertionError(f"released twice: {await releases.receive()}")
+        nursery.cancel_scope.cancel()
