@@ -195,3 +195,22 @@ async def test_a_misbehaving_connection_does_not_end_its_domain_early():
                 with trio.move_on_after(0.2):
                     raise AssertionError(f"released twice: {await releases.receive()}")
         nursery.cancel_scope.cancel()
+
+
+async def test_the_deepest_tree_is_built_walked_and_removed():
+    """X9 (XSA-418): the deepest tree the path limit allows; walks are iterative."""
+    server = XenStoreServer()
+    async with trio.open_nursery() as nursery:
+        stream, _ = await _connection(server, nursery, 0)
+        async with open_xenstore_stream(stream) as dom0:
+            deepest = "/d" + "/x" * ((W.REL_PATH_MAX - 2) // 2)
+            await dom0.write(deepest, b"bottom")
+            assert await dom0.read(deepest) == b"bottom"
+            async with dom0.watch("/d", "t") as events:
+                await events.receive()
+                await dom0.rm("/d")
+                assert (await events.receive())[0] == "/d"
+            with pytest.raises(XenStoreError):
+                await dom0.read(deepest)
+            assert not any(path.startswith("/d") for path in server.store.nodes)
+        nursery.cancel_scope.cancel()
