@@ -50,6 +50,15 @@ class GrantTable(Protocol):
     def statistics(self) -> Any: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PortStatistics:
+    port: int
+    remote_domid: int
+    notifications_sent: int
+    wakeups: int
+    events_received: int
+
+
 class Port(Protocol):
     """One end of an interdomain event channel."""
     port: int

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from ringfence.hypervisor.platform import PAGE_SIZE, GrantCopy
+from ringfence.hypervisor.platform import PAGE_SIZE, GrantCopy, PortStatistics
 
 try:
     from ringfence.hypervisor._xenffi import ffi, lib
@@ -205,15 +205,6 @@ class XenGrantTable:
                                        self._copy_bytes, self._shared, self._failures)
 
 
-@dataclass(frozen=True, slots=True)
-class XenPortStatistics:
-    port: int
-    remote_domid: int
-    notifications_sent: int
-    wakeups: int
-    events_received: int
-
-
 class XenPort:
     """One bound port on an evtchn handle of its own."""
 
@@ -260,8 +251,8 @@ class XenPort:
         lib.xenevtchn_unbind(handle, self.port)
         lib.xenevtchn_close(handle)
 
-    def statistics(self) -> XenPortStatistics:
-        return XenPortStatistics(self.port, self.remote_domid, self._sent, self._wakeups,
+    def statistics(self) -> PortStatistics:
+        return PortStatistics(self.port, self.remote_domid, self._sent, self._wakeups,
                                  self._received)
 
 

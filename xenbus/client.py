@@ -353,7 +353,8 @@ async def open_xenstore_stream(stream: trio.abc.Stream,
             await trio.aclose_forcefully(xs._stream)  # a redialled stream replaced ours
 
 
-async def _dial(path: str) -> trio.abc.Stream:
+async def dial_unix(path: str) -> trio.SocketStream:
+    """A stream to a daemon's Unix socket (xenstored, ours or Xen's)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(path)
@@ -367,6 +368,6 @@ async def _dial(path: str) -> trio.abc.Stream:
 async def open_xenstore(path: str, *, reconnect: bool = False) -> AsyncIterator[XenStore]:
     """Connect to a xenstored Unix socket (ours or Xen's); with ``reconnect`` the connection
     survives a daemon restart (see :class:`XenStore`)."""
-    stream = await _dial(path)
-    async with open_xenstore_stream(stream, (lambda: _dial(path)) if reconnect else None) as xs:
+    stream = await dial_unix(path)
+    async with open_xenstore_stream(stream, (lambda: dial_unix(path)) if reconnect else None) as xs:
         yield xs

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import stat
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +22,7 @@ import trio
 
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-from ringfence.xenbus.client import XenStore, open_xenstore_stream
+from ringfence.xenbus.client import XenStore, dial_unix, open_xenstore_stream
 
 PLATFORMS = ("auto", "sim", "xen")
 XENBUS_DEVICE = "/dev/xen/xenbus"
@@ -81,13 +80,7 @@ async def dial_xenstore(endpoint: str) -> trio.abc.Stream:
     if os.path.exists(endpoint) and not _is_socket(endpoint):
         fd = os.open(endpoint, os.O_RDWR | os.O_CLOEXEC)
         return MessagePerWrite(trio.lowlevel.FdStream(fd))
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.connect(endpoint)
-    except OSError:
-        sock.close()
-        raise
-    return MessagePerWrite(trio.SocketStream(sock))
+    return MessagePerWrite(await dial_unix(endpoint))
 
 
 def _is_socket(path: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor._lib import ffi, lib
-from ringfence.hypervisor.platform import PAGE_SIZE, GrantCopy
+from ringfence.hypervisor.platform import PAGE_SIZE, GrantCopy, PortStatistics
 from ringfence.hypervisor.sim import protocol as P
 from ringfence.hypervisor.sim.protocol import GNTST, Op
 
@@ -116,15 +116,6 @@ class ControlConnection:
 
 
 # ---- event channels ----------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class PortStatistics:
-    port: int
-    remote_domid: int
-    notifications_sent: int
-    wakeups: int
-    events_received: int
-
 
 class SimPort:
     """One end of an interdomain channel: notify writes the peer's eventfd."""

@@ -179,6 +179,15 @@ static int fail(int status)
     return -1;
 }
 
+/* Every handle's open: the process's one HELLO, made by whichever comes first. */
+static int connected(void)
+{
+    pthread_mutex_lock(&lock);
+    int status = connect_once();
+    pthread_mutex_unlock(&lock);
+    return status < 0 ? fail(status) : 0;
+}
+
 /* Map n fds contiguously at a fresh reservation (or fail with nothing mapped). */
 static void *map_fds(const int *fds, unsigned n, int prot)
 {
@@ -199,17 +208,12 @@ static void *map_fds(const int *fds, unsigned n, int prot)
 /* ---- grant mapping (xengnttab) ------------------------------------------------------ */
 
 struct mapping { struct mapping *next; void *addr; uint32_t count; uint32_t *handles; };
-struct xengntdev_handle { struct mapping *mappings; int sharer; };
+struct xengntdev_handle { struct mapping *mappings; };
 
 xengnttab_handle *xengnttab_open(struct xentoollog_logger *logger, unsigned open_flags)
 {
-    pthread_mutex_lock(&lock);
-    int status = connect_once();
-    pthread_mutex_unlock(&lock);
-    if (status < 0) {
-        errno = -status;
+    if (connected() < 0)
         return NULL;
-    }
     return calloc(1, sizeof(xengnttab_handle));
 }
 
@@ -380,10 +384,7 @@ static struct shared *shares;
 
 xengntshr_handle *xengntshr_open(struct xentoollog_logger *logger, unsigned open_flags)
 {
-    xengntshr_handle *h = xengnttab_open(logger, open_flags);
-    if (h)
-        h->sharer = 1;
-    return h;
+    return xengnttab_open(logger, open_flags);
 }
 
 int xengntshr_close(xengntshr_handle *xgs) { free(xgs); return 0; }
@@ -515,13 +516,8 @@ struct xenevtchn_handle { int epoll_fd; struct port *ports; };
 
 xenevtchn_handle *xenevtchn_open(struct xentoollog_logger *logger, unsigned open_flags)
 {
-    pthread_mutex_lock(&lock);
-    int status = connect_once();
-    pthread_mutex_unlock(&lock);
-    if (status < 0) {
-        errno = -status;
+    if (connected() < 0)
         return NULL;
-    }
     xenevtchn_handle *h = calloc(1, sizeof *h);
     if (!h)
         return NULL;
