@@ -19,6 +19,7 @@ import trio
 
 from ringfence._log import logging_context
 from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Validator
+from ringfence.backends.blkback.fastpath import FastPath
 from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd, backing_path
 from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.blkif import Op, Status
@@ -52,6 +53,7 @@ class DeviceStatistics:
     disconnects_for_abuse: int
     injected_errors: int
     spurious_notifications: int
+    fast_path: dict[str, Any] | None
     ring: dict[str, Any] | None
     vbd: dict[str, Any] | None
 
@@ -73,13 +75,18 @@ class BlkbackDevice:
         self.injected_errors = 0
         self.use_persistent = True
         self._transient: list[Any] = []
+        self.fast: FastPath | None = None  # while connected with persistent grants
 
     def statistics(self) -> DeviceStatistics:
+        fast = self.fast.statistics() if self.fast else None
+        served = fast.served if fast else 0
         return DeviceStatistics(
-            self.frontend_id, self.devid, self.state.name, self.connections, self.requests,
-            self.errors, dict(self.validator.rejected) if self.validator else {},
-            len(self.persistent), self.hits, self.maps, self.abuse, self.injected_errors,
-            self.storm.spurious, asdict(self.ring.statistics()) if self.ring else None,
+            self.frontend_id, self.devid, self.state.name, self.connections, self.requests + served,
+            self.errors + (fast.io_errors if fast else 0),
+            dict(self.validator.rejected) if self.validator else {},
+            len(self.persistent), self.hits + served, self.maps, self.abuse, self.injected_errors,
+            self.storm.spurious, asdict(fast) if fast else None,
+            asdict(self.ring.statistics()) if self.ring else None,
             asdict(self.vbd.statistics()) if self.vbd else None)
 
     async def _set_state(self, state: XenbusState) -> None:
@@ -196,6 +203,9 @@ class BlkbackDevice:
             raise _Disconnect(f"ring map failed: {exc}", 1) from None
         port = await self.domain.events.bind_interdomain(self.frontend_id, port_no)
         self.ring = BackRing(mapped.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
+        assert self.vbd is not None
+        if self.use_persistent:
+            self.fast = FastPath(self.vbd.fd, self.vbd.sectors, self.vbd.read_only)
         self.connections += 1
         await self._set_state(XenbusState.Connected)
         log.info("device connected", extra={"kv": {"ring_pages": len(refs), "persistent": self.use_persistent}})
@@ -209,6 +219,7 @@ class BlkbackDevice:
         finally:
             ring, self.ring = self.ring, None
             del ring
+            self.fast = None  # before the pages it points into go
             # Shielded: a vbd removed by the toolstack is cancelled, and the frontend's pages
             # and port must be given back all the same.
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
@@ -245,11 +256,25 @@ class BlkbackDevice:
 
     # ---- datapath --------------------------------------------------------------------
     async def _serve(self, port: Any, scope: trio.CancelScope) -> None:
-        ring = self.ring
-        assert ring is not None and self.validator is not None
+        ring, fast = self.ring, self.fast
+        assert ring is not None and self.validator is not None and self.vbd is not None
+        in_thread = self.vbd.is_block_device  # a real disk may block: not on the event loop
         while True:
             try:
-                raws = ring.take_requests()
+                if fast is None:
+                    raws = ring.take_requests()
+                else:
+                    fast.enable(not self.failing)
+                    if in_thread:
+                        raws, notify = await trio.to_thread.run_sync(fast.serve, ring)
+                    else:
+                        raws, notify = fast.serve(ring)
+                    if notify:
+                        port.notify()
+                    if not raws:
+                        await port.wait()
+                        await self.storm.woken(ring.unconsumed_requests() > 0)
+                        continue
             except RingOverflow:
                 # Reported outside the nursery, as a plain exception.
                 self._abuse_reason = "ring overflow: frontend published more than the ring holds"
@@ -340,13 +365,21 @@ class BlkbackDevice:
             self._transient.append(mapping)
             return mapping
         if cached is not None:
+            self._forget(gref)
             await self.domain.grant_table.unmap(self.persistent.pop(gref))
         self.persistent[gref] = mapping
+        if self.fast is not None:
+            self.fast.remember(gref, mapping)
         while len(self.persistent) > PERSISTENT_GRANTS_MAX:
-            _, old = self.persistent.popitem(last=False)
+            old_gref, old = self.persistent.popitem(last=False)
+            self._forget(old_gref)
             with contextlib.suppress(OSError):
                 await self.domain.grant_table.unmap(old)
         return mapping
+
+    def _forget(self, gref: int) -> None:
+        if self.fast is not None:
+            self.fast.forget(gref)
 
 
 class _Disconnect(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     status: int = Status.OKAY
     sent_on: int = 0             # the connection whose ring carries it (0: none yet)
+    on_done: Callable[[int], None] | None = None  # called with the status (see start())
 
 
 class BlkFront:
@@ -86,7 +88,9 @@ class BlkFront:
         self.pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._free_pages: list[int] = []
-        self._page_freed = trio.Condition()
+        # Parked here: whoever waits for free pages or a free ring slot (both come back when
+        # responses arrive) or for the next ring.
+        self._room = trio.lowlevel.ParkingLot()
         self._connected = trio.Event()
         self._ring: FrontRing | None = None
         self._port: Any = None
@@ -190,14 +194,12 @@ class BlkFront:
         self.failed = reason
         log.error("backend failed; I/O fails until it is replaced", extra={"kv": {
             "devid": self.devid, "reason": reason, "failed_requests": len(self.pending)}})
-        for pending in self.pending.values():
-            pending.status = Status.ERROR
-            pending.done.set()
-        self.errors += len(self.pending)
-        self.pending.clear()
+        failed, self.pending = list(self.pending.values()), {}
+        self.errors += len(failed)
+        for pending in failed:
+            self._complete(pending, Status.ERROR)
         self._connected.set()  # wakes putters waiting for a ring: they fail now
-        async with self._page_freed:
-            self._page_freed.notify_all()
+        self._room.unpark_all()
         failed_backend = self.backend_path
         async with self.xs.watch(f"{self.path}/backend") as events:
             async for _ in events:
@@ -284,8 +286,7 @@ class BlkFront:
         if self._connected.is_set():  # an unset one stays: its waiters wake on the next connect
             self._connected = trio.Event()
         self._ring = None
-        async with self._page_freed:  # putters waiting for ring space wait for the next ring
-            self._page_freed.notify_all()
+        self._room.unpark_all()  # putters waiting for ring space wait for the next ring
         if self._port is not None:
             port, self._port = self._port, None
             with contextlib.suppress(OSError):
@@ -316,17 +317,22 @@ class BlkFront:
                     self.bad_responses += 1
                     continue
                 del self.pending[rid]
-                pending.status = status
-                pending.done.set()
-            async with self._page_freed:
-                self._page_freed.notify_all()
+                self._complete(pending, status)
+            if self._room:
+                self._room.unpark_all()
+
+    @staticmethod
+    def _complete(pending: _Pending, status: int) -> None:
+        pending.status = status
+        pending.done.set()
+        if pending.on_done is not None:
+            pending.on_done(status)
 
     # ---- requests --------------------------------------------------------------------
     async def _put(self, pending: _Pending, *, replaying: bool = False) -> None:
         while True:
             if self.failed is not None and not replaying:
-                pending.status = Status.ERROR
-                pending.done.set()
+                self._complete(pending, Status.ERROR)
                 return
             if pending.done.is_set() or pending.sent_on == self.connections:
                 return  # answered, or already replayed onto this ring
@@ -336,8 +342,7 @@ class BlkFront:
                 continue
             if ring.free_requests():
                 break
-            async with self._page_freed:
-                await self._page_freed.wait()
+            await self._room.park()
         ring.put_requests([self._encode(pending)])
         pending.sent_on = self.connections
         if ring.push_requests():
@@ -347,17 +352,18 @@ class BlkFront:
         if p.operation == Op.DISCARD:
             return blkif.encode_request(blkif.Request(Op.DISCARD, 0, self.devid & 0xFFFF, p.id,
                                                       p.sector, nr_sectors=p.nr_sectors))
-        segs = tuple(blkif.Segment(self._pool_grefs[page], 0,
-                                   (p.sectors_in_last if i == len(p.pages) - 1 else 8) - 1)
-                     for i, page in enumerate(p.pages))
-        return blkif.encode_request(blkif.Request(p.operation, len(segs), self.devid & 0xFFFF,
-                                                  p.id, p.sector, segs))
+        grefs = self._pool_grefs
+        return blkif.encode_page_request(p.operation, self.devid & 0xFFFF, p.id, p.sector,
+                                         [grefs[page] for page in p.pages], p.sectors_in_last)
 
     async def _pages(self, count: int) -> list[int]:
-        async with self._page_freed:
-            while len(self._free_pages) < count:
-                await self._page_freed.wait()
-            taken, self._free_pages = self._free_pages[:count], self._free_pages[count:]
+        while len(self._free_pages) < count:
+            await self._room.park()
+        return self._take_pages(count)
+
+    def _take_pages(self, count: int) -> list[int]:
+        taken = self._free_pages[-count:]
+        del self._free_pages[-count:]
         return taken
 
     async def _submit(self, operation: int, sector: int, pages: list[int], sectors_in_last: int = 8,
@@ -387,10 +393,9 @@ class BlkFront:
             try:
                 last = (size - (len(pages) - 1) * PAGE) // 512
                 await self._submit(Op.READ, start // 512, pages, last)
-                view = self._pool.buffer
-                chunks.append(b"".join(bytes(view[p * PAGE:(p + 1) * PAGE]) for p in pages)[:size])
+                chunks.append(self._gather(pages, size))
             finally:
-                await self._release(pages)
+                self._release(pages)
         self.bytes_read += length
         return b"".join(chunks)
 
@@ -413,7 +418,63 @@ class BlkFront:
             last = (len(chunk) - (len(pages) - 1) * PAGE) // 512
             await self._submit(Op.WRITE, offset // 512, pages, last)
         finally:
-            await self._release(pages)
+            self._release(pages)
+
+    def _gather(self, pages: list[int], size: int) -> bytes:
+        view = self._pool.buffer
+        if len(pages) == 1:
+            return bytes(view[pages[0] * PAGE:pages[0] * PAGE + size])
+        return b"".join(view[p * PAGE:(p + 1) * PAGE] for p in pages)[:size]
+
+    def start(self, write: bool, offset: int, data_or_length: bytes | int,
+              on_done: Callable[[int, bytes], None]) -> bool:
+        """Start a read or write of at most one request's worth (44 KiB) without waiting,
+        if pages and a ring slot are free now; ``on_done(errno, data)`` runs when it
+        completes (0 and the bytes read, or 5 = EIO). False: nothing started, use the async
+        :meth:`read`/:meth:`write` (which wait for room). Offset and length are the
+        caller's to check (sector-aligned, inside the disk).
+
+        This is the NBD server's path: a request costs no task and no await, and, like
+        every request, it stays pending until answered, so it is replayed across a
+        backend restart.
+        """
+        ring = self._ring
+        length = data_or_length if isinstance(data_or_length, int) else len(data_or_length)
+        count = -(-length // PAGE)
+        if (ring is None or self.failed is not None or not self._connected.is_set()
+                or not 0 < count <= SEGMENTS or len(self._free_pages) < count
+                or not ring.free_requests()):
+            return False
+        pages = self._take_pages(count)
+        if write:
+            view = self._pool.buffer
+            data = memoryview(data_or_length)  # type: ignore[arg-type]
+            for i, page in enumerate(pages):
+                piece = data[i * PAGE:(i + 1) * PAGE]
+                view[page * PAGE:page * PAGE + len(piece)] = piece
+        pending = _Pending(next(self._ids), Op.WRITE if write else Op.READ, offset // 512, pages,
+                           (length - (count - 1) * PAGE) // 512)
+
+        def finished(status: int) -> None:
+            data = b""
+            if status != Status.OKAY:
+                self.errors += 1
+            elif write:
+                self.bytes_written += length
+            else:
+                data = self._gather(pages, length)
+                self.bytes_read += length
+            self._release(pages)
+            on_done(0 if status == Status.OKAY else 5, data)
+
+        pending.on_done = finished
+        self.pending[pending.id] = pending
+        self.requests += 1
+        ring.put_requests([self._encode(pending)])
+        pending.sent_on = self.connections
+        if ring.push_requests():
+            self._port.notify()
+        return True
 
     async def flush(self) -> None:
         await self._submit(Op.FLUSH_DISKCACHE, 0, [])
@@ -422,13 +483,13 @@ class BlkFront:
         self._check(offset, length)
         await self._submit(Op.DISCARD, offset // 512, [], nr_sectors=length // 512)
 
-    async def _release(self, pages: list[int]) -> None:
-        # Shielded: this runs in the finally of a request its client gave up on (an NBD
-        # client that disconnects mid-I/O); a cancelled release would lose the pages.
-        with trio.CancelScope(shield=True):
-            async with self._page_freed:
-                self._free_pages.extend(pages)
-                self._page_freed.notify_all()
+    def _release(self, pages: list[int]) -> None:
+        # Synchronous: it runs in the finally of a request its client may have given up on
+        # (an NBD client that disconnects mid-I/O), where an await could be cancelled and
+        # lose the pages.
+        self._free_pages.extend(pages)
+        if self._room:
+            self._room.unpark_all()
 
     async def wait_connected(self) -> None:
         await self._connected.wait()

@@ -102,6 +102,22 @@ def encode_request(req: Request) -> bytes:
     return body.ljust(REQUEST_SIZE, b"\0")
 
 
+# READ/WRITE requests of n whole-page segments but the last, one Struct each (the hot path)
+_RW = [struct.Struct("<BBH4xQQ" + "IBB2x" * n + f"{(MAX_SEGMENTS_PER_REQUEST - n) * 8}x")
+       for n in range(MAX_SEGMENTS_PER_REQUEST + 1)]
+
+
+def encode_page_request(operation: int, handle: int, rid: int, sector: int,
+                        grefs: list[int], sectors_in_last: int) -> bytes:
+    """A READ or WRITE of whole granted pages (the last one's first ``sectors_in_last``
+    sectors): what :func:`encode_request` gives for it, without building a Request."""
+    fields: list[int] = []
+    last = len(grefs) - 1
+    for i, gref in enumerate(grefs):
+        fields += (gref, 0, (sectors_in_last if i == last else 8) - 1)
+    return _RW[len(grefs)].pack(operation, len(grefs), handle, rid, sector, *fields)
+
+
 def decode_indirect_segments(page: bytes | memoryview, count: int) -> list[Segment]:
     """Segments from one indirect page (already copied), at most 512."""
     return [Segment(*SEGMENT.unpack_from(page, i * SEGMENT.size))

@@ -79,6 +79,11 @@ class _Ring:
         self.received = memoryview(ffi.buffer(theirs))
 
     @property
+    def c_ring(self) -> Any:
+        """The ``rf_ring *`` for C code that serves this ring itself (blkback's fast path)."""
+        return self._ring
+
+    @property
     def sring(self) -> Any:
         """The shared header (for tests and fault injection)."""
         return self._ring.sring
