@@ -28,7 +28,8 @@ from ringfence.xenbus.storm import NotificationStorm
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-POOL_PAGES = 352          # 32 requests x 11 segments in flight
+POOL_PAGES = 1024         # 4 MiB in flight: a full ring (352 pages) and then some; below
+                          # blkback's bound on persistent grants (1056)
 SEGMENTS = blkif.MAX_SEGMENTS_PER_REQUEST
 
 
@@ -386,18 +387,23 @@ class BlkFront:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        chunks = []
-        for start in range(offset, offset + length, SEGMENTS * PAGE):
-            size = min(SEGMENTS * PAGE, offset + length - start)
-            pages = await self._pages(-(-size // PAGE))
-            try:
-                last = (size - (len(pages) - 1) * PAGE) // 512
-                await self._submit(Op.READ, start // 512, pages, last)
-                chunks.append(self._gather(pages, size))
-            finally:
-                self._release(pages)
+        starts = range(offset, offset + length, SEGMENTS * PAGE)
+        chunks = [b""] * len(starts)
+        async with trio.open_nursery() as nursery:  # the pieces of a large read go together
+            for i, start in enumerate(starts):
+                nursery.start_soon(self._read_chunk, chunks, i, start,
+                                   min(SEGMENTS * PAGE, offset + length - start))
         self.bytes_read += length
         return b"".join(chunks)
+
+    async def _read_chunk(self, chunks: list[bytes], index: int, offset: int, size: int) -> None:
+        pages = await self._pages(-(-size // PAGE))
+        try:
+            last = (size - (len(pages) - 1) * PAGE) // 512
+            await self._submit(Op.READ, offset // 512, pages, last)
+            chunks[index] = self._gather(pages, size)
+        finally:
+            self._release(pages)
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.read_only:
