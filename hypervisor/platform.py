@@ -37,6 +37,11 @@ class MappedPages(Protocol):
 
 
 class GrantTable(Protocol):
+    # Whether a backend may keep a frontend's pages mapped across requests: True on sim,
+    # whose frontends (ours) keep their buffers granted while connected; False on Xen, where
+    # Linux's netfront ends access to each page once it is answered.
+    persistent_maps: bool
+
     def grant_access(self, domid: int, frame: int, readonly: bool = False) -> int: ...
 
     def end_access(self, gref: int) -> bool: ...

@@ -94,6 +94,8 @@ class XenGrantTableStatistics:
 
 
 class XenGrantTable:
+    persistent_maps = False  # Linux's netfront ends access to each page once answered
+
     def __init__(self) -> None:
         _require_bindings()
         self._gnttab = lib.xengnttab_open(ffi.NULL, 0)

@@ -68,14 +68,16 @@ async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend
 
 
 async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac: str,
-                  bridge: str = "xenbr0", ip: tuple[str, ...] = ()) -> DevicePaths:
+                  bridge: str = "xenbr0", ip: tuple[str, ...] = (), mtu: int | None = None) -> DevicePaths:
     """Write the backend and frontend directories of a virtual network interface (``ip``
-    as libxl writes it: space-separated; a sim guest configures these addresses itself)."""
+    as libxl writes it: space-separated; a sim guest configures these addresses itself;
+    ``mtu`` for the vif in the driver domain, 1500 when absent)."""
     paths = DevicePaths("vif", frontend, backend, devid)
     await _write_device(xs, paths,
                         (("frontend", paths.frontend), ("frontend-id", frontend), ("mac", mac),
                          ("bridge", bridge), ("online", 1), ("handle", devid),
-                         *((("ip", " ".join(ip)),) if ip else ())),
+                         *((("ip", " ".join(ip)),) if ip else ()),
+                         *((("mtu", mtu),) if mtu else ())),
                         (("mac", mac), ("handle", devid)))
     return paths
 

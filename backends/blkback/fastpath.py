@@ -60,6 +60,10 @@ class FastPath:
             self._pages[gref] = ffi.NULL
             self._cached -= 1
 
+    @property
+    def served(self) -> int:
+        return int(self._c.served)
+
     def serve(self, ring: BackRing) -> tuple[list[bytes], bool]:
         """Serve what the ring holds; returns the requests left for Python and whether the
         frontend must be notified of the responses pushed."""

@@ -265,12 +265,15 @@ class BlkbackDevice:
                     raws = ring.take_requests()
                 else:
                     fast.enable(not self.failing)
+                    served = fast.served
                     if in_thread:
                         raws, notify = await trio.to_thread.run_sync(fast.serve, ring)
                     else:
                         raws, notify = fast.serve(ring)
                     if notify:
                         port.notify()
+                    if fast.served != served:
+                        self.storm.note_work()
                     if not raws:
                         await port.wait()
                         await self.storm.woken(ring.unconsumed_requests() > 0)
@@ -286,6 +289,7 @@ class BlkbackDevice:
                 await port.wait()
                 await self.storm.woken(ring.unconsumed_requests() > 0)
                 continue
+            self.storm.note_work()
             responses = await self._handle_batch(raws)
             ring.put_responses(responses)
             if ring.push_responses():

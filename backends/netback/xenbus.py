@@ -6,9 +6,11 @@ feature keys, maps the frontend's tx and rx rings, binds its event channel, crea
 ``bridge`` key. Packets the guest sends (tx) are grant-copied out of its pages and written to
 the TAP; packets read from the TAP are grant-copied into buffers the guest posted (rx).
 
-Every tx request is validated before use: size 0 or over 64 KiB, offset + size past the
-page, slot chains (``more_data``: not offered), and bad grants get an error response and a
-counter; an overflowing ring disconnects that vif only.
+Packets span several slots (``feature-sg``), carry partial checksums both ways and TCP
+segments of up to 64 KiB (``feature-gso-tcpv4/6``): the TAP's virtio-net header says the
+same to the kernel, so a guest's TCP stream crosses the driver domain in 64 KiB pieces.
+Every tx request is validated before use (``datapath.TxParser``): a bad packet gets error
+responses and a counter; a broken chain or an overflowing ring disconnects that vif only.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from typing import Any
 
 import trio
 
-from ringfence.hypervisor.io import netif
-from ringfence.hypervisor.io.netif import Status, TxFlags
+from ringfence.backends.netback.copier import GrantCopier, MappingCopier
+from ringfence.backends.netback.datapath import Fatal, TxPacket, TxParser, responses
+from ringfence.hypervisor.io import netif, vnet
+from ringfence.hypervisor.io.netif import RxFlags, Status, TxFlags
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.hypervisor.platform import GrantCopy
 from ringfence.isolation import netlink
 from ringfence.xenbus.backend import serve_devices
 from ringfence.xenbus.client import XenStore
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 RX_RSP = netif.RX_RESPONSE
 RELEASE_TIMEOUT = 10  # seconds for giving back a vif's rings, port and TAP
+RX_BACKLOG = 64       # packets read from the TAP that wait for the guest's buffers
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,8 @@ class NetbackVif:
         self.tap_name = f"vif{frontend_id}.{devid}"
         self.state = XenbusState.Initialising
         self.tx_packets = self.rx_packets = self.rx_dropped = 0
-        self.rejected: Counter[str] = Counter()
+        self.parser = TxParser()
+        self.rejected: Counter[str] = self.parser.rejected
         self.storm = NotificationStorm()
 
     def statistics(self) -> VifStatistics:
@@ -74,9 +79,9 @@ class NetbackVif:
         self.frontend_path = (await self.xs.read(f"{self.path}/frontend")).decode()
         self.bridge = (await self._read_or(f"{self.path}/bridge", b"xenbr0")).decode()
         await self.xs.write_many([(f"{self.path}/{key}", str(value)) for key, value in (
-            ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 0),
-            ("feature-gso-tcpv4", 0), ("feature-gso-tcpv6", 0),
-            ("feature-ipv6-csum-offload", 0), ("feature-rx-notify", 1),
+            ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
+            ("feature-gso-tcpv4", 1), ("feature-gso-tcpv6", 1),
+            ("feature-ipv6-csum-offload", 1), ("feature-rx-notify", 1),
             ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1))])
         await self._set_state(XenbusState.InitWait)
         async with self.xs.watch(f"{self.frontend_path}/state") as events:
@@ -105,7 +110,9 @@ class NetbackVif:
         fe = self.frontend_path
         # The frontend's keys in one round trip, each copied once and validated.
         raw = await self.xs.read_many([f"{fe}/{key}" for key in (
-            "tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy")])
+            "tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy", "feature-sg",
+            "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-no-csum-offload")])
+        raw_mtu = await self._read_or(f"{self.path}/mtu", b"1500")
         try:
             if any(value is None for value in raw[:3]):
                 raise ValueError("tx-ring-ref, rx-ring-ref or event-channel missing")
@@ -114,6 +121,17 @@ class NetbackVif:
             raise _Disconnect(f"frontend keys: {exc}") from None
         if raw[3] != b"1":
             raise _Disconnect("frontend does not request rx-copy")
+        # What the guest can take on rx: packets over several slots, TCP segments, partial
+        # checksums (Linux's defaults when a key is absent: no sg, no gso, checksums on).
+        self.rx_sg = raw[4] == b"1"
+        gso4, gso6 = self.rx_sg and raw[5] == b"1", self.rx_sg and raw[6] == b"1"
+        csum = raw[7] != b"1"
+        try:
+            mtu = int(raw_mtu)
+            if not 68 <= mtu <= (65535 - 14 if self.rx_sg else PAGE - 14):
+                raise ValueError(f"mtu {mtu}")
+        except ValueError as exc:
+            raise _Disconnect(f"backend mtu: {exc}") from None
         gt = self.domain.grant_table
         try:
             tx_map = await gt.map(self.frontend_id, [tx_ref])
@@ -135,12 +153,15 @@ class NetbackVif:
                 raise _Disconnect(f"event channel: {exc}") from None
             tx = BackRing(tx_map.buffer, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
             rx = BackRing(rx_map.buffer, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
-            tap_fd, _ = netlink.open_tap(self.tap_name, vnet_hdr=False)
+            tap_fd, _ = netlink.open_tap(self.tap_name, vnet_hdr=True)
+            vnet.set_offload(tap_fd, csum, gso4, gso6)
             await netlink.ensure_bridge(self.bridge)
-            await netlink.set_link(self.tap_name, master=self.bridge, up=True)
+            await netlink.set_link(self.tap_name, master=self.bridge, mtu=mtu, up=True)
             await self._set_state(XenbusState.Connected)
             log.info("vif connected", extra={"kv": {"vif": self.tap_name, "bridge": self.bridge}})
             self.rx_buffers: collections.deque[tuple[int, int]] = collections.deque()  # (id, gref)
+            self.rx_posted = trio.Event()  # set when the guest posts buffers
+            self.copier = (MappingCopier if gt.persistent_maps else GrantCopier)(gt, self.frontend_id)
             self._abuse = ""
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
@@ -157,6 +178,9 @@ class NetbackVif:
                     os.close(tap_fd)
                     with contextlib.suppress(OSError):
                         await netlink.delete_link(self.tap_name)
+                copier, self.copier = getattr(self, "copier", None), None
+                if copier is not None:
+                    await copier.close()
                 for mapping in (tx_map, rx_map):
                     with contextlib.suppress(OSError):
                         await gt.unmap(mapping)
@@ -179,85 +203,134 @@ class NetbackVif:
         while True:
             try:
                 tx_raws = tx.take_requests()
-                for raw in rx.take_requests():
-                    rid, gref = netif.RX_REQUEST.unpack(raw)
-                    self.rx_buffers.append((rid, gref))
-            except RingOverflow:
-                self._abuse = "ring overflow"
-                self.rejected["ring_overflow"] += 1
+                posted = [netif.RX_REQUEST.unpack(raw) for raw in rx.take_requests()]
+                if posted:
+                    await self.copier.prepare({gref for _, gref in posted}, True)
+                    self.rx_buffers.extend(posted)
+                    self.rx_posted.set()
+                    self.storm.note_work()
+                if tx_raws:
+                    self.storm.note_work()
+                    await self._transmit(tx, self.parser.parse(tx_raws), port, tap_fd)
+                    continue
+            except (RingOverflow, Fatal) as exc:
+                reason = "ring_overflow" if isinstance(exc, RingOverflow) else str(exc)
+                if isinstance(exc, RingOverflow):
+                    self.rejected[reason] += 1
+                self._abuse = reason.replace("_", " ")
+                log.warning("vif broke the protocol; disconnecting", extra={"kv": {
+                    "vif": self.tap_name, "reason": reason}})
                 scope.cancel()
                 return
-            if tx_raws:
-                await self._transmit(tx, tx_raws, port, tap_fd)
-                continue
             if not tx.final_check_for_requests() and not rx.final_check_for_requests():
                 await port.wait()
                 await self.storm.woken(tx.unconsumed_requests() + rx.unconsumed_requests() > 0)
 
-    async def _transmit(self, tx: BackRing, raws: list[bytes], port: Any, tap_fd: int) -> None:
-        copies, kept, responses = [], [], []
-        for raw in raws:
-            req = netif.decode_tx_request(raw)
-            reason = None
-            if req.flags & (TxFlags.MORE_DATA | TxFlags.EXTRA_INFO):
-                reason = "unsupported_flags"  # we offer neither feature-sg nor extras
-            elif req.size == 0 or req.size > netif.MAX_TX_SIZE:
-                reason = "bad_size"
-            elif req.offset + req.size > PAGE:
-                reason = "crosses_page"
-            if reason:
-                self.rejected[reason] += 1
-                responses.append(netif.TX_RESPONSE.pack(req.id, Status.ERROR))
+    async def _transmit(self, tx: BackRing, packets: list[Any], port: Any, tap_fd: int) -> None:
+        """Copy a batch of the guest's packets out of its pages (one grant copy for all) and
+        write each to the TAP with the virtio-net header its flags and GSO info call for."""
+        answers: list[bytes] = []
+        kept, jobs = [], []
+        for packet in packets:
+            if not isinstance(packet, TxPacket):
+                answers += responses(packet.layout, Status.ERROR)
                 continue
-            buffer = bytearray(req.size)
-            copies.append(GrantCopy(req.size, source_gref=(self.frontend_id, req.gref, req.offset),
-                                    dest_local=buffer))
-            kept.append((req, buffer))
-        statuses = await self.domain.grant_table.copy(copies) if copies else []
-        for (req, buffer), status in zip(kept, statuses):
-            if status:
+            frame = bytearray(vnet.HEADER_SIZE + packet.size)
+            jobs.append(([(seg.gref, seg.offset, seg.length) for seg in packet.segments],
+                         memoryview(frame)[vnet.HEADER_SIZE:]))
+            kept.append((packet, frame))
+        arrived = await self.copier.gather(jobs) if jobs else []
+        for (packet, frame), whole in zip(kept, arrived):
+            if not whole:
                 self.rejected["bad_grant"] += 1
-                responses.append(netif.TX_RESPONSE.pack(req.id, Status.ERROR))
+                answers += responses(packet.layout, Status.ERROR)
                 continue
+            body = memoryview(frame)[vnet.HEADER_SIZE:]
+            header = vnet.header_for(body, partial=bool(packet.flags & TxFlags.CSUM_BLANK),
+                                     validated=bool(packet.flags & TxFlags.DATA_VALIDATED),
+                                     gso_type=packet.gso_type, gso_size=packet.gso_size)
+            if header is None:
+                self.rejected["bad_offload_headers"] += 1
+                answers += responses(packet.layout, Status.ERROR)
+                continue
+            frame[:vnet.HEADER_SIZE] = header
             try:
-                os.write(tap_fd, buffer)
+                os.write(tap_fd, frame)
                 self.tx_packets += 1
-                responses.append(netif.TX_RESPONSE.pack(req.id, Status.OKAY))
+                answers += responses(packet.layout, Status.OKAY)
             except OSError:
-                responses.append(netif.TX_RESPONSE.pack(req.id, Status.DROPPED))
-        tx.put_responses(responses)
+                answers += responses(packet.layout, Status.DROPPED)
+        tx.put_responses(answers)
         if tx.push_responses():
             port.notify()
 
     async def _tap_to_guest(self, rx: BackRing, port: Any, tap_fd: int) -> None:
+        backlog: collections.deque[bytes] = collections.deque()
         while True:
-            packets = []
-            while len(packets) < 64:
+            while len(backlog) < RX_BACKLOG:
                 try:
-                    packets.append(os.read(tap_fd, 65536))
+                    backlog.append(os.read(tap_fd, 65536 + vnet.HEADER_SIZE + 64))
                 except BlockingIOError:
                     break
-            if not packets:
+            if not backlog:
                 await trio.lowlevel.wait_readable(tap_fd)
                 continue
-            copies, ids = [], []
-            for packet in packets:
-                if not self.rx_buffers or len(packet) > PAGE:
-                    self.rx_dropped += 1  # the guest posted no buffer: drop, as Linux does
-                    continue
-                rid, gref = self.rx_buffers.popleft()
-                copies.append(GrantCopy(len(packet), source_local=packet,
-                                        dest_gref=(self.frontend_id, gref, 0)))
-                ids.append((rid, len(packet)))
-            if not copies:
-                continue
-            statuses = await self.domain.grant_table.copy(copies)
-            responses = [RX_RSP.pack(rid, 0, 0, size if not status else Status.ERROR)
-                         for (rid, size), status in zip(ids, statuses)]
-            self.rx_packets += len(responses)
-            rx.put_responses(responses)
-            if rx.push_responses():
-                port.notify()
+            jobs: list[list[tuple[int, memoryview]]] = []
+            plans: list[list[bytes]] = []  # the responses of each packet
+            while backlog:
+                planned = self._plan_rx(backlog[0])
+                if planned is None:
+                    break  # the guest has not posted enough buffers yet
+                backlog.popleft()
+                if planned:
+                    plans.append(planned[0])
+                    jobs.append(planned[1])
+            if plans:
+                arrived = await self.copier.scatter(jobs)
+                answers: list[bytes] = []
+                for rsps, whole in zip(plans, arrived):
+                    if not whole:
+                        rid, _, flags, _ = RX_RSP.unpack(rsps[0])
+                        rsps = [RX_RSP.pack(rid, 0, flags, Status.ERROR)] + rsps[1:]
+                        self.rejected["bad_rx_grant"] += 1
+                    else:
+                        self.rx_packets += 1
+                    answers += rsps
+                rx.put_responses(answers)
+                if rx.push_responses():
+                    port.notify()
+            if backlog:  # its head waits for the guest to post more buffers
+                self.rx_posted = trio.Event()
+                await self.rx_posted.wait()
+
+    def _plan_rx(self, packet: bytes) -> tuple[list[bytes], list[tuple[int, memoryview]]] | tuple[()] | None:
+        """The responses and the (gref, bytes) pieces that put one packet from the TAP into
+        the guest's buffers: data in page-sized pieces, a GSO extra after the first (as
+        Linux's netback orders them). None: not enough buffers posted yet; (): dropped."""
+        header = vnet.unpack(packet)
+        frame = memoryview(packet)[vnet.HEADER_SIZE:]
+        partial, validated, gso_type, gso_size = vnet.describe(header)
+        pieces = max(1, -(-len(frame) // PAGE))
+        if (pieces > 1 and not self.rx_sg) or (header.gso_type and not gso_type):
+            self.rx_dropped += 1  # the guest cannot take it (the TAP's offloads should prevent it)
+            return ()
+        if len(self.rx_buffers) < pieces + (1 if gso_type else 0):
+            return None
+        flags = (RxFlags.CSUM_BLANK | RxFlags.DATA_VALIDATED if partial
+                 else RxFlags.DATA_VALIDATED if validated else 0)
+        rsps, job = [], []
+        for index in range(pieces):
+            rid, gref = self.rx_buffers.popleft()
+            piece = frame[index * PAGE:(index + 1) * PAGE]
+            job.append((gref, piece))
+            piece_flags = RxFlags.MORE_DATA if index < pieces - 1 else 0
+            if index == 0:
+                piece_flags |= flags | (RxFlags.EXTRA_INFO if gso_type else 0)
+            rsps.append(RX_RSP.pack(rid, 0, piece_flags, len(piece)))
+            if index == 0 and gso_type:
+                self.rx_buffers.popleft()  # its slot carries the extra info
+                rsps.append(netif.encode_gso_extra(gso_size, gso_type, netif.RX_SLOT))
+        return rsps, job
 
 
 class _Disconnect(Exception):

@@ -309,6 +309,7 @@ class BlkFront:
                     await port.wait()
                     await self.storm.woken(ring.unconsumed_responses() > 0)
                 continue
+            self.storm.note_work()
             for raw in responses:
                 rid, operation, status = blkif.decode_response(raw)
                 pending = self.pending.get(rid)

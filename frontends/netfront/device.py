@@ -1,20 +1,25 @@
 """netfront: the guest's ``eth0``, a TAP in its own network namespace, backed by tx and rx
 rings to netback (copy mode, one queue, one event channel).
 
-Packets read from eth0 are copied into granted tx buffers and put on the tx ring; the rx ring
-carries buffers posted to the backend, which copies received packets into them. Frontends
-distrust backends too: response ids are checked against what is outstanding.
+Packets read from eth0 are copied into granted tx buffers and put on the tx ring, a slot per
+page (``feature-sg``), with their checksum state and TCP segmentation (GSO) from the TAP's
+virtio-net header; the rx ring carries buffers posted to the backend, which copies received
+packets into them, and the pieces are put together again before eth0 gets them. Frontends
+distrust backends too: response ids are checked against what is outstanding, lengths
+against the page.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ringfence.hypervisor.io import netif
+from ringfence.hypervisor.io import netif, vnet
+from ringfence.hypervisor.io.netif import RxFlags, Status, TxFlags
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink
@@ -24,7 +29,19 @@ from ringfence.xenbus.storm import NotificationStorm
 
 log = logging.getLogger(__name__)
 PAGE = 4096
-BUFFERS = 128  # tx and rx each; RAM frames 0..127 tx, 128..255 rx
+BUFFERS = 256  # tx and rx each, a ring's worth: pages 0..255 tx, 256..511 rx
+MAX_FRAME = 65535 + vnet.HEADER_SIZE
+
+
+@dataclass(slots=True)
+class _RxPacket:
+    """An rx packet being put together from its slots."""
+    flags: int
+    pieces: list[bytes] = field(default_factory=list)
+    gso_type: int = 0
+    gso_size: int = 0
+    extras_expected: bool = False
+    bad: bool = False
 
 
 class _BackendMoved(Exception):
@@ -38,6 +55,7 @@ class NetfrontStatistics:
     tx_packets: int
     rx_packets: int
     tx_dropped: int
+    rx_dropped: int
     bad_responses: int
     spurious_notifications: int
 
@@ -49,12 +67,13 @@ class NetFront:
         self.path = f"/local/domain/{domain.domid}/device/vif/{devid}"
         self.ifname, self.mac, self.addresses, self.mtu = ifname, mac, addresses, mtu
         self.state = XenbusState.Initialising
-        self.tx_packets = self.rx_packets = self.tx_dropped = self.bad_responses = 0
+        self.tx_packets = self.rx_packets = self.tx_dropped = self.rx_dropped = self.bad_responses = 0
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
 
     def statistics(self) -> NetfrontStatistics:
         return NetfrontStatistics(self.devid, self.state.name, self.tx_packets, self.rx_packets,
-                                  self.tx_dropped, self.bad_responses, self.storm.spurious)
+                                  self.tx_dropped, self.rx_dropped, self.bad_responses,
+                                  self.storm.spurious)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
@@ -63,13 +82,16 @@ class NetFront:
         xs, p = self.xs, self.path
         if self.mac is None:
             self.mac = (await xs.read(f"{p}/mac")).decode()
-        tap_fd, _ = netlink.open_tap(self.ifname, vnet_hdr=False)
+        tap_fd, _ = netlink.open_tap(self.ifname, vnet_hdr=True)
         try:
             await netlink.set_link(self.ifname, mac=self.mac, mtu=self.mtu, up=True)
             await netlink.set_link("lo", up=True)
             for cidr in self.addresses:
                 await netlink.add_address(self.ifname, cidr)
             self.rings = await self.domain.memory.alloc_pages(2)
+            # Pages a backend can map (and keep mapped while we are connected) or copy.
+            self.buffers = await self.domain.memory.alloc_pages(2 * BUFFERS)
+            self.pages = self.buffers.buffer
             self.backend_id = -1
             self.connections = 0
             started = False
@@ -79,6 +101,7 @@ class NetFront:
                     task_status.started()
                     started = True
                 free_tx = list(range(BUFFERS))
+                self._tx_room = trio.Event()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
                     nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, free_tx)
@@ -108,6 +131,8 @@ class NetFront:
         backend = (await xs.read(f"{p}/backend")).decode()
         backend_id = int(await xs.read(f"{p}/backend-id"))
         await self._wait_backend(backend, (XenbusState.InitWait,))
+        self.features = {key: await self._read_or(f"{backend}/{key}", b"0") == b"1" for key in (
+            "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6")}
         gt = self.domain.grant_table
         if backend_id != self.backend_id:
             # a new driver domain: grant our pages to it (the old one is gone)
@@ -115,8 +140,9 @@ class NetFront:
                 gt.end_access(gref)
             self.backend_id = backend_id
             self.ring_grefs = [gt.grant_access(backend_id, f) for f in self.rings.frames]
-            self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in range(BUFFERS)]
-            self.rx_grefs = [gt.grant_access(backend_id, f) for f in range(BUFFERS, 2 * BUFFERS)]
+            frames = self.buffers.frames
+            self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in frames[:BUFFERS]]
+            self.rx_grefs = [gt.grant_access(backend_id, f) for f in frames[BUFFERS:]]
             self.all_grefs = self.ring_grefs + self.tx_grefs + self.rx_grefs
         buffer = self.rings.buffer
         tx = FrontRing(buffer[:PAGE], netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
@@ -135,6 +161,8 @@ class NetFront:
                     (f"{p}/rx-ring-ref", str(self.ring_grefs[1])),
                     (f"{p}/event-channel", str(port.port)),
                     (f"{p}/request-rx-copy", "1"), (f"{p}/feature-rx-notify", "1"),
+                    (f"{p}/feature-sg", "1"), (f"{p}/feature-gso-tcpv4", "1"),
+                    (f"{p}/feature-gso-tcpv6", "1"), (f"{p}/feature-ipv6-csum-offload", "1"),
                     (f"{p}/state", str(int(XenbusState.Connected)))])
         self.state = XenbusState.Connected
         try:
@@ -143,6 +171,9 @@ class NetFront:
             await port.close()
             raise
         rx.put_requests([netif.RX_REQUEST.pack(i, self.rx_grefs[i]) for i in range(min(BUFFERS, rx.size))])
+        self._rx_posted = collections.deque(range(min(BUFFERS, rx.size)))  # oldest first
+        self._repost: list[int] = []
+        self._rx_packet: _RxPacket | None = None
         if rx.push_requests():
             port.notify()
         self.connections += 1
@@ -178,27 +209,63 @@ class NetFront:
                     if moved:
                         raise _BackendMoved from None
 
+    async def _read_or(self, path: str, default: bytes) -> bytes:
+        try:
+            return await self.xs.read(path)
+        except XenStoreError:
+            return default
+
+    def _set_offloads(self, tap_fd: int) -> None:
+        """What eth0 may hand us: partial checksums always (the backend finishes them),
+        TCP segments up to 64 KiB when the backend takes packets over several slots."""
+        sg = self.features["feature-sg"]
+        vnet.set_offload(tap_fd, True, sg and self.features["feature-gso-tcpv4"],
+                         sg and self.features["feature-gso-tcpv6"])
+
     async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, free_tx: list[int]) -> None:
-        ram = self.domain.memory
+        self._set_offloads(tap_fd)
+        pages = self.pages
+        sg = self.features["feature-sg"]
         while True:
             try:
-                packet = os.read(tap_fd, 65536)
+                packet = os.read(tap_fd, MAX_FRAME)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(tap_fd)
                 continue
-            if not free_tx or len(packet) > PAGE or not tx.free_requests():
+            partial, validated, gso_type, gso_size = vnet.describe(vnet.unpack(packet))
+            frame = memoryview(packet)[vnet.HEADER_SIZE:]
+            pieces = max(1, -(-len(frame) // PAGE))
+            if (pieces > 1 and not sg) or len(frame) > netif.MAX_TX_SIZE or (
+                    vnet.unpack(packet).gso_type and not gso_type):
                 self.tx_dropped += 1
                 continue
-            slot = free_tx.pop()
-            ram.ram_page(slot)[:len(packet)] = packet
-            tx.put_requests([netif.encode_tx_request(netif.TxRequest(self.tx_grefs[slot], 0, 0, slot, len(packet)))])
+            slots = pieces + (1 if gso_type else 0)
+            while len(free_tx) < pieces or tx.free_requests() < slots:
+                self._tx_room = trio.Event()  # the backend's responses give buffers back
+                await self._tx_room.wait()
+            flags = (TxFlags.CSUM_BLANK | TxFlags.DATA_VALIDATED if partial
+                     else TxFlags.DATA_VALIDATED if validated else 0)
+            requests = []
+            for index in range(pieces):
+                slot = free_tx.pop()
+                piece = frame[index * PAGE:(index + 1) * PAGE]
+                pages[slot * PAGE:slot * PAGE + len(piece)] = piece
+                more = TxFlags.MORE_DATA if index < pieces - 1 else 0
+                if index == 0:
+                    extra = TxFlags.EXTRA_INFO if gso_type else 0
+                    requests.append(netif.TX_REQUEST.pack(self.tx_grefs[slot], 0, flags | more | extra,
+                                                          slot, len(frame)))
+                    if gso_type:
+                        requests.append(netif.encode_gso_extra(gso_size, gso_type, netif.TX_SLOT))
+                else:
+                    requests.append(netif.TX_REQUEST.pack(self.tx_grefs[slot], 0, more, slot, len(piece)))
+            tx.put_requests(requests)
             if tx.push_requests():
                 port.notify()
             self.tx_packets += 1
 
     async def _from_rings(self, tx: FrontRing, rx: FrontRing, port: Any, tap_fd: int,
                           free_tx: list[int]) -> None:
-        ram = self.domain.memory
         while True:
             try:
                 tx_done = tx.take_responses()
@@ -208,30 +275,70 @@ class NetFront:
                 log.error("backend overflowed a ring")
                 return
             for raw in tx_done:
-                rid, _ = netif.TX_RESPONSE.unpack(raw)
+                rid, status = netif.TX_RESPONSE.unpack(raw)
+                if status == Status.NULL:
+                    continue  # the answer to an extra-info slot
                 if 0 <= rid < BUFFERS and rid not in free_tx:
                     free_tx.append(rid)
                 else:
                     self.bad_responses += 1
-            repost = []
-            for raw in rx_done:
-                rid, offset, _, status = netif.RX_RESPONSE.unpack(raw)
-                if not 0 <= rid < BUFFERS:
-                    self.bad_responses += 1
-                    continue
-                if status > 0 and offset + status <= PAGE:
-                    packet = bytes(ram.ram_page(BUFFERS + rid)[offset:offset + status])
-                    try:
-                        os.write(tap_fd, packet)
-                        self.rx_packets += 1
-                    except OSError:
-                        pass
-                repost.append(netif.RX_REQUEST.pack(rid, self.rx_grefs[rid]))
-            if repost:
-                rx.put_requests(repost)
+            if tx_done or rx_done:
+                self.storm.note_work()
+            if tx_done:
+                self._tx_room.set()
+            if rx_done:
+                self._receive(rx_done, tap_fd)
+                rx.put_requests([netif.RX_REQUEST.pack(rid, self.rx_grefs[rid])
+                                 for rid in self._repost])
+                self._rx_posted.extend(self._repost)
+                self._repost = []
                 if rx.push_requests():
                     port.notify()
             if not tx_done and not rx_done:
                 if not tx.final_check_for_responses() and not rx.final_check_for_responses():
                     await port.wait()
                     await self.storm.woken(tx.unconsumed_responses() + rx.unconsumed_responses() > 0)
+
+    def _receive(self, responses: list[bytes], tap_fd: int) -> None:
+        """Put packets together from rx responses; each response answers the oldest buffer
+        posted (the backend fills them in order), whose id a data response must echo."""
+        for raw in responses:
+            if not self._rx_posted:
+                self.bad_responses += 1  # more answers than buffers posted
+                continue
+            expected = self._rx_posted.popleft()
+            self._repost.append(expected)
+            packet = self._rx_packet
+            if packet is not None and packet.extras_expected:
+                extra = netif.decode_extra(raw)
+                if extra.type == netif.ExtraType.GSO:
+                    packet.gso_type, packet.gso_size = extra.gso_type, extra.gso_size
+                packet.extras_expected = bool(extra.flags & netif.EXTRA_FLAG_MORE)
+                continue
+            rid, offset, flags, status = netif.RX_RESPONSE.unpack(raw)
+            if packet is None:
+                packet = self._rx_packet = _RxPacket(flags, extras_expected=bool(flags & RxFlags.EXTRA_INFO))
+            if rid != expected or status < 0 or offset + status > PAGE:
+                packet.bad = True
+                self.bad_responses += rid != expected
+            else:
+                at = (BUFFERS + rid) * PAGE + offset
+                packet.pieces.append(bytes(self.pages[at:at + status]))
+            if not flags & RxFlags.MORE_DATA:
+                self._rx_packet = None
+                self._deliver(packet, tap_fd)
+
+    def _deliver(self, packet: _RxPacket, tap_fd: int) -> None:
+        frame = b"".join(packet.pieces)
+        header = None if packet.bad else vnet.header_for(
+            frame, partial=bool(packet.flags & RxFlags.CSUM_BLANK),
+            validated=bool(packet.flags & RxFlags.DATA_VALIDATED),
+            gso_type=packet.gso_type, gso_size=packet.gso_size)
+        if header is None:
+            self.rx_dropped += 1
+            return
+        try:
+            os.write(tap_fd, header + frame)
+            self.rx_packets += 1
+        except OSError:
+            self.rx_dropped += 1

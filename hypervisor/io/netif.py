@@ -74,3 +74,26 @@ def decode_tx_request(raw: bytes | memoryview, offset: int = 0) -> TxRequest:
 
 def encode_tx_request(req: TxRequest) -> bytes:
     return TX_REQUEST.pack(req.gref, req.offset, req.flags, req.id, req.size)
+
+
+@dataclass(frozen=True, slots=True)
+class Extra:
+    type: int
+    flags: int
+    gso_size: int = 0
+    gso_type: int = 0
+
+
+def encode_gso_extra(gso_size: int, gso_type: int, slot_size: int) -> bytes:
+    """A GSO extra-info slot (tx slots are 12 bytes, rx slots 8)."""
+    return EXTRA_INFO.pack(ExtraType.GSO, 0, gso_size, gso_type, 0, 0).ljust(slot_size, b"\0")
+
+
+def decode_extra(raw: bytes | memoryview) -> Extra:
+    kind, flags, gso_size, gso_type, _, _ = EXTRA_INFO.unpack_from(raw)
+    return Extra(kind, flags, gso_size, gso_type)
+
+
+# virtio-net GSO types (a TAP's vnet header) and Xen's, both ways
+GSO_TO_VNET = {GsoType.TCPV4: 1, GsoType.TCPV6: 4}
+GSO_FROM_VNET = {1: GsoType.TCPV4, 4: GsoType.TCPV6}

@@ -241,6 +241,8 @@ class GrantTableStatistics:
 
 
 class SimGrantTable:
+    persistent_maps = True
+
     def __init__(self, connection: ControlConnection, table_fd: int, entries: int) -> None:
         self.connection = connection
         self.entries = entries

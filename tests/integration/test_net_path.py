@@ -158,8 +158,14 @@ import json, trio
 from ringfence.hypervisor.sim.client import open_domain
 from ringfence.xenbus.sim import open_domain_xenstore
 from ringfence.hypervisor.io import netif
-from ringfence.hypervisor.io.netif import TxRequest, TxFlags
+from ringfence.hypervisor.io.netif import TxFlags
 from ringfence.hypervisor.io.ring import FrontRing
+
+def req(gref, offset, flags, rid, size):
+    return netif.TX_REQUEST.pack(gref, offset, flags, rid, size)
+
+def extra(kind, gso_size, gso_type):
+    return netif.EXTRA_INFO.pack(kind, 0, gso_size, gso_type, 0, 0).ljust(12, b"\\0")
 
 async def main():
     async with open_domain() as dom, open_domain_xenstore(dom) as xs:
@@ -171,40 +177,69 @@ async def main():
                 async for _ in ev:
                     if await xs.read(backend + "/state") == value:
                         return
-        await wait_state(b"2")
         rings = await dom.memory.alloc_pages(2)
-        tx = FrontRing(rings.buffer[:4096], 12, 4, 12)
-        rx = FrontRing(rings.buffer[4096:], 8, 8, 8)
         g_tx = dom.grant_table.grant_access(be, rings.frames[0])
         g_rx = dom.grant_table.grant_access(be, rings.frames[1])
         page = dom.grant_table.grant_access(be, 0, readonly=True)
-        port = await dom.events.alloc_unbound(be)
-        for k, v in (("tx-ring-ref", g_tx), ("rx-ring-ref", g_rx), ("event-channel", port.port),
-                     ("request-rx-copy", 1), ("state", 4)):
-            await xs.write(me + "/" + k, str(v))
-        await wait_state(b"4")
         frame = (b"\\xff" * 6 + b"\\x02" * 6 + b"\\x08\\x00").ljust(60, b"\\0")
         dom.memory.ram_page(0)[:60] = frame
-        cases = [TxRequest(page, 0, 0, 1, 0),                       # size 0
-                 TxRequest(page, 4000, 0, 2, 200),                  # past the page
-                 TxRequest(page, 0, TxFlags.MORE_DATA, 3, 60),      # a slot chain
-                 TxRequest(99999, 0, 0, 4, 60),                     # never granted
-                 TxRequest(page, 0, TxFlags.EXTRA_INFO, 5, 60),     # extra info not offered
-                 TxRequest(page, 0, 0, 6, 60)]                      # a good one
-        tx.put_requests([netif.encode_tx_request(r) for r in cases])
+
+        async def connect():
+            await wait_state(b"2")
+            tx = FrontRing(rings.buffer[:4096], 12, 4, 12)
+            rx = FrontRing(rings.buffer[4096:], 8, 8, 8)
+            port = await dom.events.alloc_unbound(be)
+            for k, v in (("tx-ring-ref", g_tx), ("rx-ring-ref", g_rx), ("event-channel", port.port),
+                         ("request-rx-copy", 1), ("state", 4)):
+                await xs.write(me + "/" + k, str(v))
+            await wait_state(b"4")
+            return tx, port
+
+        async def disconnected():
+            await wait_state(b"6")
+            await xs.write(me + "/state", "1")   # and connect again
+
+        tx, port = await connect()
+        cases = [req(page, 0, 0, 1, 0),                            # size 0
+                 req(page, 4000, 0, 2, 200),                       # past the page
+                 req(page, 0, TxFlags.MORE_DATA, 3, 60),           # a chain whose second
+                 req(page, 0, 0, 4, 100),                          #   slot is larger than the packet
+                 req(99999, 0, 0, 5, 60),                          # never granted
+                 req(page, 0, TxFlags.EXTRA_INFO, 6, 60),          # GSO of an unknown type
+                 extra(netif.ExtraType.GSO, 1400, 9),
+                 req(page, 0, 0, 7, 60)]                           # a good one
+        tx.put_requests(cases)
         tx.push_requests(port.notify_fd)
-        answers = {}
-        while len(answers) < len(cases):
+        answers, nulls = {}, 0
+        while len(answers) < 7:
             for raw in tx.take_responses():
                 rid, status = netif.TX_RESPONSE.unpack(raw)
-                answers[rid] = status
-            if len(answers) < len(cases) and not tx.final_check_for_responses():
+                if status == netif.Status.NULL:
+                    nulls += 1
+                else:
+                    answers[rid] = status
+            if len(answers) < 7 and not tx.final_check_for_responses():
                 await port.wait()
-        print(json.dumps({"answers": answers}), flush=True)
-        tx.sring.req_prod = tx.sring.req_prod + 5000   # overflow the tx ring
-        port.notify()
-        await wait_state(b"6")
-        print(json.dumps({"disconnected": True}), flush=True)
+        print(json.dumps({"answers": answers, "nulls": nulls}), flush=True)
+        fatal = {
+            "ring_overflow": None,
+            "slot_chain_does_not_end": [req(page, 0, TxFlags.MORE_DATA, 1, 60)],
+            "too_many_slots": [req(page, 0, TxFlags.MORE_DATA, i, 60 if i == 0 else 0)
+                               for i in range(19)] + [req(page, 0, 0, 19, 0)],
+            "bad_extra_type": [req(page, 0, TxFlags.EXTRA_INFO, 1, 60), extra(9, 0, 0)],
+        }
+        for n, (reason, requests) in enumerate(fatal.items()):
+            if n:
+                tx, port = await connect()
+            if requests is None:
+                tx.sring.req_prod = tx.sring.req_prod + 5000
+            else:
+                tx.put_requests(requests)
+                tx.push_requests()
+            port.notify()
+            await disconnected()
+            await port.close()
+            print(json.dumps({"disconnected": reason}), flush=True)
 
 trio.run(main)
 """
@@ -255,9 +290,10 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
             import json
             lines = [json.loads(l) for l in (tmp_path / "evil.out").read_text().splitlines()]
             answers = {int(k): v for k, v in lines[0]["answers"].items()}
-            assert all(answers[i] == -1 for i in range(1, 6)), answers
-            assert answers[6] == 0
-            assert lines[1] == {"disconnected": True}
+            assert all(answers[i] == -1 for i in range(1, 7)), answers
+            assert answers[7] == 0 and lines[0]["nulls"] == 1
+            assert [line["disconnected"] for line in lines[1:]] == [
+                "ring_overflow", "slot_chain_does_not_end", "too_many_slots", "bad_extra_type"]
             ping = await trio.to_thread.run_sync(
                 lambda: in_netns(pids[1], "ping", "-c", "2", "-W", "5", "10.77.0.2"))
             assert ping.returncode == 0, ping.stdout
