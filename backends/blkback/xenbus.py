@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from ringfence._log import logging_context
+from ringfence._log import RateLimitedLog, logging_context
 from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Validator
 from ringfence.backends.blkback.fastpath import FastPath
 from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd, backing_path
@@ -69,6 +69,7 @@ class BlkbackDevice:
         self.persistent: OrderedDict[int, Any] = OrderedDict()
         self.connections = self.requests = self.errors = self.abuse = 0
         self.storm = NotificationStorm()
+        self.refusals = RateLimitedLog(log)
         self.hits = self.maps = 0
         # Fault injection (ringfence inject eio): None, -1 (every I/O fails), or how many more
         self.failing: int | None = None
@@ -306,6 +307,7 @@ class BlkbackDevice:
             if isinstance(planned, Plan) and planned.indirect_grefs:
                 planned = await self._load_indirect(planned, raw)
             if isinstance(planned, Rejection):
+                self.refusals.warning("request refused", reason=planned.reason)
                 self.errors += 1
                 results.append((planned.id, planned.operation, planned.status))
                 continue

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from ringfence._log import RateLimitedLog
 from ringfence.backends.netback.copier import GrantCopier, MappingCopier
 from ringfence.backends.netback.datapath import Fatal, TxPacket, TxParser, responses
 from ringfence.hypervisor.io import netif, vnet
@@ -65,6 +66,7 @@ class NetbackVif:
         self.parser = TxParser()
         self.rejected: Counter[str] = self.parser.rejected
         self.storm = NotificationStorm()
+        self.refusals = RateLimitedLog(log)
 
     def statistics(self) -> VifStatistics:
         return VifStatistics(self.frontend_id, self.devid, self.state.name, self.tx_packets,
@@ -233,6 +235,7 @@ class NetbackVif:
         kept, jobs = [], []
         for packet in packets:
             if not isinstance(packet, TxPacket):
+                self.refusals.warning("tx packet refused", vif=self.tap_name, reason=packet.reason)
                 answers += responses(packet.layout, Status.ERROR)
                 continue
             frame = bytearray(vnet.HEADER_SIZE + packet.size)
@@ -243,6 +246,7 @@ class NetbackVif:
         for (packet, frame), whole in zip(kept, arrived):
             if not whole:
                 self.rejected["bad_grant"] += 1
+                self.refusals.warning("tx packet refused", vif=self.tap_name, reason="bad_grant")
                 answers += responses(packet.layout, Status.ERROR)
                 continue
             body = memoryview(frame)[vnet.HEADER_SIZE:]
@@ -251,6 +255,8 @@ class NetbackVif:
                                      gso_type=packet.gso_type, gso_size=packet.gso_size)
             if header is None:
                 self.rejected["bad_offload_headers"] += 1
+                self.refusals.warning("tx packet refused", vif=self.tap_name,
+                                      reason="bad_offload_headers")
                 answers += responses(packet.layout, Status.ERROR)
                 continue
             frame[:vnet.HEADER_SIZE] = header

@@ -44,6 +44,25 @@ class _RxPacket:
     bad: bool = False
 
 
+def tx_requests(pieces: list[tuple[int, int, int]], flags: int, gso_type: int = 0,
+                gso_size: int = 0) -> list[bytes]:
+    """The tx slots of one packet whose pieces, (gref, id, length) each at offset 0, are in
+    order: the first slot carries the total size and the flags, a GSO extra follows it,
+    ``more_data`` on every slot but the last (netif.h's layout)."""
+    total = sum(length for _, _, length in pieces)
+    requests = []
+    for index, (gref, rid, length) in enumerate(pieces):
+        more = TxFlags.MORE_DATA if index < len(pieces) - 1 else 0
+        if index == 0:
+            extra = TxFlags.EXTRA_INFO if gso_type else 0
+            requests.append(netif.TX_REQUEST.pack(gref, 0, flags | more | extra, rid, total))
+            if gso_type:
+                requests.append(netif.encode_gso_extra(gso_size, gso_type, netif.TX_SLOT))
+        else:
+            requests.append(netif.TX_REQUEST.pack(gref, 0, more, rid, length))
+    return requests
+
+
 class _BackendMoved(Exception):
     pass
 
@@ -245,21 +264,13 @@ class NetFront:
                 await self._tx_room.wait()
             flags = (TxFlags.CSUM_BLANK | TxFlags.DATA_VALIDATED if partial
                      else TxFlags.DATA_VALIDATED if validated else 0)
-            requests = []
+            slots_used = []
             for index in range(pieces):
                 slot = free_tx.pop()
                 piece = frame[index * PAGE:(index + 1) * PAGE]
                 pages[slot * PAGE:slot * PAGE + len(piece)] = piece
-                more = TxFlags.MORE_DATA if index < pieces - 1 else 0
-                if index == 0:
-                    extra = TxFlags.EXTRA_INFO if gso_type else 0
-                    requests.append(netif.TX_REQUEST.pack(self.tx_grefs[slot], 0, flags | more | extra,
-                                                          slot, len(frame)))
-                    if gso_type:
-                        requests.append(netif.encode_gso_extra(gso_size, gso_type, netif.TX_SLOT))
-                else:
-                    requests.append(netif.TX_REQUEST.pack(self.tx_grefs[slot], 0, more, slot, len(piece)))
-            tx.put_requests(requests)
+                slots_used.append((self.tx_grefs[slot], slot, len(piece)))
+            tx.put_requests(tx_requests(slots_used, flags, gso_type, gso_size))
             if tx.push_requests():
                 port.notify()
             self.tx_packets += 1

@@ -58,3 +58,25 @@ def configure_logging(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per ``interval`` seconds (a hostile peer must not flood the
+    log); the next line after a quiet spell says how many were held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0, burst: int = 5) -> None:
+        self.logger, self.interval, self.burst = logger, interval, burst
+        self._window_start = -interval
+        self._in_window = self.suppressed = 0
+
+    def warning(self, msg: str, **kv: Any) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self.interval:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self.burst:
+            self.suppressed += 1
+            return
+        self._in_window += 1
+        if self.suppressed:
+            kv["suppressed"], self.suppressed = self.suppressed, 0
+        self.logger.warning(msg, extra={"kv": kv})

@@ -2,6 +2,7 @@
 in its own network namespace, on one bridge in the driver domain; real ping both ways."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def in_netns(pid: int, *argv: str) -> subprocess.CompletedProcess:
 
 
 async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path):
+    """IPv4 and IPv6, ARP and neighbour discovery, jumbo frames (MTU 9000: three slots a
+    packet), TCP in 64 KiB segments and UDP, through one bridge in the driver domain."""
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
         xs_path = str(tmp_path / "xs.sock")
         xenstored = await trio.lowlevel.open_process(
@@ -48,12 +51,12 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                 domid, fd = await dom0.create_domain(f"g{n}")
                 async with open_xenstore(xs_path) as xs:
                     await add_vif(xs, backend=net_domid, frontend=domid, devid=0,
-                                  mac=f"02:00:00:00:00:0{n}")
+                                  mac=f"02:00:00:00:00:0{n}", mtu=9000)
                 out = open(tmp_path / f"g{n}.out", "wb")
                 box = await spawn_sandboxed(
                     SandboxSpec(f"g{n}", uid=0),
                     [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24",
-                     "--ip", f"fd00:77::{n}/64"],
+                     "--ip", f"fd00:77::{n}/64", "--mtu", "9000"],
                     pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
                     stdout=out, stderr=subprocess.DEVNULL)
                 os.close(fd)
@@ -77,9 +80,30 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                     time.sleep(0.5)
                     six = in_netns(pids[1], "ping", "-6", "-c", "2", "-W", "5", "fd00:77::2")
                 assert six.returncode == 0, six.stdout + six.stderr
+                # jumbo frames unfragmented both ways (-M do: the DF bit), and small ones
+                for pid, peer in ((pids[1], "10.77.0.2"), (pids[2], "10.77.0.1")):
+                    for size in ("8972", "1472"):
+                        jumbo = in_netns(pid, "ping", "-M", "do", "-s", size, "-c", "2", "-W", "5", peer)
+                        assert jumbo.returncode == 0, jumbo.stdout + jumbo.stderr
                 # the guests' link is theirs alone: nothing of the host is visible
                 links = in_netns(pids[1], "ip", "-o", "link").stdout
-                assert "eth0" in links and "xenbr0" not in links
+                assert "eth0" in links and "xenbr0" not in links and "mtu 9000" in links
+                for extra in ([], ["-u", "-b", "200M"]):
+                    server = subprocess.Popen(["nsenter", "-t", str(pids[2]), "-n", "iperf3", "-s", "-1"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    try:
+                        import time
+                        time.sleep(0.5)
+                        run = in_netns(pids[1], "iperf3", "-c", "10.77.0.2", "-t", "2", "-J", *extra)
+                        assert run.returncode == 0, run.stdout[-2000:] + run.stderr
+                        end = json.loads(run.stdout)["end"]
+                        if extra:
+                            assert end["sum"]["packets"] > 1000 and end["sum"]["lost_percent"] < 20, end["sum"]
+                        else:
+                            assert end["sum_received"]["bytes"] > 1 << 20, end["sum_received"]
+                    finally:
+                        server.kill()
+                        server.wait()
 
             await trio.to_thread.run_sync(pings)
             net.kill()
