@@ -17,7 +17,8 @@ BLKBACK_READS = {"ring-ref", "event-channel", "protocol", "feature-persistent", 
 NETFRONT_READS = {"state", "feature-rx-copy", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
                   "feature-ipv6-csum-offload", "feature-rx-notify", "feature-split-event-channels",
                   "multi-queue-max-queues"}
-NETBACK_READS = {"tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy", "state"}
+NETBACK_READS = {"tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy", "state",
+                 "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6"}
 
 
 async def _keys(xs, path):
@@ -34,6 +35,8 @@ async def test_backends_publish_what_linux_frontends_read(ringfence_system):
     assert NETFRONT_READS <= await _keys(xs, vif_back)
     assert await xs.read(f"{vbd_back}/state") == b"4" and await xs.read(f"{vif_back}/state") == b"4"
     assert await xs.read(f"{vif_back}/feature-rx-copy") == b"1"
+    for feature in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6"):
+        assert await xs.read(f"{vif_back}/{feature}") == b"1"
     assert BLKBACK_READS <= await _keys(xs, f"/local/domain/{guest.domid}/device/vbd/51712")
     assert NETBACK_READS <= await _keys(xs, f"/local/domain/{guest.domid}/device/vif/0")
     assert await xs.read(f"/local/domain/{guest.domid}/device/vbd/51712/protocol") == b"x86_64-abi"
