@@ -182,7 +182,7 @@ class BlkbackDevice:
             order = int(raw_order or b"0")
             if not 0 <= order <= MAX_RING_PAGE_ORDER:
                 raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
-            if order == 0:
+            if raw_order is None:  # as Linux's blkback: with ring-page-order, ring-refN
                 values = [raw_ref]
             else:
                 values = await self.xs.read_many([f"{fe}/ring-ref{i}" for i in range(1 << order)])

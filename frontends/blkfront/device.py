@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -28,9 +29,11 @@ from ringfence.xenbus.storm import NotificationStorm
 log = logging.getLogger(__name__)
 
 PAGE = 4096
+RING_PAGE_ORDER = 3       # up to 8 ring pages (256 requests), as the backend allows
 POOL_PAGES = 1024         # 4 MiB in flight: a full ring (352 pages) and then some; below
                           # blkback's bound on persistent grants (1056)
 SEGMENTS = blkif.MAX_SEGMENTS_PER_REQUEST
+INDIRECT_SEGMENTS = 256   # 1 MiB in one request when the backend takes indirect ones
 
 
 class BlockIOError(OSError):
@@ -70,7 +73,9 @@ class _Pending:
     pages: list[int]             # pool page indexes, in order
     sectors_in_last: int = 8     # how much of the last page is used
     nr_sectors: int = 0          # discard
-    done: trio.Event = field(default_factory=trio.Event)
+    descriptor: int = -1         # pool page holding the segments of an indirect request
+    finished: bool = False
+    done: trio.Event | None = None  # for a caller that awaits it (see _submit)
     status: int = Status.OKAY
     sent_on: int = 0             # the connection whose ring carries it (0: none yet)
     on_done: Callable[[int], None] | None = None  # called with the status (see start())
@@ -120,7 +125,7 @@ class BlkFront:
         """Connect, serve responses, and reconnect whenever the backend starts over."""
         self._pool = await self.domain.memory.alloc_pages(POOL_PAGES)
         self._free_pages = list(range(POOL_PAGES))
-        self._ring_pages = await self.domain.memory.alloc_pages(1)
+        self._ring_pages = await self.domain.memory.alloc_pages(1 << RING_PAGE_ORDER)
         started = False
         while True:
             await self._connect()
@@ -226,7 +231,14 @@ class BlkFront:
         for key in ("feature-flush-cache", "feature-discard", "feature-persistent",
                     "feature-max-indirect-segments", "max-ring-page-order"):
             self.features[key] = int(await self._read_or(f"{b}/{key}", b"0"))
-        self._ring = FrontRing(self._ring_pages.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
+        order = max(0, min(RING_PAGE_ORDER, self.features["max-ring-page-order"]))
+        self._ring = FrontRing(self._ring_pages.buffer[:PAGE << order], blkif.REQUEST_SIZE,
+                               blkif.RESPONSE_SIZE)
+        # As Linux's blkfront: one page is named by ring-ref, several by ring-page-order
+        # and ring-ref0..N-1.
+        ring_keys = ([(f"{self.path}/ring-ref", str(self._ring_grefs[0]))] if order == 0 else
+                     [(f"{self.path}/ring-page-order", str(order))]
+                     + [(f"{self.path}/ring-ref{i}", str(self._ring_grefs[i])) for i in range(1 << order)])
         try:
             self._port = await self.domain.events.alloc_unbound(self.backend_id)
         except OSError:
@@ -236,8 +248,9 @@ class BlkFront:
             raise _BackendMoved from None
         async for tx in self.xs.transaction():
             async with tx:
-                await tx.write_many([
-                    (f"{self.path}/ring-ref", str(self._ring_grefs[0])),
+                if order == 0 and await tx.exists(f"{self.path}/ring-page-order"):
+                    await tx.rm(f"{self.path}/ring-page-order")  # left by a bigger ring before
+                await tx.write_many(ring_keys + [
                     (f"{self.path}/event-channel", str(self._port.port)),
                     (f"{self.path}/protocol", "x86_64-abi"),
                     (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
@@ -326,7 +339,9 @@ class BlkFront:
     @staticmethod
     def _complete(pending: _Pending, status: int) -> None:
         pending.status = status
-        pending.done.set()
+        pending.finished = True
+        if pending.done is not None:
+            pending.done.set()
         if pending.on_done is not None:
             pending.on_done(status)
 
@@ -336,7 +351,7 @@ class BlkFront:
             if self.failed is not None and not replaying:
                 self._complete(pending, Status.ERROR)
                 return
-            if pending.done.is_set() or pending.sent_on == self.connections:
+            if pending.finished or pending.sent_on == self.connections:
                 return  # answered, or already replayed onto this ring
             ring = self._ring
             if ring is None or not (replaying or self._connected.is_set()):
@@ -350,7 +365,24 @@ class BlkFront:
         if ring.push_requests():
             self._port.notify()
 
+    @property
+    def max_segments(self) -> int:
+        """Pages in one request: 11, or up to 256 with the backend's indirect requests."""
+        offered = self.features.get("feature-max-indirect-segments", 0)
+        return min(offered, INDIRECT_SEGMENTS) if offered > SEGMENTS else SEGMENTS
+
     def _encode(self, p: _Pending) -> bytes:
+        if p.descriptor >= 0:
+            # The segments go in a page of their own, granted like the data (a backend reads
+            # it once, then validates it: blkback's _load_indirect).
+            grefs, last = self._pool_grefs, len(p.pages) - 1
+            segments = b"".join(blkif.SEGMENT.pack(grefs[page], 0, (p.sectors_in_last if i == last else 8) - 1)
+                                for i, page in enumerate(p.pages))
+            view = self._pool.buffer
+            view[p.descriptor * PAGE:p.descriptor * PAGE + len(segments)] = segments
+            return blkif.INDIRECT.pack(Op.INDIRECT, p.operation, len(p.pages), p.id, p.sector,
+                                       self.devid & 0xFFFF, grefs[p.descriptor],
+                                       *[0] * 7).ljust(blkif.REQUEST_SIZE, b"\0")
         if p.operation == Op.DISCARD:
             return blkif.encode_request(blkif.Request(Op.DISCARD, 0, self.devid & 0xFFFF, p.id,
                                                       p.sector, nr_sectors=p.nr_sectors))
@@ -368,16 +400,29 @@ class BlkFront:
         del self._free_pages[-count:]
         return taken
 
+    def _new_pending(self, operation: int, sector: int, pages: list[int], sectors_in_last: int = 8,
+                     nr_sectors: int = 0, done: trio.Event | None = None) -> _Pending:
+        """A request for these pages; more than 11 go indirect, their last page holding the
+        segments (the caller took one page more for it)."""
+        descriptor = pages.pop() if len(pages) > SEGMENTS else -1
+        return _Pending(next(self._ids), operation, sector, pages, sectors_in_last, nr_sectors,
+                        descriptor, done=done)
+
+    def _pages_for(self, size: int) -> int:
+        count = -(-size // PAGE)
+        return count + 1 if count > SEGMENTS else count
+
     async def _submit(self, operation: int, sector: int, pages: list[int], sectors_in_last: int = 8,
                       nr_sectors: int = 0) -> None:
         if self.failed is not None:
             self.errors += 1
             raise BlockIOError(5, f"{Op(operation).name}: the backend failed ({self.failed})")
-        pending = _Pending(next(self._ids), operation, sector, pages, sectors_in_last, nr_sectors)
+        done = trio.Event()
+        pending = self._new_pending(operation, sector, list(pages), sectors_in_last, nr_sectors, done)
         self.pending[pending.id] = pending
         self.requests += 1
         await self._put(pending)
-        await pending.done.wait()
+        await done.wait()
         if pending.status != Status.OKAY:
             self.errors += 1
             raise BlockIOError(5, f"{Op(operation).name} at sector {sector}: backend status {pending.status}")
@@ -388,21 +433,41 @@ class BlkFront:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        starts = range(offset, offset + length, SEGMENTS * PAGE)
+        step = self.max_segments * PAGE
+        starts = range(offset, offset + length, step)
         chunks = [b""] * len(starts)
-        async with trio.open_nursery() as nursery:  # the pieces of a large read go together
-            for i, start in enumerate(starts):
-                nursery.start_soon(self._read_chunk, chunks, i, start,
-                                   min(SEGMENTS * PAGE, offset + length - start))
+        await self._together([functools.partial(self._read_chunk, chunks, i, start,
+                                                min(step, offset + length - start))
+                              for i, start in enumerate(starts)])
         self.bytes_read += length
         return b"".join(chunks)
 
+    @staticmethod
+    async def _together(calls: list[Callable[[], Awaitable[None]]]) -> None:
+        """The pieces of a large request go to the ring together; the first that failed
+        is raised as itself (callers catch OSError), once all are done."""
+        if len(calls) == 1:
+            return await calls[0]()
+        failures: list[BaseException] = []
+
+        async def one(call: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await call()
+            except BlockIOError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(one, call)
+        if failures:
+            raise failures[0]
+
     async def _read_chunk(self, chunks: list[bytes], index: int, offset: int, size: int) -> None:
-        pages = await self._pages(-(-size // PAGE))
+        pages = await self._pages(self._pages_for(size))
+        data = pages[:-(-size // PAGE)]
         try:
-            last = (size - (len(pages) - 1) * PAGE) // 512
-            await self._submit(Op.READ, offset // 512, pages, last)
-            chunks[index] = self._gather(pages, size)
+            await self._submit(Op.READ, offset // 512, pages, (size - (len(data) - 1) * PAGE) // 512)
+            chunks[index] = self._gather(data, size)
         finally:
             self._release(pages)
 
@@ -410,19 +475,20 @@ class BlkFront:
         if self.read_only:
             raise BlockIOError(30, "read-only disk")
         self._check(offset, len(data))
-        async with trio.open_nursery() as nursery:
-            for start in range(0, len(data), SEGMENTS * PAGE):
-                nursery.start_soon(self._write_chunk, offset + start, data[start:start + SEGMENTS * PAGE])
+        step = self.max_segments * PAGE
+        await self._together([functools.partial(self._write_chunk, offset + start, data[start:start + step])
+                              for start in range(0, len(data), step)])
         self.bytes_written += len(data)
 
     async def _write_chunk(self, offset: int, chunk: bytes) -> None:
-        pages = await self._pages(-(-len(chunk) // PAGE))
+        pages = await self._pages(self._pages_for(len(chunk)))
+        data = pages[:-(-len(chunk) // PAGE)]
         try:
             view = self._pool.buffer
-            for i, page in enumerate(pages):
+            for i, page in enumerate(data):
                 piece = chunk[i * PAGE:(i + 1) * PAGE]
                 view[page * PAGE:page * PAGE + len(piece)] = piece
-            last = (len(chunk) - (len(pages) - 1) * PAGE) // 512
+            last = (len(chunk) - (len(data) - 1) * PAGE) // 512
             await self._submit(Op.WRITE, offset // 512, pages, last)
         finally:
             self._release(pages)
@@ -435,7 +501,8 @@ class BlkFront:
 
     def start(self, write: bool, offset: int, data_or_length: bytes | int,
               on_done: Callable[[int, bytes], None]) -> bool:
-        """Start a read or write of at most one request's worth (44 KiB) without waiting,
+        """Start a read or write of at most one request's worth (44 KiB, 1 MiB with
+        indirect requests) without waiting,
         if pages and a ring slot are free now; ``on_done(errno, data)`` runs when it
         completes (0 and the bytes read, or 5 = EIO). False: nothing started, use the async
         :meth:`read`/:meth:`write` (which wait for room). Offset and length are the
@@ -448,19 +515,21 @@ class BlkFront:
         ring = self._ring
         length = data_or_length if isinstance(data_or_length, int) else len(data_or_length)
         count = -(-length // PAGE)
+        taking = self._pages_for(length)
         if (ring is None or self.failed is not None or not self._connected.is_set()
-                or not 0 < count <= SEGMENTS or len(self._free_pages) < count
+                or not 0 < count <= self.max_segments or len(self._free_pages) < taking
                 or not ring.free_requests()):
             return False
-        pages = self._take_pages(count)
+        taken = self._take_pages(taking)
+        pages = taken[:count]
         if write:
             view = self._pool.buffer
             data = memoryview(data_or_length)  # type: ignore[arg-type]
             for i, page in enumerate(pages):
                 piece = data[i * PAGE:(i + 1) * PAGE]
                 view[page * PAGE:page * PAGE + len(piece)] = piece
-        pending = _Pending(next(self._ids), Op.WRITE if write else Op.READ, offset // 512, pages,
-                           (length - (count - 1) * PAGE) // 512)
+        pending = self._new_pending(Op.WRITE if write else Op.READ, offset // 512, list(taken),
+                                    (length - (count - 1) * PAGE) // 512)
 
         def finished(status: int) -> None:
             data = b""
@@ -471,7 +540,7 @@ class BlkFront:
             else:
                 data = self._gather(pages, length)
                 self.bytes_read += length
-            self._release(pages)
+            self._release(taken)
             on_done(0 if status == Status.OKAY else 5, data)
 
         pending.on_done = finished
