@@ -5,6 +5,9 @@
 #include <sys/uio.h>
 
 #define SEGMENTS 11
+#define INDIRECT_SEGMENTS 256      /* feature-max-indirect-segments blkback advertises */
+#define SEGMENTS_PER_INDIRECT_PAGE 512
+#define OP_INDIRECT 6
 #define SECTOR 512
 #define PAGE 4096
 #define BATCH 64
@@ -32,38 +35,81 @@ struct blk_response {
     int16_t status;
     uint32_t pad2;
 };
+struct blk_indirect_request {
+    uint8_t operation, indirect_op;
+    uint16_t nr_segments;
+    uint32_t pad;
+    uint64_t id, sector_number;
+    uint16_t handle, pad2;
+    uint32_t indirect_grefs[8];
+    uint8_t pad3[RF_BLK_REQUEST_SIZE - 64];
+};
 _Static_assert(sizeof(struct blk_request) == RF_BLK_REQUEST_SIZE, "blkif request");
+_Static_assert(sizeof(struct blk_indirect_request) == RF_BLK_REQUEST_SIZE, "blkif indirect request");
 _Static_assert(sizeof(struct blk_response) == RF_BLK_RESPONSE_SIZE, "blkif response");
 
-/* Plan a request into iovecs, or return 0 when Python must see it. */
-static int plan(const rf_blk_backend *b, const struct blk_request *q, struct iovec *iov,
-                uint64_t *offset, uint64_t *length)
+static uint8_t *mapped(const rf_blk_backend *b, uint32_t gref)
 {
-    if (q->operation != OP_READ && q->operation != OP_WRITE)
-        return 0;
-    if (q->operation == OP_WRITE && b->read_only)
-        return 0;
-    if (q->nr_segments < 1 || q->nr_segments > SEGMENTS)
+    return gref < b->ngrants ? b->pages[gref] : NULL;
+}
+
+/* Plan segments (already private copies) into iovecs, or return 0 when Python must see the
+ * request: Python validates it again, answers or refuses it, and counts the refusal. */
+static int plan_segments(const rf_blk_backend *b, uint8_t op, const struct blk_segment *seg,
+                         unsigned n, uint64_t sector, struct iovec *iov, uint64_t *offset,
+                         uint64_t *length)
+{
+    if (op == OP_WRITE && b->read_only)
         return 0;
     uint64_t total = 0;
-    for (unsigned i = 0; i < q->nr_segments; i++) {
-        const struct blk_segment *s = &q->seg[i];
+    for (unsigned i = 0; i < n; i++) {
+        const struct blk_segment *s = &seg[i];
         if (s->first_sect > s->last_sect || s->last_sect > PAGE / SECTOR - 1)
             return 0;
-        if (s->gref >= b->ngrants || !b->pages[s->gref])
+        uint8_t *page = mapped(b, s->gref);
+        if (!page)
             return 0;
-        if (q->operation == OP_READ && !b->writable[s->gref])
+        if (op == OP_READ && !b->writable[s->gref])
             return 0; /* the disk writes into this page */
-        iov[i].iov_base = b->pages[s->gref] + (size_t)s->first_sect * SECTOR;
+        iov[i].iov_base = page + (size_t)s->first_sect * SECTOR;
         iov[i].iov_len = (size_t)(s->last_sect - s->first_sect + 1) * SECTOR;
         total += iov[i].iov_len;
     }
-    uint64_t end = q->sector_number + total / SECTOR;
-    if (end < q->sector_number || end > b->sectors)
+    uint64_t end = sector + total / SECTOR;
+    if (end < sector || end > b->sectors)
         return 0;
-    *offset = q->sector_number * SECTOR;
+    *offset = sector * SECTOR;
     *length = total;
     return 1;
+}
+
+/* A request, direct or indirect, planned: its operation and segment count, or 0. Indirect
+ * segments are copied out of their (persistently mapped) page once, into seg. */
+static int plan(const rf_blk_backend *b, const struct blk_request *q, struct blk_segment *seg,
+                struct iovec *iov, uint8_t *op, unsigned *n, uint64_t *offset, uint64_t *length)
+{
+    if (q->operation == OP_READ || q->operation == OP_WRITE) {
+        if (q->nr_segments < 1 || q->nr_segments > SEGMENTS)
+            return 0;
+        *op = q->operation;
+        *n = q->nr_segments;
+        memcpy(seg, q->seg, sizeof q->seg);
+    } else if (q->operation == OP_INDIRECT) {
+        const struct blk_indirect_request *ind = (const struct blk_indirect_request *)q;
+        if (ind->indirect_op != OP_READ && ind->indirect_op != OP_WRITE)
+            return 0;
+        if (ind->nr_segments < 1 || ind->nr_segments > INDIRECT_SEGMENTS)
+            return 0;
+        const uint8_t *page = mapped(b, ind->indirect_grefs[0]); /* 256 segments: one page */
+        if (!page)
+            return 0;
+        *op = ind->indirect_op;
+        *n = ind->nr_segments;
+        memcpy(seg, page, *n * sizeof *seg);
+    } else {
+        return 0;
+    }
+    return plan_segments(b, *op, seg, *n, q->sector_number, iov, offset, length);
 }
 
 static int do_read(const rf_blk_backend *b, struct iovec *iov, int n, uint64_t offset, uint64_t length)
@@ -126,7 +172,8 @@ int rf_blk_serve(rf_blk_backend *b, rf_ring *ring, uint8_t *handed_back, uint32_
 {
     struct blk_request batch[BATCH];
     struct blk_response rsp[BATCH];
-    struct iovec iov[SEGMENTS];
+    struct iovec iov[INDIRECT_SEGMENTS];
+    struct blk_segment seg[INDIRECT_SEGMENTS];
     uint32_t back = 0;
     *notify = 0;
     for (;;) {
@@ -146,19 +193,21 @@ int rf_blk_serve(rf_blk_backend *b, rf_ring *ring, uint8_t *handed_back, uint32_
         for (int i = 0; i < n; i++) {
             const struct blk_request *q = &batch[i];
             uint64_t offset, length;
-            if (!b->enabled || !plan(b, q, iov, &offset, &length)) {
+            uint8_t op;
+            unsigned n_seg;
+            if (!b->enabled || !plan(b, q, seg, iov, &op, &n_seg, &offset, &length)) {
                 memcpy(handed_back + (size_t)back * RF_BLK_REQUEST_SIZE, q, RF_BLK_REQUEST_SIZE);
                 back++;
                 b->handed_back++;
                 continue;
             }
             int err;
-            if (q->operation == OP_READ) {
-                err = do_read(b, iov, q->nr_segments, offset, length);
+            if (op == OP_READ) {
+                err = do_read(b, iov, (int)n_seg, offset, length);
                 if (!err)
                     b->reads++, b->bytes_read += length;
             } else {
-                err = do_write(b, iov, q->nr_segments, offset, length);
+                err = do_write(b, iov, (int)n_seg, offset, length);
                 if (!err)
                     b->writes++, b->bytes_written += length;
             }

@@ -35,12 +35,21 @@ def _disk() -> int:
 
 segment = st.builds(Segment, st.sampled_from([1, 2, 3, 4, GREF_LIMIT, 2**32 - 1]),
                     st.integers(0, 9), st.integers(0, 9))
-request = st.builds(
-    lambda op, nseg, sector, segs: blkif.encode_request(
-        blkif.Request(op, nseg, 0, 7, sector, tuple(segs[:min(nseg, 11)]))),
+DESCRIPTOR = 5  # the gref of the page holding indirect segments
+direct = st.builds(
+    lambda op, nseg, sector, segs: (blkif.encode_request(
+        blkif.Request(op, nseg, 0, 7, sector, tuple(segs[:min(nseg, 11)]))), None),
     st.sampled_from([Op.READ, Op.WRITE, Op.FLUSH_DISKCACHE, Op.WRITE_BARRIER, 0x77]),
     st.integers(0, 13), st.one_of(st.integers(0, SECTORS + 2), st.just(2**64 - 1)),
     st.lists(segment, min_size=11, max_size=11))
+indirect = st.builds(
+    lambda op, nseg, sector, segs, gref: (blkif.encode_request(blkif.Request(
+        Op.INDIRECT, nseg, 0, 7, sector, indirect_op=op, indirect_grefs=(gref,))),
+        b"".join(blkif.SEGMENT.pack(s.gref, s.first_sect, s.last_sect) for s in segs)),
+    st.sampled_from([Op.READ, Op.WRITE, Op.DISCARD]), st.integers(0, 260),
+    st.integers(0, SECTORS + 2), st.lists(segment, min_size=1, max_size=24),
+    st.sampled_from([DESCRIPTOR, DESCRIPTOR, 4]))
+request = st.one_of(direct, indirect)
 
 
 @settings(max_examples=300, deadline=None)
@@ -49,14 +58,18 @@ def test_fast_path_serves_only_what_the_validator_plans(raws, read_only):
     fd = _disk()
     try:
         pages = {1: _Page(), 2: _Page(), 3: _Page(readonly=True)}  # gref 4: not mapped
+        descriptor = _Page()
         fast = FastPath(fd, SECTORS, read_only)
         for gref, page in pages.items():
             fast.remember(gref, page)
+        fast.remember(DESCRIPTOR, descriptor)
         shared = bytearray(4096)
         front = FrontRing(shared, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
         back = BackRing(shared, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
         validator = Validator(Geometry(SECTORS, read_only))
-        for raw in raws:
+        for raw, segments in raws:
+            if segments is not None:
+                descriptor.storage[:] = segments.ljust(4096, b"\0")
             disk_before = os.pread(fd, SECTORS * 512, 0)
             pages_before = {g: bytes(p.storage) for g, p in pages.items()}
             assert front.put_requests([raw]) == 1
@@ -64,6 +77,11 @@ def test_fast_path_serves_only_what_the_validator_plans(raws, read_only):
             handed_back, _ = fast.serve(back)
             responses = front.take_responses()
             plan = validator.plan(raw)
+            if isinstance(plan, Plan) and plan.indirect_grefs:
+                pages_of = {**pages, DESCRIPTOR: descriptor}
+                plan = validator.indirect_segments(
+                    plan, [bytes(pages_of[g].storage) if g in pages_of else bytes(4096)
+                           for g in plan.indirect_grefs], blkif.decode_request(raw).nr_segments)
             if handed_back:
                 assert handed_back == [raw] and not responses
                 back.put_responses([blkif.encode_response(7, raw[0], 0)])
@@ -71,7 +89,7 @@ def test_fast_path_serves_only_what_the_validator_plans(raws, read_only):
                 front.take_responses()
                 continue
             assert len(responses) == 1 and blkif.decode_response(responses[0]) == (7, raw[0], 0)
-            assert isinstance(plan, Plan) and plan.kind in (Op.READ, Op.WRITE)
+            assert isinstance(plan, Plan) and plan.kind in (Op.READ, Op.WRITE), plan
             # what the request must have done, simulated segment by segment, in order
             disk, expected = bytearray(disk_before), {g: bytearray(b) for g, b in pages_before.items()}
             position = plan.offset
