@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ringfence.hypervisor.io import netif
-from ringfence.hypervisor.io.netif import EXTRA_FLAG_MORE, ExtraType, GsoType, Status, TxFlags
+from ringfence.hypervisor.io.netif import STATUS_NULL
+from ringfence.hypervisor.io.netif import EXTRA_FLAG_MORE, ExtraType, GsoType
 
 PAGE = netif.PAGE_SIZE
 ETH_HLEN = 14
@@ -51,7 +52,7 @@ class TxRefusal:
 def responses(layout: tuple[int | None, ...], status: int) -> list[bytes]:
     """One response per request slot, in order: the status for data slots, NULL for extras."""
     return [netif.TX_RESPONSE.pack(rid, status) if rid is not None
-            else netif.TX_RESPONSE.pack(0, Status.NULL) for rid in layout]
+            else netif.TX_RESPONSE.pack(0, STATUS_NULL) for rid in layout]
 
 
 class TxParser:
@@ -66,7 +67,7 @@ class TxParser:
             i += 1
             layout: list[int | None] = [first.id]
             gso = None
-            if first.flags & TxFlags.EXTRA_INFO:
+            if first.flags & netif.TXF_EXTRA_INFO:
                 while True:
                     if i >= n:
                         raise self._fatal("extra_info_missing")
@@ -82,7 +83,7 @@ class TxParser:
                     if layout.count(None) > MAX_EXTRAS:
                         raise self._fatal("too_many_extras")
             slots = [first]
-            more = first.flags & TxFlags.MORE_DATA
+            more = first.flags & netif.TXF_MORE_DATA
             while more:
                 if i >= n:
                     raise self._fatal("slot_chain_does_not_end")
@@ -92,7 +93,7 @@ class TxParser:
                 i += 1
                 layout.append(slot.id)
                 slots.append(slot)
-                more = slot.flags & TxFlags.MORE_DATA
+                more = slot.flags & netif.TXF_MORE_DATA
             packets.append(self._check(tuple(layout), first, slots, gso))
         return packets
 

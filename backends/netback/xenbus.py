@@ -28,7 +28,7 @@ from ringfence._log import RateLimitedLog
 from ringfence.backends.netback.copier import GrantCopier, MappingCopier
 from ringfence.backends.netback.datapath import Fatal, TxPacket, TxParser, responses
 from ringfence.hypervisor.io import netif, vnet
-from ringfence.hypervisor.io.netif import RxFlags, Status, TxFlags
+from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_OKAY
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink
@@ -236,7 +236,7 @@ class NetbackVif:
         for packet in packets:
             if not isinstance(packet, TxPacket):
                 self.refusals.warning("tx packet refused", vif=self.tap_name, reason=packet.reason)
-                answers += responses(packet.layout, Status.ERROR)
+                answers += responses(packet.layout, STATUS_ERROR)
                 continue
             frame = bytearray(vnet.HEADER_SIZE + packet.size)
             jobs.append(([(seg.gref, seg.offset, seg.length) for seg in packet.segments],
@@ -247,25 +247,25 @@ class NetbackVif:
             if not whole:
                 self.rejected["bad_grant"] += 1
                 self.refusals.warning("tx packet refused", vif=self.tap_name, reason="bad_grant")
-                answers += responses(packet.layout, Status.ERROR)
+                answers += responses(packet.layout, STATUS_ERROR)
                 continue
             body = memoryview(frame)[vnet.HEADER_SIZE:]
-            header = vnet.header_for(body, partial=bool(packet.flags & TxFlags.CSUM_BLANK),
-                                     validated=bool(packet.flags & TxFlags.DATA_VALIDATED),
+            header = vnet.header_for(body, partial=bool(packet.flags & netif.TXF_CSUM_BLANK),
+                                     validated=bool(packet.flags & netif.TXF_DATA_VALIDATED),
                                      gso_type=packet.gso_type, gso_size=packet.gso_size)
             if header is None:
                 self.rejected["bad_offload_headers"] += 1
                 self.refusals.warning("tx packet refused", vif=self.tap_name,
                                       reason="bad_offload_headers")
-                answers += responses(packet.layout, Status.ERROR)
+                answers += responses(packet.layout, STATUS_ERROR)
                 continue
             frame[:vnet.HEADER_SIZE] = header
             try:
                 os.write(tap_fd, frame)
                 self.tx_packets += 1
-                answers += responses(packet.layout, Status.OKAY)
+                answers += responses(packet.layout, STATUS_OKAY)
             except OSError:
-                answers += responses(packet.layout, Status.DROPPED)
+                answers += responses(packet.layout, STATUS_DROPPED)
         tx.put_responses(answers)
         if tx.push_responses():
             port.notify()
@@ -297,7 +297,7 @@ class NetbackVif:
                 for rsps, whole in zip(plans, arrived):
                     if not whole:
                         rid, _, flags, _ = RX_RSP.unpack(rsps[0])
-                        rsps = [RX_RSP.pack(rid, 0, flags, Status.ERROR)] + rsps[1:]
+                        rsps = [RX_RSP.pack(rid, 0, flags, STATUS_ERROR)] + rsps[1:]
                         self.rejected["bad_rx_grant"] += 1
                     else:
                         self.rx_packets += 1
@@ -322,16 +322,16 @@ class NetbackVif:
             return ()
         if len(self.rx_buffers) < pieces + (1 if gso_type else 0):
             return None
-        flags = (RxFlags.CSUM_BLANK | RxFlags.DATA_VALIDATED if partial
-                 else RxFlags.DATA_VALIDATED if validated else 0)
+        flags = (netif.RXF_CSUM_BLANK | netif.RXF_DATA_VALIDATED if partial
+                 else netif.RXF_DATA_VALIDATED if validated else 0)
         rsps, job = [], []
         for index in range(pieces):
             rid, gref = self.rx_buffers.popleft()
             piece = frame[index * PAGE:(index + 1) * PAGE]
             job.append((gref, piece))
-            piece_flags = RxFlags.MORE_DATA if index < pieces - 1 else 0
+            piece_flags = netif.RXF_MORE_DATA if index < pieces - 1 else 0
             if index == 0:
-                piece_flags |= flags | (RxFlags.EXTRA_INFO if gso_type else 0)
+                piece_flags |= flags | (netif.RXF_EXTRA_INFO if gso_type else 0)
             rsps.append(RX_RSP.pack(rid, 0, piece_flags, len(piece)))
             if index == 0 and gso_type:
                 self.rx_buffers.popleft()  # its slot carries the extra info

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.io import netif, vnet
-from ringfence.hypervisor.io.netif import RxFlags, Status, TxFlags
+from ringfence.hypervisor.io.netif import STATUS_NULL
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink
@@ -52,9 +52,9 @@ def tx_requests(pieces: list[tuple[int, int, int]], flags: int, gso_type: int = 
     total = sum(length for _, _, length in pieces)
     requests = []
     for index, (gref, rid, length) in enumerate(pieces):
-        more = TxFlags.MORE_DATA if index < len(pieces) - 1 else 0
+        more = netif.TXF_MORE_DATA if index < len(pieces) - 1 else 0
         if index == 0:
-            extra = TxFlags.EXTRA_INFO if gso_type else 0
+            extra = netif.TXF_EXTRA_INFO if gso_type else 0
             requests.append(netif.TX_REQUEST.pack(gref, 0, flags | more | extra, rid, total))
             if gso_type:
                 requests.append(netif.encode_gso_extra(gso_size, gso_type, netif.TX_SLOT))
@@ -262,8 +262,8 @@ class NetFront:
             while len(free_tx) < pieces or tx.free_requests() < slots:
                 self._tx_room = trio.Event()  # the backend's responses give buffers back
                 await self._tx_room.wait()
-            flags = (TxFlags.CSUM_BLANK | TxFlags.DATA_VALIDATED if partial
-                     else TxFlags.DATA_VALIDATED if validated else 0)
+            flags = (netif.TXF_CSUM_BLANK | netif.TXF_DATA_VALIDATED if partial
+                     else netif.TXF_DATA_VALIDATED if validated else 0)
             slots_used = []
             for index in range(pieces):
                 slot = free_tx.pop()
@@ -287,7 +287,7 @@ class NetFront:
                 return
             for raw in tx_done:
                 rid, status = netif.TX_RESPONSE.unpack(raw)
-                if status == Status.NULL:
+                if status == STATUS_NULL:
                     continue  # the answer to an extra-info slot
                 if 0 <= rid < BUFFERS and rid not in free_tx:
                     free_tx.append(rid)
@@ -328,22 +328,22 @@ class NetFront:
                 continue
             rid, offset, flags, status = netif.RX_RESPONSE.unpack(raw)
             if packet is None:
-                packet = self._rx_packet = _RxPacket(flags, extras_expected=bool(flags & RxFlags.EXTRA_INFO))
+                packet = self._rx_packet = _RxPacket(flags, extras_expected=bool(flags & netif.RXF_EXTRA_INFO))
             if rid != expected or status < 0 or offset + status > PAGE:
                 packet.bad = True
                 self.bad_responses += rid != expected
             else:
                 at = (BUFFERS + rid) * PAGE + offset
                 packet.pieces.append(bytes(self.pages[at:at + status]))
-            if not flags & RxFlags.MORE_DATA:
+            if not flags & netif.RXF_MORE_DATA:
                 self._rx_packet = None
                 self._deliver(packet, tap_fd)
 
     def _deliver(self, packet: _RxPacket, tap_fd: int) -> None:
         frame = b"".join(packet.pieces)
         header = None if packet.bad else vnet.header_for(
-            frame, partial=bool(packet.flags & RxFlags.CSUM_BLANK),
-            validated=bool(packet.flags & RxFlags.DATA_VALIDATED),
+            frame, partial=bool(packet.flags & netif.RXF_CSUM_BLANK),
+            validated=bool(packet.flags & netif.RXF_DATA_VALIDATED),
             gso_type=packet.gso_type, gso_size=packet.gso_size)
         if header is None:
             self.rx_dropped += 1

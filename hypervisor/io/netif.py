@@ -35,6 +35,13 @@ class RxFlags(enum.IntFlag):
     GSO_PREFIX = 16
 
 
+# The flags as plain ints for the per-packet paths (an IntFlag operation builds an enum
+# object each time).
+TXF_CSUM_BLANK, TXF_DATA_VALIDATED, TXF_MORE_DATA, TXF_EXTRA_INFO = 1, 2, 4, 8
+RXF_DATA_VALIDATED, RXF_CSUM_BLANK, RXF_MORE_DATA, RXF_EXTRA_INFO = 1, 2, 4, 8
+STATUS_OKAY, STATUS_ERROR, STATUS_DROPPED, STATUS_NULL = 0, -1, -2, 1
+
+
 class Status(enum.IntEnum):
     NULL = 1
     OKAY = 0
