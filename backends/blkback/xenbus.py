@@ -33,6 +33,7 @@ from ringfence.xenbus.storm import NotificationStorm
 log = logging.getLogger(__name__)
 
 MAX_RING_PAGE_ORDER = 4
+MAX_QUEUES = 4                 # multi-queue-max-queues: a ring and an event channel each
 PERSISTENT_GRANTS_MAX = 1056   # LRU bound on cached mappings per device (as Linux's default)
 VDISK_READONLY = 4
 RELEASE_TIMEOUT = 10  # seconds for giving back a device's mappings and port
@@ -54,7 +55,8 @@ class DeviceStatistics:
     injected_errors: int
     spurious_notifications: int
     fast_path: dict[str, Any] | None
-    ring: dict[str, Any] | None
+    queues: int
+    ring: dict[str, Any] | None  # the first queue's
     vbd: dict[str, Any] | None
 
 
@@ -64,7 +66,8 @@ class BlkbackDevice:
         self.frontend_id, self.devid = frontend_id, devid
         self.vbd: Vbd | None = None
         self.validator: Validator | None = None
-        self.ring: BackRing | None = None
+        self.rings: list[BackRing] = []  # one per queue, while connected
+        self._in_thread = trio.Lock()   # one fast-path call at a time when it runs in a thread
         self.state = XenbusState.Initialising
         self.persistent: OrderedDict[int, Any] = OrderedDict()
         self.connections = self.requests = self.errors = self.abuse = 0
@@ -86,8 +89,8 @@ class BlkbackDevice:
             self.errors + (fast.io_errors if fast else 0),
             dict(self.validator.rejected) if self.validator else {},
             len(self.persistent), self.hits + served, self.maps, self.abuse, self.injected_errors,
-            self.storm.spurious, asdict(fast) if fast else None,
-            asdict(self.ring.statistics()) if self.ring else None,
+            self.storm.spurious, asdict(fast) if fast else None, len(self.rings),
+            asdict(self.rings[0].statistics()) if self.rings else None,
             asdict(self.vbd.statistics()) if self.vbd else None)
 
     async def _set_state(self, state: XenbusState) -> None:
@@ -139,7 +142,7 @@ class BlkbackDevice:
             ("discard-granularity", 4096), ("discard-alignment", 0),
             ("discard-secure", 0), ("feature-persistent", 1),
             ("feature-max-indirect-segments", 256),
-            ("multi-queue-max-queues", 1), ("max-ring-page-order", MAX_RING_PAGE_ORDER),
+            ("multi-queue-max-queues", MAX_QUEUES), ("max-ring-page-order", MAX_RING_PAGE_ORDER),
             ("state", int(XenbusState.InitWait)))
         async for tx in self.xs.transaction():
             async with tx:
@@ -173,23 +176,74 @@ class BlkbackDevice:
         return True
 
     async def _connect_and_serve(self) -> None:
+        queues = await self._frontend_queues()
+        mappings: list[Any] = []
+        ports: list[Any] = []
+        try:
+            # Everything taken from here on is given back whatever fails (finally below).
+            for refs, port_no in queues:
+                try:
+                    mappings.append(await self.domain.grant_table.map(self.frontend_id, refs))
+                    ports.append(await self.domain.events.bind_interdomain(self.frontend_id, port_no))
+                except OSError as exc:
+                    raise _Disconnect(f"ring map or event channel failed: {exc}", 1) from None
+            self.rings = [BackRing(m.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE) for m in mappings]
+            assert self.vbd is not None
+            if self.use_persistent:
+                self.fast = FastPath(self.vbd.fd, self.vbd.sectors, self.vbd.read_only)
+            self.connections += 1
+            await self._set_state(XenbusState.Connected)
+            log.info("device connected", extra={"kv": {
+                "queues": len(queues), "ring_pages": len(queues[0][0]), "persistent": self.use_persistent}})
+            self._abuse_reason = ""
+            async with trio.open_nursery() as nursery:
+                for ring, port in zip(self.rings, ports):
+                    nursery.start_soon(self._serve, ring, port, nursery.cancel_scope)
+                nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
+            if self._abuse_reason:
+                raise _Disconnect(self._abuse_reason, 1)
+        finally:
+            self.rings = []
+            self.fast = None  # before the pages it points into go
+            # Shielded: a vbd removed by the toolstack is cancelled, and the frontend's pages
+            # and ports must be given back all the same.
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                for pages in self.persistent.values():
+                    with contextlib.suppress(OSError):
+                        await self.domain.grant_table.unmap(pages)
+                self.persistent.clear()
+                for mapping in mappings:
+                    with contextlib.suppress(OSError):
+                        await self.domain.grant_table.unmap(mapping)
+                for port in ports:
+                    await port.close()
+        # The frontend closed (or went away): tell it, as xen-blkback does on Closing.
+        await self._set_state(XenbusState.Closing)
+        await self._set_state(XenbusState.Closed)
+
+    async def _frontend_queues(self) -> list[tuple[list[int], int]]:
+        """Each queue's ring grefs and event channel, as Linux's blkfront writes them: at the
+        top level for one queue, under queue-N/ with multi-queue-num-queues; ring-ref for
+        one page, ring-page-order (shared by the queues) and ring-refN for several. Every
+        value is copied once, then validated."""
         fe = self.frontend_path
-        # The frontend's keys in one round trip (each value copied once, then validated).
-        raw_order, raw_ref, raw_port, raw_protocol, raw_persistent = await self.xs.read_many(
-            [f"{fe}/{key}" for key in ("ring-page-order", "ring-ref", "event-channel", "protocol",
+        raw_order, raw_queues, raw_protocol, raw_persistent = await self.xs.read_many(
+            [f"{fe}/{key}" for key in ("ring-page-order", "multi-queue-num-queues", "protocol",
                                        "feature-persistent")])
         try:
             order = int(raw_order or b"0")
             if not 0 <= order <= MAX_RING_PAGE_ORDER:
                 raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
-            if raw_order is None:  # as Linux's blkback: with ring-page-order, ring-refN
-                values = [raw_ref]
-            else:
-                values = await self.xs.read_many([f"{fe}/ring-ref{i}" for i in range(1 << order)])
-            if raw_port is None or any(v is None for v in values):
-                raise _Disconnect("frontend keys unreadable: ring-ref or event-channel missing", 1)
-            refs = [int(v) for v in values]  # type: ignore[arg-type]
-            port_no = int(raw_port)
+            count = int(raw_queues or b"1")
+            if not 1 <= count <= MAX_QUEUES:
+                raise _Disconnect(f"multi-queue-num-queues {count} not in 1..{MAX_QUEUES}", 1)
+            queues = []
+            for where in [fe] if raw_queues is None else [f"{fe}/queue-{q}" for q in range(count)]:
+                names = ["ring-ref"] if raw_order is None else [f"ring-ref{i}" for i in range(1 << order)]
+                values = await self.xs.read_many([f"{where}/{name}" for name in names + ["event-channel"]])
+                if any(v is None for v in values):
+                    raise _Disconnect(f"frontend keys unreadable: ring-ref or event-channel missing in {where}", 1)
+                queues.append(([int(v) for v in values[:-1]], int(values[-1])))  # type: ignore[arg-type]
         except ValueError as exc:
             raise _Disconnect(f"frontend keys unreadable: {exc}", 1) from None
         except XenStoreError as exc:
@@ -198,42 +252,7 @@ class BlkbackDevice:
         if protocol not in ("x86_64-abi", "native"):
             raise _Disconnect(f"unsupported protocol {protocol}", 1)
         self.use_persistent = raw_persistent == b"1"
-        try:
-            mapped = await self.domain.grant_table.map(self.frontend_id, refs)
-        except OSError as exc:
-            raise _Disconnect(f"ring map failed: {exc}", 1) from None
-        port = await self.domain.events.bind_interdomain(self.frontend_id, port_no)
-        self.ring = BackRing(mapped.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE)
-        assert self.vbd is not None
-        if self.use_persistent:
-            self.fast = FastPath(self.vbd.fd, self.vbd.sectors, self.vbd.read_only)
-        self.connections += 1
-        await self._set_state(XenbusState.Connected)
-        log.info("device connected", extra={"kv": {"ring_pages": len(refs), "persistent": self.use_persistent}})
-        self._abuse_reason = ""
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve, port, nursery.cancel_scope)
-                nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
-            if self._abuse_reason:
-                raise _Disconnect(self._abuse_reason, 1)
-        finally:
-            ring, self.ring = self.ring, None
-            del ring
-            self.fast = None  # before the pages it points into go
-            # Shielded: a vbd removed by the toolstack is cancelled, and the frontend's pages
-            # and port must be given back all the same.
-            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                for pages in self.persistent.values():
-                    with contextlib.suppress(OSError):
-                        await self.domain.grant_table.unmap(pages)
-                self.persistent.clear()
-                with contextlib.suppress(OSError):
-                    await self.domain.grant_table.unmap(mapped)
-                await port.close()
-        # The frontend closed (or went away): tell it, as xen-blkback does on Closing.
-        await self._set_state(XenbusState.Closing)
-        await self._set_state(XenbusState.Closed)
+        return queues
 
     async def _watch_for_close(self, scope: trio.CancelScope) -> None:
         async with self.xs.watch(f"{self.frontend_path}/state") as events:
@@ -256,9 +275,9 @@ class BlkbackDevice:
             return default
 
     # ---- datapath --------------------------------------------------------------------
-    async def _serve(self, port: Any, scope: trio.CancelScope) -> None:
-        ring, fast = self.ring, self.fast
-        assert ring is not None and self.validator is not None and self.vbd is not None
+    async def _serve(self, ring: BackRing, port: Any, scope: trio.CancelScope) -> None:
+        fast = self.fast
+        assert self.validator is not None and self.vbd is not None
         in_thread = self.vbd.is_block_device  # a real disk may block: not on the event loop
         while True:
             try:
@@ -268,7 +287,8 @@ class BlkbackDevice:
                     fast.enable(not self.failing)
                     served = fast.served
                     if in_thread:
-                        raws, notify = await trio.to_thread.run_sync(fast.serve, ring)
+                        async with self._in_thread:  # the queues share the fast path's tables
+                            raws, notify = await trio.to_thread.run_sync(fast.serve, ring)
                     else:
                         raws, notify = fast.serve(ring)
                     if notify:
@@ -370,9 +390,16 @@ class BlkbackDevice:
         if not self.use_persistent:
             self._transient.append(mapping)
             return mapping
-        if cached is not None:
+        raced = self.persistent.get(gref)
+        if raced is not None and raced is not cached and (readonly or not raced.readonly):
+            # another queue mapped it while we waited: keep one mapping, not two
+            with contextlib.suppress(OSError):
+                await self.domain.grant_table.unmap(mapping)
+            return raced
+        if gref in self.persistent:
             self._forget(gref)
-            await self.domain.grant_table.unmap(self.persistent.pop(gref))
+            with contextlib.suppress(OSError):
+                await self.domain.grant_table.unmap(self.persistent.pop(gref))
         self.persistent[gref] = mapping
         if self.fast is not None:
             self.fast.remember(gref, mapping)

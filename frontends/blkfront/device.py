@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import logging
 import functools
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,8 @@ from ringfence.xenbus.storm import NotificationStorm
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-RING_PAGE_ORDER = 3       # up to 8 ring pages (256 requests), as the backend allows
+RING_PAGE_ORDER = 3       # up to 8 ring pages (256 requests) a queue, as the backend allows
+MAX_QUEUES = 4            # rings with an event channel each, as many as CPUs and the backend allow
 POOL_PAGES = 1024         # 4 MiB in flight: a full ring (352 pages) and then some; below
                           # blkback's bound on persistent grants (1056)
 SEGMENTS = blkif.MAX_SEGMENTS_PER_REQUEST
@@ -81,6 +83,14 @@ class _Pending:
     on_done: Callable[[int], None] | None = None  # called with the status (see start())
 
 
+@dataclass(eq=False)
+class _Queue:
+    """One ring and its event channel (``multi-queue-num-queues`` of them)."""
+    index: int
+    ring: FrontRing
+    port: Any
+
+
 class BlkFront:
     def __init__(self, domain: Any, xs: XenStore, devid: int, *, persistent: bool = True) -> None:
         self.domain, self.xs, self.devid = domain, xs, devid
@@ -98,8 +108,8 @@ class BlkFront:
         # responses arrive) or for the next ring.
         self._room = trio.lowlevel.ParkingLot()
         self._connected = trio.Event()
-        self._ring: FrontRing | None = None
-        self._port: Any = None
+        self._queues: list[_Queue] = []   # while connected
+        self._next_queue = 0
         self._pool: Any = None
         self._pool_grefs: list[int] = []
         self._ring_pages: Any = None
@@ -125,14 +135,15 @@ class BlkFront:
         """Connect, serve responses, and reconnect whenever the backend starts over."""
         self._pool = await self.domain.memory.alloc_pages(POOL_PAGES)
         self._free_pages = list(range(POOL_PAGES))
-        self._ring_pages = await self.domain.memory.alloc_pages(1 << RING_PAGE_ORDER)
+        self._ring_pages = await self.domain.memory.alloc_pages(MAX_QUEUES << RING_PAGE_ORDER)
         started = False
         while True:
             await self._connect()
             async with trio.open_nursery() as nursery:
                 # Responses flow while the replay fills the ring: more requests may be pending
                 # than the ring has slots.
-                nursery.start_soon(self._receive_responses, nursery.cancel_scope)
+                for queue in self._queues:
+                    nursery.start_soon(self._receive_responses, queue, nursery.cancel_scope)
                 nursery.start_soon(self._replay)
                 if not started:
                     await self._connected.wait()
@@ -185,10 +196,7 @@ class BlkFront:
             try:
                 return await self._try_connect()
             except (_BackendMoved, _BackendFailed) as exc:
-                if self._port is not None:
-                    port, self._port = self._port, None
-                    with contextlib.suppress(OSError):
-                        await port.close()
+                await self._close_queues()
                 if isinstance(exc, _BackendMoved):
                     log.info("backend moved while connecting; following it")
                     continue
@@ -232,15 +240,14 @@ class BlkFront:
                     "feature-max-indirect-segments", "max-ring-page-order"):
             self.features[key] = int(await self._read_or(f"{b}/{key}", b"0"))
         order = max(0, min(RING_PAGE_ORDER, self.features["max-ring-page-order"]))
-        self._ring = FrontRing(self._ring_pages.buffer[:PAGE << order], blkif.REQUEST_SIZE,
-                               blkif.RESPONSE_SIZE)
-        # As Linux's blkfront: one page is named by ring-ref, several by ring-page-order
-        # and ring-ref0..N-1.
-        ring_keys = ([(f"{self.path}/ring-ref", str(self._ring_grefs[0]))] if order == 0 else
-                     [(f"{self.path}/ring-page-order", str(order))]
-                     + [(f"{self.path}/ring-ref{i}", str(self._ring_grefs[i])) for i in range(1 << order)])
+        count = max(1, min(int(await self._read_or(f"{b}/multi-queue-max-queues", b"1")),
+                           MAX_QUEUES, os.cpu_count() or 1))
         try:
-            self._port = await self.domain.events.alloc_unbound(self.backend_id)
+            for index in range(count):
+                pages = self._ring_pages.buffer[(index << order) * PAGE:((index + 1) << order) * PAGE]
+                port = await self.domain.events.alloc_unbound(self.backend_id)
+                self._queues.append(_Queue(index, FrontRing(pages, blkif.REQUEST_SIZE,
+                                                            blkif.RESPONSE_SIZE), port))
         except OSError:
             # The backend's domain died after it announced InitWait: wait for the toolstack
             # to move the device or give up on it, then start over.
@@ -248,10 +255,15 @@ class BlkFront:
             raise _BackendMoved from None
         async for tx in self.xs.transaction():
             async with tx:
-                if order == 0 and await tx.exists(f"{self.path}/ring-page-order"):
-                    await tx.rm(f"{self.path}/ring-page-order")  # left by a bigger ring before
-                await tx.write_many(ring_keys + [
-                    (f"{self.path}/event-channel", str(self._port.port)),
+                # The ring keys of a previous connection go first: a bigger ring's or more
+                # queues' would be read instead of ours, and nodes made then keep the
+                # permissions of the backend of then (created anew, they take the parent's,
+                # which the toolstack set for this backend).
+                for name in await tx.directory(self.path):
+                    if name.startswith(("ring-ref", "queue-")) or name in (
+                            "ring-page-order", "multi-queue-num-queues", "event-channel"):
+                        await tx.rm(f"{self.path}/{name}")
+                await tx.write_many(self._queue_keys(order, count) + [
                     (f"{self.path}/protocol", "x86_64-abi"),
                     (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
                     (f"{self.path}/state", str(int(XenbusState.Initialised)))])
@@ -260,6 +272,23 @@ class BlkFront:
         await self._wait_for_backend((XenbusState.Connected,))
         await self._write_state(XenbusState.Connected)
         self.connections += 1
+
+    def _queue_keys(self, order: int, count: int) -> list[tuple[str, str]]:
+        """As Linux's blkfront names them: one ring page by ring-ref, several by
+        ring-page-order and ring-ref0..N-1; with more than one queue, each queue's under
+        queue-N/ (ring-page-order stays shared)."""
+        keys = [(f"{self.path}/ring-page-order", str(order))] if order else []
+        if count > 1:
+            keys.append((f"{self.path}/multi-queue-num-queues", str(count)))
+        for queue in self._queues:
+            where = f"{self.path}/queue-{queue.index}" if count > 1 else self.path
+            first = queue.index << order
+            if order == 0:
+                keys.append((f"{where}/ring-ref", str(self._ring_grefs[first])))
+            else:
+                keys += [(f"{where}/ring-ref{i}", str(self._ring_grefs[first + i])) for i in range(1 << order)]
+            keys.append((f"{where}/event-channel", str(queue.port.port)))
+        return keys
 
     async def _replay(self) -> None:
         """Everything not answered by the previous backend goes again, in order, before
@@ -299,16 +328,27 @@ class BlkFront:
     async def _disconnect(self) -> None:
         if self._connected.is_set():  # an unset one stays: its waiters wake on the next connect
             self._connected = trio.Event()
-        self._ring = None
+        await self._close_queues()
         self._room.unpark_all()  # putters waiting for ring space wait for the next ring
-        if self._port is not None:
-            port, self._port = self._port, None
-            with contextlib.suppress(OSError):
-                await port.close()
 
-    async def _receive_responses(self, scope: trio.CancelScope) -> None:
-        ring, port = self._ring, self._port
-        assert ring is not None
+    async def _close_queues(self) -> None:
+        queues, self._queues = self._queues, []
+        for queue in queues:
+            with contextlib.suppress(OSError):
+                await queue.port.close()
+
+    def _queue_with_room(self) -> _Queue | None:
+        """The next queue, in turn, that has a free slot."""
+        queues = self._queues
+        for _ in range(len(queues)):
+            self._next_queue = (self._next_queue + 1) % len(queues)
+            queue = queues[self._next_queue]
+            if queue.ring.free_requests():
+                return queue
+        return None
+
+    async def _receive_responses(self, queue: _Queue, scope: trio.CancelScope) -> None:
+        ring, port = queue.ring, queue.port
         while True:
             try:
                 responses = ring.take_responses()
@@ -353,17 +393,20 @@ class BlkFront:
                 return
             if pending.finished or pending.sent_on == self.connections:
                 return  # answered, or already replayed onto this ring
-            ring = self._ring
-            if ring is None or not (replaying or self._connected.is_set()):
+            if not self._queues or not (replaying or self._connected.is_set()):
                 await self._connected.wait()
                 continue
-            if ring.free_requests():
+            queue = self._queue_with_room()
+            if queue is not None:
                 break
             await self._room.park()
-        ring.put_requests([self._encode(pending)])
+        self._send(queue, pending)
+
+    def _send(self, queue: _Queue, pending: _Pending) -> None:
+        queue.ring.put_requests([self._encode(pending)])
         pending.sent_on = self.connections
-        if ring.push_requests():
-            self._port.notify()
+        if queue.ring.push_requests():
+            queue.port.notify()
 
     @property
     def max_segments(self) -> int:
@@ -512,13 +555,14 @@ class BlkFront:
         every request, it stays pending until answered, so it is replayed across a
         backend restart.
         """
-        ring = self._ring
         length = data_or_length if isinstance(data_or_length, int) else len(data_or_length)
         count = -(-length // PAGE)
         taking = self._pages_for(length)
-        if (ring is None or self.failed is not None or not self._connected.is_set()
-                or not 0 < count <= self.max_segments or len(self._free_pages) < taking
-                or not ring.free_requests()):
+        if (self.failed is not None or not self._connected.is_set()
+                or not 0 < count <= self.max_segments or len(self._free_pages) < taking):
+            return False
+        queue = self._queue_with_room()
+        if queue is None:
             return False
         taken = self._take_pages(taking)
         pages = taken[:count]
@@ -546,10 +590,7 @@ class BlkFront:
         pending.on_done = finished
         self.pending[pending.id] = pending
         self.requests += 1
-        ring.put_requests([self._encode(pending)])
-        pending.sent_on = self.connections
-        if ring.push_requests():
-            self._port.notify()
+        self._send(queue, pending)
         return True
 
     async def flush(self) -> None:

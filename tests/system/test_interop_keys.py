@@ -37,10 +37,22 @@ async def test_backends_publish_what_linux_frontends_read(ringfence_system):
     assert await xs.read(f"{vif_back}/feature-rx-copy") == b"1"
     for feature in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6"):
         assert await xs.read(f"{vif_back}/{feature}") == b"1"
-    vbd_front = await _keys(xs, f"/local/domain/{guest.domid}/device/vbd/51712")
-    assert BLKBACK_READS <= vbd_front
-    # a multi-page ring, named as Linux's blkfront names it (the backend offers order 4)
-    order = int(await xs.read(f"/local/domain/{guest.domid}/device/vbd/51712/ring-page-order"))
-    assert order == 3 and {f"ring-ref{i}" for i in range(1 << order)} <= vbd_front
+    front = f"/local/domain/{guest.domid}/device/vbd/51712"
+    vbd_front = await _keys(xs, front)
+    assert {"protocol", "feature-persistent", "state"} <= vbd_front
+    # multi-page rings, one per queue with its own event channel, named as Linux's
+    # blkfront names them (the backend offers order 4 and 4 queues; one queue a CPU)
+    order = int(await xs.read(f"{front}/ring-page-order"))
+    queues = min(4, os.cpu_count() or 1)
+    rings = {f"ring-ref{i}" for i in range(1 << order)} | {"event-channel"}
+    assert order == 3
+    if queues == 1:
+        assert rings <= vbd_front
+    else:
+        assert int(await xs.read(f"{front}/multi-queue-num-queues")) == queues
+        for q in range(queues):
+            assert rings <= await _keys(xs, f"{front}/queue-{q}")
+    stor = (await system.statistics())["domains"]["stor"]["vbds"]
+    assert [device["queues"] for device in stor.values()] == [queues] * len(stor)
     assert NETBACK_READS <= await _keys(xs, f"/local/domain/{guest.domid}/device/vif/0")
     assert await xs.read(f"/local/domain/{guest.domid}/device/vbd/51712/protocol") == b"x86_64-abi"
