@@ -55,8 +55,10 @@ async def _run(devices: dict[tuple[int, int], Any], scopes: dict[tuple[int, int]
         log.error("device failed", extra={"kv": {"frontend": key[0], "devid": key[1],
                                                  "error": repr(exc), "failures": failures[key]}})
         # Restarted at the next change of its directory, but not in a loop: whatever a
-        # frontend writes, a failing device costs at most a few starts per second.
-        with scopes[key]:
+        # frontend writes, a failing device costs at most a few starts per second. (A
+        # scope serves one block: the wait gets its own, which a removal cancels too.)
+        scopes[key] = backoff = trio.CancelScope()
+        with backoff:
             await trio.sleep(min(0.05 * 2 ** failures[key], 5.0))
     finally:
         devices.pop(key, None)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,7 @@ from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_OKAY
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.isolation import netlink
+from ringfence.isolation import netlink, udev
 from ringfence.xenbus.backend import serve_devices
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
@@ -54,6 +56,7 @@ class VifStatistics:
     rx_dropped_no_buffer: int
     spurious_notifications: int
     rejected: dict[str, int]
+    device_events: dict[str, int]
 
 
 class NetbackVif:
@@ -67,11 +70,32 @@ class NetbackVif:
         self.rejected: Counter[str] = self.parser.rejected
         self.storm = NotificationStorm()
         self.refusals = RateLimitedLog(log)
+        self.device_events: Counter[str] = Counter()  # kernel uevents for our TAP, by action
+        self._tap_index = 0                # the ifindex of our TAP while it serves
+        self._serving: trio.CancelScope | None = None
 
     def statistics(self) -> VifStatistics:
         return VifStatistics(self.frontend_id, self.devid, self.state.name, self.tx_packets,
                              self.rx_packets, self.rx_dropped, self.storm.spurious,
-                             dict(self.rejected))
+                             dict(self.rejected), dict(self.device_events))
+
+    def _tap_gone(self, why: str) -> None:
+        if self._serving is not None:
+            self._abuse = "TAP removed"
+            log.warning("vif TAP removed under us; disconnecting so that it is made again",
+                        extra={"kv": {"vif": self.tap_name, "seen_by": why}})
+            self._serving.cancel()
+            self._serving = None
+
+    def device_event(self, event: udev.NetDeviceEvent) -> None:
+        """A uevent for our TAP's name. Removed by someone else while serving (an admin's
+        ``ip link del``): disconnect, so that the frontend reconnects and a new TAP is made
+        and attached. Events for an earlier TAP of the same name (ifindex) are ignored."""
+        if event.ifindex and event.ifindex != self._tap_index:
+            return
+        self.device_events[event.action] += 1
+        if event.action == "remove":
+            self._tap_gone("kernel remove event")
 
     async def _set_state(self, state: XenbusState) -> None:
         self.state = state
@@ -158,6 +182,7 @@ class NetbackVif:
             tap_fd, _ = netlink.open_tap(self.tap_name, vnet_hdr=True)
             vnet.set_offload(tap_fd, csum, gso4, gso6)
             await netlink.ensure_bridge(self.bridge)
+            self._tap_index = socket.if_nametoindex(self.tap_name)
             await netlink.set_link(self.tap_name, master=self.bridge, mtu=mtu, up=True)
             await self._set_state(XenbusState.Connected)
             log.info("vif connected", extra={"kv": {"vif": self.tap_name, "bridge": self.bridge}})
@@ -166,12 +191,14 @@ class NetbackVif:
             self.copier = (MappingCopier if gt.persistent_maps else GrantCopier)(gt, self.frontend_id)
             self._abuse = ""
             async with trio.open_nursery() as nursery:
+                self._serving = nursery.cancel_scope
                 nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
                 nursery.start_soon(self._tap_to_guest, rx, port, tap_fd)
                 nursery.start_soon(self._watch_close, nursery.cancel_scope)
             if self._abuse:
                 raise _Disconnect(self._abuse)
         finally:
+            self._serving = None  # our own removal of the TAP below is no news
             # Shielded: a vif removed by the toolstack is cancelled, and what it holds of
             # the frontend must be given back all the same.
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
@@ -278,6 +305,9 @@ class NetbackVif:
                     backlog.append(os.read(tap_fd, 65536 + vnet.HEADER_SIZE + 64))
                 except BlockingIOError:
                     break
+                except OSError as exc:  # EBADFD: the TAP was deleted under us
+                    self._tap_gone(str(exc))
+                    return
             if not backlog:
                 await trio.lowlevel.wait_readable(tap_fd)
                 continue
@@ -345,10 +375,19 @@ class _Disconnect(Exception):
 
 async def serve_netback(domain: Any, xs: XenStore, *,
                         task_status: trio.TaskStatus[dict[tuple[int, int], NetbackVif]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve every vif the toolstack assigns to this domain (``backend/vif/FE/DEVID``)."""
-    await serve_devices(xs, f"/local/domain/{domain.domid}/backend/vif", "frontend",
-                        lambda path, fe, devid: NetbackVif(domain, xs, path, fe, devid),
-                        task_status=task_status)
+    """Serve every vif the toolstack assigns to this domain (``backend/vif/FE/DEVID``), and
+    tell each the kernel's events for its TAP."""
+    events = udev.open_net_events()
+    async with trio.open_nursery() as nursery:
+        devices = await nursery.start(functools.partial(
+            serve_devices, xs, f"/local/domain/{domain.domid}/backend/vif", "frontend",
+            lambda path, fe, devid: NetbackVif(domain, xs, path, fe, devid)))
+        task_status.started(devices)
+        if events is not None:
+            async for event in events:
+                for vif in list(devices.values()):
+                    if vif.tap_name == event.name:
+                        vif.device_event(event)
 
 
 __all__ = ["NetbackVif", "serve_netback"]

@@ -46,9 +46,10 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
             net_domid, net = await spawn_domain(
                 dom0, "net", [sys.executable, "-m", "ringfence", "netback"],
                 sandbox=SandboxSpec("net", uid=0), stderr=subprocess.DEVNULL)
-            pids = {}
+            pids, domids = {}, {}
             for n in (1, 2):
                 domid, fd = await dom0.create_domain(f"g{n}")
+                domids[n] = domid
                 async with open_xenstore(xs_path) as xs:
                     await add_vif(xs, backend=net_domid, frontend=domid, devid=0,
                                   mac=f"02:00:00:00:00:0{n}", mtu=9000)
@@ -106,6 +107,23 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                         server.wait()
 
             await trio.to_thread.run_sync(pings)
+
+            def tap_removed_and_made_again() -> None:
+                # Someone deletes g1's vif in the driver domain: netback hears the kernel's
+                # remove event, disconnects, the frontend reconnects, a new TAP joins the bridge.
+                netback = inner_pid(net.pid)
+                gone = in_netns(netback, "ip", "link", "del", f"vif{domids[1]}.0")
+                assert gone.returncode == 0, gone.stderr
+                import time
+                for _ in range(40):
+                    if in_netns(pids[1], "ping", "-c", "1", "-W", "1", "10.77.0.2").returncode == 0:
+                        break
+                    time.sleep(0.25)
+                again = in_netns(pids[1], "ping", "-c", "2", "-W", "5", "10.77.0.2")
+                assert again.returncode == 0, again.stdout + again.stderr
+                assert f"vif{domids[1]}.0" in in_netns(netback, "ip", "-o", "link").stdout
+
+            await trio.to_thread.run_sync(tap_removed_and_made_again)
             net.kill()
         finally:
             for box in boxes:
