@@ -31,7 +31,8 @@ def in_netns(pid: int, *argv: str) -> subprocess.CompletedProcess:
 
 async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path):
     """IPv4 and IPv6, ARP and neighbour discovery, jumbo frames (MTU 9000: three slots a
-    packet), TCP in 64 KiB segments and UDP, through one bridge in the driver domain."""
+    packet), TCP in 64 KiB segments and UDP, through one bridge in the driver domain; a third
+    guest on another bridge of the same driver domain cannot be reached."""
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
         xs_path = str(tmp_path / "xs.sock")
         xenstored = await trio.lowlevel.open_process(
@@ -47,12 +48,13 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                 dom0, "net", [sys.executable, "-m", "ringfence", "netback"],
                 sandbox=SandboxSpec("net", uid=0), stderr=subprocess.DEVNULL)
             pids, domids = {}, {}
-            for n in (1, 2):
+            for n in (1, 2, 3):
                 domid, fd = await dom0.create_domain(f"g{n}")
                 domids[n] = domid
                 async with open_xenstore(xs_path) as xs:
                     await add_vif(xs, backend=net_domid, frontend=domid, devid=0,
-                                  mac=f"02:00:00:00:00:0{n}", mtu=9000)
+                                  mac=f"02:00:00:00:00:0{n}", mtu=9000,
+                                  bridge="xenbr1" if n == 3 else "xenbr0")
                 out = open(tmp_path / f"g{n}.out", "wb")
                 box = await spawn_sandboxed(
                     SandboxSpec(f"g{n}", uid=0),
@@ -86,6 +88,11 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                     for size in ("8972", "1472"):
                         jumbo = in_netns(pid, "ping", "-M", "do", "-s", size, "-c", "2", "-W", "5", peer)
                         assert jumbo.returncode == 0, jumbo.stdout + jumbo.stderr
+                # g3 is on the same subnet but another bridge: unreachable, its ARP unanswered
+                apart = in_netns(pids[1], "ping", "-c", "2", "-W", "1", "10.77.0.3")
+                assert apart.returncode != 0, apart.stdout
+                vif3 = in_netns(inner_pid(net.pid), "ip", "-o", "link", "show", f"vif{domids[3]}.0").stdout
+                assert "master xenbr1" in vif3 and "LOWER_UP" in vif3, vif3
                 # the guests' link is theirs alone: nothing of the host is visible
                 links = in_netns(pids[1], "ip", "-o", "link").stdout
                 assert "eth0" in links and "xenbr0" not in links and "mtu 9000" in links
