@@ -286,7 +286,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         try:
             # Its own cgroup (the active one's goes with the active one), the same user.
             spec = dataclasses.replace(sandbox, name=spare_name, uid=uid)
-            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd),
+            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), "RINGFENCE_START_IDLE": "1",
                                       STATS_SOCKET_ENV: os.path.join(os.path.dirname(stats), "spare.sock")})
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env, **kwargs)
         except BaseException:
@@ -309,6 +309,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         spare = system.spares.pop(name, None) if started_once else None
         if spare is not None and spare.process.process.poll() is None:
             # Warm: the spare takes the name and the devices; a new spare starts behind it.
+            _normal_priority(innermost_pid(spare.process.pid))
             await system.dom0.rename_domain(spare.domid, name)
             system.driver_domids[name] = spare.domid
             await _hand_over(system, name, old, spare.domid)
@@ -414,6 +415,14 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
 def guest_pid(guest: Guest) -> int:
     """The guest's own process (inside its namespaces), for nsenter."""
     return innermost_pid(guest.process.pid)
+
+
+def _normal_priority(pid: int) -> None:
+    """Every thread of a spare that takes over runs at normal priority again."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
 
 
 async def kill_driver(system: System, name: str) -> float:
