@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from ringfence._rawsock import RawSocket
 from ringfence._unixsock import listen_unix
 
 from ringfence.hypervisor.io import xs_wire as W
@@ -53,42 +53,6 @@ class ServerStatistics:
     domains: int
 
 
-class _SocketTransport:
-    """A nonblocking socket driven directly: the system call first, and a trip through
-    trio's scheduler only when it would block (trio's own socket methods add two)."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.raw = socket.socket(fileno=sock.detach())
-        self.raw.setblocking(False)
-
-    async def recv(self) -> bytes:
-        while True:
-            try:
-                return self.raw.recv(65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.raw)
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.raw.send(view):]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.raw)
-
-    def send_nowait(self, data: bytes) -> int:
-        """Send what the socket takes now; returns how many bytes."""
-        try:
-            return self.raw.send(data)
-        except BlockingIOError:
-            return 0
-
-    async def aclose(self) -> None:
-        trio.lowlevel.notify_closing(self.raw)
-        self.raw.close()
-
-
 class _StreamTransport:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -103,12 +67,12 @@ class _StreamTransport:
         await trio.aclose_forcefully(self.stream)
 
 
-def transport_for(link: Any) -> _SocketTransport | _StreamTransport:
+def transport_for(link: Any) -> RawSocket | _StreamTransport:
     if isinstance(link, trio.SocketStream):
-        return _SocketTransport(link.socket)
+        return RawSocket(link.socket)
     if isinstance(link, trio.abc.Stream):
         return _StreamTransport(link)
-    return _SocketTransport(link)
+    return RawSocket(link)
 
 
 @dataclass(eq=False)
