@@ -24,6 +24,26 @@ def inner_pid(waiter: int) -> int:
         return int(f.read().split()[0])
 
 
+BROADCAST_FLOOD = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+end, sent = time.monotonic() + 3, 0
+while time.monotonic() < end:
+    try:
+        s.sendto(b"x" * 1400, ("10.77.0.255", 9))
+        sent += 1
+    except OSError:  # the guest's own queue is full: try again
+        time.sleep(0.001)
+print(sent)
+"""
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def in_netns(pid: int, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(["nsenter", "-t", str(pid), "-n", *argv], capture_output=True,
                           text=True, timeout=60)
@@ -98,7 +118,7 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                 assert "eth0" in links and "xenbr0" not in links and "mtu 9000" in links
                 for extra in ([], ["-u", "-b", "200M"]):
                     server = subprocess.Popen(["nsenter", "-t", str(pids[2]), "-n", "iperf3", "-s", "-1"],
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                     try:
                         import time
                         time.sleep(0.5)
@@ -203,7 +223,7 @@ async def test_net_driver_domain_restart_keeps_guest_tcp_going(tmp_path):
 
 
 HOSTILE_NETFRONT = """
-import json, trio
+import json, sys, trio
 from ringfence.hypervisor.sim.client import open_domain
 from ringfence.xenbus.sim import open_domain_xenstore
 from ringfence.hypervisor.io import netif
@@ -270,6 +290,9 @@ async def main():
             if len(answers) < 7 and not tx.final_check_for_responses():
                 await port.wait()
         print(json.dumps({"answers": answers, "nulls": nulls}), flush=True)
+        # A11: connected, yet never a receive buffer posted, while the test floods us.
+        print(json.dumps({"stalling": True}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
         fatal = {
             "ring_overflow": None,
             "slot_chain_does_not_end": [req(page, 0, TxFlags.MORE_DATA, 1, 60)],
@@ -332,12 +355,38 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
             with open(tmp_path / "evil.out", "wb") as out:
                 evil = await trio.lowlevel.open_process(
                     [sys.executable, "-c", HOSTILE_NETFRONT], pass_fds=(fd,),
-                    env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=out)
+                    env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=out,
+                    stdin=subprocess.PIPE)
             os.close(fd)
             with trio.fail_after(60):
+                while b"stalling" not in (tmp_path / "evil.out").read_bytes():
+                    assert evil.poll() is None
+                    await trio.sleep(0.05)
+
+            def flood_a_stalled_vif() -> tuple[int, subprocess.CompletedProcess]:
+                # ATTACKS A11: a guest that never posts receive buffers, flooded for 3 s,
+                # costs the driver domain a bounded backlog; the others carry on meanwhile.
+                netback = inner_pid(net.pid)
+                before = _rss_kib(netback)
+                flood = subprocess.Popen(
+                    ["nsenter", "-t", str(pids[1]), "-n", sys.executable, "-c", BROADCAST_FLOOD],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                during = in_netns(pids[2], "ping", "-c", "3", "-W", "5", "10.77.0.1")
+                flooded = flood.communicate(timeout=30)[0]
+                stats = json.loads(in_netns(netback, "ip", "-j", "-s", "link", "show",
+                                            f"vif{evil_domid}.0").stdout)[0]["stats64"]
+                # the kernel's queue in front of netback filled and dropped the rest
+                assert stats["tx"]["dropped"] > 0, (stats["tx"], flooded)
+                return _rss_kib(netback) - before, during
+
+            grown, during = await trio.to_thread.run_sync(flood_a_stalled_vif)
+            assert during.returncode == 0, during.stdout
+            assert grown < 16 << 10, f"netback grew {grown} KiB under a stalled guest"
+            await evil.stdin.send_all(b"go on\n")
+            with trio.fail_after(60):
                 assert await evil.wait() == 0
-            import json
             lines = [json.loads(l) for l in (tmp_path / "evil.out").read_text().splitlines()]
+            lines.remove({"stalling": True})
             answers = {int(k): v for k, v in lines[0]["answers"].items()}
             assert all(answers[i] == -1 for i in range(1, 7)), answers
             assert answers[7] == 0 and lines[0]["nulls"] == 1
