@@ -61,14 +61,15 @@ HOSTILE = textwrap.dedent(CONNECT + """            cases = {
             }
             ring.put_requests([blkif.encode_request(r) for r in cases.values()])
             ring.push_requests(port.notify_fd)
-            answers = {}
+            answers, padding = {}, set()
             while len(answers) < len(cases):
                 for raw in ring.take_responses():
                     rid, op, status = blkif.decode_response(raw)
                     answers[rid] = status
+                    padding.add(bytes(raw[9:10] + raw[12:16]).hex())  # ATTACKS A3 (XSA-216)
                 if len(answers) < len(cases) and not ring.final_check_for_responses():
                     await port.wait()
-            print(json.dumps({"answers": answers}), flush=True)
+            print(json.dumps({"answers": answers, "padding": sorted(padding)}), flush=True)
             # now overflow the ring: claim 1000 requests in a 32-slot ring
             ring.sring.req_prod = ring.sring.req_prod + 1000
             port.notify()
@@ -154,6 +155,9 @@ async def test_hostile_frontend_gets_errors_and_a_disconnect_others_unaffected(t
                 assert answers[rid] in (-1, -2), (rid, answers)
             assert answers[6] == -2  # unknown operation: EOPNOTSUPP
             assert answers[9] == 0
+            # every response, refusals and the one served by the C fast path, has its
+            # padding zeroed: nothing of the backend's memory goes to the frontend (A3)
+            assert results["evil"][0]["padding"] == ["0000000000"]
             assert results["evil"][1] == {"disconnected": True}
             assert results["good"] == [{"ok": True}]
             assert stor.poll() is None  # the driver domain is still running
