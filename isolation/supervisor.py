@@ -126,7 +126,9 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start, watch and restart until stopped or failed."""
         os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
-        delay = self.policy.initial_delay
+        # The first restart after a stable run is immediate (a crash should cost a guest no
+        # more than the relaunch itself); a crash loop backs off from initial_delay on.
+        delay = 0.0
         task_status.started()
         while not self._stop:
             now = time.monotonic()
@@ -144,10 +146,11 @@ class Service:
             if self._stop:
                 break
             if time.monotonic() - started >= self.policy.stable_after:
-                delay = self.policy.initial_delay
+                delay = 0.0
             self._set_state(State.BACKOFF)
-            await trio.sleep(delay)
-            delay = min(delay * self.policy.factor, self.policy.max_delay)
+            if delay:
+                await trio.sleep(delay)
+            delay = min(max(delay * self.policy.factor, self.policy.initial_delay), self.policy.max_delay)
         self._set_state(State.STOPPED)
 
     async def _run_once(self) -> None:

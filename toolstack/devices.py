@@ -47,8 +47,10 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                 f"/local/domain/{backend}/backend/{kind}/{frontend}")]
             perms += [(parent, [f"n{frontend}"]) for parent in (
                 f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}")]
-            for top, owner, reader in ((be, backend, frontend), (fe, frontend, backend)):
-                nodes = [top] + [f"{top}/{child}" for child in await xs.directory(top, tx.id)]
+            halves = ((be, backend, frontend), (fe, frontend, backend))
+            listings = await gather([xs.directory(top, tx.id) for top, _, _ in halves])
+            for (top, owner, reader), children in zip(halves, listings):
+                nodes = [top] + [f"{top}/{child}" for child in children]
                 perms += [(node, [f"n{owner}", f"r{reader}"]) for node in nodes]
             await gather([xs.set_perms(path, p, tx.id) for path, p in perms])
 

@@ -26,7 +26,7 @@ from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.backend import serve_devices
-from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.client import XenStore, gather
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
 
@@ -181,12 +181,22 @@ class BlkbackDevice:
         ports: list[Any] = []
         try:
             # Everything taken from here on is given back whatever fails (finally below).
-            for refs, port_no in queues:
+            async def take(call: Any) -> Any:
                 try:
-                    mappings.append(await self.domain.grant_table.map(self.frontend_id, refs))
-                    ports.append(await self.domain.events.bind_interdomain(self.frontend_id, port_no))
+                    return await call
                 except OSError as exc:
-                    raise _Disconnect(f"ring map or event channel failed: {exc}", 1) from None
+                    return exc
+
+            # all the rings and channels at once (requests in flight together), in order
+            gt, events = self.domain.grant_table, self.domain.events
+            taken = await gather([take(gt.map(self.frontend_id, refs)) for refs, _ in queues]
+                                 + [take(events.bind_interdomain(self.frontend_id, port_no))
+                                    for _, port_no in queues])
+            mappings += [m for m in taken[:len(queues)] if not isinstance(m, OSError)]
+            ports += [p for p in taken[len(queues):] if not isinstance(p, OSError)]
+            failure = next((t for t in taken if isinstance(t, OSError)), None)
+            if failure is not None:  # what was taken is given back below
+                raise _Disconnect(f"ring map or event channel failed: {failure}", 1)
             self.rings = [BackRing(m.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE) for m in mappings]
             assert self.vbd is not None
             if self.use_persistent:
@@ -237,13 +247,17 @@ class BlkbackDevice:
             count = int(raw_queues or b"1")
             if not 1 <= count <= MAX_QUEUES:
                 raise _Disconnect(f"multi-queue-num-queues {count} not in 1..{MAX_QUEUES}", 1)
+            wheres = [fe] if raw_queues is None else [f"{fe}/queue-{q}" for q in range(count)]
+            names = ["ring-ref"] if raw_order is None else [f"ring-ref{i}" for i in range(1 << order)]
+            names.append("event-channel")
+            # every queue's keys in one round trip
+            values = await self.xs.read_many([f"{where}/{name}" for where in wheres for name in names])
+            if any(v is None for v in values):
+                raise _Disconnect("frontend keys unreadable: a ring-ref or event-channel is missing", 1)
             queues = []
-            for where in [fe] if raw_queues is None else [f"{fe}/queue-{q}" for q in range(count)]:
-                names = ["ring-ref"] if raw_order is None else [f"ring-ref{i}" for i in range(1 << order)]
-                values = await self.xs.read_many([f"{where}/{name}" for name in names + ["event-channel"]])
-                if any(v is None for v in values):
-                    raise _Disconnect(f"frontend keys unreadable: ring-ref or event-channel missing in {where}", 1)
-                queues.append(([int(v) for v in values[:-1]], int(values[-1])))  # type: ignore[arg-type]
+            for q in range(len(wheres)):
+                mine = values[q * len(names):(q + 1) * len(names)]
+                queues.append(([int(v) for v in mine[:-1]], int(mine[-1])))  # type: ignore[arg-type]
         except ValueError as exc:
             raise _Disconnect(f"frontend keys unreadable: {exc}", 1) from None
         except XenStoreError as exc:

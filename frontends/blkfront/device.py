@@ -23,7 +23,7 @@ from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.client import XenStore, gather
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
 
@@ -227,27 +227,42 @@ class BlkFront:
 
     async def _try_connect(self) -> None:
         await self._write_state(XenbusState.Initialising)
-        backend_id = int(await self.xs.read(f"{self.path}/backend-id"))
-        self.backend_path = (await self.xs.read(f"{self.path}/backend")).decode()
+        raw_id, raw_backend = await self.xs.read_many([f"{self.path}/backend-id", f"{self.path}/backend"])
+        if raw_id is None or raw_backend is None:
+            raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
+        backend_id, self.backend_path = int(raw_id), raw_backend.decode()
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
         await self._wait_for_backend((XenbusState.InitWait,))
         if backend_id != self.backend_id:
             self._grant_all(backend_id)
-        b = self.backend_path
-        self.sectors = int(await self.xs.read(f"{b}/sectors"))
-        self.read_only = int(await self._read_or(f"{b}/info", b"0")) & 4 != 0
-        for key in ("feature-flush-cache", "feature-discard", "feature-persistent",
-                    "feature-max-indirect-segments", "max-ring-page-order"):
-            self.features[key] = int(await self._read_or(f"{b}/{key}", b"0"))
+        # The backend's keys in one round trip (a reconnection after a crash waits on this).
+        keys = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
+                "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
+        values = dict(zip(keys, await self.xs.read_many([f"{self.backend_path}/{k}" for k in keys])))
+        if values["sectors"] is None:
+            raise XenStoreError("ENOENT", f"{self.backend_path}/sectors")
+        self.sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
+        self.read_only = int(values.pop("info") or b"0") & 4 != 0
+        self.features.update({key: int(value or b"0") for key, value in values.items()})
         order = max(0, min(RING_PAGE_ORDER, self.features["max-ring-page-order"]))
-        count = max(1, min(int(await self._read_or(f"{b}/multi-queue-max-queues", b"1")),
-                           MAX_QUEUES, os.cpu_count() or 1))
+        count = max(1, min(self.features["multi-queue-max-queues"], MAX_QUEUES, os.cpu_count() or 1))
+        async def channel() -> Any:
+            try:
+                return await self.domain.events.alloc_unbound(self.backend_id)
+            except OSError as exc:
+                return exc
+
         try:
-            for index in range(count):
+            ports = await gather([channel() for _ in range(count)])  # one round trip for all
+            for index, port in enumerate(ports):
+                if isinstance(port, OSError):
+                    continue
                 pages = self._ring_pages.buffer[(index << order) * PAGE:((index + 1) << order) * PAGE]
-                port = await self.domain.events.alloc_unbound(self.backend_id)
                 self._queues.append(_Queue(index, FrontRing(pages, blkif.REQUEST_SIZE,
                                                             blkif.RESPONSE_SIZE), port))
+            failed = [port for port in ports if isinstance(port, OSError)]
+            if failed:
+                raise failed[0]  # the channels made are closed by _connect
         except OSError:
             # The backend's domain died after it announced InitWait: wait for the toolstack
             # to move the device or give up on it, then start over.
@@ -259,10 +274,9 @@ class BlkFront:
                 # queues' would be read instead of ours, and nodes made then keep the
                 # permissions of the backend of then (created anew, they take the parent's,
                 # which the toolstack set for this backend).
-                for name in await tx.directory(self.path):
-                    if name.startswith(("ring-ref", "queue-")) or name in (
-                            "ring-page-order", "multi-queue-num-queues", "event-channel"):
-                        await tx.rm(f"{self.path}/{name}")
+                await gather([tx.rm(f"{self.path}/{name}") for name in await tx.directory(self.path)
+                              if name.startswith(("ring-ref", "queue-")) or name in (
+                                  "ring-page-order", "multi-queue-num-queues", "event-channel")])
                 await tx.write_many(self._queue_keys(order, count) + [
                     (f"{self.path}/protocol", "x86_64-abi"),
                     (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
@@ -333,9 +347,12 @@ class BlkFront:
 
     async def _close_queues(self) -> None:
         queues, self._queues = self._queues, []
-        for queue in queues:
+
+        async def close(port: Any) -> None:
             with contextlib.suppress(OSError):
-                await queue.port.close()
+                await port.close()
+
+        await gather([close(queue.port) for queue in queues])
 
     def _queue_with_room(self) -> _Queue | None:
         """The next queue, in turn, that has a free slot."""
