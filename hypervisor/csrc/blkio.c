@@ -112,55 +112,37 @@ static int plan(const rf_blk_backend *b, const struct blk_request *q, struct blk
     return plan_segments(b, *op, seg, *n, q->sector_number, iov, offset, length);
 }
 
-static int do_read(const rf_blk_backend *b, struct iovec *iov, int n, uint64_t offset, uint64_t length)
+/* Preadv or pwritev the whole range, resuming after short transfers. A read past the end
+ * of a file that shrank under us leaves zeroes; a write that makes no progress is EIO. */
+static int transfer(const rf_blk_backend *b, int writing, struct iovec *iov, int n,
+                    uint64_t offset, uint64_t length)
 {
     uint64_t done = 0;
     while (done < length) {
-        ssize_t got = preadv(b->disk_fd, iov, n, (off_t)(offset + done));
-        if (got < 0) {
+        ssize_t moved = writing ? pwritev(b->disk_fd, iov, n, (off_t)(offset + done))
+                                : preadv(b->disk_fd, iov, n, (off_t)(offset + done));
+        if (moved < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
-        if (got == 0)
-            break; /* past the end of a file that shrank under us: zeroes */
-        done += (uint64_t)got;
-        while (n && (size_t)got >= iov->iov_len) {
-            got -= (ssize_t)iov->iov_len;
+        if (moved == 0) {
+            if (writing)
+                return -EIO;
+            break;
+        }
+        done += (uint64_t)moved;
+        while (n && (size_t)moved >= iov->iov_len) {
+            moved -= (ssize_t)iov->iov_len;
             iov++, n--;
         }
         if (n) {
-            iov->iov_base = (uint8_t *)iov->iov_base + got;
-            iov->iov_len -= (size_t)got;
+            iov->iov_base = (uint8_t *)iov->iov_base + moved;
+            iov->iov_len -= (size_t)moved;
         }
     }
     for (int i = 0; i < n; i++)
         memset(iov[i].iov_base, 0, iov[i].iov_len);
-    return 0;
-}
-
-static int do_write(const rf_blk_backend *b, struct iovec *iov, int n, uint64_t offset, uint64_t length)
-{
-    uint64_t done = 0;
-    while (done < length) {
-        ssize_t put = pwritev(b->disk_fd, iov, n, (off_t)(offset + done));
-        if (put < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (put == 0)
-            return -EIO;
-        done += (uint64_t)put;
-        while (n && (size_t)put >= iov->iov_len) {
-            put -= (ssize_t)iov->iov_len;
-            iov++, n--;
-        }
-        if (n) {
-            iov->iov_base = (uint8_t *)iov->iov_base + put;
-            iov->iov_len -= (size_t)put;
-        }
-    }
     return 0;
 }
 
@@ -202,15 +184,11 @@ int rf_blk_serve(rf_blk_backend *b, rf_ring *ring, uint8_t *handed_back, uint32_
                 continue;
             }
             int err;
-            if (op == OP_READ) {
-                err = do_read(b, iov, (int)n_seg, offset, length);
-                if (!err)
-                    b->reads++, b->bytes_read += length;
-            } else {
-                err = do_write(b, iov, (int)n_seg, offset, length);
-                if (!err)
-                    b->writes++, b->bytes_written += length;
-            }
+            err = transfer(b, op == OP_WRITE, iov, (int)n_seg, offset, length);
+            if (!err && op == OP_READ)
+                b->reads++, b->bytes_read += length;
+            else if (!err)
+                b->writes++, b->bytes_written += length;
             if (err)
                 b->io_errors++;
             b->served++;
