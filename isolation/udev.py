@@ -46,6 +46,9 @@ class NetDeviceEvents:
                 ifindex = 0
             yield NetDeviceEvent(device.action or "", device.properties.get("INTERFACE", ""), ifindex)
 
+    def statistics(self) -> dict[str, int]:
+        return {"received": self.received}
+
     def close(self) -> None:
         # pyudev closes the netlink socket when the monitor goes (it has no stop())
         trio.lowlevel.notify_closing(self.monitor.fileno())

@@ -57,6 +57,8 @@ class VifStatistics:
     spurious_notifications: int
     rejected: dict[str, int]
     device_events: dict[str, int]
+    copier: dict[str, int]          # pages kept mapped, maps, failures (sim); {} with grant copy
+    refusals_not_logged: int        # held back by the rate limit on refusal log lines
 
 
 class NetbackVif:
@@ -73,11 +75,14 @@ class NetbackVif:
         self.device_events: Counter[str] = Counter()  # kernel uevents for our TAP, by action
         self._tap_index = 0                # the ifindex of our TAP while it serves
         self._serving: trio.CancelScope | None = None
+        self.copier: GrantCopier | MappingCopier | None = None  # while connected
 
     def statistics(self) -> VifStatistics:
         return VifStatistics(self.frontend_id, self.devid, self.state.name, self.tx_packets,
                              self.rx_packets, self.rx_dropped, self.storm.spurious,
-                             dict(self.rejected), dict(self.device_events))
+                             dict(self.rejected), dict(self.device_events),
+                             self.copier.statistics() if self.copier else {},
+                             self.refusals.suppressed)
 
     def _tap_gone(self, why: str) -> None:
         if self._serving is not None:
@@ -207,7 +212,7 @@ class NetbackVif:
                     os.close(tap_fd)
                     with contextlib.suppress(OSError):
                         await netlink.delete_link(self.tap_name)
-                copier, self.copier = getattr(self, "copier", None), None
+                copier, self.copier = self.copier, None
                 if copier is not None:
                     await copier.close()
                 for mapping in (tx_map, rx_map):

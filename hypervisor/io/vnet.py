@@ -97,9 +97,10 @@ def checksum_location(frame: bytes | memoryview) -> tuple[int, int, int] | None:
     else:
         return None
     if protocol == IPPROTO_TCP:
-        if n < at + 20:
+        tcp_length = (frame[at + 12] >> 4) * 4 if n >= at + 20 else 0
+        if tcp_length < 20 or n < at + tcp_length:
             return None
-        return at, 16, at + (frame[at + 12] >> 4) * 4
+        return at, 16, at + tcp_length
     if protocol == IPPROTO_UDP:
         if n < at + 8:
             return None
