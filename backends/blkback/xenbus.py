@@ -67,7 +67,8 @@ class BlkbackDevice:
         self.vbd: Vbd | None = None
         self.validator: Validator | None = None
         self.rings: list[BackRing] = []  # one per queue, while connected
-        self._in_thread = trio.Lock()   # one fast-path call at a time when it runs in a thread
+        self._in_thread = trio.Lock()   # fast-path calls in worker threads, one at a time,
+                                        # and never while a page they may use is unmapped
         self.state = XenbusState.Initialising
         self.persistent: OrderedDict[int, Any] = OrderedDict()
         self.connections = self.requests = self.errors = self.abuse = 0
@@ -78,7 +79,6 @@ class BlkbackDevice:
         self.failing: int | None = None
         self.injected_errors = 0
         self.use_persistent = True
-        self._transient: list[Any] = []
         self.fast: FastPath | None = None  # while connected with persistent grants
 
     def statistics(self) -> DeviceStatistics:
@@ -335,11 +335,11 @@ class BlkbackDevice:
         self.requests += len(raws)
         results: list[tuple[int, int, int]] = []   # id, operation, status
         io: list[tuple[Plan, IoRequest]] = []
-        self._transient: list[Any] = []
+        transient: list[Any] = []  # this batch's maps without persistent grants (queues overlap)
         for raw in raws:
             planned = self.validator.plan(raw)
             if isinstance(planned, Plan) and planned.indirect_grefs:
-                planned = await self._load_indirect(planned, raw)
+                planned = await self._load_indirect(planned, raw, transient)
             if isinstance(planned, Rejection):
                 self.refusals.warning("request refused", reason=planned.reason)
                 self.errors += 1
@@ -352,7 +352,7 @@ class BlkbackDevice:
                 results.append((planned.id, planned.operation, Status.ERROR))
                 continue
             try:
-                request = await self._io_request(planned)
+                request = await self._io_request(planned, transient)
             except OSError:
                 self.errors += 1
                 self.validator.rejected["bad_grant"] += 1
@@ -360,39 +360,39 @@ class BlkbackDevice:
                 continue
             io.append((planned, request))
         await self.vbd.submit([request for _, request in io])
-        for mapping in self._transient:  # without persistent grants: a map per request
+        for mapping in transient:  # without persistent grants: a map per request
             with contextlib.suppress(OSError):
                 await self.domain.grant_table.unmap(mapping)
-        self._transient = []
         for plan, request in io:
             if request.error:
                 self.errors += 1
             results.append((plan.id, plan.operation, Status.ERROR if request.error else Status.OKAY))
         return [blkif.encode_response(rid, op, status) for rid, op, status in results]
 
-    async def _load_indirect(self, plan: Plan, raw: bytes) -> Plan | Rejection:
+    async def _load_indirect(self, plan: Plan, raw: bytes, transient: list[Any]) -> Plan | Rejection:
         assert self.validator is not None
         nr_segments = blkif.decode_request(raw).nr_segments
         pages = []
         for gref in plan.indirect_grefs:
             try:
-                mapping = await self._page(gref, readonly=True)
+                mapping = await self._page(gref, True, transient)
             except OSError:
                 return self.validator.reject(blkif.decode_request(raw), "bad_grant")
             pages.append(bytes(mapping.buffer))  # copied once, then parsed
         return self.validator.indirect_segments(plan, pages, nr_segments)
 
-    async def _io_request(self, plan: Plan) -> IoRequest:
+    async def _io_request(self, plan: Plan, transient: list[Any]) -> IoRequest:
         kind = {Op.READ: IoKind.READ, Op.WRITE: IoKind.WRITE, Op.FLUSH_DISKCACHE: IoKind.FLUSH,
                 Op.DISCARD: IoKind.DISCARD}[Op(plan.kind)]
         buffers = []
         for seg in plan.segments:
-            mapping = await self._page(seg.gref, readonly=kind != IoKind.READ)
+            mapping = await self._page(seg.gref, kind != IoKind.READ, transient)
             buffers.append(mapping.buffer[seg.offset:seg.offset + seg.length])
         return IoRequest(kind, plan.offset, plan.length, buffers)
 
-    async def _page(self, gref: int, readonly: bool) -> Any:
-        """A frontend page: persistent grants stay mapped (LRU-bounded)."""
+    async def _page(self, gref: int, readonly: bool, transient: list[Any]) -> Any:
+        """A frontend page: persistent grants stay mapped (LRU-bounded); without them the
+        mapping goes on ``transient``, unmapped when the batch is answered."""
         cached = self.persistent.get(gref)
         if cached is not None and (readonly or not cached.readonly):
             self.persistent.move_to_end(gref)
@@ -402,7 +402,7 @@ class BlkbackDevice:
                                                     if self.use_persistent else readonly)
         self.maps += 1
         if not self.use_persistent:
-            self._transient.append(mapping)
+            transient.append(mapping)
             return mapping
         raced = self.persistent.get(gref)
         if raced is not None and raced is not cached and (readonly or not raced.readonly):
@@ -410,19 +410,28 @@ class BlkbackDevice:
             with contextlib.suppress(OSError):
                 await self.domain.grant_table.unmap(mapping)
             return raced
-        if gref in self.persistent:
+        # The old (read-only) mapping goes, ours comes, before any await: another queue
+        # must never find the gref half replaced.
+        old = self.persistent.pop(gref, None)
+        if old is not None:
             self._forget(gref)
-            with contextlib.suppress(OSError):
-                await self.domain.grant_table.unmap(self.persistent.pop(gref))
         self.persistent[gref] = mapping
         if self.fast is not None:
             self.fast.remember(gref, mapping)
+        if old is not None:
+            await self._unmap_persistent(old)
         while len(self.persistent) > PERSISTENT_GRANTS_MAX:
-            old_gref, old = self.persistent.popitem(last=False)
+            old_gref, evicted = self.persistent.popitem(last=False)
             self._forget(old_gref)
-            with contextlib.suppress(OSError):
-                await self.domain.grant_table.unmap(old)
+            await self._unmap_persistent(evicted)
         return mapping
+
+    async def _unmap_persistent(self, mapping: Any) -> None:
+        """Unmap a page the fast path has forgotten, once no fast-path call that may still
+        hold a pointer into it runs in a worker thread (a block device's)."""
+        async with self._in_thread:
+            with contextlib.suppress(OSError):
+                await self.domain.grant_table.unmap(mapping)
 
     def _forget(self, gref: int) -> None:
         if self.fast is not None:
