@@ -65,6 +65,9 @@ class BlkfrontStatistics:
     bytes_written: int
     free_pages: int
     spurious_notifications: int
+    queues: int               # rings (and event channels) in use
+    ring_slots: int           # requests each ring holds
+    max_segments: int         # pages in one request (over 11: indirect requests)
 
 
 @dataclass(eq=False)
@@ -128,7 +131,9 @@ class BlkFront:
         return BlkfrontStatistics(self.devid, self.backend_id, self.state.name, self.connections,
                                   self.requests, self.replayed, len(self.pending), self.errors,
                                   self.bad_responses, self.bytes_read, self.bytes_written,
-                                  len(self._free_pages), self.storm.spurious)
+                                  len(self._free_pages), self.storm.spurious, len(self._queues),
+                                  self._queues[0].ring.size if self._queues else 0,
+                                  self.max_segments)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

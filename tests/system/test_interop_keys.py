@@ -52,7 +52,10 @@ async def test_backends_publish_what_linux_frontends_read(ringfence_system):
         assert int(await xs.read(f"{front}/multi-queue-num-queues")) == queues
         for q in range(queues):
             assert rings <= await _keys(xs, f"{front}/queue-{q}")
-    stor = (await system.statistics())["domains"]["stor"]["vbds"]
-    assert [device["queues"] for device in stor.values()] == [queues] * len(stor)
+    stats = (await system.statistics())["domains"]
+    assert [device["queues"] for device in stats["stor"]["vbds"].values()] == [queues] * len(stats["stor"]["vbds"])
+    front_stats = stats["guest1"]["devices"]["vbd/51712"]
+    # 8-page rings hold 256 requests each; indirect requests carry 256 pages (1 MiB)
+    assert (front_stats["queues"], front_stats["ring_slots"], front_stats["max_segments"]) == (queues, 256, 256)
     assert NETBACK_READS <= await _keys(xs, f"/local/domain/{guest.domid}/device/vif/0")
     assert await xs.read(f"/local/domain/{guest.domid}/device/vbd/51712/protocol") == b"x86_64-abi"
