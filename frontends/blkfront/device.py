@@ -122,6 +122,8 @@ class BlkFront:
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
         self.failed: str | None = None  # why the backend is given up on, while it is
         self.bytes_read = self.bytes_written = 0
+        # Run after each batch of responses (the NBD server sends the batch's replies at once).
+        self.after_responses: set[Callable[[], None]] = set()
 
     @property
     def size(self) -> int:
@@ -217,6 +219,7 @@ class BlkFront:
         self.errors += len(failed)
         for pending in failed:
             self._complete(pending, Status.ERROR)
+        self._after_completions()
         self._connected.set()  # wakes putters waiting for a ring: they fail now
         self._room.unpark_all()
         failed_backend = self.backend_path
@@ -395,8 +398,13 @@ class BlkFront:
                     continue
                 del self.pending[rid]
                 self._complete(pending, status)
+            self._after_completions()
             if self._room:
                 self._room.unpark_all()
+
+    def _after_completions(self) -> None:
+        for hook in list(self.after_responses):
+            hook()
 
     @staticmethod
     def _complete(pending: _Pending, status: int) -> None:
@@ -412,6 +420,7 @@ class BlkFront:
         while True:
             if self.failed is not None and not replaying:
                 self._complete(pending, Status.ERROR)
+                self._after_completions()
                 return
             if pending.finished or pending.sent_on == self.connections:
                 return  # answered, or already replayed onto this ring

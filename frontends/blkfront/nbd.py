@@ -232,6 +232,10 @@ class NbdServer:
         start = getattr(self.device, "start", None)
         size = self.device.size
         started = 0
+        hooks = getattr(self.device, "after_responses", None)
+        if hooks is not None:  # replies of callback requests go out once a batch is done
+            send_lock.deferred = True
+            hooks.add(send_lock.flush_nowait)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_lock.run)
             # Errors end the loop, not the nursery, so that requests in flight finish and
@@ -271,6 +275,8 @@ class NbdServer:
                                    offset, length, data)
             await send_lock.drain(slots)
             nursery.cancel_scope.cancel()
+        if hooks is not None:
+            hooks.discard(send_lock.flush_nowait)
         if violation:
             raise ProtocolError(violation)
 
@@ -291,7 +297,7 @@ class NbdServer:
             self.counters["errors"] += 1
         else:
             self.counters["bytes_read" if kind == CMD_READ else "bytes_written"] += length
-        replies.add(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload)
+        replies.add(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload, replies.deferred)
 
     async def _execute(self, kind: int, flags: int, offset: int, length: int,
                        data: bytes) -> tuple[int, bytes]:
@@ -349,8 +355,22 @@ class _ReplyQueue:
         self.sending = False
         self.outstanding = 0  # requests started on the device, not answered yet
         self.send_nowait = getattr(stream, "send_nowait", None)
+        self.deferred = False   # the device calls flush_nowait after each batch of completions
+        self.held: list[bytes] = []
 
-    def add(self, reply: bytes) -> None:
+    def add(self, reply: bytes, deferred: bool = False) -> None:
+        if deferred:
+            self.held.append(reply)
+            return
+        self._send_or_queue(reply)
+
+    def flush_nowait(self) -> None:
+        """Send what a batch of completions replied, in one write if the socket takes it."""
+        if self.held:
+            held, self.held = self.held, []
+            self._send_or_queue(held[0] if len(held) == 1 else b"".join(held))
+
+    def _send_or_queue(self, reply: bytes) -> None:
         if not self.pending and not self.sending and self.send_nowait is not None and not self.broken:
             # Straight out if the socket takes it: no trip through the writer task.
             try:
@@ -380,5 +400,6 @@ class _ReplyQueue:
 
     async def drain(self, slots: trio.Semaphore) -> None:
         """Wait until every request has completed and its reply has gone out."""
-        while not self.broken and (slots.value < MAX_IN_FLIGHT or self.pending or self.outstanding):
+        while not self.broken and (slots.value < MAX_IN_FLIGHT or self.pending or self.outstanding
+                                   or self.held):
             await trio.sleep(0.001)
