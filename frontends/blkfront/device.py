@@ -70,7 +70,7 @@ class BlkfrontStatistics:
     max_segments: int         # pages in one request (over 11: indirect requests)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     id: int
     operation: int
@@ -434,7 +434,7 @@ class BlkFront:
         self._send(queue, pending)
 
     def _send(self, queue: _Queue, pending: _Pending) -> None:
-        queue.ring.put_requests([self._encode(pending)])
+        queue.ring.put_request_buffer(self._encode(pending), 1)  # the caller checked for room
         pending.sent_on = self.connections
         if queue.ring.push_requests():
             queue.port.notify()
