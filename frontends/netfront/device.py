@@ -30,14 +30,14 @@ from ringfence.xenbus.storm import NotificationStorm
 log = logging.getLogger(__name__)
 PAGE = 4096
 BUFFERS = 256  # tx and rx each, a ring's worth: pages 0..255 tx, 256..511 rx
-MAX_FRAME = 65535 + vnet.HEADER_SIZE
+MAX_PIECES = 17   # pages of the largest frame eth0 may hand us (64 KiB and its headers)
 
 
 @dataclass(slots=True)
 class _RxPacket:
     """An rx packet being put together from its slots."""
     flags: int
-    pieces: list[bytes] = field(default_factory=list)
+    pieces: list[bytes | memoryview] = field(default_factory=list)
     gso_type: int = 0
     gso_size: int = 0
     extras_expected: bool = False
@@ -242,35 +242,35 @@ class NetFront:
                          sg and self.features["feature-gso-tcpv6"])
 
     async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, free_tx: list[int]) -> None:
+        """Each packet is read from eth0 straight into tx buffer pages (room for the largest
+        first), then put on the ring a slot per page."""
         self._set_offloads(tap_fd)
-        pages = self.pages
         sg = self.features["feature-sg"]
+        header = bytearray(vnet.HEADER_SIZE)
+        views = [memoryview(self.pages)[slot * PAGE:(slot + 1) * PAGE] for slot in range(BUFFERS)]
         while True:
+            while len(free_tx) < MAX_PIECES or tx.free_requests() < MAX_PIECES + 1:
+                self._tx_room = trio.Event()  # the backend's responses give buffers back
+                await self._tx_room.wait()
+            slots = free_tx[-MAX_PIECES:]
             try:
-                packet = os.read(tap_fd, MAX_FRAME)
+                length = os.readv(tap_fd, [header] + [views[slot] for slot in slots]) - vnet.HEADER_SIZE
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(tap_fd)
                 continue
-            partial, validated, gso_type, gso_size = vnet.describe(vnet.unpack(packet))
-            frame = memoryview(packet)[vnet.HEADER_SIZE:]
-            pieces = max(1, -(-len(frame) // PAGE))
-            if (pieces > 1 and not sg) or len(frame) > netif.MAX_TX_SIZE or (
-                    vnet.unpack(packet).gso_type and not gso_type):
+            described = vnet.unpack(header)
+            partial, validated, gso_type, gso_size = vnet.describe(described)
+            pieces = max(1, -(-length // PAGE))
+            if (length < 0 or (pieces > 1 and not sg) or length > netif.MAX_TX_SIZE
+                    or (described.gso_type and not gso_type)):
                 self.tx_dropped += 1
                 continue
-            slots = pieces + (1 if gso_type else 0)
-            while len(free_tx) < pieces or tx.free_requests() < slots:
-                self._tx_room = trio.Event()  # the backend's responses give buffers back
-                await self._tx_room.wait()
+            del free_tx[len(free_tx) - MAX_PIECES:len(free_tx) - MAX_PIECES + pieces]
             flags = (netif.TXF_CSUM_BLANK | netif.TXF_DATA_VALIDATED if partial
                      else netif.TXF_DATA_VALIDATED if validated else 0)
-            slots_used = []
-            for index in range(pieces):
-                slot = free_tx.pop()
-                piece = frame[index * PAGE:(index + 1) * PAGE]
-                pages[slot * PAGE:slot * PAGE + len(piece)] = piece
-                slots_used.append((self.tx_grefs[slot], slot, len(piece)))
-            tx.put_requests(tx_requests(slots_used, flags, gso_type, gso_size))
+            used = [(self.tx_grefs[slot], slot, min(PAGE, length - index * PAGE))
+                    for index, slot in enumerate(slots[:pieces])]
+            tx.put_requests(tx_requests(used, flags, gso_type, gso_size))
             if tx.push_requests():
                 port.notify()
             self.tx_packets += 1
@@ -334,22 +334,28 @@ class NetFront:
                 self.bad_responses += rid != expected
             else:
                 at = (BUFFERS + rid) * PAGE + offset
-                packet.pieces.append(bytes(self.pages[at:at + status]))
+                piece = self.pages[at:at + status]
+                # The first piece holds the headers we parse and the kernel trusts: copied
+                # once. The rest is payload, written to eth0 straight from the page (it is
+                # reposted only after this batch).
+                packet.pieces.append(bytes(piece) if not packet.pieces else piece)
             if not flags & netif.RXF_MORE_DATA:
                 self._rx_packet = None
                 self._deliver(packet, tap_fd)
+        if self._rx_packet is not None:  # continues in the next batch: its pages go back now
+            self._rx_packet.pieces = [bytes(piece) for piece in self._rx_packet.pieces]
 
     def _deliver(self, packet: _RxPacket, tap_fd: int) -> None:
-        frame = b"".join(packet.pieces)
-        header = None if packet.bad else vnet.header_for(
-            frame, partial=bool(packet.flags & netif.RXF_CSUM_BLANK),
+        # Offloads need the headers in the first piece (as the kernel wants them linear).
+        header = None if packet.bad or not packet.pieces else vnet.header_for(
+            packet.pieces[0], partial=bool(packet.flags & netif.RXF_CSUM_BLANK),
             validated=bool(packet.flags & netif.RXF_DATA_VALIDATED),
             gso_type=packet.gso_type, gso_size=packet.gso_size)
         if header is None:
             self.rx_dropped += 1
             return
         try:
-            os.write(tap_fd, header + frame)
+            os.writev(tap_fd, [header, *packet.pieces])
             self.rx_packets += 1
         except OSError:
             self.rx_dropped += 1
