@@ -13,7 +13,7 @@ import trio
 
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.xenbus.client import open_xenstore, open_xenstore_stream
-from ringfence.xenbus.server import XenStoreServer
+from ringfence.testing.xenstored import in_process_xenstored
 
 TEST_XENSTORE = "/usr/lib/xen-4.17/bin/test-xenstore"
 needs_utils = pytest.mark.skipif(shutil.which("xenstore-read") is None,
@@ -111,20 +111,12 @@ async def test_client_operations_transactions_and_watches(daemon):
             assert xs.statistics().transaction_retries == 1
 
 
-async def _domain_pair(server: XenStoreServer, nursery: trio.Nursery, domid: int):
-    ours, theirs = socket.socketpair()
-    nursery.start_soon(server.serve_domain_connection,
-                       trio.SocketStream(trio.socket.from_stdlib_socket(ours)), domid)
-    return trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
-
-
 async def test_domain_permissions_quotas_and_release():
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        dom0_stream = await _domain_pair(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        dom0_stream = await xsd.connect(0)
         async with open_xenstore_stream(dom0_stream) as dom0, \
-                open_xenstore_stream(await _domain_pair(server, nursery, 5)) as guest, \
-                open_xenstore_stream(await _domain_pair(server, nursery, 7)) as other:
+                open_xenstore_stream(await xsd.connect(5)) as guest, \
+                open_xenstore_stream(await xsd.connect(7)) as other:
             await dom0.write("/local/domain/5/name", b"guest")
             await dom0.set_perms("/local/domain/5", ["n5"])
             await dom0.set_perms("/local/domain/5/name", ["n5"])
@@ -147,7 +139,7 @@ async def test_domain_permissions_quotas_and_release():
                 await guest.write("big", b"x" * 3000)
             assert err.value.name == "E2BIG"
             # node-count quota (1000 per domain)
-            server.store.quotas = type(server.store.quotas)(nodes=20)
+            xsd.server.store.quotas = type(xsd.server.store.quotas)(nodes=20)
             with pytest.raises(XenStoreError) as err:
                 for i in range(30):
                     await guest.write(f"many/{i}", b"1")
@@ -155,12 +147,11 @@ async def test_domain_permissions_quotas_and_release():
             # @releaseDomain fires when the domain goes, and its connection is closed
             async with dom0.watch("@releaseDomain") as events:
                 assert (await events.receive())[0] == "@releaseDomain"
-                server.introduce_domain(5)
-                server.release_domain(5)
+                xsd.server.introduce_domain(5)
+                xsd.server.release_domain(5)
                 assert (await events.receive())[0] == "@releaseDomain"
             with pytest.raises(XenStoreError):
                 await guest.read("name")
-        nursery.cancel_scope.cancel()
 
 
 async def test_hostile_client_oversized_message_is_dropped(daemon):

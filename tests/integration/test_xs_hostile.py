@@ -2,7 +2,6 @@
 unprivileged domain connection each, as guests have, next to dom0's."""
 from __future__ import annotations
 
-import socket
 import struct
 
 import pytest
@@ -11,14 +10,7 @@ import trio
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.xenbus.client import open_xenstore_stream
-from ringfence.xenbus.server import XenStoreServer
-
-
-async def _connection(server: XenStoreServer, nursery: trio.Nursery, domid: int) -> tuple[trio.SocketStream, socket.socket]:
-    ours, theirs = socket.socketpair()
-    nursery.start_soon(server.serve_domain_connection,
-                       trio.SocketStream(trio.socket.from_stdlib_socket(ours)), domid)
-    return trio.SocketStream(trio.socket.from_stdlib_socket(theirs)), theirs
+from ringfence.testing.xenstored import in_process_xenstored
 
 
 async def _errors(xs, requests) -> list[str]:
@@ -34,12 +26,11 @@ async def _errors(xs, requests) -> list[str]:
 
 async def test_bad_paths_privileged_ops_and_unknown_types_get_errors_not_crashes():
     """X14 near-miss paths, X17 privileged operations, X12 ownership and the root node."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        guest_stream, _ = await _connection(server, nursery, 5)
-        dom0_stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        guest_stream = await xsd.connect(5)
+        dom0_stream = await xsd.connect(0)
         async with open_xenstore_stream(dom0_stream) as dom0, open_xenstore_stream(guest_stream) as guest:
-            server.introduce_domain(5)
+            xsd.server.introduce_domain(5)
             await dom0.write("/local/domain/5/name", b"g")
             await dom0.set_perms("/local/domain/5", ["n5"])
             for path in ("/local/domain/", "//", "/a//b", "/a/", "", "@", "/a b\x01", "/\xff",
@@ -62,18 +53,16 @@ async def test_bad_paths_privileged_ops_and_unknown_types_get_errors_not_crashes
                 assert refused in ("EACCES", "EINVAL")
             assert await dom0.get_perms("/") == ["n0"]
             assert await dom0.read("/local/domain/5/mine") == b"1"  # the daemon carries on
-        nursery.cancel_scope.cancel()
 
 
 async def test_watches_reveal_nothing_unreadable():
     """X1: no events for nodes the watcher may not read; special watches only for dom0."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        guest_stream, _ = await _connection(server, nursery, 5)
-        dom0_stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        guest_stream = await xsd.connect(5)
+        dom0_stream = await xsd.connect(0)
         async with open_xenstore_stream(dom0_stream) as dom0, open_xenstore_stream(guest_stream) as guest:
-            server.introduce_domain(5)
-            server.introduce_domain(6)
+            xsd.server.introduce_domain(5)
+            xsd.server.introduce_domain(6)
             await dom0.write("/shared/open", b"1")
             await dom0.write("/shared/secret", b"s")
             await dom0.set_perms("/shared", ["n0", "r5"])
@@ -84,64 +73,58 @@ async def test_watches_reveal_nothing_unreadable():
                 await dom0.write("/shared/secret", b"changed")  # n0: unreadable to dom5
                 await dom0.write("/shared/open", b"2")          # readable
                 assert (await events.receive())[0] == "/shared/open"
-                server.release_domain(6)                        # dom0's business only
+                xsd.server.release_domain(6)                        # dom0's business only
                 with trio.move_on_after(0.3):
                     got = await special.receive()
                     raise AssertionError(f"unprivileged @releaseDomain event: {got}")
                 with trio.move_on_after(0.1):
                     got = await events.receive()
                     raise AssertionError(f"event leaked: {got}")
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_new_domain_with_a_reused_domid_inherits_nothing():
     """X2 (XSA-322): permissions and quota of a destroyed domain do not pass to the next
     domain given its domid."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        dom0_stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        dom0_stream = await xsd.connect(0)
         async with open_xenstore_stream(dom0_stream) as dom0:
-            server.introduce_domain(5)
+            xsd.server.introduce_domain(5)
             await dom0.write("/tool/data", b"for dom5 only")
             await dom0.set_perms("/tool/data", ["n0", "b5"])
-            old_stream, _ = await _connection(server, nursery, 5)
+            old_stream = await xsd.connect(5)
             async with open_xenstore_stream(old_stream) as old:
                 assert await old.read("/tool/data") == b"for dom5 only"
                 await dom0.mkdir("/local/domain/5")
                 await dom0.set_perms("/local/domain/5", ["n5"])
                 for i in range(20):
                     await old.write(f"/local/domain/5/n{i}", b"x")
-            server.release_domain(5)
-            server.introduce_domain(5)
-            new_stream, _ = await _connection(server, nursery, 5)
+            xsd.server.release_domain(5)
+            xsd.server.introduce_domain(5)
+            new_stream = await xsd.connect(5)
             async with open_xenstore_stream(new_stream) as new:
                 with pytest.raises(XenStoreError) as err:
                     await new.read("/tool/data")
                 assert err.value.name == "EACCES"
-            assert server.store.owned.get(5, 0) == 0
-        nursery.cancel_scope.cancel()
+            assert xsd.server.store.owned.get(5, 0) == 0
 
 
 @pytest.mark.parametrize("length", [4097, 1 << 31, 0xFFFFFFF0, 0xFFFFFFFF])
 async def test_a_bad_length_closes_only_that_connection(length):
     """X11: a header length the daemon cannot accept closes that connection at once."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        bad, raw = await _connection(server, nursery, 5)
-        dom0_stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        bad = await xsd.connect(5)
+        dom0_stream = await xsd.connect(0)
         await bad.send_all(struct.pack("<IIII", Op.READ, 1, 0, length) + b"/x\0")
         with trio.fail_after(2):
             assert await bad.receive_some() == b""
         async with open_xenstore_stream(dom0_stream) as dom0:
             await dom0.write("/still", b"here")
-        nursery.cancel_scope.cancel()
 
 
 async def test_no_message_on_the_wire_exceeds_the_payload_limit():
     """X4 (XSA-324): a watch whose events would exceed 4096 bytes."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        stream, raw = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        stream = await xsd.connect(0)
         watched, token = "/" + "p" * 200, b"t" * 3800
         await stream.send_all(W.encode(Op.WATCH, 1, 0, W.join(watched, token)))
         await stream.send_all(W.encode(Op.WRITE, 2, 0, W.join(watched + "/" + "q" * 200) + b"1"))
@@ -154,14 +137,12 @@ async def test_no_message_on_the_wire_exceeds_the_payload_limit():
                     assert len(msg.payload) <= W.PAYLOAD_MAX, (msg.type, len(msg.payload))
                     replies[msg.req_id] = msg
         assert replies[3].payload == b"1"
-        nursery.cancel_scope.cancel()
 
 
 async def test_reset_watches_inside_a_transaction():
     """X13 (XSA-484): RESET_WATCHES carrying a transaction id."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        stream = await xsd.connect(0)
         async with open_xenstore_stream(stream) as dom0:
             async with dom0.watch("/w", "t"):
                 tx = int((await dom0.request(Op.TRANSACTION_START, b"\0")).rstrip(b"\0"))
@@ -170,38 +151,34 @@ async def test_reset_watches_inside_a_transaction():
                 await dom0.request(Op.TRANSACTION_END, b"T\0", tx)
             await dom0.write("/w/x", b"1")
             assert await dom0.read("/w/x") == b"1"
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_misbehaving_connection_does_not_end_its_domain_early():
     """X5 (XSA-325): a protocol violation ends that connection, not the domain's record:
     @releaseDomain fires once, when the domain really goes."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        dom0_stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        dom0_stream = await xsd.connect(0)
         async with open_xenstore_stream(dom0_stream) as dom0:
-            server.introduce_domain(5)
+            xsd.server.introduce_domain(5)
             async with dom0.watch("@releaseDomain", "r") as releases:
                 await releases.receive()  # the initial event
-                bad, _ = await _connection(server, nursery, 5)
+                bad = await xsd.connect(5)
                 await bad.send_all(struct.pack("<IIII", Op.READ, 1, 0, 5000) + b"x" * 16)
                 with trio.fail_after(2):
                     assert await bad.receive_some() == b""
                 assert await dom0.request(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"T\0"
                 with trio.move_on_after(0.2):
                     raise AssertionError(f"released early: {await releases.receive()}")
-                server.release_domain(5)
+                xsd.server.release_domain(5)
                 assert (await releases.receive())[0] == "@releaseDomain"
                 with trio.move_on_after(0.2):
                     raise AssertionError(f"released twice: {await releases.receive()}")
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_deepest_tree_is_built_walked_and_removed():
     """X9 (XSA-418): the deepest tree the path limit allows; walks are iterative."""
-    server = XenStoreServer()
-    async with trio.open_nursery() as nursery:
-        stream, _ = await _connection(server, nursery, 0)
+    async with in_process_xenstored() as xsd:
+        stream = await xsd.connect(0)
         async with open_xenstore_stream(stream) as dom0:
             deepest = "/d" + "/x" * ((W.REL_PATH_MAX - 2) // 2)
             await dom0.write(deepest, b"bottom")
@@ -212,5 +189,4 @@ async def test_the_deepest_tree_is_built_walked_and_removed():
                 assert (await events.receive())[0] == "/d"
             with pytest.raises(XenStoreError):
                 await dom0.read(deepest)
-            assert not any(path.startswith("/d") for path in server.store.nodes)
-        nursery.cancel_scope.cancel()
+            assert not any(path.startswith("/d") for path in xsd.server.store.nodes)

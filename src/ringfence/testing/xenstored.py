@@ -1,0 +1,31 @@
+"""An in-process xenstored for tests: one daemon, and connections to it as domains get them
+(the domid given here, as the sim hypervisor gives it, never claimed by the client)."""
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import trio
+
+from ringfence.xenbus.server import XenStoreServer
+
+
+class InProcessXenstored:
+    def __init__(self, server: XenStoreServer, nursery: trio.Nursery) -> None:
+        self.server, self.nursery = server, nursery
+
+    async def connect(self, domid: int) -> trio.SocketStream:
+        """A new connection the daemon knows as ``domid``'s."""
+        ours, theirs = socket.socketpair()
+        self.nursery.start_soon(self.server.serve_domain_connection,
+                                trio.SocketStream(trio.socket.from_stdlib_socket(ours)), domid)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+
+
+@contextlib.asynccontextmanager
+async def in_process_xenstored() -> AsyncIterator[InProcessXenstored]:
+    """The daemon and its connections, all closed when the block ends."""
+    async with trio.open_nursery() as nursery:
+        yield InProcessXenstored(XenStoreServer(), nursery)
+        nursery.cancel_scope.cancel()
