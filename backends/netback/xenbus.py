@@ -267,8 +267,7 @@ class NetbackVif:
         kept, jobs = [], []
         for packet in packets:
             if not isinstance(packet, TxPacket):
-                self.refusals.warning("tx packet refused", vif=self.tap_name, reason=packet.reason)
-                answers += responses(packet.layout, STATUS_ERROR)
+                answers += self._refused(packet.layout, packet.reason, counted=True)
                 continue
             frame = bytearray(vnet.HEADER_SIZE + packet.size)
             jobs.append(([(seg.gref, seg.offset, seg.length) for seg in packet.segments],
@@ -277,19 +276,14 @@ class NetbackVif:
         arrived = await self.copier.gather(jobs) if jobs else []
         for (packet, frame), whole in zip(kept, arrived):
             if not whole:
-                self.rejected["bad_grant"] += 1
-                self.refusals.warning("tx packet refused", vif=self.tap_name, reason="bad_grant")
-                answers += responses(packet.layout, STATUS_ERROR)
+                answers += self._refused(packet.layout, "bad_grant")
                 continue
             body = memoryview(frame)[vnet.HEADER_SIZE:]
             header = vnet.header_for(body, partial=bool(packet.flags & netif.TXF_CSUM_BLANK),
                                      validated=bool(packet.flags & netif.TXF_DATA_VALIDATED),
                                      gso_type=packet.gso_type, gso_size=packet.gso_size)
             if header is None:
-                self.rejected["bad_offload_headers"] += 1
-                self.refusals.warning("tx packet refused", vif=self.tap_name,
-                                      reason="bad_offload_headers")
-                answers += responses(packet.layout, STATUS_ERROR)
+                answers += self._refused(packet.layout, "bad_offload_headers")
                 continue
             frame[:vnet.HEADER_SIZE] = header
             try:
@@ -301,6 +295,14 @@ class NetbackVif:
         tx.put_responses(answers)
         if tx.push_responses():
             port.notify()
+
+    def _refused(self, layout: tuple[int | None, ...], reason: str, counted: bool = False) -> list[bytes]:
+        """The error responses of a refused packet, its counter (unless the parser counted
+        it) and a rate-limited log line."""
+        if not counted:
+            self.rejected[reason] += 1
+        self.refusals.warning("tx packet refused", vif=self.tap_name, reason=reason)
+        return responses(layout, STATUS_ERROR)
 
     async def _tap_to_guest(self, rx: BackRing, port: Any, tap_fd: int) -> None:
         backlog: collections.deque[bytes] = collections.deque()
