@@ -50,7 +50,7 @@ class ControlConnection:
         self._next_id = 1
         self._pending: dict[int, trio.MemorySendChannel[tuple[int, bytes, list[int]]]] = {}
         # (kind, domid, fd or -1): domain announcements and, for xenstored, connections
-        self._events_send, self.events = trio.open_memory_channel[tuple[int, int, int]](1024)
+        self._events_send, self.events = trio.open_memory_channel[tuple[int, int, int, bytes]](1024)
         self._closed = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -69,9 +69,10 @@ class ControlConnection:
                     break
                 msg = P.decode(data)
                 if msg.op & P.EVENT and not msg.op & P.REPLY:
-                    kind, domid = P.EVENT_BODY.unpack(msg.payload)
+                    kind, domid = P.EVENT_BODY.unpack_from(msg.payload)
+                    extra = msg.payload[P.EVENT_BODY.size:]
                     try:
-                        self._events_send.send_nowait((kind, domid, fds[0] if fds else -1))
+                        self._events_send.send_nowait((kind, domid, fds[0] if fds else -1, extra))
                     except trio.WouldBlock:
                         for fd in fds:
                             os.close(fd)
@@ -256,6 +257,12 @@ class SimGrantTable:
         self._maps = self._unmaps = self._mapped = self._copies = self._copy_bytes = 0
         self._failures = 0
 
+    def grant_reserved(self, gref: int, domid: int, frame: int) -> None:
+        """Fill one of the reserved entries (1: the XenStore page), as a domain builder does."""
+        if not 0 <= gref < RESERVED_GREFS or self._base is None:
+            raise ValueError(f"gref {gref} is not a reserved entry")
+        lib.rf_grant_set(self._base + gref, domid, frame, 0)
+
     def grant_access(self, domid: int, frame: int, readonly: bool = False) -> int:
         if not self._free or self._base is None:
             raise OSError(errno.ENOSPC, "grant table full")
@@ -430,6 +437,11 @@ class SimDomain:
         body, _ = await self.connection.checked(Op.STATISTICS)
         return json.loads(body)
 
+    async def announce_store_ring(self, port: int) -> None:
+        """Our XenStore ring page is at the reserved gref and ``port`` is unbound for dom0:
+        have xenstored serve it."""
+        await self.connection.checked(Op.STORE_RING, P.PORT.pack(port), "store ring")
+
     async def store_connection(self) -> socket.socket:
         """A fresh XenStore connection on which xenstored knows us by our domid."""
         _, fds = await self.connection.checked(Op.STORE_CONNECT)
@@ -468,6 +480,21 @@ async def open_domain(fd: int | None = None) -> AsyncIterator[SimDomain]:
         finally:
             nursery.cancel_scope.cancel()
             connection.close()
+
+
+@dataclass(frozen=True)
+class StoreConnection:
+    domid: int  # as the hypervisor vouches
+    sock: socket.socket
+
+
+@dataclass(frozen=True)
+class StoreRing:
+    """A domain's XenStore ring: the page at its reserved gref 1, the port it allocated for
+    dom0; ``replayed`` when announced again to a newly registered xenstored."""
+    domid: int
+    port: int
+    replayed: bool
 
 
 @dataclass
@@ -509,25 +536,29 @@ class Dom0:
 
     async def next_event(self) -> tuple[P.EventKind, int]:
         """The next domain introduction or release (after :meth:`subscribe`)."""
-        kind, domid, fd = await self._next()
+        kind, domid, fd, _ = await self._next()
         if fd >= 0:
             os.close(fd)
         return P.EventKind(kind), domid
 
     async def register_store(self) -> None:
-        """Become the XenStore daemon: domains' connections arrive via :meth:`next_store_connection`."""
+        """Become the XenStore daemon: domains' connections and rings arrive via
+        :meth:`next_store_event` (the rings of domains that exist already, at once)."""
         await self.connection.checked(Op.STORE_REGISTER)
 
-    async def next_store_connection(self) -> tuple[int, socket.socket]:
-        """A new XenStore connection: (domid the hypervisor vouches for, stream socket)."""
+    async def next_store_event(self) -> StoreConnection | StoreRing:
+        """A domain's new XenStore socket, or its ring page ready to be served."""
         while True:
-            kind, domid, fd = await self._next()
+            kind, domid, fd, extra = await self._next()
             if kind == P.EventKind.STORE_CONNECTION and fd >= 0:
-                return domid, socket.socket(fileno=fd)
+                return StoreConnection(domid, socket.socket(fileno=fd))
             if fd >= 0:
                 os.close(fd)
+            if kind == P.EventKind.STORE_RING and len(extra) == P.STORE_RING_BODY.size:
+                port, replayed = P.STORE_RING_BODY.unpack(extra)
+                return StoreRing(domid, port, bool(replayed))
 
-    async def _next(self) -> tuple[int, int, int]:
+    async def _next(self) -> tuple[int, int, int, bytes]:
         try:
             return await self.connection.events.receive()
         except trio.EndOfChannel:

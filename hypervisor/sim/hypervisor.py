@@ -18,6 +18,7 @@ Memory model (the isolation invariant):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -105,6 +106,11 @@ class _Channel:
     remote: int
     peer_port: int = 0            # 0 while unbound
     held: tuple[int, int] | None = None  # (owner notifies, owner waits) until bound
+    # The owner's end once bound: kept so that the channel goes back to unbound when its
+    # binder closes or dies, as Xen's evtchn_close (a restarted xenstored binds again).
+    bound: tuple[int, int] | None = None
+    bound_by: Domain | None = None  # on the owner's end: who bound it
+    binder: bool = False            # this end was made by binding
 
 
 @dataclass(eq=False)
@@ -126,6 +132,7 @@ class Domain:
     next_handle: int = 1
     pins: dict[int, list[int]] = field(default_factory=dict)  # gref -> [readers, writers]
     ports: dict[int, _Channel] = field(default_factory=dict)
+    store_port: int = 0  # its XenStore ring's port, once announced (STORE_RING)
     connection: trio.socket.SocketType | None = None
     cancel_scope: trio.CancelScope | None = None
 
@@ -208,6 +215,7 @@ class Hypervisor:
             finally:
                 nursery.cancel_scope.cancel()
                 self._release_mappings(dom0)
+                self._close_all_ports(dom0)
                 conn.close()
 
     async def _serve_domain(self, domain: Domain, conn: trio.socket.SocketType) -> None:
@@ -319,6 +327,8 @@ class Hypervisor:
         if op == Op.STORE_CONNECT and not is_dom0:
             P.decode_empty(msg.payload, "store_connect")
             return self._store_connect(domain, msg)
+        if op == Op.STORE_RING and not is_dom0:
+            return self._store_ring(domain, msg, P.decode_port(msg.payload)), []
         if op == Op.STORE_CONNECT:  # dom0 dials for a domain, as a kernel's xenbus device would
             target = self.domains.get(P.decode_domid(msg.payload, "store_connect"))
             if target is None or target.domid == 0:
@@ -363,6 +373,9 @@ class Hypervisor:
                     if self._store is not None:  # a restarted xenstored takes over
                         self._store.close()
                     self._store = send
+                    for known in self.domains.values():
+                        if known.store_port:  # its rings, to be served again
+                            self._announce_ring(known, replayed=True)
                 nursery.start_soon(self._forward_events, domain, receive,
                                    send if op == Op.STORE_REGISTER else None)
                 return P.reply(msg, 0), []
@@ -413,6 +426,27 @@ class Hypervisor:
             theirs.close()
             return P.reply(msg, -errno.EAGAIN), []
         return P.reply(msg, 0), [theirs.detach()]
+
+    def _store_ring(self, domain: Domain, msg: P.Message, port: int) -> bytes:
+        """The domain has put its XenStore ring page at the reserved gref and allocated an
+        unbound port for dom0: tell xenstored, as Xen's toolstack introduces a domain."""
+        channel = domain.ports.get(port)
+        if channel is None or channel.remote != 0 or channel.binder:
+            return P.reply(msg, -errno.EINVAL)
+        if domain.store_port:
+            return P.reply(msg, -errno.EEXIST)
+        domain.store_port = port
+        self._announce_ring(domain, replayed=False)
+        return P.reply(msg, 0)
+
+    def _announce_ring(self, domain: Domain, *, replayed: bool) -> None:
+        if self._store is None:
+            return  # announced when a xenstored registers
+        event = P.encode(P.EVENT | P.EventKind.STORE_RING, 0,
+                         P.EVENT_BODY.pack(P.EventKind.STORE_RING, domain.domid)
+                         + P.STORE_RING_BODY.pack(domain.store_port, int(replayed)))
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._store.send_nowait((event, -1))
 
     def _announce(self, kind: P.EventKind, domid: int) -> None:
         event = P.encode(P.EVENT | kind, 0, P.EVENT_BODY.pack(kind, domid))
@@ -504,8 +538,7 @@ class Hypervisor:
         if domain.pidfd >= 0:
             lib.rf_pidfd_send_signal(domain.pidfd, 9)
         self._release_mappings(domain)
-        for channel in domain.ports.values():
-            self._drop_held(channel)
+        self._close_all_ports(domain)
         del self.domains[domain.domid]
         if domain.cancel_scope is not None:
             domain.cancel_scope.cancel()
@@ -774,9 +807,10 @@ class Hypervisor:
         owner_notifies, owner_waits = channel.held
         # The binder notifies what the owner waits on, and waits on what the owner notifies.
         fds = [os.dup(owner_waits), os.dup(owner_notifies)]
-        self._drop_held(channel)
+        channel.bound, channel.held, channel.bound_by = channel.held, None, domain
+        self._unbound_held -= 1
         channel.peer_port = port
-        domain.ports[port] = _Channel(port, remote, peer_port=remote_port)
+        domain.ports[port] = _Channel(port, remote, peer_port=remote_port, binder=True)
         self._counters["bound"] += 1
         return P.reply(msg, 0, P.PORT.pack(port)), fds
 
@@ -786,12 +820,37 @@ class Hypervisor:
                 os.close(fd)
             channel.held = None
             self._unbound_held -= 1
+        if channel.bound is not None:
+            for fd in channel.bound:
+                os.close(fd)
+            channel.bound = None
+        channel.bound_by = None
+
+    def _unbind(self, binder: Domain, channel: _Channel) -> None:
+        """The binder's end is gone: the owner's end is unbound again, for the same remote."""
+        owner = self.domains.get(channel.remote)
+        theirs = owner.ports.get(channel.peer_port) if owner is not None else None
+        if theirs is None or theirs.bound_by is not binder or theirs.peer_port != channel.port:
+            return
+        theirs.held, theirs.bound, theirs.bound_by, theirs.peer_port = theirs.bound, None, None, 0
+        self._unbound_held += 1
+
+    def _close_all_ports(self, domain: Domain) -> None:
+        for channel in domain.ports.values():
+            if channel.binder:
+                self._unbind(domain, channel)
+            self._drop_held(channel)
+        domain.ports.clear()
 
     def _close_port(self, domain: Domain, msg: P.Message, port: int) -> bytes:
         channel = domain.ports.pop(port, None)
         if channel is None:
             return P.reply(msg, -errno.EINVAL)
+        if channel.binder:
+            self._unbind(domain, channel)
         self._drop_held(channel)
+        if port == domain.store_port:
+            domain.store_port = 0
         return P.reply(msg, 0)
 
 

@@ -36,6 +36,7 @@ class Op(enum.IntEnum):
     EVT_CLOSE = 10
     STATISTICS = 11
     STORE_CONNECT = 12    # a XenStore connection authenticated as this domain
+    STORE_RING = 13       # this domain's XenStore ring page (reserved gref 1) and port are set up
     # dom0 only
     CREATE_DOMAIN = 20
     DESTROY_DOMAIN = 21
@@ -49,6 +50,7 @@ class EventKind(enum.IntEnum):
     INTRODUCED = 1
     RELEASED = 2
     STORE_CONNECTION = 3  # carries one end of a domain's XenStore socket
+    STORE_RING = 4        # a domain's XenStore ring is ready: STORE_RING_BODY follows
 
 
 class GNTST(enum.IntEnum):
@@ -85,6 +87,7 @@ COPY_ITEM = struct.Struct("<BBHHHIIQQII")    # see CopySegment
 EVT_BIND = struct.Struct("<HI")              # remote domid, remote port
 PORT = struct.Struct("<I")
 EVENT_BODY = struct.Struct("<HH")            # kind, domid
+STORE_RING_BODY = struct.Struct("<IB")       # port, 1 if announced again to a new xenstored
 MAP_READONLY = 1
 
 
