@@ -106,8 +106,8 @@ class _Channel:
     remote: int
     peer_port: int = 0            # 0 while unbound
     held: tuple[int, int] | None = None  # (owner notifies, owner waits) until bound
-    # The owner's end once bound: kept so that the channel goes back to unbound when its
-    # binder closes or dies, as Xen's evtchn_close (a restarted xenstored binds again).
+    # The owner's end of a channel for dom0 once bound: kept so that the channel goes back
+    # to unbound when its binder closes or dies (a restarted xenstored binds it again).
     bound: tuple[int, int] | None = None
     bound_by: Domain | None = None  # on the owner's end: who bound it
     binder: bool = False            # this end was made by binding
@@ -807,8 +807,15 @@ class Hypervisor:
         owner_notifies, owner_waits = channel.held
         # The binder notifies what the owner waits on, and waits on what the owner notifies.
         fds = [os.dup(owner_waits), os.dup(owner_notifies)]
-        channel.bound, channel.held, channel.bound_by = channel.held, None, domain
-        self._unbound_held -= 1
+        if channel.remote == 0:
+            # A channel opened for dom0 (the XenStore ring's) goes back to unbound when its
+            # dom0 end closes, as Xen's evtchn_close, so a restarted xenstored binds it
+            # again. Channels between domains are rebuilt by their drivers' handshake, and
+            # keeping their eventfds would cost the daemon two fds each.
+            channel.bound, channel.held, channel.bound_by = channel.held, None, domain
+            self._unbound_held -= 1
+        else:
+            self._drop_held(channel)
         channel.peer_port = port
         domain.ports[port] = _Channel(port, remote, peer_port=remote_port, binder=True)
         self._counters["bound"] += 1

@@ -237,10 +237,10 @@ async def test_store_connections_are_authenticated_by_the_hypervisor(hv, tmp_pat
             await store.register_store()
 
             async def answer():
-                domid, sock = await store.next_store_connection()
-                with trio.socket.from_stdlib_socket(sock) as s:
+                event = await store.next_store_event()
+                with trio.socket.from_stdlib_socket(event.sock) as s:
                     data = await s.recv(100)
-                    await s.send(f"dom{domid}:".encode() + data)
+                    await s.send(f"dom{event.domid}:".encode() + data)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer)
