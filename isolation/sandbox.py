@@ -150,11 +150,13 @@ class SandboxedProcess:
         self.process = process
         self.pid = process.pid
         self.cgroup = cgroup
+        self.cgroup_removed = False
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
-        self.cgroup.kill_all()
+        if not self.cgroup_removed:
+            self.cgroup.kill_all()
 
     async def wait(self) -> int:
         status = await self.process.wait()
@@ -164,11 +166,18 @@ class SandboxedProcess:
         """Kill what is left and remove the cgroup."""
         self.kill()
         await self.process.wait()
+        await self._empty_cgroup()
+
+    async def _empty_cgroup(self) -> None:
+        """Kill what is left in the cgroup, then remove it, once: a sandbox started under
+        the same name afterwards gets a cgroup at the same path, which must be left alone."""
         with trio.move_on_after(2):
-            while self.cgroup.live_processes():
+            while not self.cgroup_removed and self.cgroup.live_processes():
                 self.cgroup.kill_all()
                 await trio.sleep(0.005)
-        self.cgroup.remove()
+        if not self.cgroup_removed:
+            self.cgroup_removed = True
+            self.cgroup.remove()
 
     def statistics(self) -> SandboxStatistics:
         return SandboxStatistics(self.spec.name, self.pid, self.process.poll() is None,
@@ -264,12 +273,8 @@ async def _reap(boxed: SandboxedProcess) -> None:
     try:
         await boxed.process.wait()
     finally:
-        boxed.cgroup.kill_all()
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            while boxed.cgroup.live_processes():
-                boxed.cgroup.kill_all()
-                await trio.sleep(0.01)
-        boxed.cgroup.remove()
+        with trio.CancelScope(shield=True):
+            await boxed._empty_cgroup()
 
 
 def innermost_pid(pid: int) -> int:

@@ -101,6 +101,8 @@ class Service:
         self._last_ping = 0.0
         self._stop = False
         self._crashed_at: float | None = None
+        self._leftover: SandboxedProcess | None = None
+        self._nursery: trio.Nursery | None = None
         self.on_state: Callable[[Service], None] | None = None
 
     def statistics(self) -> ServiceStatistics:
@@ -129,7 +131,15 @@ class Service:
         # The first restart after a stable run is immediate (a crash should cost a guest no
         # more than the relaunch itself); a crash loop backs off from initial_delay on.
         delay = 0.0
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._restart_loop(delay)
+            finally:
+                await self._clear_leftover()
+
+    async def _restart_loop(self, delay: float) -> None:
         while not self._stop:
             now = time.monotonic()
             while self._start_times and now - self._start_times[0] > self.policy.interval:
@@ -149,12 +159,30 @@ class Service:
                 delay = 0.0
             self._set_state(State.BACKOFF)
             if delay:
+                await self._clear_leftover()
                 await trio.sleep(delay)
             delay = min(max(delay * self.policy.factor, self.policy.initial_delay), self.policy.max_delay)
         self._set_state(State.STOPPED)
 
+    async def _clear_leftover(self, leftover: SandboxedProcess | None = None) -> None:
+        """The processes and cgroup of the last run (its process is dead, others in its
+        cgroup may take a few milliseconds more)."""
+        if leftover is None:
+            leftover, self._leftover = self._leftover, None
+        if leftover is not None:
+            with trio.CancelScope(shield=True):
+                await leftover.aclose()
+
     async def _run_once(self) -> None:
         launch = await self.prepare()
+        if self._leftover is not None:
+            if launch.adopt is not None and self._nursery is not None:
+                # A spare in its own cgroup takes over: the dead run is cleared meanwhile.
+                leftover, self._leftover = self._leftover, None
+                self._nursery.start_soon(self._clear_leftover, leftover)
+            else:
+                # A new process joins the same cgroup: the old one's must be empty first.
+                await self._clear_leftover()
         path = os.path.join(self.runtime_dir, f"{self.name}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -194,7 +222,9 @@ class Service:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             if self.process is not None:
-                await self.process.aclose()
+                self.process.kill()
+                # Cleared before the next start, or beside it when a spare takes over.
+                self._leftover = self.process
             if launch.teardown is not None:
                 with trio.CancelScope(shield=True):
                     await launch.teardown()

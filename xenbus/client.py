@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from ringfence._rawsock import RawSocket
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 
@@ -45,14 +46,14 @@ class XenStore:
 
     def __init__(self, stream: trio.abc.Stream,
                  reconnect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> None:
-        self._stream = stream
+        self._stream = _direct(stream)
         self._reconnect = reconnect
         self._sent: dict[int, bytes] = {}
         self._watch_paths: dict[bytes, str] = {}
         self.reconnects = 0
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
-        self._pending: dict[int, trio.MemorySendChannel[W.Message]] = {}
+        self._pending: dict[int, tuple[_Replies, int]] = {}  # req_id -> (its batch, index)
         self._watches: dict[bytes, trio.MemorySendChannel[tuple[str, bytes]]] = {}
         self._tokens = itertools.count(1)
         self._closed = False
@@ -69,8 +70,8 @@ class XenStore:
                     break
         finally:
             self._closed = True
-            for waiter in self._pending.values():
-                waiter.close()
+            for replies, _ in list(self._pending.values()):
+                replies.lose()
             for channel in self._watches.values():
                 channel.close()
 
@@ -89,7 +90,7 @@ class XenStore:
         if stream is None:
             return False
         await trio.aclose_forcefully(self._stream)
-        self._stream = stream
+        self._stream = _direct(stream)
         self.reconnects += 1
         blob = b"".join(W.encode(Op.WATCH, 0xFFFFFFFF, 0, W.join(path, token))
                         for token, path in self._watch_paths.items())
@@ -118,10 +119,10 @@ class XenStore:
                                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                                     channel.send_nowait((args[0].decode(), args[1]))
                         continue
-                    waiter = self._pending.pop(msg.req_id, None)
+                    entry = self._pending.pop(msg.req_id, None)
                     self._sent.pop(msg.req_id, None)
-                    if waiter is not None:
-                        waiter.send_nowait(msg)
+                    if entry is not None:
+                        entry[0].deliver(entry[1], msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, W.ProtocolViolation):
             return
 
@@ -140,59 +141,97 @@ class XenStore:
         finally:
             self._flushing = False
 
-    async def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
-        """One request; many may be in flight at once (replies are matched by req_id)."""
+    async def _exchange(self, requests: list[tuple[int, bytes, int]]) -> list[W.Message]:
+        """Send requests together (one write) and wait for all their replies. Many batches
+        may be in flight at once (replies are matched by req_id); a batch costs one wake-up
+        of its task, whatever its size."""
         if self._closed:
             raise XenStoreError("EIO", "connection closed")
-        req_id = next(self._ids) & 0xFFFFFFFF
-        send, receive = trio.open_memory_channel[W.Message](1)
-        self._pending[req_id] = send
-        self.requests += 1
-        data = W.encode(op, req_id, tx_id, payload)
-        self._sent[req_id] = data
-        self._outbox.append(data)
-        if not self._flushing:
-            try:
-                await self._flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                if self._reconnect is None:
-                    self._pending.pop(req_id, None)
-                    self._sent.pop(req_id, None)
-                    raise XenStoreError("EIO", "connection closed") from None
-                # resent after the reconnection
+        replies = _Replies(len(requests))
+        ids = []
+        for index, (op, payload, tx_id) in enumerate(requests):
+            req_id = next(self._ids) & 0xFFFFFFFF
+            data = W.encode(op, req_id, tx_id, payload)
+            self._pending[req_id] = (replies, index)
+            self._sent[req_id] = data
+            self._outbox.append(data)
+            ids.append(req_id)
+        self.requests += len(requests)
         try:
-            reply = await receive.receive()
-        except trio.EndOfChannel:
-            raise XenStoreError("EIO", "connection closed") from None
+            if not self._flushing:
+                try:
+                    await self._flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    if self._reconnect is None:
+                        raise XenStoreError("EIO", "connection closed") from None
+                    # resent after the reconnection
+            await replies.wait()
+        finally:
+            for req_id in ids:  # answered, or abandoned (cancelled): never resent
+                self._pending.pop(req_id, None)
+                self._sent.pop(req_id, None)
+        if replies.lost:
+            raise XenStoreError("EIO", "connection closed")
+        return replies.messages
+
+    def _payload(self, reply: W.Message) -> bytes:
         if reply.type == Op.ERROR:
             self.errors += 1
             raise XenStoreError(reply.payload.rstrip(b"\0").decode() or "EINVAL")
         return reply.payload
+
+    async def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
+        """One request; many may be in flight at once (replies are matched by req_id)."""
+        (reply,) = await self._exchange([(op, payload, tx_id)])
+        return self._payload(reply)
+
+    async def pipeline(self, requests: list[tuple[int, bytes, int]]) -> list[bytes | XenStoreError]:
+        """Several requests ``(op, payload, tx_id)`` in one write, one round trip: each
+        reply's payload, or its error (returned, not raised)."""
+        results: list[bytes | XenStoreError] = []
+        for reply in await self._exchange(requests):
+            try:
+                results.append(self._payload(reply))
+            except XenStoreError as exc:
+                results.append(exc)
+        return results
+
+    async def _pipeline_all(self, requests: list[tuple[int, bytes, int]]) -> list[bytes]:
+        """:meth:`pipeline`, raising the first error."""
+        results = await self.pipeline(requests)
+        for result in results:
+            if isinstance(result, XenStoreError):
+                raise result
+        return results  # type: ignore[return-value]
 
     # ---- operations ------------------------------------------------------------------
     async def read(self, path: str, tx_id: int = 0) -> bytes:
         return await self.request(Op.READ, W.join(path), tx_id)
 
     async def read_many(self, paths: list[str], tx_id: int = 0) -> list[bytes | None]:
-        """Several reads in flight at once (one write to the daemon); None where a node is
-        missing."""
-        async def one(path: str) -> bytes | None:
-            try:
-                return await self.read(path, tx_id)
-            except XenStoreError as exc:
-                if exc.name != "ENOENT":
-                    raise
-                return None
-
-        return await gather([one(path) for path in paths])
+        """Several reads in one round trip; None where a node is missing."""
+        results = await self.pipeline([(Op.READ, W.join(path), tx_id) for path in paths])
+        for result in results:
+            if isinstance(result, XenStoreError) and result.name != "ENOENT":
+                raise result
+        return [None if isinstance(r, XenStoreError) else r for r in results]
 
     async def write_many(self, items: list[tuple[str, bytes | str]], tx_id: int = 0) -> None:
-        """Several writes in flight at once (one write to the daemon)."""
-        await gather([self.write(path, value, tx_id) for path, value in items])
+        """Several writes in one round trip."""
+        await self._pipeline_all([(Op.WRITE, path.encode() + b"\0" + _bytes(value), tx_id)
+                                  for path, value in items])
+
+    async def set_perms_many(self, items: list[tuple[str, list[str]]], tx_id: int = 0) -> None:
+        """Several permission changes in one round trip."""
+        await self._pipeline_all([(Op.SET_PERMS, W.join(path, *perms), tx_id) for path, perms in items])
+
+    async def directory_many(self, paths: list[str], tx_id: int = 0) -> list[list[str]]:
+        """Several listings in one round trip."""
+        return [[p.decode() for p in payload.split(b"\0") if p] for payload in
+                await self._pipeline_all([(Op.DIRECTORY, W.join(path), tx_id) for path in paths])]
 
     async def write(self, path: str, value: bytes | str, tx_id: int = 0) -> None:
-        data = value.encode() if isinstance(value, str) else value
-        await self.request(Op.WRITE, path.encode() + b"\0" + data, tx_id)
+        await self.request(Op.WRITE, path.encode() + b"\0" + _bytes(value), tx_id)
 
     async def mkdir(self, path: str, tx_id: int = 0) -> None:
         await self.request(Op.MKDIR, W.join(path), tx_id)
@@ -302,6 +341,12 @@ class Transaction:
     async def write_many(self, items: list[tuple[str, bytes | str]]) -> None:
         await self.xs.write_many(items, self.id)
 
+    async def set_perms_many(self, items: list[tuple[str, list[str]]]) -> None:
+        await self.xs.set_perms_many(items, self.id)
+
+    async def directory_many(self, paths: list[str]) -> list[list[str]]:
+        return await self.xs.directory_many(paths, self.id)
+
     async def mkdir(self, path: str) -> None:
         await self.xs.mkdir(path, self.id)
 
@@ -313,6 +358,55 @@ class Transaction:
 
     async def exists(self, path: str) -> bool:
         return await self.xs.exists(path, self.id)
+
+
+def _direct(stream: Any) -> Any:
+    """A socket stream driven directly (the system call first, the scheduler only when it
+    would block): most of a small request's cost otherwise."""
+    return RawSocket(stream.socket) if isinstance(stream, trio.SocketStream) else stream
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class _Replies:
+    """The replies to one batch of requests, and the task waiting for them."""
+    __slots__ = ("messages", "remaining", "task", "lost")
+
+    def __init__(self, count: int) -> None:
+        self.messages: list[Any] = [None] * count
+        self.remaining = count
+        self.task: Any = None
+        self.lost = False
+
+    def deliver(self, index: int, message: W.Message) -> None:
+        self.messages[index] = message
+        self.remaining -= 1
+        if not self.remaining:
+            self._wake()
+
+    def lose(self) -> None:
+        """The connection is gone for good."""
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.task is not None:
+            task, self.task = self.task, None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if not self.remaining or self.lost:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 async def gather(calls: list[Any]) -> list[Any]:

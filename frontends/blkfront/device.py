@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.io import blkif
+from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
@@ -239,10 +240,10 @@ class BlkFront:
         if raw_id is None or raw_backend is None:
             raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
+        if backend_id != self.backend_id:
+            self._grant_all(backend_id)  # while the backend starts up
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
         await self._wait_for_backend((XenbusState.InitWait,))
-        if backend_id != self.backend_id:
-            self._grant_all(backend_id)
         # The backend's keys in one round trip (a reconnection after a crash waits on this).
         keys = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
                 "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
@@ -282,13 +283,20 @@ class BlkFront:
                 # queues' would be read instead of ours, and nodes made then keep the
                 # permissions of the backend of then (created anew, they take the parent's,
                 # which the toolstack set for this backend).
-                await gather([tx.rm(f"{self.path}/{name}") for name in await tx.directory(self.path)
-                              if name.startswith(("ring-ref", "queue-")) or name in (
-                                  "ring-page-order", "multi-queue-num-queues", "event-channel")])
-                await tx.write_many(self._queue_keys(order, count) + [
+                stale = [name for name in await tx.directory(self.path)
+                         if name.startswith(("ring-ref", "queue-")) or name in (
+                             "ring-page-order", "multi-queue-num-queues", "event-channel")]
+                writes = self._queue_keys(order, count) + [
                     (f"{self.path}/protocol", "x86_64-abi"),
                     (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
-                    (f"{self.path}/state", str(int(XenbusState.Initialised)))])
+                    (f"{self.path}/state", str(int(XenbusState.Initialised)))]
+                # removals then writes, in one round trip (the daemon keeps their order)
+                results = await self.xs.pipeline(
+                    [(W.Op.RM, W.join(f"{self.path}/{name}"), tx.id) for name in stale]
+                    + [(W.Op.WRITE, W.join(path) + value.encode(), tx.id) for path, value in writes])
+                for result in results:
+                    if isinstance(result, XenStoreError) and result.name != "ENOENT":
+                        raise result
         self.state = XenbusState.Initialised
         log.debug("initialised; waiting for backend to connect")
         await self._wait_for_backend((XenbusState.Connected,))

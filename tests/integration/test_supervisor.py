@@ -67,7 +67,7 @@ async def test_hung_service_is_killed_by_the_watchdog_and_restarted(tmp_path):
         with trio.fail_after(30):
             while svc.state != State.FAILED:
                 await trio.sleep(0.05)
-        assert svc.watchdog_kills == 2 and svc.starts == 2
+        assert svc.watchdog_kills == 2 and svc.starts == 2, (svc.last_exit, svc.statistics())
         nursery.cancel_scope.cancel()
 
 
