@@ -147,13 +147,12 @@ class NetFront:
         # Connected (to its predecessor) and failed on our stale keys waits for exactly this.
         self.state = XenbusState.Initialising
         await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
-        backend = (await xs.read(f"{p}/backend")).decode()
-        backend_id = int(await xs.read(f"{p}/backend-id"))
-        await self._wait_backend(backend, (XenbusState.InitWait,))
-        self.features = {key: await self._read_or(f"{backend}/{key}", b"0") == b"1" for key in (
-            "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6")}
+        raw_backend, raw_id = await xs.read_many([f"{p}/backend", f"{p}/backend-id"])
+        if raw_backend is None or raw_id is None:
+            raise XenStoreError("ENOENT", f"{p}: no backend or backend-id")
+        backend, backend_id = raw_backend.decode(), int(raw_id)
         gt = self.domain.grant_table
-        if backend_id != self.backend_id:
+        if backend_id != self.backend_id:  # granted while the backend starts up
             # a new driver domain: grant our pages to it (the old one is gone)
             for gref in getattr(self, "all_grefs", []):
                 gt.end_access(gref)
@@ -163,6 +162,10 @@ class NetFront:
             self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in frames[:BUFFERS]]
             self.rx_grefs = [gt.grant_access(backend_id, f) for f in frames[BUFFERS:]]
             self.all_grefs = self.ring_grefs + self.tx_grefs + self.rx_grefs
+        await self._wait_backend(backend, (XenbusState.InitWait,))
+        keys = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6")
+        values = await xs.read_many([f"{backend}/{key}" for key in keys])  # one round trip
+        self.features = {key: value == b"1" for key, value in zip(keys, values)}
         buffer = self.rings.buffer
         tx = FrontRing(buffer[:PAGE], netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
         rx = FrontRing(buffer[PAGE:], netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)

@@ -36,7 +36,33 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The one module a command needs (a driver domain started for one command imports only
+# its own: a relaunch after a crash waits on this). A test keeps it in step with the above.
+COMMAND_HOMES: dict[str, str] = {
+    "hypervisor": "ringfence.hypervisor.daemon",
+    "xenstored": "ringfence.xenbus.cli",
+    "blkback": "ringfence.backends.blkback.cli",
+    "blkfront": "ringfence.frontends.blkfront.cli",
+    "netback": "ringfence.backends.netback.cli",
+    "netfront": "ringfence.frontends.netfront.cli",
+    "supervise": "ringfence.isolation.cli",
+    "up": "ringfence.toolstack.up",
+    "guest": "ringfence.toolstack.guest",
+    "inject": "ringfence.toolstack.inject",
+    "demo": "ringfence.toolstack.demo",
+    "bench": "ringfence.bench.cli",
+}
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command word of an argument list (after the global options)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringfence",
         description="Restartable Xen-style driver domains: hypervisor, XenStore, "
@@ -47,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -60,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     drop_privileges_from_environment()  # a sandboxed domain: no root past this point
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    home = COMMAND_HOMES.get(_command_in(words) or "")
+    parser = build_parser((home,) if home else COMMAND_MODULES)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

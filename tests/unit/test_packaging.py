@@ -115,3 +115,22 @@ def test_layering() -> None:
                 violations.append(f"{module} imports {imported}")
     assert violations == []
 
+
+
+def test_each_command_is_built_from_its_own_module_alone():
+    """A command found in COMMAND_HOMES gets a parser from that one module (a relaunched
+    driver domain imports nothing else): the table must say where each command lives."""
+    import argparse
+    import importlib
+
+    from ringfence.cli import COMMAND_HOMES, COMMAND_MODULES, build_parser
+    owners = {}
+    for name in COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(name).register(sub)
+        owners.update({command: name for command in sub.choices})
+    assert {c: owners[c] for c in COMMAND_HOMES} == COMMAND_HOMES
+    for command, home in COMMAND_HOMES.items():
+        (commands,) = [a for a in build_parser((home,))._actions
+                       if isinstance(a, argparse._SubParsersAction)]
+        assert command in commands.choices
