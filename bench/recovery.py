@@ -158,13 +158,20 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None]) -> 
                     with trio.fail_after(30):
                         while service.state.value != "ready" or (warm and not system.spare_ready("stor")):
                             await trio.sleep(0.005)
+                    crashes = service.crashes
                     killed = time.monotonic()
                     service.kill()
                     with trio.fail_after(30):
-                        # the first read issued after the kill that completes: the service is back
-                        while not probe.completions or probe.completions[-1][0] <= killed:
+                        # The first read issued after the kill that completes once the
+                        # supervisor has seen the death (SIGKILL takes a moment to reach
+                        # every process of the sandbox: one may still answer meanwhile).
+                        while service.crashes == crashes:
                             await trio.sleep(0.0005)
-                    first = min(done for issued, done in probe.completions[-3:] if issued > killed)
+                        dead = time.monotonic()
+                        while not probe.completions or probe.completions[-1][1] <= dead:
+                            await trio.sleep(0.0005)
+                    first = min(done for issued, done in probe.completions[-3:]
+                                if issued > killed and done > dead)
                     recoveries.append((first - killed) * 1000)
                     progress(f"{label}: kill {i + 1}/{kills}: first read after {recoveries[-1]:.1f} ms")
 

@@ -194,6 +194,12 @@ class XenGrantTable:
     def end_access(self, gref: int) -> bool:
         raise XenUnavailable(errno.EOPNOTSUPP, "on Xen, shared pages end with unshare()")
 
+    def grant_access_many(self, domid: int, frames: Sequence[int], readonly: bool = False) -> list[int]:
+        return [self.grant_access(domid, frame, readonly) for frame in frames]
+
+    def end_access_many(self, grefs: Sequence[int]) -> list[bool]:
+        return [self.end_access(gref) for gref in grefs]
+
     def close(self) -> None:
         if self._gntshr is not None:
             lib.xengntshr_close(self._gntshr)

@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.hypervisor.io import xs_wire as W
+from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.xenbus.client import XenStore
 
 log = logging.getLogger(__name__)
@@ -29,19 +30,33 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
     async with trio.open_nursery() as nursery, xs.watch(base) as events:
         task_status.started(devices)
         async for _ in events:
+            # A toolstack writes a device as a burst of nodes: one scan answers them all.
+            while True:
+                try:
+                    events.receive_nowait()
+                except trio.WouldBlock:
+                    break
             present = set()
-            for fe in await _children(xs, base):
-                for devid in await _children(xs, f"{base}/{fe}"):
-                    key, path = (int(fe), int(devid)), f"{base}/{fe}/{devid}"
-                    if not await xs.exists(f"{path}/{complete_key}"):
-                        continue
-                    present.add(key)
-                    if key not in devices:
-                        devices[key] = make(path, *key)
-                        scopes[key] = trio.CancelScope()
-                        nursery.start_soon(_run, devices, scopes, failures, key)
+            for key, path in await _complete_devices(xs, base, complete_key):
+                present.add(key)
+                if key not in devices:
+                    devices[key] = make(path, *key)
+                    scopes[key] = trio.CancelScope()
+                    nursery.start_soon(_run, devices, scopes, failures, key)
             for key in [k for k in devices if k not in present]:
                 scopes[key].cancel()
+
+
+async def _complete_devices(xs: XenStore, base: str, complete_key: str) -> list[tuple[tuple[int, int], str]]:
+    """The device directories under ``base`` that hold ``complete_key``: three round trips
+    whatever their number (each level's requests go together)."""
+    frontends = await _children(xs, base)
+    listings = await xs.pipeline([(Op.DIRECTORY, W.join(f"{base}/{fe}"), 0) for fe in frontends])
+    candidates = [((int(fe), int(devid)), f"{base}/{fe}/{devid}")
+                  for fe, listing in zip(frontends, listings) if not isinstance(listing, XenStoreError)
+                  for devid in listing.decode(errors="replace").split("\0") if devid.isdigit()]
+    marks = await xs.pipeline([(Op.READ, W.join(f"{path}/{complete_key}"), 0) for _, path in candidates])
+    return [candidate for candidate, mark in zip(candidates, marks) if not isinstance(mark, XenStoreError)]
 
 
 async def _run(devices: dict[tuple[int, int], Any], scopes: dict[tuple[int, int], trio.CancelScope],

@@ -144,9 +144,9 @@ class BlkbackDevice:
             ("feature-max-indirect-segments", 256),
             ("multi-queue-max-queues", MAX_QUEUES), ("max-ring-page-order", MAX_RING_PAGE_ORDER),
             ("state", int(XenbusState.InitWait)))
-        async for tx in self.xs.transaction():
-            async with tx:
-                await tx.write_many([(f"{p}/{key}", str(value)) for key, value in features])
+        # One round trip: the daemon applies them in order, so a frontend that sees InitWait
+        # (written last) reads every feature already there.
+        await self.xs.write_many([(f"{p}/{key}", str(value)) for key, value in features])
         self.state = XenbusState.InitWait
         log.info("device waiting for frontend", extra={"kv": {"sectors": vbd.sectors}})
 

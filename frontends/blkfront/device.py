@@ -334,11 +334,10 @@ class BlkFront:
 
     def _grant_all(self, backend_id: int) -> None:
         gt = self.domain.grant_table
-        for gref in self._pool_grefs + self._ring_grefs:
-            gt.end_access(gref)  # the old backend is gone: nothing maps them any more
+        gt.end_access_many(self._pool_grefs + self._ring_grefs)  # the old backend is gone
         self.backend_id = backend_id
-        self._pool_grefs = [gt.grant_access(backend_id, f) for f in self._pool.frames]
-        self._ring_grefs = [gt.grant_access(backend_id, f) for f in self._ring_pages.frames]
+        self._pool_grefs = gt.grant_access_many(backend_id, self._pool.frames)
+        self._ring_grefs = gt.grant_access_many(backend_id, self._ring_pages.frames)
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:

@@ -154,13 +154,12 @@ class NetFront:
         gt = self.domain.grant_table
         if backend_id != self.backend_id:  # granted while the backend starts up
             # a new driver domain: grant our pages to it (the old one is gone)
-            for gref in getattr(self, "all_grefs", []):
-                gt.end_access(gref)
+            gt.end_access_many(getattr(self, "all_grefs", []))
             self.backend_id = backend_id
-            self.ring_grefs = [gt.grant_access(backend_id, f) for f in self.rings.frames]
+            self.ring_grefs = gt.grant_access_many(backend_id, self.rings.frames)
             frames = self.buffers.frames
-            self.tx_grefs = [gt.grant_access(backend_id, f, readonly=True) for f in frames[:BUFFERS]]
-            self.rx_grefs = [gt.grant_access(backend_id, f) for f in frames[BUFFERS:]]
+            self.tx_grefs = gt.grant_access_many(backend_id, frames[:BUFFERS], readonly=True)
+            self.rx_grefs = gt.grant_access_many(backend_id, frames[BUFFERS:])
             self.all_grefs = self.ring_grefs + self.tx_grefs + self.rx_grefs
         await self._wait_backend(backend, (XenbusState.InitWait,))
         keys = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6")

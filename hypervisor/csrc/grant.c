@@ -45,6 +45,24 @@ int rf_grant_end_access(rf_grant_entry_v1 *e)
     return 1;
 }
 
+void rf_grant_set_many(rf_grant_entry_v1 *table, const uint32_t *grefs, uint16_t domid,
+                       const uint32_t *frames, uint32_t n, int readonly)
+{
+    for (uint32_t i = 0; i < n; i++)
+        rf_grant_set(table + grefs[i], domid, frames[i], readonly);
+}
+
+uint32_t rf_grant_end_access_many(rf_grant_entry_v1 *table, const uint32_t *grefs, uint32_t n,
+                                  uint8_t *ended)
+{
+    uint32_t count = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        ended[i] = (uint8_t)rf_grant_end_access(table + grefs[i]);
+        count += ended[i];
+    }
+    return count;
+}
+
 int rf_grant_pin(rf_grant_entry_v1 *e, uint16_t domid, int readonly, uint32_t *frame)
 {
     uint16_t pin = readonly ? RF_GTF_reading : (RF_GTF_reading | RF_GTF_writing);

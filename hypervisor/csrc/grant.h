@@ -21,6 +21,12 @@ typedef struct rf_grant_entry_v1 {
 /* Granter side. */
 void rf_grant_set(rf_grant_entry_v1 *e, uint16_t domid, uint32_t frame, int readonly);
 int rf_grant_end_access(rf_grant_entry_v1 *e);
+/* The same for many entries of one table (a frontend re-granting its pages to a new
+ * backend): ended[i] says whether grefs[i] was ended; returns how many were. */
+void rf_grant_set_many(rf_grant_entry_v1 *table, const uint32_t *grefs, uint16_t domid,
+                       const uint32_t *frames, uint32_t n, int readonly);
+uint32_t rf_grant_end_access_many(rf_grant_entry_v1 *table, const uint32_t *grefs, uint32_t n,
+                                  uint8_t *ended);
 /* Hypervisor side: check an entry for domid and pin it for the access; returns a GNTST code
  * and the frame read under the pin. */
 int rf_grant_pin(rf_grant_entry_v1 *e, uint16_t domid, int readonly, uint32_t *frame);

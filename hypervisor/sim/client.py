@@ -270,6 +270,27 @@ class SimGrantTable:
         lib.rf_grant_set(self._base + gref, domid, frame, int(readonly))
         return gref
 
+    def grant_access_many(self, domid: int, frames: Sequence[int], readonly: bool = False) -> list[int]:
+        """:meth:`grant_access` for many frames in one C call."""
+        if len(frames) > len(self._free) or self._base is None:
+            raise OSError(errno.ENOSPC, "grant table full")
+        grefs = self._free[len(self._free) - len(frames):][::-1]
+        del self._free[len(self._free) - len(frames):]
+        lib.rf_grant_set_many(self._base, ffi.new("uint32_t[]", grefs), domid,
+                              ffi.new("uint32_t[]", list(frames)), len(grefs), int(readonly))
+        return grefs
+
+    def end_access_many(self, grefs: Sequence[int]) -> list[bool]:
+        """:meth:`end_access` for many grefs in one C call."""
+        assert self._base is not None
+        if any(not RESERVED_GREFS <= gref < self.entries for gref in grefs):
+            raise ValueError("gref out of range")
+        ended = ffi.new("uint8_t[]", len(grefs))
+        lib.rf_grant_end_access_many(self._base, ffi.new("uint32_t[]", list(grefs)), len(grefs), ended)
+        result = [bool(e) for e in ended]
+        self._free += [gref for gref, done in zip(grefs, result) if done]
+        return result
+
     def end_access(self, gref: int) -> bool:
         """Revoke a grant; False while the grantee still has it mapped (retry later)."""
         assert self._base is not None
