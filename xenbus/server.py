@@ -26,6 +26,11 @@ from ringfence.xenbus.store import (Caller, Quotas, Store, Transaction, canonica
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_OUTPUT = 1 << 20  # a client that reads nothing for this long is dropped
+# Conflict credit (XSA-206, oxenstored's conflict-burst-limit): a guest whose writes make
+# another domain's transaction fail waits before it is served again, twice as long at each
+# repeat within STRIKES_FORGOTTEN seconds, so that dom0's transactions commit.
+PENALTY_FIRST, PENALTY_MAX, STRIKES_FORGOTTEN = 0.01, 1.0, 5.0
+MAX_TRACKED_WRITERS = 100_000
 INTRODUCE, RELEASE = "@introduceDomain", "@releaseDomain"
 
 
@@ -51,6 +56,7 @@ class ServerStatistics:
     protocol_violations: int
     dropped_slow_clients: int
     domains: int
+    conflicts_charged: int  # transactions failed by a guest's writes, charged to that guest
 
 
 class _StreamTransport:
@@ -152,6 +158,8 @@ class XenStoreServer:
         self.restored = False
         # watches of domain connections, by domid, given back when a domain reconnects
         self.saved_watches: dict[int, list[tuple[str, bytes]]] = {}
+        self.writers: dict[str, int] = {}  # the guest that last changed a node
+        self.penalties: dict[int, tuple[float, int]] = {}  # domid -> (served again at, strikes)
 
     # ---- statistics ------------------------------------------------------------------
     def statistics(self) -> ServerStatistics:
@@ -160,7 +168,8 @@ class XenStoreServer:
                                 c["errors"], len(self.watches), c["watch_events"],
                                 len(self.store.transactions), self.store.counters["conflicts"],
                                 len(self.store.nodes), c["protocol_violations"],
-                                c["dropped_slow_clients"], len(self.domains))
+                                c["dropped_slow_clients"], len(self.domains),
+                                c["conflicts_charged"])
 
     # ---- transports ------------------------------------------------------------------
     async def serve_unix(self, path: str, *,
@@ -204,6 +213,9 @@ class XenStoreServer:
     async def _reader(self, conn: Connection) -> None:
         reader = W.MessageReader()
         while not conn.closed:
+            penalty = self.penalties.get(conn.caller.domid)
+            if penalty is not None and penalty[0] > trio.current_time():
+                await trio.sleep_until(penalty[0])
             try:
                 data = await conn.transport.recv()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -330,7 +342,12 @@ class XenStoreServer:
             if not args or args[0] not in (b"T", b"F"):
                 store.end_transaction(ending, commit=False)
                 raise XenStoreError("EINVAL")
-            self._changed(store.end_transaction(ending, commit=args[0] == b"T"), conn)
+            try:
+                self._changed(store.end_transaction(ending, commit=args[0] == b"T"), conn)
+            except XenStoreError:
+                if ending.conflict is not None:
+                    self._charge_conflict(self.writers.get(ending.conflict), caller)
+                raise
             return op, b"OK\0"
         if op == Op.GET_DOMAIN_PATH:
             return op, domain_path(_domid(args[0])).encode() + b"\0"
@@ -440,9 +457,23 @@ class XenStoreServer:
                 return
         raise XenStoreError("ENOENT")
 
+    def _charge_conflict(self, writer: int | None, victim: Caller) -> None:
+        if writer is None or writer == victim.domid:
+            return
+        now = trio.current_time()
+        until, strikes = self.penalties.get(writer, (now, 0))
+        strikes = strikes + 1 if now - until < STRIKES_FORGOTTEN else 1
+        self.penalties[writer] = (now + min(PENALTY_FIRST * 2 ** (strikes - 1), PENALTY_MAX), strikes)
+        self.counters["conflicts_charged"] += 1
+
     def _changed(self, changes: list[tuple[str, bool]], conn: Connection | None = None) -> None:
         if self.journal is not None and changes:
             self.journal.nodes_changed(changes)  # durable before the reply is queued
+        if conn is not None and not conn.caller.privileged and changes:
+            if len(self.writers) > MAX_TRACKED_WRITERS:
+                self.writers.clear()  # attribution is best effort; memory is not
+            for changed, _ in changes:
+                self.writers[changed] = conn.caller.domid
         for changed, removed in changes:
             for watch in self.watches:
                 target = watch.absolute
@@ -496,6 +527,8 @@ class XenStoreServer:
         self.watches = [w for w in self.watches if w.connection.caller.domid != domid]
         self.store.abort_all(domid)
         self.saved_watches.pop(domid, None)
+        self.penalties.pop(domid, None)
+        self.writers = {path: d for path, d in self.writers.items() if d != domid}
         changed = self.store.forget_domain(domid)
         if self.journal is not None:
             self.journal.nodes_changed([(path, False) for path in changed])

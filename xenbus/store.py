@@ -72,6 +72,7 @@ class Transaction:
     accessed: set[str] = field(default_factory=set)
     changes: list[Change] = field(default_factory=list)
     owned_delta: Counter[int] = field(default_factory=Counter)
+    conflict: str | None = None  # the node someone else changed, when commit failed
 
 
 def parse_perms(args: list[bytes]) -> Perms:
@@ -358,6 +359,7 @@ class Store:
             changed_at = current.gen if current is not None else self.tombstones.get(path, 0)
             if changed_at > tx.start_gen:
                 self.counters["conflicts"] += 1
+                tx.conflict = path
                 raise XenStoreError("EAGAIN")
         for domid, delta in tx.owned_delta.items():
             if delta > 0 and domid and self.owned[domid] + delta > self.quotas.nodes:

@@ -190,3 +190,66 @@ async def test_the_deepest_tree_is_built_walked_and_removed():
             with pytest.raises(XenStoreError):
                 await dom0.read(deepest)
             assert not any(path.startswith("/d") for path in xsd.server.store.nodes)
+
+
+async def test_a_rogue_writer_cannot_starve_dom0s_transactions():
+    """X15: a guest writes without pause to a node dom0 reads in its transactions. Each
+    transaction its writes make fail is charged to it (it waits, twice as long each time):
+    dom0 commits within 10 retries and a second, every time."""
+    async with in_process_xenstored() as xsd:
+        async with open_xenstore_stream(await xsd.connect(0)) as dom0, \
+                open_xenstore_stream(await xsd.connect(5)) as rogue:
+            await dom0.mkdir("/local/domain/5")
+            await dom0.set_perms("/local/domain/5", ["n5", "r0"])
+            await rogue.write("/local/domain/5/hot", "0")
+
+            async def write_forever() -> None:
+                n = 0
+                while True:
+                    n += 1
+                    await rogue.write_many([("/local/domain/5/hot", str(n + i)) for i in range(20)])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_forever)
+                await trio.sleep(0.05)
+                for round_ in range(10):
+                    before, started = dom0.retries, trio.current_time()
+                    async for tx in dom0.transaction():
+                        async with tx:
+                            hot = await tx.read("/local/domain/5/hot")
+                            await trio.sleep(0.002)  # the rogue gets to write meanwhile
+                            await tx.write("/tool/seen", hot)
+                    assert dom0.retries - before <= 10
+                    assert trio.current_time() - started <= 1.0
+                nursery.cancel_scope.cancel()
+            stats = xsd.server.statistics()
+            assert stats.conflicts_charged >= 1 and stats.conflicts >= stats.conflicts_charged
+
+
+async def test_a_client_that_never_reads_costs_bounded_memory_and_only_itself():
+    """X6/X8 and a reader that never reads: replies to a guest's large requests are not
+    queued past what its socket holds (the daemon stops reading it); watch events that
+    pile up for it are capped, then that connection is dropped. Everyone else is served."""
+    from ringfence.xenbus.server import MAX_QUEUED_OUTPUT
+    async with in_process_xenstored() as xsd:
+        async with open_xenstore_stream(await xsd.connect(0)) as dom0:
+            await dom0.mkdir("/local/domain/5")
+            await dom0.set_perms("/local/domain/5", ["n5"])
+            await dom0.write("/local/domain/5/big", b"x" * 2000)
+            await dom0.write_many([(f"/local/domain/5/dir/{'n' * 40}{i}", "") for i in range(80)])
+            greedy = await xsd.connect(5)
+            requests = b"".join(W.encode(Op.READ if i % 2 else Op.DIRECTORY, i, 0,
+                                         W.join("/local/domain/5/big" if i % 2 else "/local/domain/5/dir"))
+                                for i in range(4000))  # about 10 MB of replies
+            with trio.move_on_after(1):
+                await greedy.send_all(requests)  # blocks once the daemon stops reading it
+            # a watcher that never reads, and events for it: dropped at the cap
+            watcher = await xsd.connect(5)
+            await watcher.send_all(W.encode(Op.WATCH, 1, 0, W.join("/local/domain/5", "t")))
+            await trio.sleep(0.05)
+            long_name = "w" * 200
+            for chunk in range(40):
+                await dom0.write_many([(f"/local/domain/5/{long_name}{chunk}", str(i)) for i in range(100)])
+                assert all(len(c.out) <= MAX_QUEUED_OUTPUT for c in xsd.server.connections)
+            assert xsd.server.statistics().dropped_slow_clients == 1
+            assert await dom0.read("/local/domain/5/big") == b"x" * 2000  # dom0 is served
