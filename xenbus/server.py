@@ -31,6 +31,7 @@ MAX_QUEUED_OUTPUT = 1 << 20  # a client that reads nothing for this long is drop
 # repeat within STRIKES_FORGOTTEN seconds, so that dom0's transactions commit.
 PENALTY_FIRST, PENALTY_MAX, STRIKES_FORGOTTEN = 0.01, 1.0, 5.0
 MAX_TRACKED_WRITERS = 100_000
+PATH_CACHE = 4096
 INTRODUCE, RELEASE = "@introduceDomain", "@releaseDomain"
 
 
@@ -159,6 +160,7 @@ class XenStoreServer:
         # watches of domain connections, by domid, given back when a domain reconnects
         self.saved_watches: dict[int, list[tuple[str, bytes]]] = {}
         self.writers: dict[str, int] = {}  # the guest that last changed a node
+        self._paths: dict[tuple[int, bytes, bool], str | tuple[str, str]] = {}  # see _canonical
         self.penalties: dict[int, tuple[float, int]] = {}  # domid -> (served again at, strikes)
 
     # ---- statistics ------------------------------------------------------------------
@@ -273,7 +275,13 @@ class XenStoreServer:
     def handle(self, conn: Connection, msg: W.Message) -> None:
         self.counters["requests"] += 1
         try:
-            reply_type, payload = self._dispatch(conn, msg)
+            if msg.type == Op.READ and not msg.tx_id:
+                # Most requests are plain reads: answered without the general dispatch.
+                raw_path = msg.payload[:-1] if msg.payload.endswith(b"\0") else msg.payload
+                reply_type, payload = Op.READ, self.store.read(
+                    conn.caller, self._canonical(conn.caller, raw_path))
+            else:
+                reply_type, payload = self._dispatch(conn, msg)
         except XenStoreError as exc:
             self.counters["errors"] += 1
             reply_type, payload = Op.ERROR, W.error_payload(exc.name)
@@ -282,6 +290,26 @@ class XenStoreServer:
             log.debug("bad request", extra={"kv": {"conn": conn.name, "error": exc}})
             reply_type, payload = Op.ERROR, W.error_payload("EINVAL")
         conn.queue(W.encode(reply_type, msg.req_id, msg.tx_id, payload))
+
+    def _canonical(self, caller: Caller, raw: bytes, special: bool = False) -> str:
+        """:func:`canonical` of a request's path, remembered: the same few paths come back
+        all the time, and checking one costs more than the read it names."""
+        key = (caller.domid, raw, special)
+        cached = self._paths.get(key)
+        if cached is None:
+            try:
+                cached = canonical(caller, raw.decode("ascii"), allow_special=special)
+            except XenStoreError as exc:
+                cached = (exc.name, str(exc).partition(": ")[2])
+            except UnicodeDecodeError:
+                cached = ("EINVAL", "path not ASCII")
+            if len(raw) <= 256:  # memory: a hostile client's long paths are not kept
+                if len(self._paths) >= PATH_CACHE:
+                    self._paths.clear()
+                self._paths[key] = cached
+        if isinstance(cached, tuple):
+            raise XenStoreError(*cached)
+        return cached
 
     def _dispatch(self, conn: Connection, msg: W.Message) -> tuple[int, bytes]:
         op, caller, store = msg.type, conn.caller, self.store
@@ -294,7 +322,7 @@ class XenStoreServer:
                 raise XenStoreError("EAGAIN" if self.restored else "ENOENT", "no such transaction")
 
         def path(i: int = 0, special: bool = False) -> str:
-            return canonical(caller, args[i].decode("ascii"), allow_special=special)
+            return self._canonical(caller, args[i], special)
 
         if op == Op.READ:
             return op, store.read(caller, path(), tx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct("<IIII")
 PAYLOAD_MAX = 4096
@@ -74,8 +74,8 @@ class ProtocolViolation(ValueError):
     """The peer broke the framing (oversized payload...): the connection must be dropped."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
+    # A tuple: made for every request the daemon reads, so it must be cheap to build.
     type: int
     req_id: int
     tx_id: int
@@ -112,6 +112,8 @@ class MessageReader:
         self._max = max_payload
 
     def feed(self, data: bytes) -> list[Message]:
+        if not self._buffer:
+            return self._whole(data)
         self._buffer += data
         out = []
         while len(self._buffer) >= HEADER.size:
@@ -123,6 +125,26 @@ class MessageReader:
                 break
             out.append(Message(type_, req_id, tx_id, bytes(self._buffer[HEADER.size:end])))
             del self._buffer[:end]
+        return out
+
+    def _whole(self, data: bytes) -> list[Message]:
+        """The common case, nothing left over from before: messages sliced from ``data``
+        itself, only a partial one at its end kept."""
+        if not isinstance(data, bytes):
+            data = bytes(data)  # payloads are keys (watch tokens): immutable
+        out = []
+        offset, size, total = 0, HEADER.size, len(data)
+        while total - offset >= size:
+            type_, req_id, tx_id, length = HEADER.unpack_from(data, offset)
+            if length > self._max:
+                raise ProtocolViolation(f"payload length {length} exceeds {self._max}")
+            end = offset + size + length
+            if end > total:
+                break
+            out.append(Message(type_, req_id, tx_id, data[offset + size:end]))
+            offset = end
+        if offset < total:
+            self._buffer += data[offset:]
         return out
 
     @property
