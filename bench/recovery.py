@@ -168,7 +168,8 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None]) -> 
                         while service.crashes == crashes:
                             await trio.sleep(0.0005)
                         dead = time.monotonic()
-                        while not probe.completions or probe.completions[-1][1] <= dead:
+                        while not probe.completions or probe.completions[-1][0] <= killed \
+                                or probe.completions[-1][1] <= dead:
                             await trio.sleep(0.0005)
                     first = min(done for issued, done in probe.completions[-3:]
                                 if issued > killed and done > dead)
