@@ -69,6 +69,7 @@ class BlkfrontStatistics:
     queues: int               # rings (and event channels) in use
     ring_slots: int           # requests each ring holds
     max_segments: int         # pages in one request (over 11: indirect requests)
+    unrevoked_grants: int     # grants a previous backend still holds mapped (XSA-396)
 
 
 @dataclass(eq=False, slots=True)
@@ -118,6 +119,7 @@ class BlkFront:
         self._pool_grefs: list[int] = []
         self._ring_pages: Any = None
         self._ring_grefs: list[int] = []
+        self._unrevoked: list[int] = []  # grefs a previous backend would not give back
         self.state = XenbusState.Initialising
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
@@ -136,7 +138,7 @@ class BlkFront:
                                   self.bad_responses, self.bytes_read, self.bytes_written,
                                   len(self._free_pages), self.storm.spurious, len(self._queues),
                                   self._queues[0].ring.size if self._queues else 0,
-                                  self.max_segments)
+                                  self.max_segments, len(self._unrevoked))
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -334,7 +336,16 @@ class BlkFront:
 
     def _grant_all(self, backend_id: int) -> None:
         gt = self.domain.grant_table
-        gt.end_access_many(self._pool_grefs + self._ring_grefs)  # the old backend is gone
+        # One atomic try-end per grant (XSA-396): a page the old backend still has mapped is
+        # never handed to the new one nor reused for I/O. The device is given up on instead
+        # (as Linux's blkfront does), until the toolstack replaces the backend again; the
+        # grants refused are retried then, and only they (the others are free already).
+        old = self._pool_grefs + self._ring_grefs + self._unrevoked
+        self._pool_grefs, self._ring_grefs = [], []
+        self._unrevoked = [gref for gref, ended in zip(old, gt.end_access_many(old)) if not ended]
+        if self._unrevoked:
+            raise _BackendFailed(f"{len(self._unrevoked)} granted pages are still mapped by "
+                                 f"backend {self.backend_id}: not reused")
         self.backend_id = backend_id
         self._pool_grefs = gt.grant_access_many(backend_id, self._pool.frames)
         self._ring_grefs = gt.grant_access_many(backend_id, self._ring_pages.frames)

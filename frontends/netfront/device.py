@@ -77,6 +77,7 @@ class NetfrontStatistics:
     rx_dropped: int
     bad_responses: int
     spurious_notifications: int
+    unrevoked_grants: int  # grants a previous backend still holds mapped (XSA-396)
 
 
 class NetFront:
@@ -92,7 +93,7 @@ class NetFront:
     def statistics(self) -> NetfrontStatistics:
         return NetfrontStatistics(self.devid, self.state.name, self.tx_packets, self.rx_packets,
                                   self.tx_dropped, self.rx_dropped, self.bad_responses,
-                                  self.storm.spurious)
+                                  self.storm.spurious, len(getattr(self, "unrevoked", ())))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
@@ -112,6 +113,7 @@ class NetFront:
             self.buffers = await self.domain.memory.alloc_pages(2 * BUFFERS)
             self.pages = self.buffers.buffer
             self.backend_id = -1
+            self.unrevoked: list[int] = []  # grants a previous backend would not give back
             self.connections = 0
             started = False
             while True:
@@ -153,8 +155,19 @@ class NetFront:
         backend, backend_id = raw_backend.decode(), int(raw_id)
         gt = self.domain.grant_table
         if backend_id != self.backend_id:  # granted while the backend starts up
-            # a new driver domain: grant our pages to it (the old one is gone)
-            gt.end_access_many(getattr(self, "all_grefs", []))
+            # A new driver domain: our pages go to it. One try-end per grant (XSA-396):
+            # pages the old backend still has mapped are not granted to the new one; the vif
+            # waits for the toolstack to move it again (the refused grants are retried then,
+            # and only they).
+            old = getattr(self, "all_grefs", []) + self.unrevoked
+            self.all_grefs = []
+            self.unrevoked = [g for g, ended in zip(old, gt.end_access_many(old)) if not ended]
+            if self.unrevoked:
+                log.error("granted pages still mapped by the previous backend: not reused",
+                          extra={"kv": {"devid": self.devid, "pages": len(self.unrevoked),
+                                        "backend": self.backend_id}})
+                await self._wait_moved_from(backend)
+                raise _BackendMoved
             self.backend_id = backend_id
             self.ring_grefs = gt.grant_access_many(backend_id, self.rings.frames)
             frames = self.buffers.frames
@@ -210,6 +223,12 @@ class NetFront:
                 except (XenStoreError, ValueError):
                     return
                 if state != seen:
+                    return
+
+    async def _wait_moved_from(self, backend: str) -> None:
+        async with self.xs.watch(f"{self.path}/backend") as events:
+            async for _ in events:
+                if (await self._read_or(f"{self.path}/backend", b"")).decode() not in ("", backend):
                     return
 
     async def _wait_backend_leaves(self, backend: str) -> None:

@@ -311,3 +311,122 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
         finally:
             xenstored.terminate()
             await xenstored.wait()
+
+
+REVOKE_GUEST = textwrap.dedent("""
+    import json, sys, trio
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    from ringfence.frontends.blkfront.device import BlkFront, BlockIOError
+
+    async def main():
+        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+            front = BlkFront(dom, xs, 51712)
+            result = {}
+            async with trio.open_nursery() as nursery:
+                await nursery.start(front.run)
+
+                async def read():
+                    try:
+                        await front.read(0, 4096)
+                        result["read"] = "ok"
+                    except BlockIOError as exc:
+                        result["read"] = exc.errno
+
+                nursery.start_soon(read)
+                stdin = trio.lowlevel.FdStream(0)
+                while await stdin.receive_some(100):  # one line: report
+                    stats = front.statistics()
+                    print(json.dumps({**result, "unrevoked": stats.unrevoked_grants,
+                                      "backend_id": stats.backend_id}), flush=True)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+""")
+
+
+async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path):
+    """ATTACKS A6 (XSA-396): a backend maps the ring and a data page and never lets go;
+    when the device moves to another backend, blkfront's try-end-access fails for those
+    grants: the pages are not granted to the new backend nor reused, the device fails its
+    I/O (as Linux's blkfront disables it), the refused grants are counted, and they are
+    retried, and the device works again, once the toolstack replaces the backend later."""
+    from ringfence.hypervisor.io import blkif
+    from ringfence.testing.sim import open_agent
+    from ringfence.toolstack.devices import move_vbd
+    from ringfence.toolstack.hypervisor import start_xenstored
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        guest = None
+        try:
+            async with open_xenstore(xs_path) as xs, open_agent(dom0, "clingy") as clingy, \
+                    open_agent(dom0, "next") as nxt, open_agent(dom0, "third") as third:
+                guest_domid, fd = await dom0.create_domain("guest")
+                fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+
+                def be_of(agent) -> str:
+                    return f"/local/domain/{agent.domid}/backend/vbd/{guest_domid}/51712"
+
+                async def offer(agent) -> None:  # a backend's InitWait, features and all
+                    await xs.write_many([(f"{be_of(agent)}/sectors", "2048"), (f"{be_of(agent)}/info", "0"),
+                                         (f"{be_of(agent)}/sector-size", "512"), (f"{be_of(agent)}/state", "2")])
+
+                async def frontend_initialised() -> None:
+                    with trio.fail_after(20):
+                        while await xs.read_many([f"{fe}/state"]) != [b"3"]:
+                            await trio.sleep(0.05)
+
+                await add_vbd(xs, backend=clingy.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+                await offer(clingy)
+                guest = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", REVOKE_GUEST], pass_fds=(fd,), stdin=subprocess.PIPE,
+                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
+                os.close(fd)
+                lines = b""
+
+                async def report() -> dict:
+                    nonlocal lines
+                    await guest.stdin.send_all(b"?\n")
+                    with trio.fail_after(20):
+                        while b"\n" not in lines:
+                            lines += await guest.stdout.receive_some(4096)
+                    line, lines = lines.split(b"\n", 1)
+                    return json.loads(line)
+
+                await frontend_initialised()
+                ring = (await clingy.ok("map", domid=guest_domid,
+                                        grefs=[int(await xs.read(f"{fe}/ring-ref"))]))["map"]
+                await clingy.ok("evt_bind", domid=guest_domid, port=int(await xs.read(f"{fe}/event-channel")))
+                await xs.write(f"{be_of(clingy)}/state", "4")
+                with trio.fail_after(20):  # the read is on the ring: map its data page too
+                    while int.from_bytes(bytes.fromhex(
+                            (await clingy.ok("read", map=ring, length=4))["data"]), "little") < 1:
+                        await trio.sleep(0.05)
+                request = blkif.decode_request(bytes.fromhex(
+                    (await clingy.ok("read", map=ring, offset=64, length=112))["data"]))
+                data = (await clingy.ok("map", domid=guest_domid, grefs=[request.segments[0].gref]))["map"]
+
+                # the toolstack moves the device while the old backend still holds both pages
+                await move_vbd(xs, old_backend=clingy.domid, new_backend=nxt.domid, frontend=guest_domid,
+                               devid=51712, target="/nonexistent")
+                with trio.fail_after(20):
+                    while "read" not in (state := await report()):
+                        await trio.sleep(0.05)
+                assert state == {"read": 5, "unrevoked": 2, "backend_id": clingy.domid}
+
+                # the old backend lets go; the toolstack replaces the backend once more
+                await clingy.ok("unmap", map=ring)
+                await clingy.ok("unmap", map=data)
+                await move_vbd(xs, old_backend=nxt.domid, new_backend=third.domid, frontend=guest_domid,
+                               devid=51712, target="/nonexistent")
+                await offer(third)
+                await frontend_initialised()
+                assert (await report())["unrevoked"] == 0
+                assert (await report())["backend_id"] == third.domid
+        finally:
+            if guest is not None:
+                guest.kill()
+                await guest.wait()
+            xenstored.terminate()
+            await xenstored.wait()
