@@ -49,6 +49,11 @@ class XsRingStatistics:
     connection: int
 
 
+def _word(name: str) -> property:
+    return property(lambda self: int(getattr(self._intf, name)),
+                    lambda self, value: setattr(self._intf, name, int(value)))
+
+
 class XsRing:
     """One end of a XenStore ring page: the guest's (requests out, responses in) or the
     daemon's (the other way round)."""
@@ -93,30 +98,10 @@ class XsRing:
         i.server_features = SERVER_FEATURES
         i.connection = Connection.CONNECTED
 
-    # the shared words; each read once by whoever asks
-    @property
-    def connection(self) -> int:
-        return int(self._intf.connection)
-
-    @connection.setter
-    def connection(self, value: int) -> None:
-        self._intf.connection = value
-
-    @property
-    def error(self) -> int:
-        return int(self._intf.error)
-
-    @error.setter
-    def error(self, value: int) -> None:
-        self._intf.error = value
-
-    @property
-    def server_features(self) -> int:
-        return int(self._intf.server_features)
-
-    @server_features.setter
-    def server_features(self, value: int) -> None:
-        self._intf.server_features = value
+    # the shared words, each read (or written) once per use
+    connection = _word("connection")
+    error = _word("error")
+    server_features = _word("server_features")
 
     def statistics(self) -> XsRingStatistics:
         return XsRingStatistics(self.bytes_sent, self.bytes_received, self.error, self.connection)
