@@ -402,3 +402,72 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
                 await box.aclose()
             xenstored.terminate()
             await xenstored.wait()
+
+
+async def test_pages_an_old_network_backend_keeps_mapped_are_never_reused(tmp_path):
+    """ATTACKS A6 (XSA-396) for netfront: a backend maps both ring pages and never lets go;
+    when the vif moves, netfront's try-end-access fails for them, so it grants nothing to
+    the new backend (it stays Initialising, whatever that backend offers) and logs it. Once
+    the old backend lets go and the toolstack moves the vif again, it connects."""
+    from ringfence.testing.sim import open_agent
+    from ringfence.toolstack.devices import move_vif
+    from ringfence.toolstack.hypervisor import start_xenstored
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        box = None
+        try:
+            async with open_xenstore(xs_path) as xs, open_agent(dom0, "clingy") as clingy, \
+                    open_agent(dom0, "next") as nxt, open_agent(dom0, "third") as third:
+                domid, fd = await dom0.create_domain("guest")
+                fe = f"/local/domain/{domid}/device/vif/0"
+                mac = "02:00:00:00:00:0a"
+
+                def be_of(agent) -> str:
+                    return f"/local/domain/{agent.domid}/backend/vif/{domid}/0"
+
+                async def offer(agent) -> None:  # InitWait with the features netback offers
+                    await xs.write_many([(f"{be_of(agent)}/feature-sg", "1"),
+                                         (f"{be_of(agent)}/feature-rx-copy", "1"),
+                                         (f"{be_of(agent)}/state", "2")])
+
+                async def frontend_state() -> bytes | None:
+                    return (await xs.read_many([f"{fe}/state"]))[0]
+
+                await add_vif(xs, backend=clingy.domid, frontend=domid, devid=0, mac=mac)
+                await offer(clingy)
+                log = tmp_path / "guest.err"
+                with open(log, "wb") as err:
+                    box = await spawn_sandboxed(
+                        SandboxSpec("guest", uid=0),
+                        [sys.executable, "-m", "ringfence", "netfront", "--ip", "10.66.0.1/24"],
+                        pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
+                        stdout=subprocess.DEVNULL, stderr=err)
+                os.close(fd)
+                with trio.fail_after(30):
+                    while await frontend_state() != b"4":
+                        await trio.sleep(0.05)
+                refs = [int(await xs.read(f"{fe}/{key}")) for key in ("tx-ring-ref", "rx-ring-ref")]
+                rings = (await clingy.ok("map", domid=domid, grefs=refs))["map"]
+
+                await move_vif(xs, old_backend=clingy.domid, new_backend=nxt.domid, frontend=domid,
+                               devid=0, mac=mac)
+                await offer(nxt)
+                with trio.fail_after(30):
+                    while b"still mapped by the previous backend" not in log.read_bytes():
+                        await trio.sleep(0.05)
+                await trio.sleep(1)
+                assert await frontend_state() == b"1"  # nothing granted to the new backend
+
+                await clingy.ok("unmap", map=rings)
+                await move_vif(xs, old_backend=nxt.domid, new_backend=third.domid, frontend=domid,
+                               devid=0, mac=mac)
+                await offer(third)
+                with trio.fail_after(30):
+                    while await frontend_state() != b"4":
+                        await trio.sleep(0.05)
+        finally:
+            if box is not None:
+                await box.aclose()
+            xenstored.terminate()
+            await xenstored.wait()
