@@ -430,3 +430,89 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path):
                 await guest.wait()
             xenstored.terminate()
             await xenstored.wait()
+
+
+CANARY = textwrap.dedent(CONNECT + """            import dataclasses, sys
+            rounds, canaries = int(sys.argv[1]), (0xA5, 0x5A)
+            page = data.buffer
+            pattern = bytes([0x11]) * 4096
+            cases = [
+                Request(Op.WRITE, 1, 0, 0, 8, (Segment(good, 0, 7),)),             # served
+                Request(Op.READ, 1, 0, 0, 8, (Segment(good, 0, 7),)),              # served
+                Request(Op.READ, 1, 0, 0, 8, (Segment(good, 2, 5),)),              # part of a page
+                Request(Op.FLUSH_DISKCACHE, 0, 0, 0, 0, ()),
+                Request(Op.DISCARD, 0, 0, 0, 64, (), nr_sectors=8),
+                Request(Op.READ, 0, 0, 0, 0, ()),                                 # refusals...
+                Request(Op.READ, 1, 0, 0, 0, (Segment(good, 6, 2),)),
+                Request(Op.READ, 1, 0, 0, sectors, (Segment(good, 0, 7),)),
+                Request(0x55, 1, 0, 0, 0, (Segment(good, 0, 7),)),
+                Request(Op.READ, 1, 0, 0, 0, (Segment(9999, 0, 7),)),
+                Request(Op.INDIRECT, 5000, 0, 0, 0, indirect_op=Op.READ),
+                Request(Op.INDIRECT, 3, 0, 0, 0, indirect_op=Op.READ),            # bad page
+            ]
+            found, answered = 0, 0
+            for r in range(rounds):
+                for i, case in enumerate(cases):
+                    if case.operation == Op.WRITE:
+                        page[:] = pattern
+                    else:
+                        page[:] = bytes(4096)
+                    rid = 0x0101010100000000 + r * 64 + i  # no canary byte in any id
+                    ring.put_requests([blkif.encode_request(dataclasses.replace(case, id=rid))])
+                    ring.push_requests(port.notify_fd)
+                    raws = []
+                    while not raws:
+                        raws = ring.take_responses()
+                        if not raws and not ring.final_check_for_responses():
+                            await port.wait()
+                    answered += 1
+                    # everything the backend wrote: the response and, for reads, the page
+                    written = bytes(raws[0][9:10] + raws[0][12:16])  # the padding
+                    if case.operation == Op.READ and case.segments and i < 3:
+                        first, last = case.segments[0].first_sect, case.segments[0].last_sect
+                        written += bytes(page[first * 512:(last + 1) * 512])
+                        assert bytes(page[first * 512:(last + 1) * 512]) == pattern[:(last - first + 1) * 512]
+                    found += sum(written.count(c) for c in canaries)
+            print(json.dumps({"answered": answered, "canary_bytes": found}), flush=True)
+
+    trio.run(main)
+""")
+
+
+async def test_no_backend_memory_reaches_shared_pages(tmp_path):
+    """ATTACKS A3 (XSA-216) with a canary: blkback runs with every allocation filled with
+    0x5A and every free with 0xA5 (glibc's perturb tunable, Python's allocations through
+    malloc); a frontend sends every operation, served and refused, round after round, and
+    scans all the backend wrote to shared memory (response padding, data read). No canary
+    byte may appear, and reads return exactly what was written."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 << 20))
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        from ringfence.toolstack.hypervisor import start_xenstored
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        try:
+            # glibc fills what malloc gives with 0x5A and what free takes with 0xA5 (no
+            # thread cache, which would skip that), and Python allocates through malloc
+            env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_PERTURB_="165",
+                       GLIBC_TUNABLES="glibc.malloc.perturb=165:glibc.malloc.tcache_count=0")
+            stor_domid, stor = await spawn_domain(
+                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], env=env,
+                stderr=subprocess.DEVNULL)
+            front_domid, fd = await dom0.create_domain("front")
+            async with open_xenstore(xs_path) as xs:
+                await add_vbd(xs, backend=stor_domid, frontend=front_domid, devid=51712, target=str(disk))
+            out = tmp_path / "front.out"
+            with open(out, "wb") as sink:
+                front = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", CANARY, "150"], pass_fds=(fd,),
+                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=sink)
+            os.close(fd)
+            with trio.fail_after(120):
+                assert await front.wait() == 0
+            assert json.loads(out.read_text()) == {"answered": 150 * 12, "canary_bytes": 0}
+            assert stor.poll() is None
+            stor.kill()
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
