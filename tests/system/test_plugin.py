@@ -31,9 +31,10 @@ async def test_fixture_and_fault_marker(ringfence_system, tmp_path):
 
 
 async def test_xenstored_crash_is_survived_by_every_domain(ringfence_system, tmp_path):
-    """kill -9 xenstored: the supervisor restarts it from its journal, the domains' XenStore
-    clients redial through the hypervisor, and a storage driver domain crash afterwards is
-    still recovered (which needs XenStore for the handshake)."""
+    """kill -9 xenstored: the supervisor restarts it from its journal, the hypervisor hands
+    it every domain's XenStore ring again and the domains reset their rings (xenstore-ring.txt's
+    RECONNECT), and a storage driver domain crash afterwards is still recovered (which needs
+    XenStore for the handshake)."""
     system = ringfence_system
     uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
     data = os.urandom(2 << 20)
