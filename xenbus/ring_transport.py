@@ -18,7 +18,8 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.io.xs_ring import (GNTTAB_RESERVED_XENSTORE, SERVER_FEATURES,
-                                            Connection, RingError, RingProtocolError, XsRing)
+                                            Connection, RingError, RingProtocolError, XsRing,
+                                            XsRingStatistics)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,9 @@ class RingStream(trio.abc.Stream):
         self._closed = True
         await trio.lowlevel.checkpoint()
 
+    def statistics(self) -> XsRingStatistics:
+        return self.ring.statistics()
+
 
 # ---- the daemon's side -------------------------------------------------------------------
 
@@ -173,6 +177,9 @@ class GuestRing:
 
     def stream(self) -> RingStream:
         return RingStream(self.ring, self.doorbell, guest=True)
+
+    def statistics(self) -> XsRingStatistics:
+        return self.ring.statistics()
 
     async def reconnect(self) -> RingStream:
         """Ask the daemon to reset the ring, wait until it has (it may be restarting)."""
