@@ -58,8 +58,13 @@ class ControlConnection:
         ancbuf = socket.CMSG_SPACE(P.MAX_FDS_PER_MESSAGE * 4)
         try:
             while True:
-                data, ancdata, flags, _ = await self._sock.recvmsg(
-                    P.MAX_MESSAGE, ancbuf, socket.MSG_CMSG_CLOEXEC)
+                try:
+                    data, ancdata, flags, _ = await self._sock.recvmsg(
+                        P.MAX_MESSAGE, ancbuf, socket.MSG_CMSG_CLOEXEC)
+                except ConnectionResetError:
+                    # The hypervisor closed the link with our messages still unread (after
+                    # one it refused): as much the end of it as EOF.
+                    break
                 fds: list[int] = []
                 for level, kind, cdata in ancdata:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
