@@ -105,6 +105,7 @@ class Connection:
         if len(self.out) > MAX_QUEUED_OUTPUT:
             self.server.counters["dropped_slow_clients"] += 1
             log.warning("dropping a client that does not read", extra={"kv": {"conn": self.name}})
+            self.out.clear()  # the memory goes now, not when its tasks notice
             self.close()
             return
         current = self.server.current
@@ -231,24 +232,30 @@ class XenStoreServer:
                 log.warning("closing connection: protocol violation",
                             extra={"kv": {"conn": conn.name, "reason": str(exc)}})
                 return
-            self.current = conn
-            try:
-                for msg in messages:
-                    self.handle(conn, msg)
-                    if conn.closed:
-                        return
-            finally:
-                self.current = None
-            # Watch events first, so watchers hear as early as possible; then all replies
-            # to this batch in one write (a client that does not read stalls only itself).
-            if self.dirty:
-                dirty, self.dirty = self.dirty, set()
-                for other in dirty:
-                    other.flush_nowait()
-            try:
-                await conn.flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
+            # A guest has at most `outstanding` requests answered and not yet sent (the C
+            # daemon's quota, 20): its next ones wait until its socket takes those replies,
+            # so a guest that never reads holds a bounded amount of the daemon's memory.
+            step = len(messages) if conn.caller.privileged else self.store.quotas.outstanding
+            for start in range(0, len(messages), max(step, 1)):
+                self.current = conn
+                try:
+                    for msg in messages[start:start + step]:
+                        self.handle(conn, msg)
+                        if conn.closed:
+                            return
+                finally:
+                    self.current = None
+                # Watch events first, so watchers hear as early as possible; then all
+                # replies to this batch in one write (a client that does not read stalls
+                # only itself).
+                if self.dirty:
+                    dirty, self.dirty = self.dirty, set()
+                    for other in dirty:
+                        other.flush_nowait()
+                try:
+                    await conn.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
 
     async def _writer(self, conn: Connection, scope: trio.CancelScope) -> None:
         """Sends what other connections cause (watch events) while this one is idle."""

@@ -227,9 +227,10 @@ async def test_a_rogue_writer_cannot_starve_dom0s_transactions():
 
 
 async def test_a_client_that_never_reads_costs_bounded_memory_and_only_itself():
-    """X6/X8 and a reader that never reads: replies to a guest's large requests are not
-    queued past what its socket holds (the daemon stops reading it); watch events that
-    pile up for it are capped, then that connection is dropped. Everyone else is served."""
+    """X6/X8 and a reader that never reads. A guest's own requests: at most 20 are answered
+    and unsent at a time (the outstanding-request quota), then the daemon stops reading it
+    until its socket takes their replies. Watch events others cause: capped at 1 MiB, then
+    that connection is dropped. Everyone else is served throughout."""
     from ringfence.xenbus.server import MAX_QUEUED_OUTPUT
     async with in_process_xenstored() as xsd:
         async with open_xenstore_stream(await xsd.connect(0)) as dom0:
@@ -240,16 +241,20 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_only_itself():
             greedy = await xsd.connect(5)
             requests = b"".join(W.encode(Op.READ if i % 2 else Op.DIRECTORY, i, 0,
                                          W.join("/local/domain/5/big" if i % 2 else "/local/domain/5/dir"))
-                                for i in range(4000))  # about 10 MB of replies
-            with trio.move_on_after(1):
-                await greedy.send_all(requests)  # blocks once the daemon stops reading it
-            # a watcher that never reads, and events for it: dropped at the cap
+                                for i in range(20000))  # about 55 MB of replies
+            with trio.move_on_after(1) as blocked:
+                await greedy.send_all(requests)
+            assert blocked.cancelled_caught  # the daemon stopped reading it
+            assert xsd.server.statistics().dropped_slow_clients == 0
+            assert all(len(c.out) <= 20 * 4112 for c in xsd.server.connections)
+            assert await dom0.read("/local/domain/5/big") == b"x" * 2000  # dom0 is served
+            # watch events caused by dom0's writes, never read
             watcher = await xsd.connect(5)
             await watcher.send_all(W.encode(Op.WATCH, 1, 0, W.join("/local/domain/5", "t")))
             await trio.sleep(0.05)
             long_name = "w" * 200
-            for chunk in range(40):
+            for chunk in range(80):  # about 1.9 MB of events
                 await dom0.write_many([(f"/local/domain/5/{long_name}{chunk}", str(i)) for i in range(100)])
                 assert all(len(c.out) <= MAX_QUEUED_OUTPUT for c in xsd.server.connections)
             assert xsd.server.statistics().dropped_slow_clients == 1
-            assert await dom0.read("/local/domain/5/big") == b"x" * 2000  # dom0 is served
+            assert await dom0.read("/local/domain/5/big") == b"x" * 2000
