@@ -246,10 +246,18 @@ class BlkFront:
             self._grant_all(backend_id)  # while the backend starts up
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
         await self._wait_for_backend((XenbusState.InitWait,))
-        # The backend's keys in one round trip (a reconnection after a crash waits on this).
+        # The backend's keys and our own directory in one round trip (a reconnection after a
+        # crash waits on this).
         keys = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
                 "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
-        values = dict(zip(keys, await self.xs.read_many([f"{self.backend_path}/{k}" for k in keys])))
+        *read, listing = await self.xs.pipeline(
+            [(W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in keys]
+            + [(W.Op.DIRECTORY, W.join(self.path), 0)])
+        for result in (*read, listing):
+            if isinstance(result, XenStoreError) and result.name != "ENOENT":
+                raise result
+        values = {k: None if isinstance(r, XenStoreError) else r for k, r in zip(keys, read)}
+        mine = [] if isinstance(listing, XenStoreError) else listing.decode(errors="replace").split("\0")
         if values["sectors"] is None:
             raise XenStoreError("ENOENT", f"{self.backend_path}/sectors")
         self.sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
@@ -279,26 +287,23 @@ class BlkFront:
             # to move the device or give up on it, then start over.
             await self._wait_for_backend_change(XenbusState.InitWait)
             raise _BackendMoved from None
-        async for tx in self.xs.transaction():
-            async with tx:
-                # The ring keys of a previous connection go first: a bigger ring's or more
-                # queues' would be read instead of ours, and nodes made then keep the
-                # permissions of the backend of then (created anew, they take the parent's,
-                # which the toolstack set for this backend).
-                stale = [name for name in await tx.directory(self.path)
-                         if name.startswith(("ring-ref", "queue-")) or name in (
-                             "ring-page-order", "multi-queue-num-queues", "event-channel")]
-                writes = self._queue_keys(order, count) + [
-                    (f"{self.path}/protocol", "x86_64-abi"),
-                    (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
-                    (f"{self.path}/state", str(int(XenbusState.Initialised)))]
-                # removals then writes, in one round trip (the daemon keeps their order)
-                results = await self.xs.pipeline(
-                    [(W.Op.RM, W.join(f"{self.path}/{name}"), tx.id) for name in stale]
-                    + [(W.Op.WRITE, W.join(path) + value.encode(), tx.id) for path, value in writes])
-                for result in results:
-                    if isinstance(result, XenStoreError) and result.name != "ENOENT":
-                        raise result
+        # The ring keys of a previous connection go first: a bigger ring's or more queues'
+        # would be read instead of ours, and nodes made then keep the permissions of the
+        # backend of then (created anew, they take the parent's, which the toolstack set for
+        # this backend). Removals, keys, then Initialised last, in one round trip: the daemon
+        # applies them in order, so a backend that sees Initialised reads our keys only.
+        stale = [name for name in mine if name.startswith(("ring-ref", "queue-")) or name in (
+            "ring-page-order", "multi-queue-num-queues", "event-channel")]
+        writes = self._queue_keys(order, count) + [
+            (f"{self.path}/protocol", "x86_64-abi"),
+            (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
+            (f"{self.path}/state", str(int(XenbusState.Initialised)))]
+        results = await self.xs.pipeline(
+            [(W.Op.RM, W.join(f"{self.path}/{name}"), 0) for name in stale]
+            + [(W.Op.WRITE, W.join(path) + value.encode(), 0) for path, value in writes])
+        for result in results:
+            if isinstance(result, XenStoreError) and result.name != "ENOENT":
+                raise result
         self.state = XenbusState.Initialised
         log.debug("initialised; waiting for backend to connect")
         await self._wait_for_backend((XenbusState.Connected,))
