@@ -1,23 +1,12 @@
 #define _GNU_SOURCE
 #include "ring.h"
+#include "barriers.h"
 #include <errno.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <poll.h>
 #include <sched.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() __asm__ __volatile__("" ::: "memory")
-#endif
-
-#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#define FULL_BARRIER() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
 uint32_t rf_ring_slots(size_t ring_bytes, uint32_t slot_size)
 {
