@@ -197,8 +197,8 @@ class XenGrantTable:
     def grant_access_many(self, domid: int, frames: Sequence[int], readonly: bool = False) -> list[int]:
         return [self.grant_access(domid, frame, readonly) for frame in frames]
 
-    def end_access_many(self, grefs: Sequence[int]) -> list[bool]:
-        return [self.end_access(gref) for gref in grefs]
+    def end_access_many(self, grefs: Sequence[int]) -> list[int]:
+        return [gref for gref in grefs if not self.end_access(gref)]
 
     def close(self) -> None:
         if self._gntshr is not None:

@@ -347,7 +347,7 @@ class BlkFront:
         # grants refused are retried then, and only they (the others are free already).
         old = self._pool_grefs + self._ring_grefs + self._unrevoked
         self._pool_grefs, self._ring_grefs = [], []
-        self._unrevoked = [gref for gref, ended in zip(old, gt.end_access_many(old)) if not ended]
+        self._unrevoked = gt.end_access_many(old)
         if self._unrevoked:
             raise _BackendFailed(f"{len(self._unrevoked)} granted pages are still mapped by "
                                  f"backend {self.backend_id}: not reused")

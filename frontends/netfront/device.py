@@ -89,11 +89,13 @@ class NetFront:
         self.state = XenbusState.Initialising
         self.tx_packets = self.rx_packets = self.tx_dropped = self.rx_dropped = self.bad_responses = 0
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
+        self.all_grefs: list[int] = []  # granted to the backend of now
+        self.unrevoked: list[int] = []  # grants a previous backend would not give back
 
     def statistics(self) -> NetfrontStatistics:
         return NetfrontStatistics(self.devid, self.state.name, self.tx_packets, self.rx_packets,
                                   self.tx_dropped, self.rx_dropped, self.bad_responses,
-                                  self.storm.spurious, len(getattr(self, "unrevoked", ())))
+                                  self.storm.spurious, len(self.unrevoked))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
@@ -113,7 +115,6 @@ class NetFront:
             self.buffers = await self.domain.memory.alloc_pages(2 * BUFFERS)
             self.pages = self.buffers.buffer
             self.backend_id = -1
-            self.unrevoked: list[int] = []  # grants a previous backend would not give back
             self.connections = 0
             started = False
             while True:
@@ -159,9 +160,9 @@ class NetFront:
             # pages the old backend still has mapped are not granted to the new one; the vif
             # waits for the toolstack to move it again (the refused grants are retried then,
             # and only they).
-            old = getattr(self, "all_grefs", []) + self.unrevoked
+            old = self.all_grefs + self.unrevoked
             self.all_grefs = []
-            self.unrevoked = [g for g, ended in zip(old, gt.end_access_many(old)) if not ended]
+            self.unrevoked = gt.end_access_many(old)
             if self.unrevoked:
                 log.error("granted pages still mapped by the previous backend: not reused",
                           extra={"kv": {"devid": self.devid, "pages": len(self.unrevoked),

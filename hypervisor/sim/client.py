@@ -285,16 +285,16 @@ class SimGrantTable:
                               ffi.new("uint32_t[]", list(frames)), len(grefs), int(readonly))
         return grefs
 
-    def end_access_many(self, grefs: Sequence[int]) -> list[bool]:
-        """:meth:`end_access` for many grefs in one C call."""
+    def end_access_many(self, grefs: Sequence[int]) -> list[int]:
+        """:meth:`end_access` for many grefs in one C call; returns those it could not end
+        (still mapped by the grantee)."""
         assert self._base is not None
         if any(not RESERVED_GREFS <= gref < self.entries for gref in grefs):
             raise ValueError("gref out of range")
         ended = ffi.new("uint8_t[]", len(grefs))
         lib.rf_grant_end_access_many(self._base, ffi.new("uint32_t[]", list(grefs)), len(grefs), ended)
-        result = [bool(e) for e in ended]
-        self._free += [gref for gref, done in zip(grefs, result) if done]
-        return result
+        self._free += [gref for gref, done in zip(grefs, ended) if done]
+        return [gref for gref, done in zip(grefs, ended) if not done]
 
     def end_access(self, gref: int) -> bool:
         """Revoke a grant; False while the grantee still has it mapped (retry later)."""

@@ -30,6 +30,5 @@ def test_batches_match_single_calls_and_leave_pinned_entries_alone():
     # a pinned entry (mapped by the grantee) is not ended, and its gref is not reused
     frame = ffi.new("uint32_t *")
     assert lib.rf_grant_pin(many._base + batch[3], 7, 0, frame) == 0  # type: ignore[operator]
-    ended = many.end_access_many(batch)
-    assert ended == [g != batch[3] for g in batch]
+    assert many.end_access_many(batch) == [batch[3]]  # the one still mapped
     assert batch[3] not in many.grant_access_many(8, list(range(many.entries - RESERVED_GREFS - 1)))
