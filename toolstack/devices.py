@@ -41,7 +41,7 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
             writes += [(f"{fe}/{key}", value) for key, value in
                        (("backend", be), ("backend-id", backend), *frontend_keys)]
             halves = ((be, backend, frontend), (fe, frontend, backend))
-            requests = [(Op.WRITE, W.join(path) + str(value).encode(), tx.id) for path, value in writes]
+            requests = [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in writes]
             requests += [(Op.READ, W.join(f"{fe}/state"), tx.id)]
             requests += [(Op.DIRECTORY, W.join(top), tx.id) for top, _, _ in halves]
             *written, fe_state, be_list, fe_list = await xs.pipeline(requests)
@@ -56,13 +56,12 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
             perms += [(parent, [f"n{frontend}"]) for parent in (
                 f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}")]
             for (top, owner, reader), listing in zip(halves, (be_list, fe_list)):
-                children = [c.decode() for c in listing.split(b"\0") if c]  # type: ignore[union-attr]
-                nodes = [top] + [f"{top}/{child}" for child in children]
+                nodes = [top] + [f"{top}/{child}" for child in W.strings(listing)]  # type: ignore[arg-type]
                 perms += [(node, [f"n{owner}", f"r{reader}"]) for node in nodes]
             requests = [(Op.SET_PERMS, W.join(path, *p), tx.id) for path, p in perms]
             if isinstance(fe_state, XenStoreError):  # a new frontend starts Initialising;
                 # a live one keeps its own state
-                requests.append((Op.WRITE, W.join(f"{fe}/state") + str(int(XenbusState.Initialising)).encode(), tx.id))
+                requests.append((Op.WRITE, W.write_payload(f"{fe}/state", str(int(XenbusState.Initialising))), tx.id))
                 requests.append((Op.SET_PERMS, W.join(f"{fe}/state", f"n{frontend}", f"r{backend}"), tx.id))
             if replaces is not None:
                 requests.append((Op.RM, W.join(replaces), tx.id))

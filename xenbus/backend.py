@@ -54,7 +54,7 @@ async def _complete_devices(xs: XenStore, base: str, complete_key: str) -> list[
     listings = await xs.pipeline([(Op.DIRECTORY, W.join(f"{base}/{fe}"), 0) for fe in frontends])
     candidates = [((int(fe), int(devid)), f"{base}/{fe}/{devid}")
                   for fe, listing in zip(frontends, listings) if not isinstance(listing, XenStoreError)
-                  for devid in listing.decode(errors="replace").split("\0") if devid.isdigit()]
+                  for devid in W.strings(listing) if devid.isdigit()]
     marks = await xs.pipeline([(Op.READ, W.join(f"{path}/{complete_key}"), 0) for _, path in candidates])
     return [candidate for candidate, mark in zip(candidates, marks) if not isinstance(mark, XenStoreError)]
 

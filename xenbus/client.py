@@ -210,15 +210,11 @@ class XenStore:
 
     async def read_many(self, paths: list[str], tx_id: int = 0) -> list[bytes | None]:
         """Several reads in one round trip; None where a node is missing."""
-        results = await self.pipeline([(Op.READ, W.join(path), tx_id) for path in paths])
-        for result in results:
-            if isinstance(result, XenStoreError) and result.name != "ENOENT":
-                raise result
-        return [None if isinstance(r, XenStoreError) else r for r in results]
+        return present(await self.pipeline([(Op.READ, W.join(path), tx_id) for path in paths]))
 
     async def write_many(self, items: list[tuple[str, bytes | str]], tx_id: int = 0) -> None:
         """Several writes in one round trip."""
-        await self._pipeline_all([(Op.WRITE, path.encode() + b"\0" + _bytes(value), tx_id)
+        await self._pipeline_all([(Op.WRITE, W.write_payload(path, value), tx_id)
                                   for path, value in items])
 
     async def set_perms_many(self, items: list[tuple[str, list[str]]], tx_id: int = 0) -> None:
@@ -227,11 +223,11 @@ class XenStore:
 
     async def directory_many(self, paths: list[str], tx_id: int = 0) -> list[list[str]]:
         """Several listings in one round trip."""
-        return [[p.decode() for p in payload.split(b"\0") if p] for payload in
+        return [W.strings(payload) for payload in
                 await self._pipeline_all([(Op.DIRECTORY, W.join(path), tx_id) for path in paths])]
 
     async def write(self, path: str, value: bytes | str, tx_id: int = 0) -> None:
-        await self.request(Op.WRITE, path.encode() + b"\0" + _bytes(value), tx_id)
+        await self.request(Op.WRITE, W.write_payload(path, value), tx_id)
 
     async def mkdir(self, path: str, tx_id: int = 0) -> None:
         await self.request(Op.MKDIR, W.join(path), tx_id)
@@ -240,12 +236,10 @@ class XenStore:
         await self.request(Op.RM, W.join(path), tx_id)
 
     async def directory(self, path: str, tx_id: int = 0) -> list[str]:
-        payload = await self.request(Op.DIRECTORY, W.join(path), tx_id)
-        return [p.decode() for p in payload.split(b"\0") if p]
+        return W.strings(await self.request(Op.DIRECTORY, W.join(path), tx_id))
 
     async def get_perms(self, path: str, tx_id: int = 0) -> list[str]:
-        payload = await self.request(Op.GET_PERMS, W.join(path), tx_id)
-        return [p.decode() for p in payload.split(b"\0") if p]
+        return W.strings(await self.request(Op.GET_PERMS, W.join(path), tx_id))
 
     async def set_perms(self, path: str, perms: list[str], tx_id: int = 0) -> None:
         await self.request(Op.SET_PERMS, W.join(path, *perms), tx_id)
@@ -366,8 +360,13 @@ def _direct(stream: Any) -> Any:
     return RawSocket(stream.socket) if isinstance(stream, trio.SocketStream) else stream
 
 
-def _bytes(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
+def present(results: list[bytes | XenStoreError]) -> list[bytes | None]:
+    """:meth:`XenStore.pipeline`'s results with a missing node (ENOENT) as None; any other
+    error is raised."""
+    for result in results:
+        if isinstance(result, XenStoreError) and result.name != "ENOENT":
+            raise result
+    return [None if isinstance(result, XenStoreError) else result for result in results]
 
 
 class _Replies:

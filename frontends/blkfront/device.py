@@ -24,7 +24,7 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.client import XenStore, gather
+from ringfence.xenbus.client import XenStore, gather, present
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
 
@@ -250,14 +250,11 @@ class BlkFront:
         # crash waits on this).
         keys = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
                 "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
-        *read, listing = await self.xs.pipeline(
+        *read, listing = present(await self.xs.pipeline(
             [(W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in keys]
-            + [(W.Op.DIRECTORY, W.join(self.path), 0)])
-        for result in (*read, listing):
-            if isinstance(result, XenStoreError) and result.name != "ENOENT":
-                raise result
-        values = {k: None if isinstance(r, XenStoreError) else r for k, r in zip(keys, read)}
-        mine = [] if isinstance(listing, XenStoreError) else listing.decode(errors="replace").split("\0")
+            + [(W.Op.DIRECTORY, W.join(self.path), 0)]))
+        values = dict(zip(keys, read))
+        mine = W.strings(listing or b"")
         if values["sectors"] is None:
             raise XenStoreError("ENOENT", f"{self.backend_path}/sectors")
         self.sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
@@ -298,12 +295,9 @@ class BlkFront:
             (f"{self.path}/protocol", "x86_64-abi"),
             (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
             (f"{self.path}/state", str(int(XenbusState.Initialised)))]
-        results = await self.xs.pipeline(
+        present(await self.xs.pipeline(  # a stale key already gone is no error
             [(W.Op.RM, W.join(f"{self.path}/{name}"), 0) for name in stale]
-            + [(W.Op.WRITE, W.join(path) + value.encode(), 0) for path, value in writes])
-        for result in results:
-            if isinstance(result, XenStoreError) and result.name != "ENOENT":
-                raise result
+            + [(W.Op.WRITE, W.write_payload(path, value), 0) for path, value in writes]))
         self.state = XenbusState.Initialised
         log.debug("initialised; waiting for backend to connect")
         await self._wait_for_backend((XenbusState.Connected,))

@@ -100,6 +100,16 @@ def join(*args: bytes | str) -> bytes:
     return b"".join((a.encode() if isinstance(a, str) else a) + b"\0" for a in args)
 
 
+def write_payload(path: str, value: bytes | str) -> bytes:
+    """A WRITE's payload: the path, its NUL, then the value (NULs and all, no NUL after)."""
+    return path.encode() + b"\0" + (value.encode() if isinstance(value, str) else value)
+
+
+def strings(payload: bytes) -> list[str]:
+    """The NUL-ended strings of a reply: a DIRECTORY's names, a GET_PERMS's entries."""
+    return [part.decode(errors="replace") for part in payload.split(b"\0") if part]
+
+
 def error_payload(name: str) -> bytes:
     return name.encode() + b"\0"
 
