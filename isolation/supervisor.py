@@ -137,7 +137,7 @@ class Service:
             try:
                 await self._restart_loop(delay)
             finally:
-                await self._clear_leftover()
+                await self._clear(self._take_leftover())
 
     async def _restart_loop(self, delay: float) -> None:
         while not self._stop:
@@ -159,30 +159,32 @@ class Service:
                 delay = 0.0
             self._set_state(State.BACKOFF)
             if delay:
-                await self._clear_leftover()
+                await self._clear(self._take_leftover())
                 await trio.sleep(delay)
             delay = min(max(delay * self.policy.factor, self.policy.initial_delay), self.policy.max_delay)
         self._set_state(State.STOPPED)
 
-    async def _clear_leftover(self, leftover: SandboxedProcess | None = None) -> None:
-        """The processes and cgroup of the last run (its process is dead, others in its
+    def _take_leftover(self) -> SandboxedProcess | None:
+        leftover, self._leftover = self._leftover, None
+        return leftover
+
+    @staticmethod
+    async def _clear(leftover: SandboxedProcess | None) -> None:
+        """The processes and cgroup of a run that ended (its process is dead, others in its
         cgroup may take a few milliseconds more)."""
-        if leftover is None:
-            leftover, self._leftover = self._leftover, None
         if leftover is not None:
             with trio.CancelScope(shield=True):
                 await leftover.aclose()
 
     async def _run_once(self) -> None:
         launch = await self.prepare()
-        if self._leftover is not None:
-            if launch.adopt is not None and self._nursery is not None:
-                # A spare in its own cgroup takes over: the dead run is cleared meanwhile.
-                leftover, self._leftover = self._leftover, None
-                self._nursery.start_soon(self._clear_leftover, leftover)
-            else:
-                # A new process joins the same cgroup: the old one's must be empty first.
-                await self._clear_leftover()
+        leftover = self._take_leftover()
+        if launch.adopt is not None and self._nursery is not None:
+            # A spare in its own cgroup takes over: the dead run is cleared meanwhile.
+            self._nursery.start_soon(self._clear, leftover)
+        else:
+            # A new process joins the same cgroup: the old one's must be empty first.
+            await self._clear(leftover)
         path = os.path.join(self.runtime_dir, f"{self.name}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -11,6 +11,7 @@ import trio
 from ringfence.hypervisor.sim.client import Dom0, SimDomain, StoreRing, open_dom0
 from ringfence.hypervisor.sim.protocol import EventKind
 from ringfence.xenbus.client import XenStore, open_xenstore_stream
+from ringfence.xenbus.ring_transport import mapped_domain_ring, serve_domain_ring, setup_guest_ring
 from ringfence.xenbus.server import XenStoreServer
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ async def serve_hypervisor_domains(server: XenStoreServer, hypervisor: str, *,
 
 async def _serve_ring(server: XenStoreServer, dom0: Dom0, event: StoreRing,
                       rings: dict[int, trio.CancelScope]) -> None:
-    from ringfence.xenbus.ring_transport import mapped_domain_ring, serve_domain_ring
     if event.domid in rings:
         return
     with trio.CancelScope() as scope:
@@ -85,7 +85,6 @@ async def open_domain_xenstore(domain: SimDomain, transport: str | None = None) 
     """This domain's XenStore connection, authenticated by the hypervisor: over its ring page
     and event channel as a Xen guest's (``ring``, the default), or a socket (``socket``)."""
     if (transport or default_transport()) == "ring":
-        from ringfence.xenbus.ring_transport import setup_guest_ring
         guest = await setup_guest_ring(domain)
         async with open_xenstore_stream(guest.stream(), guest.reconnect) as xs:
             yield xs

@@ -842,20 +842,21 @@ class Hypervisor:
         theirs.held, theirs.bound, theirs.bound_by, theirs.peer_port = theirs.bound, None, None, 0
         self._unbound_held += 1
 
+    def _close_channel(self, domain: Domain, channel: _Channel) -> None:
+        if channel.binder:
+            self._unbind(domain, channel)
+        self._drop_held(channel)
+
     def _close_all_ports(self, domain: Domain) -> None:
         for channel in domain.ports.values():
-            if channel.binder:
-                self._unbind(domain, channel)
-            self._drop_held(channel)
+            self._close_channel(domain, channel)
         domain.ports.clear()
 
     def _close_port(self, domain: Domain, msg: P.Message, port: int) -> bytes:
         channel = domain.ports.pop(port, None)
         if channel is None:
             return P.reply(msg, -errno.EINVAL)
-        if channel.binder:
-            self._unbind(domain, channel)
-        self._drop_held(channel)
+        self._close_channel(domain, channel)
         if port == domain.store_port:
             domain.store_port = 0
         return P.reply(msg, 0)
