@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from ringfence.frontends.blkfront.fastpath import DeviceFastPath
 from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
@@ -85,7 +86,6 @@ class _Pending:
     done: trio.Event | None = None  # for a caller that awaits it (see _submit)
     status: int = Status.OKAY
     sent_on: int = 0             # the connection whose ring carries it (0: none yet)
-    on_done: Callable[[int], None] | None = None  # called with the status (see start())
 
 
 @dataclass(eq=False)
@@ -108,7 +108,8 @@ class BlkFront:
         self.features: dict[str, int] = {}
         self.pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
-        self._free_pages: list[int] = []
+        # The pool's free pages and the NBD server's requests in flight live in C.
+        self.fastpath: DeviceFastPath | None = None
         # Parked here: whoever waits for free pages or a free ring slot (both come back when
         # responses arrive) or for the next ring.
         self._room = trio.lowlevel.ParkingLot()
@@ -133,10 +134,17 @@ class BlkFront:
         return self.sectors * blkif.SECTOR_SIZE
 
     def statistics(self) -> BlkfrontStatistics:
+        fast = self.fastpath.counters() if self.fastpath else {}
         return BlkfrontStatistics(self.devid, self.backend_id, self.state.name, self.connections,
-                                  self.requests, self.replayed, len(self.pending), self.errors,
-                                  self.bad_responses, self.bytes_read, self.bytes_written,
-                                  len(self._free_pages), self.storm.spurious, len(self._queues),
+                                  self.requests + fast.get("requests", 0),
+                                  self.replayed + fast.get("replayed", 0),
+                                  len(self.pending) + (self.fastpath.in_flight if self.fastpath else 0),
+                                  self.errors + fast.get("errors", 0),
+                                  self.bad_responses + fast.get("bad_responses", 0),
+                                  self.bytes_read + fast.get("bytes_read", 0),
+                                  self.bytes_written + fast.get("bytes_written", 0),
+                                  self.fastpath.free_pages if self.fastpath else 0,
+                                  self.storm.spurious, len(self._queues),
                                   self._queues[0].ring.size if self._queues else 0,
                                   self.max_segments, len(self._unrevoked))
 
@@ -144,7 +152,7 @@ class BlkFront:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve responses, and reconnect whenever the backend starts over."""
         self._pool = await self.domain.memory.alloc_pages(POOL_PAGES)
-        self._free_pages = list(range(POOL_PAGES))
+        self.fastpath = DeviceFastPath(self._pool.buffer, POOL_PAGES)
         self._ring_pages = await self.domain.memory.alloc_pages(MAX_QUEUES << RING_PAGE_ORDER)
         started = False
         while True:
@@ -222,6 +230,7 @@ class BlkFront:
         self.errors += len(failed)
         for pending in failed:
             self._complete(pending, Status.ERROR)
+        self._fast.set_failed(True)
         self._after_completions()
         self._connected.set()  # wakes putters waiting for a ring: they fail now
         self._room.unpark_all()
@@ -233,6 +242,7 @@ class BlkFront:
                         f"{failed_backend}/hotplug-error")):
                     log.info("backend replaced; reconnecting", extra={"kv": {"backend": current}})
                     self.failed = None
+                    self._fast.set_failed(False)
                     self._connected = trio.Event()
                     return
 
@@ -303,6 +313,9 @@ class BlkFront:
         await self._wait_for_backend((XenbusState.Connected,))
         await self._write_state(XenbusState.Connected)
         self.connections += 1
+        self._fast.attach([queue.ring.c_ring for queue in self._queues], self.connections,
+                          max_segments=self.max_segments, size=self.size,
+                          read_only=self.read_only, handle=self.devid & 0xFFFF)
 
     def _queue_keys(self, order: int, count: int) -> list[tuple[str, str]]:
         """As Linux's blkfront names them: one ring page by ring-ref, several by
@@ -329,6 +342,14 @@ class BlkFront:
             log.info("replaying requests", extra={"kv": {"count": len(self.pending)}})
             for pending in sorted(self.pending.values(), key=lambda p: p.id):
                 await self._put(pending, replaying=True)
+        fast = self._fast
+        if fast.in_flight:
+            log.info("replaying nbd requests", extra={"kv": {"count": fast.in_flight}})
+        while fast.replay():
+            self.kick(fast.notify_mask)
+            await self._room.park()
+        self.kick(fast.notify_mask)
+        fast.open()
         self._connected.set()
         log.info("vbd connected", extra={"kv": {"devid": self.devid, "backend": self.backend_id,
                                                "sectors": self.sectors}})
@@ -347,6 +368,7 @@ class BlkFront:
                                  f"backend {self.backend_id}: not reused")
         self.backend_id = backend_id
         self._pool_grefs = gt.grant_access_many(backend_id, self._pool.frames)
+        self._fast.set_grefs(self._pool_grefs)
         self._ring_grefs = gt.grant_access_many(backend_id, self._ring_pages.frames)
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
@@ -372,6 +394,7 @@ class BlkFront:
 
     async def _close_queues(self) -> None:
         queues, self._queues = self._queues, []
+        self._fast.detach()
 
         async def close(port: Any) -> None:
             with contextlib.suppress(OSError):
@@ -390,19 +413,18 @@ class BlkFront:
         return None
 
     async def _receive_responses(self, queue: _Queue, scope: trio.CancelScope) -> None:
-        ring, port = queue.ring, queue.port
+        ring, port, fast = queue.ring, queue.port, self._fast
         while True:
             try:
-                responses = ring.take_responses()
+                responses = fast.complete(queue.index)  # the NBD server's are answered in C
             except RingOverflow:
                 self.bad_responses += 1
                 log.error("backend overflowed the ring; reconnecting")
                 scope.cancel()
                 return
-            if not responses:
-                if not ring.final_check_for_responses():
-                    await port.wait()
-                    await self.storm.woken(ring.unconsumed_responses() > 0)
+            if responses is None:
+                await port.wait()
+                await self.storm.woken(ring.unconsumed_responses() > 0)
                 continue
             self.storm.note_work()
             for raw in responses:
@@ -429,8 +451,6 @@ class BlkFront:
         pending.finished = True
         if pending.done is not None:
             pending.done.set()
-        if pending.on_done is not None:
-            pending.on_done(status)
 
     # ---- requests --------------------------------------------------------------------
     async def _put(self, pending: _Pending, *, replaying: bool = False) -> None:
@@ -482,14 +502,9 @@ class BlkFront:
                                          [grefs[page] for page in p.pages], p.sectors_in_last)
 
     async def _pages(self, count: int) -> list[int]:
-        while len(self._free_pages) < count:
+        while (pages := self._fast.take_pages(count)) is None:
             await self._room.park()
-        return self._take_pages(count)
-
-    def _take_pages(self, count: int) -> list[int]:
-        taken = self._free_pages[-count:]
-        del self._free_pages[-count:]
-        return taken
+        return pages
 
     def _new_pending(self, operation: int, sector: int, pages: list[int], sectors_in_last: int = 8,
                      nr_sectors: int = 0, done: trio.Event | None = None) -> _Pending:
@@ -590,57 +605,6 @@ class BlkFront:
             return bytes(view[pages[0] * PAGE:pages[0] * PAGE + size])
         return b"".join(view[p * PAGE:(p + 1) * PAGE] for p in pages)[:size]
 
-    def start(self, write: bool, offset: int, data_or_length: bytes | int,
-              on_done: Callable[[int, bytes], None]) -> bool:
-        """Start a read or write of at most one request's worth (44 KiB, 1 MiB with
-        indirect requests) without waiting,
-        if pages and a ring slot are free now; ``on_done(errno, data)`` runs when it
-        completes (0 and the bytes read, or 5 = EIO). False: nothing started, use the async
-        :meth:`read`/:meth:`write` (which wait for room). Offset and length are the
-        caller's to check (sector-aligned, inside the disk).
-
-        This is the NBD server's path: a request costs no task and no await, and, like
-        every request, it stays pending until answered, so it is replayed across a
-        backend restart.
-        """
-        length = data_or_length if isinstance(data_or_length, int) else len(data_or_length)
-        count = -(-length // PAGE)
-        taking = self._pages_for(length)
-        if (self.failed is not None or not self._connected.is_set()
-                or not 0 < count <= self.max_segments or len(self._free_pages) < taking):
-            return False
-        queue = self._queue_with_room()
-        if queue is None:
-            return False
-        taken = self._take_pages(taking)
-        pages = taken[:count]
-        if write:
-            view = self._pool.buffer
-            data = memoryview(data_or_length)  # type: ignore[arg-type]
-            for i, page in enumerate(pages):
-                piece = data[i * PAGE:(i + 1) * PAGE]
-                view[page * PAGE:page * PAGE + len(piece)] = piece
-        pending = self._new_pending(Op.WRITE if write else Op.READ, offset // 512, list(taken),
-                                    (length - (count - 1) * PAGE) // 512)
-
-        def finished(status: int) -> None:
-            data = b""
-            if status != Status.OKAY:
-                self.errors += 1
-            elif write:
-                self.bytes_written += length
-            else:
-                data = self._gather(pages, length)
-                self.bytes_read += length
-            self._release(taken)
-            on_done(0 if status == Status.OKAY else 5, data)
-
-        pending.on_done = finished
-        self.pending[pending.id] = pending
-        self.requests += 1
-        self._send(queue, pending)
-        return True
-
     async def flush(self) -> None:
         await self._submit(Op.FLUSH_DISKCACHE, 0, [])
 
@@ -652,9 +616,28 @@ class BlkFront:
         # Synchronous: it runs in the finally of a request its client may have given up on
         # (an NBD client that disconnects mid-I/O), where an await could be cancelled and
         # lose the pages.
-        self._free_pages.extend(pages)
+        self._fast.release_pages(pages)
         if self._room:
             self._room.unpark_all()
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
+
+    # ---- for the NBD server's fast path ----------------------------------------------
+    @property
+    def _fast(self) -> DeviceFastPath:
+        assert self.fastpath is not None, "run() makes the fast path"
+        return self.fastpath
+
+    def kick(self, queue_mask: int) -> None:
+        """Send an event on each queue whose ring the fast path just pushed requests on."""
+        for queue in self._queues:
+            if queue_mask >> queue.index & 1:
+                queue.port.notify()
+
+    async def wait_room(self) -> None:
+        """Until a fast request may have room: a connection, free pages and ring slots."""
+        if not self._connected.is_set():
+            await self._connected.wait()
+        else:
+            await self._room.park()

@@ -10,12 +10,10 @@ The device may pause (its backend restarting): requests then simply wait.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +21,7 @@ import trio
 
 from ringfence._rawsock import RawSocket
 from ringfence._unixsock import listen_unix
+from ringfence.frontends.blkfront.fastpath import NbdConnection, NbdRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ MAX_OPTION = 64 << 10
 MAX_IN_FLIGHT = 64
 
 REQUEST = struct.Struct(">IHHQQI")
-SIMPLE_REPLY = struct.Struct(">IIQ")
+SIMPLE_REPLY = struct.Struct(">II")  # then the request's 8-byte cookie
 OPTION = struct.Struct(">QII")
 OPTION_REPLY = struct.Struct(">QIII")
 
@@ -62,13 +61,6 @@ class BlockDevice(Protocol):
     async def flush(self) -> None: ...
 
     async def discard(self, offset: int, length: int) -> None: ...
-
-
-class StartingBlockDevice(BlockDevice, Protocol):
-    """A device that can also start a small read or write without waiting (blkfront)."""
-
-    def start(self, write: bool, offset: int, data_or_length: bytes | int,
-              on_done: Callable[[int, bytes], None]) -> bool: ...
 
 
 class ProtocolError(Exception):
@@ -107,12 +99,17 @@ class NbdServer:
         self.export_name = export_name
         self.description = description
         self.counters: Counter[str] = Counter()
-        self.requests: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()  # served by Python
         self.active = 0
+        self._open: set[NbdConnection] = set()
+        self._closed: Counter[str] = Counter()   # what closed connections' C paths served
 
     def statistics(self) -> NbdStatistics:
-        c = self.counters
-        return NbdStatistics(self.active, c["connections"], dict(self.requests), c["bytes_read"],
+        c = self.counters + self._closed
+        for conn in self._open:
+            c.update(conn.counters())
+        requests = self.requests + Counter({"read": c["read"], "write": c["write"]})
+        return NbdStatistics(self.active, c["connections"], dict(requests), c["bytes_read"],
                              c["bytes_written"], c["errors"], c["protocol_violations"])
 
     def transmission_flags(self) -> int:
@@ -225,79 +222,67 @@ class NbdServer:
     async def _reply(stream: trio.abc.Stream, option: int, kind: int, data: bytes = b"") -> None:
         await stream.send_all(OPTION_REPLY.pack(REPLY_MAGIC, option, kind, len(data)) + data)
 
-    async def _transmission(self, stream: trio.abc.Stream, reader: _Reader) -> None:
-        send_lock = _ReplyQueue(stream)
+    async def _transmission(self, stream: RawSocket, reader: _Reader) -> None:
+        """Requests are read, parsed and, the common ones, started on the device in C (see
+        fastpath.py); the rest run here as tasks, up to MAX_IN_FLIGHT at once. Every reply
+        goes out through the C connection, so replies never interleave."""
+        device = self.device
+        fast = getattr(device, "fastpath", None)
+        conn = NbdConnection(fast, stream.raw.fileno(), bytes(reader.buffer))
+        reader.buffer.clear()
+        writer = _Writer(conn, stream.raw)
+        hooks = getattr(device, "after_responses", None)
+        if hooks is not None:  # fast replies the socket did not take wait for the writer
+            hooks.add(writer.poke)
+        self._open.add(conn)
         slots = trio.Semaphore(MAX_IN_FLIGHT)
         violation = None
-        start = getattr(self.device, "start", None)
-        size = self.device.size
-        started = 0
-        hooks = getattr(self.device, "after_responses", None)
-        if hooks is not None:  # replies of callback requests go out once a batch is done
-            send_lock.deferred = True
-            hooks.add(send_lock.flush_nowait)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_lock.run)
-            # Errors end the loop, not the nursery, so that requests in flight finish and
-            # nothing escapes as an exception group.
-            while True:
-                try:
-                    magic, flags, kind, handle, offset, length = REQUEST.unpack(
-                        await reader.exactly(REQUEST.size))
-                    if magic != REQUEST_MAGIC:
-                        violation = "bad request magic"
-                        break
-                    if kind == CMD_DISC:
-                        break
-                    data = b""
-                    if kind == CMD_WRITE:
-                        if length > MAX_REQUEST:
-                            violation = f"write of {length} bytes"  # its data cannot be skipped
-                            break
-                        data = await reader.exactly(length)
-                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    break
-                # The common request, started at once without a task of its own: a small
-                # read or write, valid, and the device has room for it now.
-                if (start is not None and kind <= CMD_WRITE and not flags & CMD_FLAG_FUA
-                        and length and not (offset | length) % 512 and offset + length <= size
-                        and (kind == CMD_READ or not self.device.read_only)
-                        and start(kind == CMD_WRITE, offset, data or length,
-                                  functools.partial(self._started_done, send_lock, kind, handle, length))):
-                    self.requests["write" if kind else "read"] += 1
-                    send_lock.outstanding += 1
-                    started += 1
-                    if started % 64 == 0:  # a client that never pauses leaves room to others
-                        await trio.lowlevel.checkpoint()
-                    continue
-                await slots.acquire()
-                nursery.start_soon(self._command, stream, send_lock, slots, kind, flags, handle,
-                                   offset, length, data)
-            await send_lock.drain(slots)
-            nursery.cancel_scope.cancel()
-        if hooks is not None:
-            hooks.discard(send_lock.flush_nowait)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                while not conn.broken:
+                    result = conn.pump(64)
+                    if fast is not None and fast.notify_mask:
+                        device.kick(fast.notify_mask)
+                    if result == NbdConnection.WAIT:
+                        await trio.lowlevel.wait_readable(stream.raw)
+                    elif result == NbdConnection.ROOM:
+                        await device.wait_room()
+                    elif result in (NbdConnection.FULL, NbdConnection.BUDGET):
+                        await writer.until_drained() if result == NbdConnection.FULL \
+                            else trio.lowlevel.checkpoint()
+                    elif result == NbdConnection.HANDBACK:
+                        request = conn.handed_back()
+                        await slots.acquire()
+                        nursery.start_soon(self._command, writer, slots, request)
+                    else:
+                        if result == NbdConnection.BAD_MAGIC:
+                            violation = "bad request magic"
+                        elif result == NbdConnection.TOO_BIG:
+                            violation = "write too large"  # its data cannot be skipped
+                        break  # EOF or DISC: what is in flight finishes first
+                while not conn.broken and (slots.value < MAX_IN_FLIGHT or conn.outstanding
+                                           or conn.queued_bytes):
+                    await trio.sleep(0.001)
+                nursery.cancel_scope.cancel()
+        finally:
+            if hooks is not None:
+                hooks.discard(writer.poke)
+            self._open.discard(conn)
+            self._closed.update(conn.counters())
+            conn.close()
         if violation:
             raise ProtocolError(violation)
 
-    async def _command(self, stream: trio.abc.Stream, replies: _ReplyQueue, slots: trio.Semaphore,
-                       kind: int, flags: int, handle: int, offset: int, length: int, data: bytes) -> None:
+    async def _command(self, writer: _Writer, slots: trio.Semaphore, request: NbdRequest) -> None:
         try:
-            error, payload = await self._execute(kind, flags, offset, length, data)
+            error, payload = await self._execute(request.kind, request.flags, request.offset,
+                                                 request.length, request.data)
             if error:
                 self.counters["errors"] += 1
-            replies.add(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload)
+            writer.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error) + request.cookie + payload)
         finally:
             slots.release()
-
-    def _started_done(self, replies: _ReplyQueue, kind: int, handle: int, length: int,
-                      error: int, payload: bytes) -> None:
-        replies.outstanding -= 1
-        if error:
-            self.counters["errors"] += 1
-        else:
-            self.counters["bytes_read" if kind == CMD_READ else "bytes_written"] += length
-        replies.add(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle) + payload, replies.deferred)
 
     async def _execute(self, kind: int, flags: int, offset: int, length: int,
                        data: bytes) -> tuple[int, bytes]:
@@ -344,62 +329,33 @@ class NbdServer:
             return EIO, b""
 
 
-class _ReplyQueue:
-    """Replies of one connection, sent by one task in as few writes as possible."""
+class _Writer:
+    """Sends what the socket did not take at once, when it becomes writable."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.pending: list[bytes] = []
-        self.ready = trio.Event()
-        self.broken = False
-        self.sending = False
-        self.outstanding = 0  # requests started on the device, not answered yet
-        self.send_nowait = getattr(stream, "send_nowait", None)
-        self.deferred = False   # the device calls flush_nowait after each batch of completions
-        self.held: list[bytes] = []
+    def __init__(self, conn: NbdConnection, sock: Any) -> None:
+        self.conn, self.sock = conn, sock
+        self.wake = trio.Event()
+        self.drained = trio.Event()
 
-    def add(self, reply: bytes, deferred: bool = False) -> None:
-        if deferred:
-            self.held.append(reply)
-            return
-        self._send_or_queue(reply)
+    def send(self, reply: bytes) -> None:
+        if self.conn.queue_reply(reply):
+            self.wake.set()
 
-    def flush_nowait(self) -> None:
-        """Send what a batch of completions replied, in one write if the socket takes it."""
-        if self.held:
-            held, self.held = self.held, []
-            self._send_or_queue(held[0] if len(held) == 1 else b"".join(held))
+    def poke(self) -> None:
+        if self.conn.queued_bytes:
+            self.wake.set()
 
-    def _send_or_queue(self, reply: bytes) -> None:
-        if not self.pending and not self.sending and self.send_nowait is not None and not self.broken:
-            # Straight out if the socket takes it: no trip through the writer task.
-            try:
-                sent = self.send_nowait(reply)
-            except OSError:
-                self.broken = True
-                return
-            if sent == len(reply):
-                return
-            reply = reply[sent:]
-        self.pending.append(reply)
-        self.ready.set()
+    async def until_drained(self) -> None:
+        self.wake.set()
+        await self.drained.wait()
 
     async def run(self) -> None:
-        try:
-            while True:
-                await self.ready.wait()
-                self.ready = trio.Event()
-                await trio.lowlevel.checkpoint()  # let replies completing together join
-                batch, self.pending = self.pending, []
-                if batch:
-                    self.sending = True
-                    await self.stream.send_all(b"".join(batch))
-                    self.sending = False
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self.broken = True  # the client went away; replies are dropped
-
-    async def drain(self, slots: trio.Semaphore) -> None:
-        """Wait until every request has completed and its reply has gone out."""
-        while not self.broken and (slots.value < MAX_IN_FLIGHT or self.pending or self.outstanding
-                                   or self.held):
-            await trio.sleep(0.001)
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            while (result := self.conn.flush()) == 1:
+                await trio.lowlevel.wait_writable(self.sock)
+            self.drained.set()
+            self.drained = trio.Event()
+            if result < 0:
+                return  # the client went away; replies are dropped

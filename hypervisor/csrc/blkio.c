@@ -4,49 +4,8 @@
 #include <string.h>
 #include <sys/uio.h>
 
-#define SEGMENTS 11
 #define INDIRECT_SEGMENTS 256      /* feature-max-indirect-segments blkback advertises */
-#define SEGMENTS_PER_INDIRECT_PAGE 512
-#define OP_INDIRECT 6
-#define SECTOR 512
-#define PAGE 4096
 #define BATCH 64
-#define OP_READ 0
-#define OP_WRITE 1
-#define RSP_OKAY 0
-#define RSP_ERROR (-1)
-
-/* The x86_64 blkif request and response (asserted against Xen's headers in the tests). */
-struct blk_segment {
-    uint32_t gref;
-    uint8_t first_sect, last_sect;
-    uint16_t pad;
-};
-struct blk_request {
-    uint8_t operation, nr_segments;
-    uint16_t handle;
-    uint32_t pad;
-    uint64_t id, sector_number;
-    struct blk_segment seg[SEGMENTS];
-};
-struct blk_response {
-    uint64_t id;
-    uint8_t operation, pad;
-    int16_t status;
-    uint32_t pad2;
-};
-struct blk_indirect_request {
-    uint8_t operation, indirect_op;
-    uint16_t nr_segments;
-    uint32_t pad;
-    uint64_t id, sector_number;
-    uint16_t handle, pad2;
-    uint32_t indirect_grefs[8];
-    uint8_t pad3[RF_BLK_REQUEST_SIZE - 64];
-};
-_Static_assert(sizeof(struct blk_request) == RF_BLK_REQUEST_SIZE, "blkif request");
-_Static_assert(sizeof(struct blk_indirect_request) == RF_BLK_REQUEST_SIZE, "blkif indirect request");
-_Static_assert(sizeof(struct blk_response) == RF_BLK_RESPONSE_SIZE, "blkif response");
 
 static uint8_t *mapped(const rf_blk_backend *b, uint32_t gref)
 {
@@ -59,26 +18,26 @@ static int plan_segments(const rf_blk_backend *b, uint8_t op, const struct blk_s
                          unsigned n, uint64_t sector, struct iovec *iov, uint64_t *offset,
                          uint64_t *length)
 {
-    if (op == OP_WRITE && b->read_only)
+    if (op == BLK_OP_WRITE && b->read_only)
         return 0;
     uint64_t total = 0;
     for (unsigned i = 0; i < n; i++) {
         const struct blk_segment *s = &seg[i];
-        if (s->first_sect > s->last_sect || s->last_sect > PAGE / SECTOR - 1)
+        if (s->first_sect > s->last_sect || s->last_sect > BLK_PAGE / BLK_SECTOR - 1)
             return 0;
         uint8_t *page = mapped(b, s->gref);
         if (!page)
             return 0;
-        if (op == OP_READ && !b->writable[s->gref])
+        if (op == BLK_OP_READ && !b->writable[s->gref])
             return 0; /* the disk writes into this page */
-        iov[i].iov_base = page + (size_t)s->first_sect * SECTOR;
-        iov[i].iov_len = (size_t)(s->last_sect - s->first_sect + 1) * SECTOR;
+        iov[i].iov_base = page + (size_t)s->first_sect * BLK_SECTOR;
+        iov[i].iov_len = (size_t)(s->last_sect - s->first_sect + 1) * BLK_SECTOR;
         total += iov[i].iov_len;
     }
-    uint64_t end = sector + total / SECTOR;
+    uint64_t end = sector + total / BLK_SECTOR;
     if (end < sector || end > b->sectors)
         return 0;
-    *offset = sector * SECTOR;
+    *offset = sector * BLK_SECTOR;
     *length = total;
     return 1;
 }
@@ -88,15 +47,15 @@ static int plan_segments(const rf_blk_backend *b, uint8_t op, const struct blk_s
 static int plan(const rf_blk_backend *b, const struct blk_request *q, struct blk_segment *seg,
                 struct iovec *iov, uint8_t *op, unsigned *n, uint64_t *offset, uint64_t *length)
 {
-    if (q->operation == OP_READ || q->operation == OP_WRITE) {
-        if (q->nr_segments < 1 || q->nr_segments > SEGMENTS)
+    if (q->operation == BLK_OP_READ || q->operation == BLK_OP_WRITE) {
+        if (q->nr_segments < 1 || q->nr_segments > BLK_SEGMENTS)
             return 0;
         *op = q->operation;
         *n = q->nr_segments;
         memcpy(seg, q->seg, sizeof q->seg);
-    } else if (q->operation == OP_INDIRECT) {
+    } else if (q->operation == BLK_OP_INDIRECT) {
         const struct blk_indirect_request *ind = (const struct blk_indirect_request *)q;
-        if (ind->indirect_op != OP_READ && ind->indirect_op != OP_WRITE)
+        if (ind->indirect_op != BLK_OP_READ && ind->indirect_op != BLK_OP_WRITE)
             return 0;
         if (ind->nr_segments < 1 || ind->nr_segments > INDIRECT_SEGMENTS)
             return 0;
@@ -184,8 +143,8 @@ int rf_blk_serve(rf_blk_backend *b, rf_ring *ring, uint8_t *handed_back, uint32_
                 continue;
             }
             int err;
-            err = transfer(b, op == OP_WRITE, iov, (int)n_seg, offset, length);
-            if (!err && op == OP_READ)
+            err = transfer(b, op == BLK_OP_WRITE, iov, (int)n_seg, offset, length);
+            if (!err && op == BLK_OP_READ)
                 b->reads++, b->bytes_read += length;
             else if (!err)
                 b->writes++, b->bytes_written += length;
@@ -196,7 +155,7 @@ int rf_blk_serve(rf_blk_backend *b, rf_ring *ring, uint8_t *handed_back, uint32_
             memset(r, 0, sizeof *r);
             r->id = q->id;
             r->operation = q->operation;
-            r->status = err ? RSP_ERROR : RSP_OKAY;
+            r->status = err ? BLK_RSP_ERROR : BLK_RSP_OKAY;
         }
         if (answered) {
             rf_back_put_responses(ring, rsp, answered);

@@ -9,9 +9,7 @@
 #define RF_BLKIO_H
 #include <stdint.h>
 #include "ring.h"
-
-#define RF_BLK_REQUEST_SIZE 112
-#define RF_BLK_RESPONSE_SIZE 16
+#include "blkif_abi.h"
 
 typedef struct rf_blk_backend {
     int disk_fd;
