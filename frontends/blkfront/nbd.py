@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ EPERM, EIO, EINVAL, ENOSPC, ENOTSUP = 1, 5, 22, 28, 95
 MAX_REQUEST = 32 << 20
 MAX_OPTION = 64 << 10
 MAX_IN_FLIGHT = 64
+SEND_BUFFER = 4 << 20
 
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">II")  # then the request's 8-byte cookie
@@ -139,6 +141,8 @@ class NbdServer:
     async def serve_stream(self, stream: Any) -> None:
         if isinstance(stream, trio.SocketStream):
             stream = RawSocket(stream.socket)  # a request is a few microseconds: no extra trips
+        with contextlib.suppress(OSError):  # a 1 MiB read's reply in one write, if allowed
+            stream.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.counters["connections"] += 1
         self.active += 1
         try:

@@ -27,21 +27,24 @@ _Static_assert((1u << SLOT_BITS) == RF_BF_SLOTS, "slot index bits");
 
 enum { SLOT_FREE, SLOT_ON_RING, SLOT_DONE };
 
+/* A reply waiting for the socket: bytes of its own, or a fast read's header and the granted
+ * pages it read into (held until sent: no copy). */
+struct rf_nbd_reply {
+    rf_nbd_reply *next;
+    rf_bf_slot *slot;                /* NULL: data */
+    uint8_t *data;
+    size_t len, sent;
+};
+
 struct rf_bf_slot {
     uint64_t id, seq, sector;
     rf_nbd_conn *conn;
-    rf_bf_slot *next_done;
+    rf_nbd_reply queued;
     uint32_t length, sent_on;
     uint16_t npages, descriptor;
-    uint8_t kind, state, ok;
-    uint8_t reply[NBD_REPLY];
+    uint8_t kind, state;
+    uint8_t header[NBD_REPLY];
     uint16_t pages[MAX_PAGES];
-};
-
-struct rf_nbd_reply {
-    rf_nbd_reply *next;
-    size_t len, sent;
-    uint8_t data[];
 };
 
 static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
@@ -171,19 +174,57 @@ static void free_slot(rf_bf_device *d, rf_bf_slot *s)
 
 /* ---- replies --------------------------------------------------------------------------- */
 
-static size_t slot_iov(const rf_bf_slot *s, struct iovec *iov, const uint8_t *pool)
+static size_t reply_iov(const rf_bf_device *d, const rf_nbd_reply *r, struct iovec *iov)
 {
-    iov[0].iov_base = (void *)s->reply;
-    iov[0].iov_len = NBD_REPLY;
-    if (s->kind != BLK_OP_READ || !s->ok)
+    if (!r->slot) {
+        iov[0].iov_base = r->data;
+        iov[0].iov_len = r->len;
         return 1;
-    uint32_t left = s->length;
-    for (unsigned i = 0; i < s->npages; i++) {
-        iov[1 + i].iov_base = (void *)(pool + (size_t)s->pages[i] * BLK_PAGE);
+    }
+    const rf_bf_slot *s = r->slot;
+    iov[0].iov_base = (void *)s->header;
+    iov[0].iov_len = NBD_REPLY;
+    uint32_t left = (uint32_t)(r->len - NBD_REPLY);
+    for (unsigned i = 0; left; i++) {
+        iov[1 + i].iov_base = d->pool + (size_t)s->pages[i] * BLK_PAGE;
         iov[1 + i].iov_len = left < BLK_PAGE ? left : BLK_PAGE;
         left -= (uint32_t)iov[1 + i].iov_len;
     }
-    return 1 + s->npages;
+    return 1 + (r->len - NBD_REPLY + BLK_PAGE - 1) / BLK_PAGE;
+}
+
+static size_t skip_bytes(struct iovec *iov, size_t n, size_t skip)
+{
+    size_t i = 0;
+    while (i < n && skip >= iov[i].iov_len)
+        skip -= iov[i++].iov_len;
+    if (i < n) {
+        iov[i].iov_base = (uint8_t *)iov[i].iov_base + skip;
+        iov[i].iov_len -= skip;
+    }
+    memmove(iov, iov + i, (n - i) * sizeof *iov);
+    return n - i;
+}
+
+static void append(rf_nbd_conn *c, rf_nbd_reply *r)
+{
+    r->next = NULL;
+    if (c->out_tail)
+        c->out_tail->next = r;
+    else
+        c->out_head = r;
+    c->out_tail = r;
+    c->queued_bytes += r->len - r->sent;
+}
+
+static void release(rf_nbd_conn *c, rf_nbd_reply *r)
+{
+    if (r->slot) {
+        c->pinned -= r->slot->npages;
+        free_slot(c->dev, r->slot);
+    } else {
+        free(r);
+    }
 }
 
 static void drop_queue(rf_nbd_conn *c)
@@ -191,42 +232,24 @@ static void drop_queue(rf_nbd_conn *c)
     while (c->out_head) {
         rf_nbd_reply *r = c->out_head;
         c->out_head = r->next;
-        free(r);
+        release(c, r);
     }
     c->out_tail = NULL;
     c->queued_bytes = 0;
 }
 
-/* Keep what the socket did not take, from byte skip of these iovecs on. */
-static void enqueue(rf_nbd_conn *c, const struct iovec *iov, size_t n, size_t skip)
+static rf_nbd_reply *copy_reply(const struct iovec *iov, size_t n)
 {
     size_t len = 0;
     for (size_t i = 0; i < n; i++)
         len += iov[i].iov_len;
-    if (skip >= len)
-        return;
-    rf_nbd_reply *r = malloc(sizeof *r + len - skip);
-    if (!r) {
-        c->broken = 1;   /* a reply lost would hang the client: end the connection instead */
-        drop_queue(c);
-        return;
-    }
-    r->next = NULL;
-    r->len = len - skip;
-    r->sent = 0;
-    uint8_t *to = r->data;
-    for (size_t i = 0; i < n; i++) {
-        size_t from = skip < iov[i].iov_len ? skip : iov[i].iov_len;
-        skip -= from;
-        memcpy(to, (uint8_t *)iov[i].iov_base + from, iov[i].iov_len - from);
-        to += iov[i].iov_len - from;
-    }
-    if (c->out_tail)
-        c->out_tail->next = r;
-    else
-        c->out_head = r;
-    c->out_tail = r;
-    c->queued_bytes += r->len;
+    rf_nbd_reply *r = malloc(sizeof *r + len);
+    if (!r)
+        return NULL;
+    *r = (rf_nbd_reply){.data = (uint8_t *)(r + 1), .len = len};
+    for (size_t i = 0, at = 0; i < n; at += iov[i].iov_len, i++)
+        memcpy(r->data + at, iov[i].iov_base, iov[i].iov_len);
+    return r;
 }
 
 static ssize_t send_iov(rf_nbd_conn *c, struct iovec *iov, size_t n)
@@ -240,77 +263,59 @@ static ssize_t send_iov(rf_nbd_conn *c, struct iovec *iov, size_t n)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return 0;
-        c->broken = 1;
+        c->broken = 1;   /* the client is gone: what it would have been sent is dropped */
         drop_queue(c);
         return -1;
     }
 }
 
-/* The replies answered this batch go out in as few sendmsg calls as the socket takes,
- * straight from the granted pages; what it does not take is copied, so that pages never
- * wait for a slow client. */
-static void send_done(rf_bf_device *d, rf_nbd_conn *c)
-{
-    static struct iovec iov[IOV_BATCH];
-    while (c->done_head) {
-        size_t n = 0, total = 0;
-        rf_bf_slot *s = c->done_head, *end = s;
-        for (; end && n + 1 + end->npages <= IOV_BATCH; end = end->next_done) {
-            size_t k = slot_iov(end, iov + n, d->pool);
-            for (size_t i = 0; i < k; i++)
-                total += iov[n + i].iov_len;
-            n += k;
-        }
-        ssize_t sent = 0;
-        if (!c->broken && !c->out_head)
-            sent = send_iov(c, iov, n);
-        size_t at = 0;
-        while (s != end) {
-            rf_bf_slot *next = s->next_done;
-            size_t k = 1 + (s->kind == BLK_OP_READ && s->ok ? s->npages : 0), len = 0;
-            for (size_t i = 0; i < k; i++)
-                len += iov[at + i].iov_len;
-            if (!c->broken && sent < (ssize_t)len)
-                enqueue(c, iov + at, k, sent > 0 ? (size_t)sent : 0);
-            sent = sent > (ssize_t)len ? sent - (ssize_t)len : 0;
-            at += k;
-            free_slot(d, s);
-            s = next;
-        }
-        c->done_head = end;
-    }
-    c->done_tail = NULL;
-}
-
 static void answer(rf_bf_device *d, rf_bf_slot *s, int ok)
 {
     rf_nbd_conn *c = s->conn;
-    s->ok = (uint8_t)ok;
-    if (ok && s->kind == BLK_OP_READ)
+    int data = ok && s->kind == BLK_OP_READ;
+    if (data)
         d->bytes_read += s->length;
     else if (ok)
         d->bytes_written += s->length;
     else
         d->errors++;
-    if (!c || c->closed) {
+    if (!c || c->closed || c->broken) {
         free_slot(d, s);
         return;
     }
-    if (ok && s->kind == BLK_OP_READ)
+    if (data)
         c->reads++, c->bytes_read += s->length;
     else if (ok)
         c->writes++, c->bytes_written += s->length;
     else
         c->errors++;
-    put_be32(s->reply, NBD_REPLY_MAGIC);
-    put_be32(s->reply + 4, ok ? 0 : NBD_EIO);
+    put_be32(s->header, NBD_REPLY_MAGIC);
+    put_be32(s->header + 4, ok ? 0 : NBD_EIO);
     s->state = SLOT_DONE;
-    s->next_done = NULL;
-    if (c->done_tail)
-        c->done_tail->next_done = s;
-    else
-        c->done_head = s;
-    c->done_tail = s;
+    if (s->descriptor != NO_PAGE)
+        rf_bf_release_pages(d, &s->descriptor, 1);
+    s->descriptor = NO_PAGE;
+    if (!data) {   /* the reply is the header alone: the pages are free now */
+        rf_bf_release_pages(d, s->pages, s->npages);
+        s->npages = 0;
+    }
+    s->queued = (rf_nbd_reply){.slot = s, .len = NBD_REPLY + (data ? s->length : 0)};
+    if (c->pinned + s->npages <= d->pool_pages / 2) {
+        c->pinned += s->npages;
+        append(c, &s->queued);
+    } else {
+        /* A client slow to read holds at most half the pool: the rest of its replies wait
+         * as copies, so that the other clients' requests still find pages. */
+        struct iovec iov[1 + MAX_PAGES];
+        rf_nbd_reply *copy = copy_reply(iov, reply_iov(d, &s->queued, iov));
+        free_slot(d, s);
+        if (!copy) {
+            c->broken = 1;   /* a reply lost would hang the client: end the connection */
+            drop_queue(c);
+            return;
+        }
+        append(c, copy);
+    }
     if (!c->is_touched) {
         c->is_touched = 1;
         c->next_touched = d->touched;
@@ -324,7 +329,7 @@ static void send_touched(rf_bf_device *d)
         rf_nbd_conn *c = d->touched;
         d->touched = c->next_touched;
         c->is_touched = 0;
-        send_done(d, c);
+        rf_nbd_flush(c);
     }
 }
 
@@ -426,7 +431,7 @@ rf_nbd_conn *rf_nbd_open(rf_bf_device *d, int fd)
 
 void rf_nbd_close(rf_nbd_conn *c)
 {
-    drop_queue(c);
+    drop_queue(c);   /* before closed is set: releasing a reply must not free c yet */
     c->closed = 1;
     if (c->outstanding == 0) {
         free(c->in);
@@ -459,7 +464,7 @@ static int start(rf_bf_device *d, rf_nbd_conn *c, uint16_t type, const uint8_t *
     s->kind = type == NBD_CMD_WRITE ? BLK_OP_WRITE : BLK_OP_READ;
     s->state = SLOT_ON_RING;
     s->conn = c;
-    memcpy(s->reply + 8, cookie, 8);
+    memcpy(s->header + 8, cookie, 8);
     if (data)
         for (uint32_t i = 0, left = length; i < npages; i++, left -= BLK_PAGE)
             memcpy(d->pool + (size_t)s->pages[i] * BLK_PAGE, data + (size_t)i * BLK_PAGE,
@@ -593,20 +598,26 @@ int rf_nbd_queue_reply(rf_nbd_conn *c, const uint8_t *data, size_t len)
     struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
     if (c->broken)
         return 0;
-    ssize_t sent = c->out_head ? 0 : send_iov(c, &iov, 1);
-    if (sent >= 0 && (size_t)sent < len)
-        enqueue(c, &iov, 1, (size_t)sent);
-    return c->out_head != NULL;
+    rf_nbd_reply *r = copy_reply(&iov, 1);
+    if (!r) {
+        c->broken = 1;
+        drop_queue(c);
+        return 0;
+    }
+    append(c, r);
+    return rf_nbd_flush(c) == 1;
 }
 
 int rf_nbd_flush(rf_nbd_conn *c)
 {
-    struct iovec iov[64];
+    static struct iovec iov[IOV_BATCH];
     while (c->out_head && !c->broken) {
         size_t n = 0;
-        for (rf_nbd_reply *r = c->out_head; r && n < 64; r = r->next, n++) {
-            iov[n].iov_base = r->data + r->sent;
-            iov[n].iov_len = r->len - r->sent;
+        for (rf_nbd_reply *r = c->out_head; r; r = r->next) {
+            if (n + 1 + MAX_PAGES > IOV_BATCH)
+                break;
+            size_t k = reply_iov(c->dev, r, iov + n);
+            n += r == c->out_head ? skip_bytes(iov + n, k, r->sent) : k;
         }
         ssize_t sent = send_iov(c, iov, n);
         if (sent <= 0)
@@ -614,18 +625,17 @@ int rf_nbd_flush(rf_nbd_conn *c)
         while (sent > 0) {
             rf_nbd_reply *r = c->out_head;
             size_t left = r->len - r->sent;
+            c->queued_bytes -= (size_t)sent < left ? (size_t)sent : left;
             if ((size_t)sent < left) {
                 r->sent += (size_t)sent;
-                c->queued_bytes -= (size_t)sent;
                 break;
             }
             sent -= (ssize_t)left;
-            c->queued_bytes -= left;
             c->out_head = r->next;
-            free(r);
+            if (!c->out_head)
+                c->out_tail = NULL;
+            release(c, r);
         }
-        if (!c->out_head)
-            c->out_tail = NULL;
     }
     return c->broken ? -1 : 0;
 }

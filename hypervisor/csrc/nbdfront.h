@@ -83,7 +83,7 @@ typedef struct rf_nbd_conn {
     uint8_t *in;
     size_t in_cap, in_start, in_end;
     rf_nbd_reply *out_head, *out_tail;
-    rf_bf_slot *done_head, *done_tail;   /* answered this batch, replies not sent yet */
+    uint32_t pinned;                 /* pool pages its queued replies hold */
     struct rf_nbd_conn *next_touched;
     uint32_t closed, is_touched;
 } rf_nbd_conn;
