@@ -214,10 +214,10 @@ async def _storage_crash_demo(progress: Any, sandboxed: bool, kills: int, starte
                 uri = f"nbd+unix:///?socket={guest.nbd_sockets['xvda']}"
                 jobs[name] = await trio.lowlevel.open_process(
                     ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-                     "--bs=4k", "--size=24M", "--iodepth=16", "--verify=crc32c",
+                     "--bs=4k", "--size=24M", "--iodepth=16", "--rate=6m", "--verify=crc32c",
                      "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-                progress(f"{name}: fio randwrite 24 MiB with crc32c verify on its disk (NBD)")
+                progress(f"{name}: fio randwrite 24 MiB at 6 MB/s with crc32c verify on its disk (NBD)")
             outputs: dict[str, bytes] = {}
 
             async def collect(name: str, proc: Any) -> None:
