@@ -113,9 +113,9 @@ def test_supervise_command_stops_cleanly_on_sigterm(tmp_path):
     import time
     process = subprocess.Popen(
         ["ringfence", "supervise", "--name", "sleeper", "--no-sandbox", "--ready-on-start",
-         "--runtime-dir", str(tmp_path), "--", "sleep", "300"],
+         "--runtime-dir", str(tmp_path), "--", "sleep", "301.25"],  # a command line of its own
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(2)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
-    assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).returncode == 1
+    assert subprocess.run(["pgrep", "-f", "sleep 301.25"], capture_output=True).returncode == 1
