@@ -490,7 +490,7 @@ class BlkFront:
             segments = b"".join(blkif.SEGMENT.pack(grefs[page], 0, (p.sectors_in_last if i == last else 8) - 1)
                                 for i, page in enumerate(p.pages))
             view = self._pool.buffer
-            view[p.descriptor * PAGE:p.descriptor * PAGE + len(segments)] = segments
+            view[p.descriptor * PAGE:(p.descriptor + 1) * PAGE] = segments.ljust(PAGE, b"\0")
             return blkif.INDIRECT.pack(Op.INDIRECT, p.operation, len(p.pages), p.id, p.sector,
                                        self.devid & 0xFFFF, grefs[p.descriptor],
                                        *[0] * 7).ljust(blkif.REQUEST_SIZE, b"\0")
@@ -571,6 +571,7 @@ class BlkFront:
     async def _read_chunk(self, chunks: list[bytes], index: int, offset: int, size: int) -> None:
         pages = await self._pages(self._pages_for(size))
         data = pages[:-(-size // PAGE)]
+        self._zero_tail(data[-1], size)
         try:
             await self._submit(Op.READ, offset // 512, pages, (size - (len(data) - 1) * PAGE) // 512)
             chunks[index] = self._gather(data, size)
@@ -594,10 +595,17 @@ class BlkFront:
             for i, page in enumerate(data):
                 piece = chunk[i * PAGE:(i + 1) * PAGE]
                 view[page * PAGE:page * PAGE + len(piece)] = piece
+            self._zero_tail(data[-1], len(chunk))
             last = (len(chunk) - (len(data) - 1) * PAGE) // 512
             await self._submit(Op.WRITE, offset // 512, pages, last)
         finally:
             self._release(pages)
+
+    def _zero_tail(self, last_page: int, size: int) -> None:
+        """A granted page holds the request's bytes and zeroes, nothing older (XSA-403)."""
+        used = size - (size - 1) // PAGE * PAGE
+        if used < PAGE:
+            self._pool.buffer[last_page * PAGE + used:(last_page + 1) * PAGE] = bytes(PAGE - used)
 
     def _gather(self, pages: list[int], size: int) -> bytes:
         view = self._pool.buffer

@@ -131,6 +131,7 @@ static void put_request(rf_bf_device *d, rf_bf_slot *s, uint32_t q)
     } else {
         /* The segments go in a granted page of their own, which the backend reads once. */
         uint8_t *page = d->pool + (size_t)s->descriptor * BLK_PAGE;
+        memset(page + s->npages * sizeof seg, 0, BLK_PAGE - s->npages * sizeof seg);
         for (unsigned i = 0; i < s->npages; i++) {
             seg.gref = d->grefs[s->pages[i]];
             seg.last_sect = (uint8_t)((i + 1u == s->npages ? in_last : 8) - 1);
@@ -469,6 +470,9 @@ static int start(rf_bf_device *d, rf_nbd_conn *c, uint16_t type, const uint8_t *
         for (uint32_t i = 0, left = length; i < npages; i++, left -= BLK_PAGE)
             memcpy(d->pool + (size_t)s->pages[i] * BLK_PAGE, data + (size_t)i * BLK_PAGE,
                    left < BLK_PAGE ? left : BLK_PAGE);
+    /* A granted page holds this request's bytes and zeroes, nothing older (XSA-403). */
+    uint32_t used = length - (npages - 1) * BLK_PAGE;
+    memset(d->pool + (size_t)s->pages[npages - 1] * BLK_PAGE + used, 0, BLK_PAGE - used);
     put_request(d, s, (uint32_t)q);
     *touched |= 1u << q;
     c->outstanding++;

@@ -3,6 +3,7 @@ response (and a counter), a ring overflow costs that frontend its connection, an
 driver domain keeps serving a well-behaved guest throughout."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -260,10 +261,11 @@ HOSTILE_BACKEND_GUEST = textwrap.dedent("""
 """)
 
 
-async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
-    """ATTACKS A4: responses with an id never issued, or another operation's, complete no
-    request (as the hardened Linux blkfront checks) and are counted."""
-    from ringfence.hypervisor.io import blkif
+@contextlib.asynccontextmanager
+async def _guest_with_hostile_backend(tmp_path, guest_code: str, requests: int):
+    """A guest running blkfront (``guest_code``) whose backend is a scriptable agent: yields
+    once the guest has put ``requests`` requests on its ring, with what the agent needs to
+    read and answer them."""
     from ringfence.testing.sim import open_agent
     from ringfence.toolstack.hypervisor import start_xenstored
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
@@ -277,9 +279,11 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
                 be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
                 fe = f"/local/domain/{guest_domid}/device/vbd/51712"
                 await xs.write_many([(f"{be}/sectors", "2048"), (f"{be}/info", "0"),
-                                     (f"{be}/sector-size", "512"), (f"{be}/state", "2")])
+                                     (f"{be}/sector-size", "512"),
+                                     (f"{be}/feature-max-indirect-segments", "256"),
+                                     (f"{be}/state", "2")])
                 guest = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", HOSTILE_BACKEND_GUEST], pass_fds=(fd,),
+                    [sys.executable, "-c", guest_code], pass_fds=(fd,),
                     env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
                 os.close(fd)
                 with trio.fail_after(20):
@@ -290,27 +294,84 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
                 ring = (await backend.ok("map", domid=guest_domid, grefs=[ring_ref]))["map"]
                 port = (await backend.ok("evt_bind", domid=guest_domid, port=evtchn))["port"]
                 await xs.write(f"{be}/state", "4")
-                with trio.fail_after(20):  # both reads are on the ring
+                with trio.fail_after(20):  # the requests are on the ring
                     while int.from_bytes(bytes.fromhex(
-                            (await backend.ok("read", map=ring, length=4))["data"]), "little") < 2:
+                            (await backend.ok("read", map=ring, length=4))["data"]), "little") < requests:
                         await trio.sleep(0.05)
-                first = blkif.decode_request(bytes.fromhex(
-                    (await backend.ok("read", map=ring, offset=64, length=112))["data"]))
-                wrong_op = blkif.encode_response(first.id, blkif.Op.WRITE, 0)    # a read's id
-                never_issued = blkif.encode_response(first.id + 1000, blkif.Op.READ, 0)
-                await backend.ok("write", map=ring, offset=64, data=wrong_op.hex())
-                await backend.ok("write", map=ring, offset=64 + 112, data=never_issued.hex())
-                await backend.ok("write", map=ring, offset=8, data=(2).to_bytes(4, "little").hex())
-                await backend.ok("notify", port=port)
-                out = b""
-                with trio.fail_after(30):
-                    async for chunk in guest.stdout:
-                        out += chunk
-                    await guest.wait()
-                assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
+                yield backend, guest, guest_domid, ring, port
         finally:
             xenstored.terminate()
             await xenstored.wait()
+
+
+async def _ring_request(backend, ring: int, index: int):
+    from ringfence.hypervisor.io import blkif
+    return blkif.decode_request(bytes.fromhex(
+        (await backend.ok("read", map=ring, offset=64 + index * 112, length=112))["data"]))
+
+
+async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
+    """ATTACKS A4: responses with an id never issued, or another operation's, complete no
+    request (as the hardened Linux blkfront checks) and are counted."""
+    from ringfence.hypervisor.io import blkif
+    async with _guest_with_hostile_backend(tmp_path, HOSTILE_BACKEND_GUEST, 2) as (
+            backend, guest, _, ring, port):
+        first = await _ring_request(backend, ring, 0)
+        wrong_op = blkif.encode_response(first.id, blkif.Op.WRITE, 0)    # a read's id
+        never_issued = blkif.encode_response(first.id + 1000, blkif.Op.READ, 0)
+        await backend.ok("write", map=ring, offset=64, data=wrong_op.hex())
+        await backend.ok("write", map=ring, offset=64 + 112, data=never_issued.hex())
+        await backend.ok("write", map=ring, offset=8, data=(2).to_bytes(4, "little").hex())
+        await backend.ok("notify", port=port)
+        out = b""
+        with trio.fail_after(30):
+            async for chunk in guest.stdout:
+                out += chunk
+            await guest.wait()
+        assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
+
+
+PARTIAL_PAGES_GUEST = textwrap.dedent("""
+    import trio
+    from ringfence.hypervisor.sim.client import open_domain
+    from ringfence.xenbus.sim import open_domain_xenstore
+    from ringfence.frontends.blkfront.device import BlkFront, PAGE
+
+    async def main():
+        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+            front = BlkFront(dom, xs, 51712)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(front.run)
+                front._pool.buffer[:] = b"\\xa5" * len(front._pool.buffer)  # earlier I/O's leftovers
+                nursery.start_soon(front.write, 0, b"\\x11" * 1536)
+                nursery.start_soon(front.read, 4096, 12 * PAGE + 512)  # one indirect request
+                await trio.sleep(30)
+
+    trio.run(main)
+""")
+
+
+async def test_a_granted_page_holds_only_the_requests_bytes(tmp_path):
+    """ATTACKS A5 (XSA-403), blkfront's Python path (the NBD path's is a unit test): the
+    backend dumps each page it is given; outside the request's sectors it is zero."""
+    from ringfence.hypervisor.io import blkif
+    async with _guest_with_hostile_backend(tmp_path, PARTIAL_PAGES_GUEST, 2) as (
+            backend, guest, guest_domid, ring, _):
+        async def page(gref: int) -> bytes:
+            mapped = (await backend.ok("map", domid=guest_domid, grefs=[gref]))["map"]
+            return bytes.fromhex((await backend.ok("read", map=mapped, length=4096))["data"])
+
+        for index in range(2):
+            req = await _ring_request(backend, ring, index)
+            if req.operation == blkif.Op.INDIRECT:
+                table = await page(req.indirect_grefs[0])
+                assert table[req.nr_segments * 8:] == bytes(4096 - req.nr_segments * 8)
+                segments = [blkif.SEGMENT.unpack_from(table, i * 8) for i in range(req.nr_segments)]
+            else:
+                segments = [(seg.gref, seg.first_sect, seg.last_sect) for seg in req.segments]
+            for gref, _, last in segments:
+                assert (await page(gref))[(last + 1) * 512:] == bytes(4096 - (last + 1) * 512)
+        guest.kill()
 
 
 REVOKE_GUEST = textwrap.dedent("""

@@ -125,6 +125,26 @@ def test_a_request_larger_than_eleven_pages_goes_indirect():
     assert h.fast.free_pages == 128  # the descriptor page too
 
 
+def test_a_granted_page_holds_only_the_requests_bytes():
+    """ATTACKS A5 (XSA-403): outside each segment's sectors a page is zero, and so is the
+    rest of an indirect request's descriptor page, whatever the pool held before."""
+    h = Harness(pages=64, max_segments=32)
+    h.pool[:] = b"\xa5" * len(h.pool)  # what earlier I/O left behind
+    h.client.sendall(nbd(READ, 1, 0, 1024) + nbd(WRITE, 2, 0, 1536, os.urandom(1536))
+                     + nbd(READ, 3, 0, 12 * PAGE + 512))
+    h.conn.pump(64)
+    requests = h.serve(answer=False)
+    assert len(requests) == 3
+    for req in requests:
+        _, segments = h.segments(req)
+        for gref, first, last in segments:
+            page = h.page(gref)
+            assert page[(last + 1) * 512:] == bytes(PAGE - (last + 1) * 512)
+        if req.operation == Op.INDIRECT:
+            table = h.page(req.indirect_grefs[0])
+            assert table[len(segments) * 8:] == bytes(PAGE - len(segments) * 8)
+
+
 def test_requests_python_must_serve_are_handed_back_whole():
     h = Harness()
     write = os.urandom(PAGE)
