@@ -95,25 +95,29 @@ STORM = textwrap.dedent(CONNECT + """            import sys, time
     trio.run(main)
 """)
 
-GOOD = textwrap.dedent("""
-    import json, trio
-    from ringfence.hypervisor.sim.client import open_domain
-    from ringfence.xenbus.sim import open_domain_xenstore
-    from ringfence.frontends.blkfront.device import BlkFront
+def _blkfront_guest(body: str) -> str:
+    """A guest program: blkfront runs on vbd 51712, then ``body`` runs in its nursery."""
+    return textwrap.dedent("""
+        import json, sys, trio
+        from ringfence.hypervisor.sim.client import open_domain
+        from ringfence.xenbus.sim import open_domain_xenstore
+        from ringfence.frontends.blkfront.device import BlkFront, BlockIOError, PAGE
 
-    async def main():
-        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
-            front = BlkFront(dom, xs, 51712)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(front.run)
-                for i in range(200):
-                    await front.write(i * 4096, bytes([i % 256]) * 4096)
-                    assert await front.read(i * 4096, 4096) == bytes([i % 256]) * 4096
-                    await trio.sleep(0.005)
-                print(json.dumps({"ok": True}), flush=True)
-                nursery.cancel_scope.cancel()
+        async def main():
+            async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+                front = BlkFront(dom, xs, 51712)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(front.run)
+    """) + textwrap.indent(textwrap.dedent(body), " " * 12) + "\ntrio.run(main)\n"
 
-    trio.run(main)
+
+GOOD = _blkfront_guest("""
+    for i in range(200):
+        await front.write(i * 4096, bytes([i % 256]) * 4096)
+        assert await front.read(i * 4096, 4096) == bytes([i % 256]) * 4096
+        await trio.sleep(0.005)
+    print(json.dumps({"ok": True}), flush=True)
+    nursery.cancel_scope.cancel()
 """)
 
 
@@ -233,31 +237,19 @@ async def test_a_notification_storm_costs_blkback_little_cpu_and_others_nothing(
             await xenstored.wait()
 
 
-HOSTILE_BACKEND_GUEST = textwrap.dedent("""
-    import json, trio
-    from ringfence.hypervisor.sim.client import open_domain
-    from ringfence.xenbus.sim import open_domain_xenstore
-    from ringfence.frontends.blkfront.device import BlkFront
+HOSTILE_BACKEND_GUEST = _blkfront_guest("""
+    completed = []
 
-    async def main():
-        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
-            front = BlkFront(dom, xs, 51712)
-            completed = []
-            async with trio.open_nursery() as nursery:
-                await nursery.start(front.run)
+    async def read(offset):
+        completed.append(await front.read(offset, 4096))
 
-                async def read(offset):
-                    completed.append(await front.read(offset, 4096))
-
-                nursery.start_soon(read, 0)
-                nursery.start_soon(read, 4096)
-                await trio.sleep(3)  # the backend answers meanwhile, wrongly
-                stats = front.statistics()
-                print(json.dumps({"completed": len(completed), "bad": stats.bad_responses,
-                                  "in_flight": stats.in_flight}), flush=True)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    nursery.start_soon(read, 0)
+    nursery.start_soon(read, 4096)
+    await trio.sleep(3)  # the backend answers meanwhile, wrongly
+    stats = front.statistics()
+    print(json.dumps({"completed": len(completed), "bad": stats.bad_responses,
+                      "in_flight": stats.in_flight}), flush=True)
+    nursery.cancel_scope.cancel()
 """)
 
 
@@ -331,23 +323,11 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
         assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
 
 
-PARTIAL_PAGES_GUEST = textwrap.dedent("""
-    import trio
-    from ringfence.hypervisor.sim.client import open_domain
-    from ringfence.xenbus.sim import open_domain_xenstore
-    from ringfence.frontends.blkfront.device import BlkFront, PAGE
-
-    async def main():
-        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
-            front = BlkFront(dom, xs, 51712)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(front.run)
-                front._pool.buffer[:] = b"\\xa5" * len(front._pool.buffer)  # earlier I/O's leftovers
-                nursery.start_soon(front.write, 0, b"\\x11" * 1536)
-                nursery.start_soon(front.read, 4096, 12 * PAGE + 512)  # one indirect request
-                await trio.sleep(30)
-
-    trio.run(main)
+PARTIAL_PAGES_GUEST = _blkfront_guest("""
+    front._pool.buffer[:] = b"\\xa5" * len(front._pool.buffer)  # earlier I/O's leftovers
+    nursery.start_soon(front.write, 0, b"\\x11" * 1536)
+    nursery.start_soon(front.read, 4096, 12 * PAGE + 512)  # one indirect request
+    await trio.sleep(30)
 """)
 
 
@@ -374,35 +354,23 @@ async def test_a_granted_page_holds_only_the_requests_bytes(tmp_path):
         guest.kill()
 
 
-REVOKE_GUEST = textwrap.dedent("""
-    import json, sys, trio
-    from ringfence.hypervisor.sim.client import open_domain
-    from ringfence.xenbus.sim import open_domain_xenstore
-    from ringfence.frontends.blkfront.device import BlkFront, BlockIOError
+REVOKE_GUEST = _blkfront_guest("""
+    result = {}
 
-    async def main():
-        async with open_domain() as dom, open_domain_xenstore(dom) as xs:
-            front = BlkFront(dom, xs, 51712)
-            result = {}
-            async with trio.open_nursery() as nursery:
-                await nursery.start(front.run)
+    async def read():
+        try:
+            await front.read(0, 4096)
+            result["read"] = "ok"
+        except BlockIOError as exc:
+            result["read"] = exc.errno
 
-                async def read():
-                    try:
-                        await front.read(0, 4096)
-                        result["read"] = "ok"
-                    except BlockIOError as exc:
-                        result["read"] = exc.errno
-
-                nursery.start_soon(read)
-                stdin = trio.lowlevel.FdStream(0)
-                while await stdin.receive_some(100):  # one line: report
-                    stats = front.statistics()
-                    print(json.dumps({**result, "unrevoked": stats.unrevoked_grants,
-                                      "backend_id": stats.backend_id}), flush=True)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    nursery.start_soon(read)
+    stdin = trio.lowlevel.FdStream(0)
+    while await stdin.receive_some(100):  # one line: report
+        stats = front.statistics()
+        print(json.dumps({**result, "unrevoked": stats.unrevoked_grants,
+                          "backend_id": stats.backend_id}), flush=True)
+    nursery.cancel_scope.cancel()
 """)
 
 

@@ -13,8 +13,9 @@ import textwrap
 import pytest
 import trio
 
+from ringfence.testing.sim import relaunch_storage_domain
 from ringfence.testing.streams import LineReader
-from ringfence.toolstack.devices import add_vbd, move_vbd
+from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
 
@@ -110,13 +111,9 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
                     await progress(100)
                 for round_ in range(kills):
                     await trio.sleep(rng.uniform(0, 0.05))  # a random moment
-                    stor.kill()  # kill -9 of the driver domain, requests in flight
-                    await stor.wait()
-                    new_domid, stor = await spawn_domain(dom0, f"stor{round_}", argv,
-                                                         stderr=subprocess.DEVNULL)
-                    await move_vbd(xs, old_backend=stor_domid, new_backend=new_domid,
-                                   frontend=guest_domid, devid=51712, target=str(disk))
-                    stor_domid = new_domid
+                    stor_domid, stor = await relaunch_storage_domain(
+                        dom0, xs, stor, domid=stor_domid, name=f"stor{round_}", argv=argv,
+                        frontend=guest_domid, devid=51712, target=str(disk))
                     with trio.fail_after(60):
                         await progress(64 if kills < 10 else 16)  # the guest carries on
                 await guest.stdin.send_all(b"stop\n")

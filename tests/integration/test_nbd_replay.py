@@ -12,7 +12,8 @@ import sys
 import pytest
 import trio
 
-from ringfence.toolstack.devices import add_vbd, move_vbd
+from ringfence.testing.sim import relaunch_storage_domain
+from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
 from ringfence.xenbus.client import open_xenstore
 
@@ -56,13 +57,9 @@ async def test_fio_verify_through_nbd_survives_storage_domain_kills(tmp_path):
                 for round_ in range(KILLS):
                     await trio.sleep(rng.uniform(0.2, 0.4))
                     assert fio.poll() is None, "fio finished before the kills"
-                    stor.kill()  # requests in flight on the ring die with it
-                    await stor.wait()
-                    new_domid, stor = await spawn_domain(dom0, f"stor{round_}", argv,
-                                                         stderr=subprocess.DEVNULL)
-                    await move_vbd(xs, old_backend=stor_domid, new_backend=new_domid,
-                                   frontend=guest_domid, devid=51712, target=str(disk))
-                    stor_domid = new_domid
+                    stor_domid, stor = await relaunch_storage_domain(
+                        dom0, xs, stor, domid=stor_domid, name=f"stor{round_}", argv=argv,
+                        frontend=guest_domid, devid=51712, target=str(disk))
                 output = b""
                 with trio.fail_after(90):
                     async for chunk in fio.stdout:

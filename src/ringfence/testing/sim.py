@@ -3,7 +3,8 @@
 ``open_hypervisor(dir)`` runs ``ringfence hypervisor`` as a real process and yields a dom0
 client; ``spawn_domain(dom0, name, argv)`` creates a domain and starts its process with the
 control socket; ``open_agent(dom0, name)`` does that for the scriptable
-:mod:`ringfence.testing.domain_agent`.
+:mod:`ringfence.testing.domain_agent`; ``relaunch_storage_domain`` kills a storage driver
+domain with -9 and hands its disk to a new one, as the supervisor would.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import trio
 from ringfence.hypervisor.sim.client import Dom0
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 
-__all__ = ["AgentDomain", "open_agent", "open_hypervisor", "spawn_domain"]
+__all__ = ["AgentDomain", "open_agent", "open_hypervisor", "relaunch_storage_domain", "spawn_domain"]
 
 
 class AgentDomain:
@@ -75,3 +76,17 @@ async def open_agent(dom0: Dom0, name: str, *, user: int | None = None) -> Async
         agent.kill()
         with trio.move_on_after(5):
             await process.wait()
+
+
+async def relaunch_storage_domain(dom0: Dom0, xs: Any, process: trio.Process, *, domid: int,
+                                  name: str, argv: list[str], frontend: int, devid: int,
+                                  target: str) -> tuple[int, trio.Process]:
+    """kill -9 the driver domain's process (requests in flight die with it), start ``argv``
+    as a new domain and move the vbd to it; returns the new domain's id and process."""
+    from ringfence.toolstack.devices import move_vbd
+    process.kill()
+    await process.wait()
+    new_domid, new_process = await spawn_domain(dom0, name, argv, stderr=subprocess.DEVNULL)
+    await move_vbd(xs, old_backend=domid, new_backend=new_domid, frontend=frontend,
+                   devid=devid, target=target)
+    return new_domid, new_process
