@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import trio
+
 PAGE_SIZE = 4096
+REVOKE_GRACE = 2.0  # seconds a backend that just died may keep its mappings (its teardown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +105,17 @@ class Memory(Protocol):
     async def free_pages(self, pages: PageRange) -> None: ...
 
     def ram_page(self, frame: int) -> memoryview: ...
+
+
+async def end_access_settled(grant_table: GrantTable, grefs: Sequence[int],
+                             grace: float = REVOKE_GRACE) -> list[int]:
+    """End access to these grants, one atomic try each (XSA-396). A backend that has just
+    died keeps its mappings until the hypervisor has torn its domain down, so the grants
+    still mapped are tried again for up to ``grace`` seconds. Returns those mapped even then:
+    a backend that does not let go; their pages must never be reused."""
+    left = grant_table.end_access_many(grefs)
+    deadline = trio.current_time() + grace
+    while left and trio.current_time() < deadline:
+        await trio.sleep(0.02)
+        left = grant_table.end_access_many(left)
+    return left

@@ -25,6 +25,7 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.hypervisor.platform import end_access_settled
 from ringfence.xenbus.client import XenStore, gather, present
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -253,7 +254,7 @@ class BlkFront:
             raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
         if backend_id != self.backend_id:
-            self._grant_all(backend_id)  # while the backend starts up
+            await self._grant_all(backend_id)  # while the backend starts up
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
         await self._wait_for_backend((XenbusState.InitWait,))
         # The backend's keys and our own directory in one round trip (a reconnection after a
@@ -354,7 +355,7 @@ class BlkFront:
         log.info("vbd connected", extra={"kv": {"devid": self.devid, "backend": self.backend_id,
                                                "sectors": self.sectors}})
 
-    def _grant_all(self, backend_id: int) -> None:
+    async def _grant_all(self, backend_id: int) -> None:
         gt = self.domain.grant_table
         # One atomic try-end per grant (XSA-396): a page the old backend still has mapped is
         # never handed to the new one nor reused for I/O. The device is given up on instead
@@ -362,7 +363,7 @@ class BlkFront:
         # grants refused are retried then, and only they (the others are free already).
         old = self._pool_grefs + self._ring_grefs + self._unrevoked
         self._pool_grefs, self._ring_grefs = [], []
-        self._unrevoked = gt.end_access_many(old)
+        self._unrevoked = await end_access_settled(gt, old)
         if self._unrevoked:
             raise _BackendFailed(f"{len(self._unrevoked)} granted pages are still mapped by "
                                  f"backend {self.backend_id}: not reused")

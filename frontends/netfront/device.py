@@ -22,6 +22,7 @@ from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.netif import STATUS_NULL
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.hypervisor.platform import end_access_settled
 from ringfence.isolation import netlink
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
@@ -162,7 +163,7 @@ class NetFront:
             # and only they).
             old = self.all_grefs + self.unrevoked
             self.all_grefs = []
-            self.unrevoked = gt.end_access_many(old)
+            self.unrevoked = await end_access_settled(gt, old)
             if self.unrevoked:
                 log.error("granted pages still mapped by the previous backend: not reused",
                           extra={"kv": {"devid": self.devid, "pages": len(self.unrevoked),
