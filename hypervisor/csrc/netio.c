@@ -1,0 +1,230 @@
+#define _GNU_SOURCE
+#include "netio.h"
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define PAGE 4096
+#define BATCH 256                  /* a tx ring's slots */
+#define NR_SLOTS_MIN 18            /* XEN_NETIF_NR_SLOTS_MIN */
+#define ETH_HLEN 14
+#define TXF_CSUM_BLANK 1
+#define TXF_DATA_VALIDATED 2
+#define TXF_MORE_DATA 4
+#define TXF_EXTRA_INFO 8
+#define EXTRA_TYPE_GSO 1
+#define EXTRA_FLAG_MORE 1
+#define XEN_GSO_TCPV4 1
+#define XEN_GSO_TCPV6 2
+#define STATUS_OKAY 0
+#define STATUS_DROPPED (-2)
+#define STATUS_NULL 1
+#define VNET_NEEDS_CSUM 1
+#define VNET_DATA_VALID 2
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+
+struct tx_request {
+    uint32_t gref;
+    uint16_t offset, flags, id, size;
+};
+struct tx_extra {
+    uint8_t type, flags;
+    uint16_t gso_size;
+    uint8_t gso_type, pad;
+    uint16_t features;
+    uint8_t unused[4];
+};
+struct tx_response {
+    uint16_t id;
+    int16_t status;
+};
+struct vnet_header {  /* virtio_net_hdr and num_buffers, as the TAPs are set up (12 bytes) */
+    uint8_t flags, gso_type;
+    uint16_t hdr_len, gso_size, csum_start, csum_offset, num_buffers;
+};
+_Static_assert(sizeof(struct tx_request) == RF_NET_TX_REQUEST_SIZE, "netif tx request");
+_Static_assert(sizeof(struct tx_extra) == RF_NET_TX_REQUEST_SIZE, "netif extra info in a tx slot");
+_Static_assert(sizeof(struct tx_response) == 4, "netif tx response");
+_Static_assert(sizeof(struct vnet_header) == 12, "vnet header");
+
+static unsigned be16(const uint8_t *p) { return (unsigned)p[0] << 8 | p[1]; }
+
+/* Where a TCP or UDP frame's checksum goes (vnet.checksum_location): 1 and the three
+ * values, or 0. Every offset is checked against the length. */
+static int checksum_location(const uint8_t *f, unsigned n, unsigned *start, unsigned *offset,
+                             unsigned *headers)
+{
+    unsigned at = 12, protocol;
+    if (n < at + 2)
+        return 0;
+    unsigned ethertype = be16(f + at);
+    at += 2;
+    if (ethertype == 0x8100) {
+        if (n < at + 4)
+            return 0;
+        ethertype = be16(f + at + 2);
+        at += 4;
+    }
+    if (ethertype == 0x0800) {
+        if (n < at + 20)
+            return 0;
+        unsigned ihl = (f[at] & 0x0F) * 4u;
+        if (ihl < 20 || (be16(f + at + 6) & 0x3FFF))
+            return 0;
+        protocol = f[at + 9];
+        at += ihl;
+    } else if (ethertype == 0x86DD) {
+        if (n < at + 40)
+            return 0;
+        protocol = f[at + 6];
+        at += 40;
+        for (int i = 0; i < 8 && (protocol == 0 || protocol == 43 || protocol == 60); i++) {
+            if (n < at + 2)
+                return 0;
+            unsigned length = (f[at + 1] + 1u) * 8;
+            protocol = f[at];
+            at += length;
+        }
+    } else {
+        return 0;
+    }
+    if (protocol == 6) {
+        unsigned tcp = n >= at + 20 ? (f[at + 12] >> 4) * 4u : 0;
+        if (tcp < 20 || n < at + tcp)
+            return 0;
+        *start = at, *offset = 16, *headers = at + tcp;
+        return 1;
+    }
+    if (protocol == 17) {
+        if (n < at + 8)
+            return 0;
+        *start = at, *offset = 6, *headers = at + 8;
+        return 1;
+    }
+    return 0;
+}
+
+static const uint8_t *mapped(const rf_net_tx *t, uint32_t gref)
+{
+    return gref < t->ngrants ? t->pages[gref] : NULL;
+}
+
+/* Serve the packet starting at batch[i]: the slots it used, or 0 for Python. Responses are
+ * appended to rsp. */
+static uint32_t serve_packet(rf_net_tx *t, const struct tx_request *batch, uint32_t i, uint32_t n,
+                             struct tx_response *rsp, uint32_t *nrsp)
+{
+    static uint8_t first_copy[PAGE];
+    const struct tx_request *first = &batch[i];
+    uint32_t j = i + 1, extras = 0;
+    struct vnet_header vnet = {0};
+    unsigned gso_type = 0, gso_size = 0;
+    if (first->flags & TXF_EXTRA_INFO) {
+        if (j >= n)
+            return 0;
+        const struct tx_extra *extra = (const struct tx_extra *)&batch[j++];
+        extras = 1;
+        if (extra->type != EXTRA_TYPE_GSO || extra->flags & EXTRA_FLAG_MORE)
+            return 0;
+        gso_type = extra->gso_type, gso_size = extra->gso_size;
+        if ((gso_type != XEN_GSO_TCPV4 && gso_type != XEN_GSO_TCPV6) || !gso_size)
+            return 0;
+    }
+    uint32_t data = j, count = 1;
+    for (uint16_t more = first->flags & TXF_MORE_DATA; more; more = batch[j++].flags & TXF_MORE_DATA) {
+        if (j >= n || count >= NR_SLOTS_MIN)
+            return 0;
+        count++;
+    }
+    uint32_t rest = 0;
+    for (uint32_t k = data; k < j; k++)
+        rest += batch[k].size;
+    if (first->size < ETH_HLEN || rest > first->size)  /* size is 16 bits: never over MAX_TX_SIZE */
+        return 0;
+    struct iovec iov[2 + NR_SLOTS_MIN];
+    unsigned first_len = first->size - rest, nio = 2;
+    const uint8_t *page = mapped(t, first->gref);
+    if (!page || first->offset + first_len > PAGE || !first_len)
+        return 0;
+    for (uint32_t k = data; k < j; k++) {
+        const struct tx_request *s = &batch[k];
+        const uint8_t *p = mapped(t, s->gref);
+        if (!p || s->offset + s->size > PAGE)
+            return 0;
+        if (s->size) {
+            iov[nio].iov_base = (void *)(p + s->offset);
+            iov[nio++].iov_len = s->size;
+        }
+    }
+    /* the headers are read from this private copy only, and it is what the TAP gets */
+    memcpy(first_copy, page + first->offset, first_len);
+    unsigned start, offset, headers;
+    if (gso_type) {
+        if (!checksum_location(first_copy, first_len, &start, &offset, &headers) || offset != 16)
+            return 0;
+        vnet = (struct vnet_header){VNET_NEEDS_CSUM, gso_type == XEN_GSO_TCPV4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6,
+                                    (uint16_t)headers, (uint16_t)gso_size, (uint16_t)start, (uint16_t)offset, 0};
+    } else if (first->flags & TXF_CSUM_BLANK) {
+        if (!checksum_location(first_copy, first_len, &start, &offset, &headers))
+            return 0;
+        vnet = (struct vnet_header){VNET_NEEDS_CSUM, 0, 0, 0, (uint16_t)start, (uint16_t)offset, 0};
+    } else if (first->flags & TXF_DATA_VALIDATED) {
+        vnet.flags = VNET_DATA_VALID;
+    }
+    iov[0].iov_base = &vnet;
+    iov[0].iov_len = sizeof vnet;
+    iov[1].iov_base = first_copy;
+    iov[1].iov_len = first_len;
+    ssize_t written;
+    do
+        written = writev(t->tap_fd, iov, (int)nio);
+    while (written < 0 && errno == EINTR);
+    int16_t status = written < 0 ? STATUS_DROPPED : STATUS_OKAY;
+    if (written < 0)
+        t->dropped++;
+    else
+        t->packets++, t->bytes += first->size;
+    rsp[(*nrsp)++] = (struct tx_response){first->id, status};
+    if (extras)
+        rsp[(*nrsp)++] = (struct tx_response){0, STATUS_NULL};
+    for (uint32_t k = data; k < j; k++)
+        rsp[(*nrsp)++] = (struct tx_response){batch[k].id, status};
+    return j - i;
+}
+
+int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *notify)
+{
+    static struct tx_request batch[BATCH];
+    static struct tx_response rsp[BATCH];
+    *notify = 0;
+    for (;;) {
+        int n = rf_back_take_requests(ring, batch, BATCH);
+        if (n < 0)
+            return n;
+        if (n == 0) {
+            if (rf_back_final_check_for_requests(ring))
+                continue;
+            return 0;
+        }
+        t->batches++;
+        uint32_t i = 0, nrsp = 0;
+        while (i < (uint32_t)n) {
+            uint32_t used = t->enabled ? serve_packet(t, batch, i, (uint32_t)n, rsp, &nrsp) : 0;
+            if (!used)
+                break;
+            i += used;
+        }
+        if (nrsp) {
+            rf_back_put_responses(ring, rsp, nrsp);
+            if (rf_back_push_responses(ring, -1))
+                *notify = 1;
+        }
+        if (i < (uint32_t)n) {
+            uint32_t back = (uint32_t)n - i;
+            memcpy(handed_back, &batch[i], (size_t)back * RF_NET_TX_REQUEST_SIZE);
+            t->handed_back += back;
+            return (int)back;
+        }
+    }
+}
