@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
+from ringfence.frontends.netfront.fastpath import TxPump
 from ringfence.hypervisor.io import netif, vnet
-from ringfence.hypervisor.io.netif import STATUS_NULL
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import end_access_settled
@@ -43,25 +43,6 @@ class _RxPacket:
     gso_size: int = 0
     extras_expected: bool = False
     bad: bool = False
-
-
-def tx_requests(pieces: list[tuple[int, int, int]], flags: int, gso_type: int = 0,
-                gso_size: int = 0) -> list[bytes]:
-    """The tx slots of one packet whose pieces, (gref, id, length) each at offset 0, are in
-    order: the first slot carries the total size and the flags, a GSO extra follows it,
-    ``more_data`` on every slot but the last (netif.h's layout)."""
-    total = sum(length for _, _, length in pieces)
-    requests = []
-    for index, (gref, rid, length) in enumerate(pieces):
-        more = netif.TXF_MORE_DATA if index < len(pieces) - 1 else 0
-        if index == 0:
-            extra = netif.TXF_EXTRA_INFO if gso_type else 0
-            requests.append(netif.TX_REQUEST.pack(gref, 0, flags | more | extra, rid, total))
-            if gso_type:
-                requests.append(netif.encode_gso_extra(gso_size, gso_type, netif.TX_SLOT))
-        else:
-            requests.append(netif.TX_REQUEST.pack(gref, 0, more, rid, length))
-    return requests
 
 
 class _BackendMoved(Exception):
@@ -89,13 +70,17 @@ class NetFront:
         self.ifname, self.mac, self.addresses, self.mtu = ifname, mac, addresses, mtu
         self.state = XenbusState.Initialising
         self.tx_packets = self.rx_packets = self.tx_dropped = self.rx_dropped = self.bad_responses = 0
+        self._tx_pump: TxPump | None = None  # while connected
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
         self.all_grefs: list[int] = []  # granted to the backend of now
         self.unrevoked: list[int] = []  # grants a previous backend would not give back
 
     def statistics(self) -> NetfrontStatistics:
-        return NetfrontStatistics(self.devid, self.state.name, self.tx_packets, self.rx_packets,
-                                  self.tx_dropped, self.rx_dropped, self.bad_responses,
+        pump = self._tx_pump
+        return NetfrontStatistics(self.devid, self.state.name,
+                                  self.tx_packets + (pump.packets if pump else 0), self.rx_packets,
+                                  self.tx_dropped + (pump.dropped if pump else 0), self.rx_dropped,
+                                  self.bad_responses + (pump.bad_responses if pump else 0),
                                   self.storm.spurious, len(self.unrevoked))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -123,13 +108,18 @@ class NetFront:
                 if not started:
                     task_status.started()
                     started = True
-                free_tx = list(range(BUFFERS))
+                pump = self._tx_pump = TxPump(tap_fd, memoryview(self.pages)[:BUFFERS * PAGE],
+                                              self.tx_grefs, self.features["feature-sg"])
                 self._tx_room = trio.Event()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._from_tap, tx, port, tap_fd, free_tx)
-                    nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, free_tx)
+                    nursery.start_soon(self._from_tap, tx, port, tap_fd, pump)
+                    nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, pump)
                     await self._wait_backend_leaves(backend)
                     nursery.cancel_scope.cancel()
+                self._tx_pump = None  # its counts carry over
+                self.tx_packets += pump.packets
+                self.tx_dropped += pump.dropped
+                self.bad_responses += pump.bad_responses
                 log.warning("backend went away; reconnecting", extra={"kv": {"devid": self.devid}})
                 self.state = XenbusState.Initialising
                 await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
@@ -264,58 +254,31 @@ class NetFront:
         vnet.set_offload(tap_fd, True, sg and self.features["feature-gso-tcpv4"],
                          sg and self.features["feature-gso-tcpv6"])
 
-    async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, free_tx: list[int]) -> None:
-        """Each packet is read from eth0 straight into tx buffer pages (room for the largest
-        first), then put on the ring a slot per page."""
+    async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, pump: TxPump) -> None:
+        """Packets go from eth0 to the ring in C (fastpath.py), a batch a call."""
         self._set_offloads(tap_fd)
-        sg = self.features["feature-sg"]
-        header = bytearray(vnet.HEADER_SIZE)
-        views = [memoryview(self.pages)[slot * PAGE:(slot + 1) * PAGE] for slot in range(BUFFERS)]
         while True:
-            while len(free_tx) < MAX_PIECES or tx.free_requests() < MAX_PIECES + 1:
+            result, notify = pump.pump(tx, 64)
+            if notify:
+                port.notify()
+            if result == TxPump.TAP_EMPTY:
+                await trio.lowlevel.wait_readable(tap_fd)
+            elif result == TxPump.NO_ROOM:
                 self._tx_room = trio.Event()  # the backend's responses give buffers back
                 await self._tx_room.wait()
-            slots = free_tx[-MAX_PIECES:]
-            try:
-                length = os.readv(tap_fd, [header] + [views[slot] for slot in slots]) - vnet.HEADER_SIZE
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(tap_fd)
-                continue
-            described = vnet.unpack(header)
-            partial, validated, gso_type, gso_size = vnet.describe(described)
-            pieces = max(1, -(-length // PAGE))
-            if (length < 0 or (pieces > 1 and not sg) or length > netif.MAX_TX_SIZE
-                    or (described.gso_type and not gso_type)):
-                self.tx_dropped += 1
-                continue
-            del free_tx[len(free_tx) - MAX_PIECES:len(free_tx) - MAX_PIECES + pieces]
-            flags = (netif.TXF_CSUM_BLANK | netif.TXF_DATA_VALIDATED if partial
-                     else netif.TXF_DATA_VALIDATED if validated else 0)
-            used = [(self.tx_grefs[slot], slot, min(PAGE, length - index * PAGE))
-                    for index, slot in enumerate(slots[:pieces])]
-            tx.put_requests(tx_requests(used, flags, gso_type, gso_size))
-            if tx.push_requests():
-                port.notify()
-            self.tx_packets += 1
+            else:
+                await trio.lowlevel.checkpoint()  # a busy eth0 leaves room to the rest
 
     async def _from_rings(self, tx: FrontRing, rx: FrontRing, port: Any, tap_fd: int,
-                          free_tx: list[int]) -> None:
+                          pump: TxPump) -> None:
         while True:
             try:
-                tx_done = tx.take_responses()
+                tx_done = pump.complete(tx)  # the buffers answered come back, in C
                 rx_done = rx.take_responses()
             except RingOverflow:
                 self.bad_responses += 1
                 log.error("backend overflowed a ring")
                 return
-            for raw in tx_done:
-                rid, status = netif.TX_RESPONSE.unpack(raw)
-                if status == STATUS_NULL:
-                    continue  # the answer to an extra-info slot
-                if 0 <= rid < BUFFERS and rid not in free_tx:
-                    free_tx.append(rid)
-                else:
-                    self.bad_responses += 1
             if tx_done or rx_done:
                 self.storm.note_work()
             if tx_done:

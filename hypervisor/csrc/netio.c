@@ -228,3 +228,110 @@ int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *noti
         }
     }
 }
+
+/* ---- netfront ------------------------------------------------------------------------- */
+
+#define MAX_PIECES 17              /* pages of the largest frame a TAP hands us */
+#define MAX_TX_SIZE 0xFFFF         /* XEN_NETIF_MAX_TX_SIZE */
+#define VNET_GSO_ECN 0x80
+
+int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *notify)
+{
+    struct vnet_header vnet;
+    struct iovec iov[1 + MAX_PIECES];
+    uint32_t sent = 0;
+    int result;
+    *notify = 0;
+    for (;;) {
+        if (sent >= budget) {
+            result = RF_NETFRONT_BUDGET;
+            break;
+        }
+        if (f->nfree < MAX_PIECES || rf_front_free_requests(ring) < MAX_PIECES + 1) {
+            result = RF_NETFRONT_NO_ROOM;
+            break;
+        }
+        uint16_t *slots = &f->free[f->nfree - MAX_PIECES];
+        iov[0].iov_base = &vnet;
+        iov[0].iov_len = sizeof vnet;
+        for (int i = 0; i < MAX_PIECES; i++) {
+            iov[1 + i].iov_base = f->pages + (size_t)slots[i] * PAGE;
+            iov[1 + i].iov_len = PAGE;
+        }
+        ssize_t got = readv(f->tap_fd, iov, 1 + MAX_PIECES);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            result = errno == EAGAIN || errno == EWOULDBLOCK ? RF_NETFRONT_TAP_EMPTY : -errno;
+            break;
+        }
+        long length = (long)got - (long)sizeof vnet;
+        uint32_t pieces = length > 0 ? (uint32_t)((length + PAGE - 1) / PAGE) : 1;
+        unsigned kind = vnet.gso_type & ~VNET_GSO_ECN, xen_gso = 0;
+        if (kind == VNET_GSO_TCPV4)
+            xen_gso = XEN_GSO_TCPV4;
+        else if (kind == VNET_GSO_TCPV6)
+            xen_gso = XEN_GSO_TCPV6;
+        if (length < 0 || (pieces > 1 && !f->sg) || length > MAX_TX_SIZE || (vnet.gso_type && !xen_gso)) {
+            f->dropped++;
+            continue;
+        }
+        uint16_t flags = vnet.flags & VNET_NEEDS_CSUM ? TXF_CSUM_BLANK | TXF_DATA_VALIDATED
+                       : vnet.flags & VNET_DATA_VALID ? TXF_DATA_VALIDATED : 0;
+        uint16_t used[MAX_PIECES];
+        memcpy(used, slots, pieces * sizeof *used);
+        memmove(slots, slots + pieces, (MAX_PIECES - pieces) * sizeof *slots);
+        f->nfree -= pieces;
+        for (uint32_t i = 0; i < pieces; i++) {
+            uint32_t piece = (uint32_t)length - i * PAGE;
+            uint16_t more = i + 1 < pieces ? TXF_MORE_DATA : 0;
+            /* the first slot carries the packet's whole size, the others their own */
+            struct tx_request r = {f->grefs[used[i]], 0, more, used[i],
+                                   (uint16_t)(i == 0 ? (uint32_t)length : piece < PAGE ? piece : PAGE)};
+            f->on_ring[used[i]] = 1;
+            if (i == 0) {
+                r.flags |= flags | (xen_gso ? TXF_EXTRA_INFO : 0);
+                rf_front_put_requests(ring, &r, 1);
+                if (xen_gso) {
+                    struct tx_extra extra = {EXTRA_TYPE_GSO, 0, vnet.gso_size, (uint8_t)xen_gso, 0, 0, {0}};
+                    rf_front_put_requests(ring, &extra, 1);
+                }
+            } else {
+                rf_front_put_requests(ring, &r, 1);
+            }
+        }
+        f->packets++;
+        sent++;
+    }
+    if (sent) {
+        f->batches++;
+        if (rf_front_push_requests(ring, -1))
+            *notify = 1;
+    }
+    return result;
+}
+
+int rf_netfront_tx_complete(rf_netfront_tx *f, rf_ring *ring)
+{
+    struct tx_response rsp[BATCH];
+    int back = 0;
+    for (;;) {
+        int n = rf_front_take_responses(ring, rsp, BATCH);
+        if (n < 0)
+            return n;
+        if (n == 0)
+            return back;
+        for (int i = 0; i < n; i++) {
+            if (rsp[i].status == STATUS_NULL)
+                continue;  /* the answer to an extra-info slot */
+            uint16_t id = rsp[i].id;
+            if (id >= f->buffers || !f->on_ring[id] || f->nfree >= f->buffers) {
+                f->bad_responses++;
+                continue;
+            }
+            f->on_ring[id] = 0;
+            f->free[f->nfree++] = id;
+            back++;
+        }
+    }
+}

@@ -29,4 +29,28 @@ typedef struct rf_net_tx {
  * how many, or -EOVERFLOW for a frontend that overflowed the ring. *notify: whether the
  * responses pushed need an event. */
 int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *notify);
+
+/* netfront's transmit side: packets read from the guest's TAP straight into free tx buffer
+ * pages (room for the largest first), put on the ring a slot a page with a GSO extra after
+ * the first, pushed once a batch. The buffers' free list and which are on the ring live here. */
+#define RF_NETFRONT_TAP_EMPTY 0   /* wait until the TAP is readable */
+#define RF_NETFRONT_NO_ROOM 1     /* wait for the backend's responses */
+#define RF_NETFRONT_BUDGET 2      /* budget packets sent: let others run */
+
+typedef struct rf_netfront_tx {
+    int tap_fd;
+    uint32_t sg;                 /* the backend takes packets over several slots */
+    uint8_t *pages;              /* [buffers] pages */
+    uint32_t *grefs;             /* [buffers] their grants to the current backend */
+    uint16_t *free;              /* [buffers] stack of free buffers */
+    uint8_t *on_ring;            /* [buffers] */
+    uint32_t buffers, nfree;
+    uint64_t packets, dropped, bad_responses, batches;
+} rf_netfront_tx;
+
+/* A result above, or -errno from the TAP. *notify: whether the push needs an event. */
+int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *notify);
+/* Take the tx responses, giving their buffers back (an id not on the ring counts as a bad
+ * response). Returns how many buffers came back, or -EOVERFLOW. */
+int rf_netfront_tx_complete(rf_netfront_tx *f, rf_ring *ring);
 #endif

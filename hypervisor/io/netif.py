@@ -104,3 +104,23 @@ def decode_extra(raw: bytes | memoryview) -> Extra:
 # virtio-net GSO types (a TAP's vnet header) and Xen's, both ways
 GSO_TO_VNET = {GsoType.TCPV4: 1, GsoType.TCPV6: 4}
 GSO_FROM_VNET = {1: GsoType.TCPV4, 4: GsoType.TCPV6}
+
+
+def encode_tx_packet(pieces: list[tuple[int, int, int]], flags: int, gso_type: int = 0,
+                     gso_size: int = 0) -> list[bytes]:
+    """The tx slots of one packet whose pieces, (gref, id, length) each at offset 0, are in
+    order: the first slot carries the total size and the flags, a GSO extra follows it,
+    ``more_data`` on every slot but the last (netif.h's layout; netfront's C path writes
+    the same)."""
+    total = sum(length for _, _, length in pieces)
+    requests = []
+    for index, (gref, rid, length) in enumerate(pieces):
+        more = TXF_MORE_DATA if index < len(pieces) - 1 else 0
+        if index == 0:
+            extra = TXF_EXTRA_INFO if gso_type else 0
+            requests.append(TX_REQUEST.pack(gref, 0, flags | more | extra, rid, total))
+            if gso_type:
+                requests.append(encode_gso_extra(gso_size, gso_type, TX_SLOT))
+        else:
+            requests.append(TX_REQUEST.pack(gref, 0, more, rid, length))
+    return requests

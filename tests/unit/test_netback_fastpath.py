@@ -11,7 +11,6 @@ from hypothesis import given, settings, strategies as st
 
 from ringfence.backends.netback.datapath import TxPacket, TxParser, responses
 from ringfence.backends.netback.fastpath import TxFastPath
-from ringfence.frontends.netfront.device import tx_requests
 from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.netif import STATUS_OKAY
 from ringfence.hypervisor.io.ring import BackRing, FrontRing
@@ -56,7 +55,7 @@ class Harness:
             gref = 1000 + page if not unmapped and page < MAPPED else 5000 + page
             pieces.append((gref, self.next_id % 256, len(frame[at:at + PAGE])))
             self.next_id += 1
-        return tx_requests(pieces, flags, *gso)
+        return netif.encode_tx_packet(pieces, flags, *gso)
 
     def gather(self, packet: TxPacket) -> bytes:
         body = b""

@@ -6,7 +6,6 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from ringfence.backends.netback.datapath import Fatal, TxPacket, TxParser, TxRefusal, responses
-from ringfence.frontends.netfront.device import tx_requests
 from ringfence.hypervisor.io import netif
 from ringfence.hypervisor.io.netif import GsoType, Status, TxFlags
 
@@ -23,7 +22,7 @@ def test_what_netfront_sends_parses_back(packets):
         for start in range(0, size, 4096):
             pieces.append((1000 + rid, rid, min(4096, size - start)))
             rid += 1
-        raws += tx_requests(pieces, flags, gso_type, gso_size)
+        raws += netif.encode_tx_packet(pieces, flags, gso_type, gso_size)
         expected.append((size, pieces, gso_type, gso_size if gso_type else 0, flags))
     parsed = TxParser().parse(raws)
     assert len(parsed) == len(expected)

@@ -1,0 +1,56 @@
+"""netfront's transmit side in C (``rf_netfront_tx_*``, hypervisor/csrc/netio.c).
+
+Packets are read from the guest's TAP straight into free tx buffer pages and put on the tx
+ring, a batch per call and one push (and at most one event) per batch; the backend's
+responses give the buffers back, and an answer for a buffer that is not on the ring is
+counted and ignored (the hardened Linux netfront's check).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ringfence.hypervisor._lib import ffi, lib
+from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
+
+
+class TxPump:
+    """One connection's transmit side (its grants are that backend's)."""
+    TAP_EMPTY, NO_ROOM, BUDGET = lib.RF_NETFRONT_TAP_EMPTY, lib.RF_NETFRONT_NO_ROOM, lib.RF_NETFRONT_BUDGET
+
+    def __init__(self, tap_fd: int, pages: Any, grefs: list[int], sg: bool) -> None:
+        buffers = len(grefs)
+        self._pages = ffi.from_buffer(pages)  # kept: C holds the address
+        self._grefs = ffi.new("uint32_t[]", grefs)
+        self._free = ffi.new("uint16_t[]", list(range(buffers)))
+        self._on_ring = ffi.new("uint8_t[]", buffers)
+        c = self._c = ffi.new("rf_netfront_tx *")
+        c.tap_fd, c.sg, c.buffers, c.nfree = tap_fd, int(sg), buffers, buffers
+        c.pages = ffi.cast("uint8_t *", self._pages)
+        c.grefs, c.free, c.on_ring = self._grefs, self._free, self._on_ring
+        self._notify = ffi.new("int *")
+
+    def pump(self, ring: FrontRing, budget: int) -> tuple[int, bool]:
+        """Send what the TAP holds: (TAP_EMPTY, NO_ROOM or BUDGET; whether to notify)."""
+        result = lib.rf_netfront_tx_pump(self._c, ring.c_ring, budget, self._notify)
+        if result < 0:
+            raise OSError(-result, "reading the TAP")
+        return int(result), bool(self._notify[0])
+
+    def complete(self, ring: FrontRing) -> int:
+        """Take the tx responses: how many buffers came back."""
+        back = lib.rf_netfront_tx_complete(self._c, ring.c_ring)
+        if back < 0:
+            raise RingOverflow("backend published more responses than there are requests")
+        return int(back)
+
+    @property
+    def packets(self) -> int:
+        return int(self._c.packets)
+
+    @property
+    def dropped(self) -> int:
+        return int(self._c.dropped)
+
+    @property
+    def bad_responses(self) -> int:
+        return int(self._c.bad_responses)
