@@ -70,7 +70,7 @@ class MappingCopier:
         self.mapped = self.maps = self.failures = self.resets = 0
         self.unmappable: set[int] = set()  # grefs to copy, not map (bounded by ``limit``)
         self.fallback = GrantCopier(grant_table, domid)
-        self.tx_fast: Any = None  # told of every page kept and of their unmapping (fastpath.py)
+        self.fast: Any = None  # told of every page kept and of their unmapping (fastpath.py)
 
     async def prepare(self, grefs: set[int], writable: bool) -> None:
         """Map pages ahead of their first packet (rx buffers as the guest posts them)."""
@@ -108,8 +108,8 @@ class MappingCopier:
         for i, gref in enumerate(grefs):
             page = view[i * PAGE:(i + 1) * PAGE]
             self.pages[gref] = (page, writable)
-            if self.tx_fast is not None:
-                self.tx_fast.remember(gref, page)
+            if self.fast is not None:
+                self.fast.remember(gref, page, writable)
 
     async def gather(self, packets: Sequence[tuple[Gather, memoryview]]) -> list[bool]:
         await self._ensure({gref for pieces, _ in packets for gref, _, _ in pieces}, False)
@@ -146,8 +146,8 @@ class MappingCopier:
         return results
 
     async def close(self) -> None:
-        if self.tx_fast is not None:
-            self.tx_fast.forget_all()
+        if self.fast is not None:
+            self.fast.forget_all()
         self.pages.clear()
         self.unmappable.clear()
         groups, self.groups, self.mapped = self.groups, [], 0

@@ -1,10 +1,13 @@
-"""netback's transmit fast path: the guest's common packets go from the tx ring to the vif's
-TAP in one C call per batch (``rf_net_tx_serve``, hypervisor/csrc/netio.c).
+"""netback's data path in C (hypervisor/csrc/netio.c), one call per batch each way.
 
-A packet whose pages are mapped already and whose chain and headers are the usual ones is
-written to the TAP from C; from the first packet that is anything else, the rest of the
-batch comes back raw and :class:`~ringfence.backends.netback.datapath.TxParser` parses,
-refuses and counts it as before. The C code never refuses: refusals have one owner.
+Transmit (``rf_net_tx_serve``): a packet whose pages are mapped already and whose chain and
+headers are the usual ones is written to the TAP from C; from the first packet that is
+anything else, the rest of the batch comes back raw and
+:class:`~ringfence.backends.netback.datapath.TxParser` parses, refuses and counts it as
+before. The C code never refuses: refusals have one owner.
+
+Receive (``rf_net_rx_serve``): packets read from the TAP go into the buffers the guest
+posted (mapped writable by the copier when posted), in the order posted.
 """
 from __future__ import annotations
 
@@ -19,36 +22,66 @@ GREF_LIMIT = 1 << 15  # pages are looked up by gref below this; larger grefs go 
 TX_SLOTS = 256        # a tx ring's slots (one page): room for a whole batch handed back
 
 
+RX_EMPTY, RX_NO_BUFFERS, RX_BUDGET = lib.RF_NETBACK_TAP_EMPTY, lib.RF_NETBACK_NO_BUFFERS, lib.RF_NETBACK_BUDGET
+
+
 @dataclass(frozen=True, slots=True)
-class TxFastPathStatistics:
+class VifFastPathStatistics:
     packets: int
     bytes: int
     dropped: int
     handed_back: int
     batches: int
     mapped_pages: int
+    rx_packets: int
+    rx_dropped: int
+    rx_bad_grants: int
 
 
-class TxFastPath:
-    def __init__(self, tap_fd: int) -> None:
+class VifFastPath:
+    def __init__(self, tap_fd: int, rx_sg: bool) -> None:
         self._c = ffi.new("rf_net_tx *")
         self._pages = ffi.new("uint8_t *[]", GREF_LIMIT)
+        self._writable = ffi.new("uint8_t[]", GREF_LIMIT)
         self._c.tap_fd, self._c.ngrants, self._c.pages = tap_fd, GREF_LIMIT, self._pages
         self._c.enabled = 1
         self._mapped = 0
         self._handed_back = ffi.new("uint8_t[]", TX_SLOTS * netif.TX_SLOT)
         self._notify = ffi.new("int *")
+        rx = self._rx = ffi.new("rf_net_rx *")
+        self._posted_ids = ffi.new("uint16_t[]", TX_SLOTS)
+        self._posted_grefs = ffi.new("uint32_t[]", TX_SLOTS)
+        self._packet = ffi.new("uint8_t[]", lib.RF_NET_RX_PACKET)
+        rx.tap_fd, rx.sg, rx.ngrants, rx.pages, rx.writable = tap_fd, int(rx_sg), GREF_LIMIT, self._pages, self._writable
+        rx.posted_ids, rx.posted_grefs, rx.posted_cap = self._posted_ids, self._posted_grefs, TX_SLOTS
+        rx.packet = self._packet
 
-    def remember(self, gref: int, page: Any) -> None:
-        """A page the copier keeps mapped: C may read packets from it until :meth:`forget_all`."""
+    def remember(self, gref: int, page: Any, writable: bool) -> None:
+        """A page the copier keeps mapped: C may use it until :meth:`forget_all`."""
         if 0 <= gref < GREF_LIMIT:
             self._mapped += self._pages[gref] == ffi.NULL
             self._pages[gref] = ffi.cast("uint8_t *", ffi.from_buffer(page))
+            self._writable[gref] = int(writable)
 
     def forget_all(self) -> None:
         """Call before the pages are unmapped."""
         ffi.memmove(self._pages, bytes(ffi.sizeof(self._pages)), ffi.sizeof(self._pages))
+        ffi.memmove(self._writable, bytes(GREF_LIMIT), GREF_LIMIT)
         self._mapped = 0
+
+    def post_rx(self, posted: list[tuple[int, int]]) -> None:
+        """Receive buffers the guest posted, (id, gref) each, mapped already."""
+        if posted:
+            ids, grefs = zip(*posted)
+            lib.rf_net_rx_post(self._rx, ids, grefs, len(posted))
+
+    def serve_rx(self, ring: BackRing, budget: int) -> tuple[int, bool]:
+        """Packets from the TAP into the guest's buffers: (RX_EMPTY, RX_NO_BUFFERS or
+        RX_BUDGET; whether to notify). OSError: the TAP is gone."""
+        result = lib.rf_net_rx_serve(self._rx, ring.c_ring, budget, self._notify)
+        if result < 0:
+            raise OSError(-result, "reading the TAP")
+        return int(result), bool(self._notify[0])
 
     def serve(self, ring: BackRing) -> tuple[list[bytes], bool]:
         """Serve what the ring holds; returns the requests left for Python and whether the
@@ -61,10 +94,27 @@ class TxFastPath:
         return [raw[i * size:(i + 1) * size] for i in range(n)], bool(self._notify[0])
 
     @property
+    def tap_fd(self) -> int:
+        return int(self._c.tap_fd)
+
+    @property
     def packets(self) -> int:
         return int(self._c.packets)
 
-    def statistics(self) -> TxFastPathStatistics:
-        c = self._c
-        return TxFastPathStatistics(int(c.packets), int(c.bytes), int(c.dropped),
-                                    int(c.handed_back), int(c.batches), self._mapped)
+    @property
+    def rx_packets(self) -> int:
+        return int(self._rx.packets)
+
+    @property
+    def rx_dropped(self) -> int:
+        return int(self._rx.dropped)
+
+    @property
+    def rx_bad_grants(self) -> int:
+        return int(self._rx.bad_grants)
+
+    def statistics(self) -> VifFastPathStatistics:
+        c, rx = self._c, self._rx
+        return VifFastPathStatistics(int(c.packets), int(c.bytes), int(c.dropped),
+                                     int(c.handed_back), int(c.batches), self._mapped,
+                                     int(rx.packets), int(rx.dropped), int(rx.bad_grants))

@@ -28,7 +28,7 @@ import trio
 
 from ringfence._log import RateLimitedLog
 from ringfence.backends.netback.copier import GrantCopier, MappingCopier
-from ringfence.backends.netback.fastpath import TxFastPath
+from ringfence.backends.netback.fastpath import RX_EMPTY, RX_NO_BUFFERS, VifFastPath
 from ringfence.backends.netback.datapath import Fatal, TxPacket, TxParser, responses
 from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_OKAY
@@ -77,13 +77,14 @@ class NetbackVif:
         self._tap_index = 0                # the ifindex of our TAP while it serves
         self._serving: trio.CancelScope | None = None
         self.copier: GrantCopier | MappingCopier | None = None  # while connected
-        self.tx_fast: TxFastPath | None = None
+        self.fast: VifFastPath | None = None  # the data path in C (sim: pages stay mapped)
 
     def statistics(self) -> VifStatistics:
-        fast = self.tx_fast
+        fast = self.fast
         return VifStatistics(self.frontend_id, self.devid, self.state.name,
                              self.tx_packets + (fast.packets if fast else 0),
-                             self.rx_packets, self.rx_dropped, self.storm.spurious,
+                             self.rx_packets + (fast.rx_packets if fast else 0),
+                             self.rx_dropped + (fast.rx_dropped if fast else 0), self.storm.spurious,
                              dict(self.rejected), dict(self.device_events),
                              self.copier.statistics() if self.copier else {},
                              self.refusals.suppressed)
@@ -198,9 +199,9 @@ class NetbackVif:
             self.rx_buffers: collections.deque[tuple[int, int]] = collections.deque()  # (id, gref)
             self.rx_posted = trio.Event()  # set when the guest posts buffers
             self.copier = (MappingCopier if gt.persistent_maps else GrantCopier)(gt, self.frontend_id)
-            self.tx_fast = None
-            if isinstance(self.copier, MappingCopier):  # the C path reads the pages it keeps
-                self.tx_fast = self.copier.tx_fast = TxFastPath(tap_fd)
+            self.fast = None
+            if isinstance(self.copier, MappingCopier):  # the C path uses the pages it keeps
+                self.fast = self.copier.fast = VifFastPath(tap_fd, self.rx_sg)
             self._abuse = ""
             async with trio.open_nursery() as nursery:
                 self._serving = nursery.cancel_scope
@@ -220,9 +221,12 @@ class NetbackVif:
                     with contextlib.suppress(OSError):
                         await netlink.delete_link(self.tap_name)
                 copier, self.copier = self.copier, None
-                if self.tx_fast is not None:  # its count carries over; its pages go now
-                    self.tx_packets += self.tx_fast.packets
-                    self.tx_fast = None
+                if self.fast is not None:  # its counts carry over; its pages go now
+                    self.tx_packets += self.fast.packets
+                    self.rx_packets += self.fast.rx_packets
+                    self.rx_dropped += self.fast.rx_dropped
+                    self.rejected["bad_rx_grant"] += self.fast.rx_bad_grants
+                    self.fast = None
                 if copier is not None:
                     await copier.close()
                 for mapping in (tx_map, rx_map):
@@ -246,8 +250,8 @@ class NetbackVif:
                            scope: trio.CancelScope) -> None:
         while True:
             try:
-                if self.tx_fast is not None:
-                    tx_raws, notify = self.tx_fast.serve(tx)  # the common packets, in C
+                if self.fast is not None:
+                    tx_raws, notify = self.fast.serve(tx)  # the common packets, in C
                     if notify:
                         port.notify()
                 else:
@@ -255,7 +259,10 @@ class NetbackVif:
                 posted = [netif.RX_REQUEST.unpack(raw) for raw in rx.take_requests()]
                 if posted:
                     await self.copier.prepare({gref for _, gref in posted}, True)
-                    self.rx_buffers.extend(posted)
+                    if self.fast is not None:
+                        self.fast.post_rx(posted)
+                    else:
+                        self.rx_buffers.extend(posted)
                     self.rx_posted.set()
                     self.storm.note_work()
                 if tx_raws:
@@ -320,6 +327,8 @@ class NetbackVif:
         return responses(layout, STATUS_ERROR)
 
     async def _tap_to_guest(self, rx: BackRing, port: Any, tap_fd: int) -> None:
+        if self.fast is not None:
+            return await self._tap_to_guest_in_c(rx, port)
         backlog: collections.deque[bytes] = collections.deque()
         while True:
             while len(backlog) < RX_BACKLOG:
@@ -360,6 +369,25 @@ class NetbackVif:
             if backlog:  # its head waits for the guest to post more buffers
                 self.rx_posted = trio.Event()
                 await self.rx_posted.wait()
+
+    async def _tap_to_guest_in_c(self, rx: BackRing, port: Any) -> None:
+        fast = self.fast
+        assert fast is not None
+        while True:
+            try:
+                result, notify = fast.serve_rx(rx, 64)
+            except OSError as exc:  # EBADFD: the TAP was deleted under us
+                self._tap_gone(str(exc))
+                return
+            if notify:
+                port.notify()
+            if result == RX_EMPTY:
+                await trio.lowlevel.wait_readable(fast.tap_fd)
+            elif result == RX_NO_BUFFERS:  # the guest has not posted enough buffers yet
+                self.rx_posted = trio.Event()
+                await self.rx_posted.wait()
+            else:
+                await trio.lowlevel.checkpoint()  # a busy TAP leaves room to the rest
 
     def _plan_rx(self, packet: bytes) -> tuple[list[bytes], list[tuple[int, memoryview]]] | tuple[()] | None:
         """The responses and the (gref, bytes) pieces that put one packet from the TAP into

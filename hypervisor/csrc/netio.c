@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #define PAGE 4096
 #define BATCH 256                  /* a tx ring's slots */
@@ -23,6 +24,8 @@
 #define VNET_DATA_VALID 2
 #define VNET_GSO_TCPV4 1
 #define VNET_GSO_TCPV6 4
+#define VNET_GSO_ECN 0x80
+#define MAX_PIECES 17              /* pages of the largest frame a TAP hands us */
 
 struct tx_request {
     uint32_t gref;
@@ -229,11 +232,136 @@ int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *noti
     }
 }
 
+/* ---- netback's receive side --------------------------------------------------------------- */
+
+#define RXF_DATA_VALIDATED 1
+#define RXF_CSUM_BLANK 2
+#define RXF_MORE_DATA 4
+#define RXF_EXTRA_INFO 8
+#define STATUS_ERROR (-1)
+
+struct rx_response {
+    uint16_t id, offset, flags;
+    int16_t status;
+};
+struct rx_extra {
+    uint8_t type, flags;
+    uint16_t gso_size;
+    uint8_t gso_type, pad;
+    uint16_t features;
+};
+_Static_assert(sizeof(struct rx_response) == 8, "netif rx response");
+_Static_assert(sizeof(struct rx_extra) == 8, "netif extra info in an rx slot");
+
+uint32_t rf_net_rx_post(rf_net_rx *r, const uint16_t *ids, const uint32_t *grefs, uint32_t n)
+{
+    uint32_t taken = 0;
+    for (; taken < n && r->posted_count < r->posted_cap; taken++) {
+        uint32_t at = (r->posted_head + r->posted_count++) % r->posted_cap;
+        r->posted_ids[at] = ids[taken];
+        r->posted_grefs[at] = grefs[taken];
+    }
+    return taken;
+}
+
+static void take_posted(rf_net_rx *r, uint16_t *id, uint32_t *gref)
+{
+    *id = r->posted_ids[r->posted_head];
+    *gref = r->posted_grefs[r->posted_head];
+    r->posted_head = (r->posted_head + 1) % r->posted_cap;
+    r->posted_count--;
+}
+
+int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify)
+{
+    static struct rx_response rsp[MAX_PIECES + 1];
+    uint32_t sent = 0;
+    int result;
+    *notify = 0;
+    for (;;) {
+        if (sent >= budget) {
+            result = RF_NETBACK_BUDGET;
+            break;
+        }
+        if (!r->have_packet) {
+            ssize_t got = read(r->tap_fd, r->packet, RF_NET_RX_PACKET);
+            if (got < 0) {
+                if (errno == EINTR)
+                    continue;
+                result = errno == EAGAIN || errno == EWOULDBLOCK ? RF_NETBACK_TAP_EMPTY : -errno;
+                break;
+            }
+            r->packet_len = (uint32_t)got;
+            r->have_packet = 1;
+        }
+        struct vnet_header vnet;
+        if (r->packet_len < sizeof vnet) {
+            r->have_packet = 0;
+            r->dropped++;
+            continue;
+        }
+        memcpy(&vnet, r->packet, sizeof vnet);
+        const uint8_t *frame = r->packet + sizeof vnet;
+        uint32_t length = r->packet_len - (uint32_t)sizeof vnet;
+        uint32_t pieces = length ? (length + PAGE - 1) / PAGE : 1;
+        unsigned kind = vnet.gso_type & ~VNET_GSO_ECN, xen_gso = 0;
+        if (kind == VNET_GSO_TCPV4)
+            xen_gso = XEN_GSO_TCPV4;
+        else if (kind == VNET_GSO_TCPV6)
+            xen_gso = XEN_GSO_TCPV6;
+        if ((pieces > 1 && !r->sg) || (vnet.gso_type && !xen_gso) || pieces > MAX_PIECES) {
+            r->have_packet = 0;  /* the guest cannot take it (the TAP's offloads should prevent it) */
+            r->dropped++;
+            continue;
+        }
+        if (r->posted_count < pieces + (xen_gso ? 1 : 0)) {
+            result = RF_NETBACK_NO_BUFFERS;
+            break;
+        }
+        uint16_t flags = vnet.flags & VNET_NEEDS_CSUM ? RXF_CSUM_BLANK | RXF_DATA_VALIDATED
+                       : vnet.flags & VNET_DATA_VALID ? RXF_DATA_VALIDATED : 0;
+        uint32_t n = 0;
+        int whole = 1;
+        for (uint32_t i = 0; i < pieces; i++) {
+            uint16_t id;
+            uint32_t gref, len = length - i * PAGE < PAGE ? length - i * PAGE : PAGE;
+            take_posted(r, &id, &gref);
+            uint8_t *page = gref < r->ngrants && r->writable[gref] ? r->pages[gref] : NULL;
+            if (page)
+                memcpy(page, frame + (size_t)i * PAGE, len);
+            else
+                whole = 0;
+            uint16_t piece_flags = i + 1 < pieces ? RXF_MORE_DATA : 0;
+            if (i == 0)
+                piece_flags |= flags | (xen_gso ? RXF_EXTRA_INFO : 0);
+            rsp[n++] = (struct rx_response){id, 0, piece_flags, (int16_t)len};
+            if (i == 0 && xen_gso) {
+                take_posted(r, &id, &gref);  /* its slot carries the extra info */
+                struct rx_extra extra = {EXTRA_TYPE_GSO, 0, vnet.gso_size, (uint8_t)xen_gso, 0, 0};
+                memcpy(&rsp[n++], &extra, sizeof extra);
+            }
+        }
+        if (!whole) {
+            rsp[0].status = STATUS_ERROR;  /* a buffer we cannot write: the packet is lost */
+            r->bad_grants++;
+        } else {
+            r->packets++;
+        }
+        rf_back_put_responses(ring, rsp, n);
+        r->have_packet = 0;
+        sent++;
+    }
+    if (sent) {
+        r->batches++;
+        if (rf_back_push_responses(ring, -1))
+            *notify = 1;
+    }
+    return result;
+}
+
 /* ---- netfront ------------------------------------------------------------------------- */
 
-#define MAX_PIECES 17              /* pages of the largest frame a TAP hands us */
 #define MAX_TX_SIZE 0xFFFF         /* XEN_NETIF_MAX_TX_SIZE */
-#define VNET_GSO_ECN 0x80
 
 int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *notify)
 {

@@ -30,6 +30,35 @@ typedef struct rf_net_tx {
  * responses pushed need an event. */
 int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *notify);
 
+/* netback's receive side: packets read from the vif's TAP are copied into the buffers the
+ * guest posted (mapped writable), a piece a page with a GSO extra after the first, answered
+ * in the order posted, pushed once a batch. A packet waits here for enough buffers; the
+ * rest wait in the TAP's own queue (bounded, counted by the kernel). */
+#define RF_NETBACK_TAP_EMPTY 0    /* wait until the TAP is readable */
+#define RF_NETBACK_NO_BUFFERS 1   /* wait until the guest posts buffers */
+#define RF_NETBACK_BUDGET 2
+
+typedef struct rf_net_rx {
+    int tap_fd;
+    uint32_t sg;                 /* the guest takes a packet over several buffers */
+    uint32_t ngrants;
+    uint8_t **pages;             /* [ngrants] mapped pages, rf_net_tx's table */
+    uint8_t *writable;           /* [ngrants] */
+    uint16_t *posted_ids;        /* [posted_cap] ring of posted buffers, oldest first */
+    uint32_t *posted_grefs;
+    uint32_t posted_cap, posted_head, posted_count;
+    uint8_t *packet;             /* [RF_NET_RX_PACKET] read, waiting for buffers */
+    uint32_t packet_len, have_packet;
+    uint64_t packets, dropped, bad_grants, batches;
+} rf_net_rx;
+#define RF_NET_RX_PACKET (12 + 65536 + 64)
+
+/* Buffers the guest posted (copied out of the ring already): how many were taken (not
+ * more than the ring holds). */
+uint32_t rf_net_rx_post(rf_net_rx *r, const uint16_t *ids, const uint32_t *grefs, uint32_t n);
+/* A result above or -errno from the TAP (gone). *notify: whether the push needs an event. */
+int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify);
+
 /* netfront's transmit side: packets read from the guest's TAP straight into free tx buffer
  * pages (room for the largest first), put on the ring a slot a page with a GSO extra after
  * the first, pushed once a batch. The buffers' free list and which are on the ring live here. */

@@ -10,7 +10,7 @@ import struct
 from hypothesis import given, settings, strategies as st
 
 from ringfence.backends.netback.datapath import TxPacket, TxParser, responses
-from ringfence.backends.netback.fastpath import TxFastPath
+from ringfence.backends.netback.fastpath import VifFastPath
 from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.netif import STATUS_OKAY
 from ringfence.hypervisor.io.ring import BackRing, FrontRing
@@ -35,9 +35,9 @@ class Harness:
         self.pool = bytearray(PAGES * PAGE)
         self.tap, self.reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.reader.setblocking(False)
-        self.fast = TxFastPath(self.tap.fileno())
+        self.fast = VifFastPath(self.tap.fileno(), rx_sg=True)
         for i in range(MAPPED):
-            self.fast.remember(1000 + i, memoryview(self.pool)[i * PAGE:(i + 1) * PAGE])
+            self.fast.remember(1000 + i, memoryview(self.pool)[i * PAGE:(i + 1) * PAGE], False)
         shared = bytearray(PAGE)
         self.front = FrontRing(shared, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
         self.back = BackRing(shared, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
