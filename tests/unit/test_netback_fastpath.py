@@ -157,3 +157,44 @@ def test_any_batch_is_served_or_handed_back_as_python_would_treat_it(packets):
     assert h.front.take_responses() == answers
     # a packet Python would refuse or must map first is never served here
     assert not {"unmapped", "bad_size", "crosses", "udp_gso"} & set(kinds[:count])
+
+
+def test_received_packets_fill_the_posted_buffers_in_order_as_python_would():
+    """The receive side: pieces of a page in the oldest buffers posted, the GSO extra's slot
+    after the first, flags from the TAP's header; a buffer not mapped writable costs the
+    packet (error status) and is counted; a packet waits for enough buffers."""
+    h = Harness()
+    h.tap.setblocking(False)  # as a TAP is
+    for i in range(MAPPED):  # the guest's rx buffers, mapped writable when posted
+        h.fast.remember(1000 + i, memoryview(h.pool)[i * PAGE:(i + 1) * PAGE], True)
+    shared = bytearray(PAGE)
+    front = FrontRing(shared, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
+    back = BackRing(shared, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
+    big, small = tcp_frame(9000), tcp_frame(50)
+    h.reader.send(vnet.VnetHeader(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 54, 1448, 34, 16).pack() + big)
+    h.reader.send(vnet.VnetHeader(vnet.DATA_VALID).pack() + small)
+    posted = [(i, 1000 + i) for i in range(4)]
+    front.put_requests([netif.RX_REQUEST.pack(rid, gref) for rid, gref in posted])
+    front.push_requests()
+    h.fast.post_rx([netif.RX_REQUEST.unpack(raw) for raw in back.take_requests()])
+    assert h.fast.serve_rx(back, 64)[0] == 1  # the small one waits: 3 pieces + extra took all 4
+    rsps = front.take_responses()
+    assert [netif.RX_RESPONSE.unpack(r) for r in rsps[:1]] == [
+        (0, 0, netif.RXF_CSUM_BLANK | netif.RXF_DATA_VALIDATED | netif.RXF_MORE_DATA | netif.RXF_EXTRA_INFO, PAGE)]
+    extra = netif.decode_extra(rsps[1])
+    assert (extra.type, extra.flags, extra.gso_size, extra.gso_type) == (netif.ExtraType.GSO, 0, 1448, netif.GsoType.TCPV4)
+    assert [netif.RX_RESPONSE.unpack(r) for r in rsps[2:]] == [
+        (2, 0, netif.RXF_MORE_DATA, PAGE), (3, 0, 0, len(big) - 2 * PAGE)]
+    assert bytes(h.pool[:PAGE]) + bytes(h.pool[2 * PAGE:4 * PAGE])[:len(big) - PAGE] == big
+    # the next buffers: one not mapped writable
+    front.put_requests([netif.RX_REQUEST.pack(9, 1005), netif.RX_REQUEST.pack(7, 9999)])
+    front.push_requests()
+    h.fast.post_rx([netif.RX_REQUEST.unpack(raw) for raw in back.take_requests()])
+    h.reader.send(vnet.VnetHeader().pack() + small)
+    assert h.fast.serve_rx(back, 64)[0] == 0  # both sent: the TAP is empty now
+    (first, second) = [netif.RX_RESPONSE.unpack(r) for r in front.take_responses()]
+    assert first == (9, 0, netif.RXF_DATA_VALIDATED, len(small))
+    assert bytes(h.pool[5 * PAGE:5 * PAGE + len(small)]) == small
+    assert second == (7, 0, 0, -1)
+    stats = h.fast.statistics()
+    assert (stats.rx_packets, stats.rx_bad_grants) == (2, 1)
