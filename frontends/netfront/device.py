@@ -10,10 +10,9 @@ against the page.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -32,17 +31,6 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 BUFFERS = 256  # tx and rx each, a ring's worth: pages 0..255 tx, 256..511 rx
 MAX_PIECES = 17   # pages of the largest frame eth0 may hand us (64 KiB and its headers)
-
-
-@dataclass(slots=True)
-class _RxPacket:
-    """An rx packet being put together from its slots."""
-    flags: int
-    pieces: list[bytes | memoryview] = field(default_factory=list)
-    gso_type: int = 0
-    gso_size: int = 0
-    extras_expected: bool = False
-    bad: bool = False
 
 
 class _BackendMoved(Exception):
@@ -78,8 +66,10 @@ class NetFront:
     def statistics(self) -> NetfrontStatistics:
         pump = self._tx_pump
         return NetfrontStatistics(self.devid, self.state.name,
-                                  self.tx_packets + (pump.packets if pump else 0), self.rx_packets,
-                                  self.tx_dropped + (pump.dropped if pump else 0), self.rx_dropped,
+                                  self.tx_packets + (pump.packets if pump else 0),
+                                  self.rx_packets + (pump.rx_packets if pump else 0),
+                                  self.tx_dropped + (pump.dropped if pump else 0),
+                                  self.rx_dropped + (pump.rx_dropped if pump else 0),
                                   self.bad_responses + (pump.bad_responses if pump else 0),
                                   self.storm.spurious, len(self.unrevoked))
 
@@ -108,8 +98,10 @@ class NetFront:
                 if not started:
                     task_status.started()
                     started = True
-                pump = self._tx_pump = TxPump(tap_fd, memoryview(self.pages)[:BUFFERS * PAGE],
-                                              self.tx_grefs, self.features["feature-sg"])
+                pump = self._tx_pump = TxPump(tap_fd, memoryview(self.pages), self.tx_grefs,
+                                              self.features["feature-sg"], self.rx_grefs)
+                pump.start_rx(rx)  # every rx buffer posted
+                port.notify()
                 self._tx_room = trio.Event()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._from_tap, tx, port, tap_fd, pump)
@@ -120,6 +112,8 @@ class NetFront:
                 self.tx_packets += pump.packets
                 self.tx_dropped += pump.dropped
                 self.bad_responses += pump.bad_responses
+                self.rx_packets += pump.rx_packets
+                self.rx_dropped += pump.rx_dropped
                 log.warning("backend went away; reconnecting", extra={"kv": {"devid": self.devid}})
                 self.state = XenbusState.Initialising
                 await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
@@ -196,12 +190,6 @@ class NetFront:
         except BaseException:
             await port.close()
             raise
-        rx.put_requests([netif.RX_REQUEST.pack(i, self.rx_grefs[i]) for i in range(min(BUFFERS, rx.size))])
-        self._rx_posted = collections.deque(range(min(BUFFERS, rx.size)))  # oldest first
-        self._repost: list[int] = []
-        self._rx_packet: _RxPacket | None = None
-        if rx.push_requests():
-            port.notify()
         self.connections += 1
         log.info("vif connected", extra={"kv": {"devid": self.devid, "mac": self.mac,
                                                "backend": backend_id}})
@@ -274,7 +262,7 @@ class NetFront:
         while True:
             try:
                 tx_done = pump.complete(tx)  # the buffers answered come back, in C
-                rx_done = rx.take_responses()
+                rx_done, notify = pump.receive(rx)  # packets to eth0, buffers posted again
             except RingOverflow:
                 self.bad_responses += 1
                 log.error("backend overflowed a ring")
@@ -283,65 +271,9 @@ class NetFront:
                 self.storm.note_work()
             if tx_done:
                 self._tx_room.set()
-            if rx_done:
-                self._receive(rx_done, tap_fd)
-                rx.put_requests([netif.RX_REQUEST.pack(rid, self.rx_grefs[rid])
-                                 for rid in self._repost])
-                self._rx_posted.extend(self._repost)
-                self._repost = []
-                if rx.push_requests():
-                    port.notify()
+            if notify:
+                port.notify()
             if not tx_done and not rx_done:
                 if not tx.final_check_for_responses() and not rx.final_check_for_responses():
                     await port.wait()
                     await self.storm.woken(tx.unconsumed_responses() + rx.unconsumed_responses() > 0)
-
-    def _receive(self, responses: list[bytes], tap_fd: int) -> None:
-        """Put packets together from rx responses; each response answers the oldest buffer
-        posted (the backend fills them in order), whose id a data response must echo."""
-        for raw in responses:
-            if not self._rx_posted:
-                self.bad_responses += 1  # more answers than buffers posted
-                continue
-            expected = self._rx_posted.popleft()
-            self._repost.append(expected)
-            packet = self._rx_packet
-            if packet is not None and packet.extras_expected:
-                extra = netif.decode_extra(raw)
-                if extra.type == netif.ExtraType.GSO:
-                    packet.gso_type, packet.gso_size = extra.gso_type, extra.gso_size
-                packet.extras_expected = bool(extra.flags & netif.EXTRA_FLAG_MORE)
-                continue
-            rid, offset, flags, status = netif.RX_RESPONSE.unpack(raw)
-            if packet is None:
-                packet = self._rx_packet = _RxPacket(flags, extras_expected=bool(flags & netif.RXF_EXTRA_INFO))
-            if rid != expected or status < 0 or offset + status > PAGE:
-                packet.bad = True
-                self.bad_responses += rid != expected
-            else:
-                at = (BUFFERS + rid) * PAGE + offset
-                piece = self.pages[at:at + status]
-                # The first piece holds the headers we parse and the kernel trusts: copied
-                # once. The rest is payload, written to eth0 straight from the page (it is
-                # reposted only after this batch).
-                packet.pieces.append(bytes(piece) if not packet.pieces else piece)
-            if not flags & netif.RXF_MORE_DATA:
-                self._rx_packet = None
-                self._deliver(packet, tap_fd)
-        if self._rx_packet is not None:  # continues in the next batch: its pages go back now
-            self._rx_packet.pieces = [bytes(piece) for piece in self._rx_packet.pieces]
-
-    def _deliver(self, packet: _RxPacket, tap_fd: int) -> None:
-        # Offloads need the headers in the first piece (as the kernel wants them linear).
-        header = None if packet.bad or not packet.pieces else vnet.header_for(
-            packet.pieces[0], partial=bool(packet.flags & netif.RXF_CSUM_BLANK),
-            validated=bool(packet.flags & netif.RXF_DATA_VALIDATED),
-            gso_type=packet.gso_type, gso_size=packet.gso_size)
-        if header is None:
-            self.rx_dropped += 1
-            return
-        try:
-            os.writev(tap_fd, [header, *packet.pieces])
-            self.rx_packets += 1
-        except OSError:
-            self.rx_dropped += 1

@@ -1,9 +1,13 @@
-"""netfront's transmit side in C (``rf_netfront_tx_*``, hypervisor/csrc/netio.c).
+"""netfront's data path in C (``rf_netfront_*``, hypervisor/csrc/netio.c).
 
-Packets are read from the guest's TAP straight into free tx buffer pages and put on the tx
-ring, a batch per call and one push (and at most one event) per batch; the backend's
-responses give the buffers back, and an answer for a buffer that is not on the ring is
-counted and ignored (the hardened Linux netfront's check).
+Transmit: packets are read from the guest's TAP straight into free tx buffer pages and put
+on the tx ring, a batch per call and one push (and at most one event) per batch; the
+backend's responses give the buffers back, and an answer for a buffer that is not on the
+ring is counted and ignored (the hardened Linux netfront's check).
+
+Receive: each rx response answers the oldest buffer posted; a packet's pieces are written to
+the TAP with the virtio-net header their flags call for (the first piece from a private
+copy: its headers are what the kernel trusts), and the buffers go back on the ring.
 """
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 
 
 class TxPump:
-    """One connection's transmit side (its grants are that backend's)."""
+    """One connection's data path (its grants are that backend's): ``pages`` holds the tx
+    buffers, then the rx buffers."""
     TAP_EMPTY, NO_ROOM, BUDGET = lib.RF_NETFRONT_TAP_EMPTY, lib.RF_NETFRONT_NO_ROOM, lib.RF_NETFRONT_BUDGET
 
-    def __init__(self, tap_fd: int, pages: Any, grefs: list[int], sg: bool) -> None:
+    def __init__(self, tap_fd: int, pages: Any, grefs: list[int], sg: bool,
+                 rx_grefs: list[int] | None = None) -> None:
         buffers = len(grefs)
         self._pages = ffi.from_buffer(pages)  # kept: C holds the address
         self._grefs = ffi.new("uint32_t[]", grefs)
@@ -28,6 +34,23 @@ class TxPump:
         c.pages = ffi.cast("uint8_t *", self._pages)
         c.grefs, c.free, c.on_ring = self._grefs, self._free, self._on_ring
         self._notify = ffi.new("int *")
+        rx_grefs = rx_grefs or []
+        self._rx_grefs = ffi.new("uint32_t[]", rx_grefs or [0])
+        self._posted = ffi.new("uint16_t[]", max(1, len(rx_grefs)))
+        rx = self._rx = ffi.new("rf_netfront_rx *")
+        rx.tap_fd, rx.buffers, rx.grefs, rx.posted = tap_fd, len(rx_grefs), self._rx_grefs, self._posted
+        rx.pages = ffi.cast("uint8_t *", self._pages) + buffers * 4096
+
+    def start_rx(self, ring: FrontRing) -> None:
+        """Post every rx buffer (a new connection)."""
+        lib.rf_netfront_rx_start(self._rx, ring.c_ring)
+
+    def receive(self, ring: FrontRing) -> tuple[int, bool]:
+        """Take the rx responses: (how many; whether the buffers posted again need an event)."""
+        n = lib.rf_netfront_rx_serve(self._rx, ring.c_ring, self._notify)
+        if n < 0:
+            raise RingOverflow("backend published more responses than there are requests")
+        return int(n), bool(self._notify[0])
 
     def pump(self, ring: FrontRing, budget: int) -> tuple[int, bool]:
         """Send what the TAP holds: (TAP_EMPTY, NO_ROOM or BUDGET; whether to notify)."""
@@ -53,4 +76,12 @@ class TxPump:
 
     @property
     def bad_responses(self) -> int:
-        return int(self._c.bad_responses)
+        return int(self._c.bad_responses + self._rx.bad_responses)
+
+    @property
+    def rx_packets(self) -> int:
+        return int(self._rx.packets)
+
+    @property
+    def rx_dropped(self) -> int:
+        return int(self._rx.dropped)

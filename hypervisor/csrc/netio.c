@@ -463,3 +463,134 @@ int rf_netfront_tx_complete(rf_netfront_tx *f, rf_ring *ring)
         }
     }
 }
+
+static void repost(rf_netfront_rx *f, rf_ring *ring, uint16_t id)
+{
+    struct { uint16_t id, pad; uint32_t gref; } req = {id, 0, f->grefs[id]};
+    rf_front_put_requests(ring, &req, 1);
+    f->posted[(f->posted_head + f->posted_count++) % f->buffers] = id;
+}
+
+void rf_netfront_rx_start(rf_netfront_rx *f, rf_ring *ring)
+{
+    f->posted_head = f->posted_count = 0;
+    f->nheld = f->npieces = f->in_packet = 0;
+    for (uint32_t id = 0; id < f->buffers && id < ring->nr_ents; id++)
+        repost(f, ring, (uint16_t)id);
+    rf_front_push_requests(ring, -1);
+}
+
+static void deliver(rf_netfront_rx *f)
+{
+    static uint8_t first_copy[PAGE];
+    struct iovec iov[2 + MAX_RX_PIECES];
+    struct vnet_header vnet = {0};
+    if (f->bad || !f->npieces) {
+        f->dropped++;
+        return;
+    }
+    unsigned first_len = f->lengths[0], start, offset, headers;
+    memcpy(first_copy, f->pages + (size_t)f->piece_ids[0] * PAGE + f->offsets[0], first_len);
+    if (f->gso_type) {
+        if (!checksum_location(first_copy, first_len, &start, &offset, &headers) || offset != 16) {
+            f->dropped++;
+            return;
+        }
+        vnet = (struct vnet_header){VNET_NEEDS_CSUM, f->gso_type == XEN_GSO_TCPV4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6,
+                                    (uint16_t)headers, f->gso_size, (uint16_t)start, (uint16_t)offset, 0};
+    } else if (f->flags & RXF_CSUM_BLANK) {
+        if (!checksum_location(first_copy, first_len, &start, &offset, &headers)) {
+            f->dropped++;
+            return;
+        }
+        vnet = (struct vnet_header){VNET_NEEDS_CSUM, 0, 0, 0, (uint16_t)start, (uint16_t)offset, 0};
+    } else if (f->flags & RXF_DATA_VALIDATED) {
+        vnet.flags = VNET_DATA_VALID;
+    }
+    iov[0].iov_base = &vnet;
+    iov[0].iov_len = sizeof vnet;
+    iov[1].iov_base = first_copy;
+    iov[1].iov_len = first_len;
+    uint32_t n = 2;
+    for (uint32_t piece = 1; piece < f->npieces; piece++) {
+        iov[n].iov_base = f->pages + (size_t)f->piece_ids[piece] * PAGE + f->offsets[piece];
+        iov[n++].iov_len = f->lengths[piece];
+    }
+    ssize_t written;
+    do
+        written = writev(f->tap_fd, iov, (int)n);
+    while (written < 0 && errno == EINTR);
+    if (written < 0)
+        f->dropped++;
+    else
+        f->packets++;
+}
+
+int rf_netfront_rx_serve(rf_netfront_rx *f, rf_ring *ring, int *notify)
+{
+    struct rx_response rsp[BATCH];
+    int total = 0;
+    *notify = 0;
+    for (;;) {
+        int n = rf_front_take_responses(ring, rsp, BATCH);
+        if (n < 0)
+            return n;
+        if (n == 0)
+            break;
+        total += n;
+        for (int i = 0; i < n; i++) {
+            if (!f->posted_count) {
+                f->bad_responses++;  /* more answers than buffers posted */
+                continue;
+            }
+            uint16_t expected = f->posted[f->posted_head];
+            f->posted_head = (f->posted_head + 1) % f->buffers;
+            f->posted_count--;
+            if (f->nheld == MAX_RX_PIECES) {  /* a chain longer than any packet: drop it */
+                for (uint32_t k = 0; k < f->nheld; k++)
+                    repost(f, ring, f->held[k]);
+                f->nheld = f->npieces = 0;
+                f->bad = 1;
+            }
+            f->held[f->nheld++] = expected;
+            if (f->in_packet && f->extras_expected) {
+                struct rx_extra extra;
+                memcpy(&extra, &rsp[i], sizeof extra);
+                if (extra.type == EXTRA_TYPE_GSO)
+                    f->gso_type = extra.gso_type, f->gso_size = extra.gso_size;
+                f->extras_expected = extra.flags & EXTRA_FLAG_MORE;
+                continue;
+            }
+            const struct rx_response *r = &rsp[i];
+            if (!f->in_packet) {
+                f->in_packet = 1;
+                f->flags = r->flags;
+                f->extras_expected = r->flags & RXF_EXTRA_INFO;
+                f->gso_type = f->gso_size = 0;
+                f->npieces = 0;
+                f->bad = 0;
+            }
+            if (r->id != expected || r->status < 0 || r->offset + r->status > PAGE) {
+                f->bad = 1;
+                f->bad_responses += r->id != expected;
+            } else {
+                f->piece_ids[f->npieces] = expected;
+                f->offsets[f->npieces] = r->offset;
+                f->lengths[f->npieces++] = (uint16_t)r->status;
+            }
+            if (!(r->flags & RXF_MORE_DATA)) {
+                deliver(f);
+                for (uint32_t k = 0; k < f->nheld; k++)
+                    repost(f, ring, f->held[k]);
+                f->nheld = 0;
+                f->in_packet = 0;
+            }
+        }
+    }
+    if (total) {
+        f->batches++;
+        if (rf_front_push_requests(ring, -1))
+            *notify = 1;
+    }
+    return total;
+}

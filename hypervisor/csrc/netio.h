@@ -77,6 +77,32 @@ typedef struct rf_netfront_tx {
     uint64_t packets, dropped, bad_responses, batches;
 } rf_netfront_tx;
 
+/* netfront's receive side: each response answers the oldest buffer posted; a packet's
+ * pieces (and its GSO extra) are put together and written to eth0 with the virtio-net header
+ * their flags call for, the first piece from a private copy (its headers are what the kernel
+ * trusts), the others from the pages; the buffers go back on the ring once their packet is
+ * done, one push a batch. */
+#define MAX_RX_PIECES 24         /* a packet's buffers: 17 pieces, extras, and then some */
+typedef struct rf_netfront_rx {
+    int tap_fd;
+    uint8_t *pages;              /* [buffers] rx pages */
+    uint32_t *grefs;             /* [buffers] their grants to the current backend */
+    uint32_t buffers;
+    uint16_t *posted;            /* [buffers] ring of posted buffers, oldest first */
+    uint32_t posted_head, posted_count;
+    uint16_t held[MAX_RX_PIECES];   /* buffers of the packet being put together */
+    uint16_t piece_ids[MAX_RX_PIECES], offsets[MAX_RX_PIECES], lengths[MAX_RX_PIECES];
+    uint32_t nheld, npieces, in_packet, extras_expected, bad;
+    uint16_t flags, gso_type, gso_size;
+    uint64_t packets, dropped, bad_responses, batches;
+} rf_netfront_rx;
+
+/* Post every buffer (a new connection). */
+void rf_netfront_rx_start(rf_netfront_rx *f, rf_ring *ring);
+/* Take the rx responses: packets to eth0, buffers back on the ring. Returns how many
+ * responses, or -EOVERFLOW. *notify: whether the push needs an event. */
+int rf_netfront_rx_serve(rf_netfront_rx *f, rf_ring *ring, int *notify);
+
 /* A result above, or -errno from the TAP. *notify: whether the push needs an event. */
 int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *notify);
 /* Take the tx responses, giving their buffers back (an id not on the ring counts as a bad

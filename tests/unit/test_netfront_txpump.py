@@ -103,3 +103,41 @@ def test_no_room_then_a_budget_leave_the_rest_on_the_tap():
         h.send(os.urandom(100))
     assert h.pump.pump(h.front, 1000)[0] == TxPump.NO_ROOM  # 17 buffers must stay free
     assert h.pump.packets == 5 + BUFFERS - 5 - 16
+
+
+def test_received_pieces_reach_eth0_as_one_frame_with_its_offloads():
+    """The receive side: each answer is for the oldest buffer posted; the pieces of a packet
+    and its GSO extra make one frame on eth0; a wrong id costs the packet; buffers go back."""
+    pages = bytearray(2 * BUFFERS * PAGE)
+    eth0, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    eth0.setblocking(False)
+    pump = TxPump(tap.fileno(), pages, [2000 + i for i in range(BUFFERS)], True,
+                  [3000 + i for i in range(BUFFERS)])
+    shared = bytearray(PAGE)
+    front = FrontRing(shared, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
+    back = BackRing(shared, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
+    pump.start_rx(front)
+    posted = [netif.RX_REQUEST.unpack(raw) for raw in back.take_requests()]
+    assert posted[:3] == [(0, 3000), (1, 3001), (2, 3002)] and len(posted) == BUFFERS
+    frame = bytes(14) + os.urandom(5000)
+    rx = memoryview(pages)[BUFFERS * PAGE:]
+    rx[0:PAGE] = frame[:PAGE]                      # buffer 0: the first piece
+    rx[2 * PAGE:2 * PAGE + len(frame) - PAGE] = frame[PAGE:]  # buffer 2 (1 holds the extra)
+    back.put_responses([
+        netif.RX_RESPONSE.pack(0, 0, netif.RXF_DATA_VALIDATED | netif.RXF_MORE_DATA | netif.RXF_EXTRA_INFO, PAGE),
+        netif.encode_gso_extra(1448, netif.GsoType.TCPV4, netif.RX_SLOT),
+        netif.RX_RESPONSE.pack(2, 0, 0, len(frame) - PAGE),
+        netif.RX_RESPONSE.pack(7, 0, 0, 100)])      # buffer 3's answer with another id
+    back.push_responses()
+    assert pump.receive(front)[0] == 4
+    # a GSO frame whose headers are not TCP's cannot be segmented: dropped; the bad id too
+    assert pump.rx_dropped == 2 and pump.bad_responses == 1
+    assert [netif.RX_REQUEST.unpack(raw)[0] for raw in back.take_requests()] == [0, 1, 2, 3]
+    plain = bytes(14) + os.urandom(300)
+    rx[4 * PAGE:4 * PAGE + len(plain)] = plain
+    back.put_responses([netif.RX_RESPONSE.pack(4, 0, netif.RXF_DATA_VALIDATED, len(plain))])
+    back.push_responses()
+    pump.receive(front)
+    assert eth0.recv(1 << 17) == vnet.VnetHeader(vnet.DATA_VALID).pack() + plain
+    assert pump.rx_packets == 1
