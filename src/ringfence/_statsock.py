@@ -57,5 +57,5 @@ async def fetch_statistics(path: str, timeout: float = 2.0) -> Any:
                 while chunk := await stream.receive_some(1 << 16):
                     chunks.append(chunk)
         return json.loads(b"".join(chunks))
-    except (OSError, ValueError, trio.TooSlowError) as exc:
+    except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:  # it died meanwhile
         return {"error": f"no statistics: {exc!r}"}
