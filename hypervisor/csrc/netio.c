@@ -108,6 +108,30 @@ static int checksum_location(const uint8_t *f, unsigned n, unsigned *start, unsi
     return 0;
 }
 
+/* The vnet header a frame goes to a TAP with, from what the other end said of it (Xen GSO
+ * type and size, a partial checksum, a checksum already checked): 1, or 0 when it asks for a
+ * checksum or segmentation its headers do not allow (vnet.header_for). The headers are read
+ * from a private copy. */
+static int vnet_for(const uint8_t *frame, unsigned len, unsigned xen_gso, unsigned gso_size,
+                    int partial, int validated, struct vnet_header *vnet)
+{
+    unsigned start, offset, headers;
+    *vnet = (struct vnet_header){0};
+    if (xen_gso) {
+        if (!checksum_location(frame, len, &start, &offset, &headers) || offset != 16)
+            return 0;  /* only TCP is segmented */
+        *vnet = (struct vnet_header){VNET_NEEDS_CSUM, xen_gso == XEN_GSO_TCPV4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6,
+                                     (uint16_t)headers, (uint16_t)gso_size, (uint16_t)start, (uint16_t)offset, 0};
+    } else if (partial) {
+        if (!checksum_location(frame, len, &start, &offset, &headers))
+            return 0;
+        *vnet = (struct vnet_header){VNET_NEEDS_CSUM, 0, 0, 0, (uint16_t)start, (uint16_t)offset, 0};
+    } else if (validated) {
+        vnet->flags = VNET_DATA_VALID;
+    }
+    return 1;
+}
+
 static const uint8_t *mapped(const rf_net_tx *t, uint32_t gref)
 {
     return gref < t->ngrants ? t->pages[gref] : NULL;
@@ -162,19 +186,9 @@ static uint32_t serve_packet(rf_net_tx *t, const struct tx_request *batch, uint3
     }
     /* the headers are read from this private copy only, and it is what the TAP gets */
     memcpy(first_copy, page + first->offset, first_len);
-    unsigned start, offset, headers;
-    if (gso_type) {
-        if (!checksum_location(first_copy, first_len, &start, &offset, &headers) || offset != 16)
-            return 0;
-        vnet = (struct vnet_header){VNET_NEEDS_CSUM, gso_type == XEN_GSO_TCPV4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6,
-                                    (uint16_t)headers, (uint16_t)gso_size, (uint16_t)start, (uint16_t)offset, 0};
-    } else if (first->flags & TXF_CSUM_BLANK) {
-        if (!checksum_location(first_copy, first_len, &start, &offset, &headers))
-            return 0;
-        vnet = (struct vnet_header){VNET_NEEDS_CSUM, 0, 0, 0, (uint16_t)start, (uint16_t)offset, 0};
-    } else if (first->flags & TXF_DATA_VALIDATED) {
-        vnet.flags = VNET_DATA_VALID;
-    }
+    if (!vnet_for(first_copy, first_len, gso_type, gso_size, first->flags & TXF_CSUM_BLANK,
+                  first->flags & TXF_DATA_VALIDATED, &vnet))
+        return 0;
     iov[0].iov_base = &vnet;
     iov[0].iov_len = sizeof vnet;
     iov[1].iov_base = first_copy;
@@ -489,23 +503,12 @@ static void deliver(rf_netfront_rx *f)
         f->dropped++;
         return;
     }
-    unsigned first_len = f->lengths[0], start, offset, headers;
+    unsigned first_len = f->lengths[0];
     memcpy(first_copy, f->pages + (size_t)f->piece_ids[0] * PAGE + f->offsets[0], first_len);
-    if (f->gso_type) {
-        if (!checksum_location(first_copy, first_len, &start, &offset, &headers) || offset != 16) {
-            f->dropped++;
-            return;
-        }
-        vnet = (struct vnet_header){VNET_NEEDS_CSUM, f->gso_type == XEN_GSO_TCPV4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6,
-                                    (uint16_t)headers, f->gso_size, (uint16_t)start, (uint16_t)offset, 0};
-    } else if (f->flags & RXF_CSUM_BLANK) {
-        if (!checksum_location(first_copy, first_len, &start, &offset, &headers)) {
-            f->dropped++;
-            return;
-        }
-        vnet = (struct vnet_header){VNET_NEEDS_CSUM, 0, 0, 0, (uint16_t)start, (uint16_t)offset, 0};
-    } else if (f->flags & RXF_DATA_VALIDATED) {
-        vnet.flags = VNET_DATA_VALID;
+    if (!vnet_for(first_copy, first_len, f->gso_type, f->gso_size, f->flags & RXF_CSUM_BLANK,
+                  f->flags & RXF_DATA_VALIDATED, &vnet)) {
+        f->dropped++;
+        return;
     }
     iov[0].iov_base = &vnet;
     iov[0].iov_len = sizeof vnet;
