@@ -19,7 +19,7 @@ from ringfence.hypervisor.io import netif
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 
 GREF_LIMIT = 1 << 15  # pages are looked up by gref below this; larger grefs go to Python
-TX_SLOTS = 256        # a tx ring's slots (one page): room for a whole batch handed back
+RING_SLOTS = 256      # a tx or rx ring's slots (one page): a batch handed back, the buffers posted
 
 
 RX_EMPTY, RX_NO_BUFFERS, RX_BUDGET = lib.RF_NETBACK_TAP_EMPTY, lib.RF_NETBACK_NO_BUFFERS, lib.RF_NETBACK_BUDGET
@@ -46,14 +46,14 @@ class VifFastPath:
         self._c.tap_fd, self._c.ngrants, self._c.pages = tap_fd, GREF_LIMIT, self._pages
         self._c.enabled = 1
         self._mapped = 0
-        self._handed_back = ffi.new("uint8_t[]", TX_SLOTS * netif.TX_SLOT)
+        self._handed_back = ffi.new("uint8_t[]", RING_SLOTS * netif.TX_SLOT)
         self._notify = ffi.new("int *")
         rx = self._rx = ffi.new("rf_net_rx *")
-        self._posted_ids = ffi.new("uint16_t[]", TX_SLOTS)
-        self._posted_grefs = ffi.new("uint32_t[]", TX_SLOTS)
+        self._posted_ids = ffi.new("uint16_t[]", RING_SLOTS)
+        self._posted_grefs = ffi.new("uint32_t[]", RING_SLOTS)
         self._packet = ffi.new("uint8_t[]", lib.RF_NET_RX_PACKET)
         rx.tap_fd, rx.sg, rx.ngrants, rx.pages, rx.writable = tap_fd, int(rx_sg), GREF_LIMIT, self._pages, self._writable
-        rx.posted_ids, rx.posted_grefs, rx.posted_cap = self._posted_ids, self._posted_grefs, TX_SLOTS
+        rx.posted_ids, rx.posted_grefs, rx.posted_cap = self._posted_ids, self._posted_grefs, RING_SLOTS
         rx.packet = self._packet
 
     def remember(self, gref: int, page: Any, writable: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from ringfence.frontends.netfront.fastpath import TxPump
+from ringfence.frontends.netfront.fastpath import VifPump
 from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
@@ -58,13 +58,13 @@ class NetFront:
         self.ifname, self.mac, self.addresses, self.mtu = ifname, mac, addresses, mtu
         self.state = XenbusState.Initialising
         self.tx_packets = self.rx_packets = self.tx_dropped = self.rx_dropped = self.bad_responses = 0
-        self._tx_pump: TxPump | None = None  # while connected
+        self._pump: VifPump | None = None  # while connected
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
         self.all_grefs: list[int] = []  # granted to the backend of now
         self.unrevoked: list[int] = []  # grants a previous backend would not give back
 
     def statistics(self) -> NetfrontStatistics:
-        pump = self._tx_pump
+        pump = self._pump
         return NetfrontStatistics(self.devid, self.state.name,
                                   self.tx_packets + (pump.packets if pump else 0),
                                   self.rx_packets + (pump.rx_packets if pump else 0),
@@ -98,17 +98,17 @@ class NetFront:
                 if not started:
                     task_status.started()
                     started = True
-                pump = self._tx_pump = TxPump(tap_fd, memoryview(self.pages), self.tx_grefs,
+                pump = self._pump = VifPump(tap_fd, memoryview(self.pages), self.tx_grefs,
                                               self.features["feature-sg"], self.rx_grefs)
                 pump.start_rx(rx)  # every rx buffer posted
                 port.notify()
                 self._tx_room = trio.Event()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._from_tap, tx, port, tap_fd, pump)
-                    nursery.start_soon(self._from_rings, tx, rx, port, tap_fd, pump)
+                    nursery.start_soon(self._from_rings, tx, rx, port, pump)
                     await self._wait_backend_leaves(backend)
                     nursery.cancel_scope.cancel()
-                self._tx_pump = None  # its counts carry over
+                self._pump = None  # its counts carry over
                 self.tx_packets += pump.packets
                 self.tx_dropped += pump.dropped
                 self.bad_responses += pump.bad_responses
@@ -242,23 +242,22 @@ class NetFront:
         vnet.set_offload(tap_fd, True, sg and self.features["feature-gso-tcpv4"],
                          sg and self.features["feature-gso-tcpv6"])
 
-    async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, pump: TxPump) -> None:
+    async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, pump: VifPump) -> None:
         """Packets go from eth0 to the ring in C (fastpath.py), a batch a call."""
         self._set_offloads(tap_fd)
         while True:
             result, notify = pump.pump(tx, 64)
             if notify:
                 port.notify()
-            if result == TxPump.TAP_EMPTY:
+            if result == VifPump.TAP_EMPTY:
                 await trio.lowlevel.wait_readable(tap_fd)
-            elif result == TxPump.NO_ROOM:
+            elif result == VifPump.NO_ROOM:
                 self._tx_room = trio.Event()  # the backend's responses give buffers back
                 await self._tx_room.wait()
             else:
                 await trio.lowlevel.checkpoint()  # a busy eth0 leaves room to the rest
 
-    async def _from_rings(self, tx: FrontRing, rx: FrontRing, port: Any, tap_fd: int,
-                          pump: TxPump) -> None:
+    async def _from_rings(self, tx: FrontRing, rx: FrontRing, port: Any, pump: VifPump) -> None:
         while True:
             try:
                 tx_done = pump.complete(tx)  # the buffers answered come back, in C

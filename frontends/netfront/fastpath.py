@@ -17,7 +17,7 @@ from ringfence.hypervisor._lib import ffi, lib
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 
 
-class TxPump:
+class VifPump:
     """One connection's data path (its grants are that backend's): ``pages`` holds the tx
     buffers, then the rx buffers."""
     TAP_EMPTY, NO_ROOM, BUDGET = lib.RF_NETFRONT_TAP_EMPTY, lib.RF_NETFRONT_NO_ROOM, lib.RF_NETFRONT_BUDGET

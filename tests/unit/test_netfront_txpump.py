@@ -7,7 +7,7 @@ import os
 import socket
 
 from ringfence.backends.netback.datapath import TxPacket, TxParser, responses
-from ringfence.frontends.netfront.fastpath import TxPump
+from ringfence.frontends.netfront.fastpath import VifPump
 from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.ring import BackRing, FrontRing
 
@@ -22,7 +22,7 @@ class Harness:
         # a seqpacket socket hands over one frame a read, as a TAP does
         self.eth0, self.tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tap.setblocking(False)
-        self.pump = TxPump(self.tap.fileno(), self.pages, self.grefs, sg)
+        self.pump = VifPump(self.tap.fileno(), self.pages, self.grefs, sg)
         shared = bytearray(PAGE)
         self.front = FrontRing(shared, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
         self.back = BackRing(shared, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
@@ -49,7 +49,7 @@ def test_frames_reach_the_ring_with_their_offloads_and_come_back_as_buffers():
     h.send(small, vnet.VnetHeader(vnet.NEEDS_CSUM, 0, 0, 0, 34, 16))
     h.send(big, vnet.VnetHeader(vnet.NEEDS_CSUM, vnet.GSO_TCPV4 | vnet.GSO_ECN, 54, 1448, 34, 16))
     h.send(small, vnet.VnetHeader(vnet.DATA_VALID))
-    assert h.pump.pump(h.front, 64) == (TxPump.TAP_EMPTY, True)
+    assert h.pump.pump(h.front, 64) == (VifPump.TAP_EMPTY, True)
     (p1, b1), (p2, b2), (p3, b3) = h.received()
     assert b1 == small and p1.flags == netif.TXF_CSUM_BLANK | netif.TXF_DATA_VALIDATED
     assert b2 == big and (p2.gso_type, p2.gso_size) == (netif.GsoType.TCPV4, 1448)
@@ -87,7 +87,7 @@ def test_frames_the_backend_cannot_take_are_dropped_and_counted():
     h.send(os.urandom(100), vnet.VnetHeader(vnet.NEEDS_CSUM, vnet.GSO_UDP, 42, 1400, 34, 6))
     h.send(b"")                                                         # nothing but the header
     h.send(os.urandom(100))
-    assert h.pump.pump(h.front, 64)[0] == TxPump.TAP_EMPTY
+    assert h.pump.pump(h.front, 64)[0] == VifPump.TAP_EMPTY
     assert h.pump.dropped == 2 and h.pump.packets == 2  # the empty one goes: netback refuses it
 
 
@@ -95,13 +95,13 @@ def test_no_room_then_a_budget_leave_the_rest_on_the_tap():
     h = Harness()
     for _ in range(5):
         h.send(os.urandom(100))
-    assert h.pump.pump(h.front, 2) == (TxPump.BUDGET, True)
+    assert h.pump.pump(h.front, 2) == (VifPump.BUDGET, True)
     assert h.pump.packets == 2
     h.pump.pump(h.front, 64)
     assert h.pump.packets == 5
     for _ in range(BUFFERS):
         h.send(os.urandom(100))
-    assert h.pump.pump(h.front, 1000)[0] == TxPump.NO_ROOM  # 17 buffers must stay free
+    assert h.pump.pump(h.front, 1000)[0] == VifPump.NO_ROOM  # 17 buffers must stay free
     assert h.pump.packets == 5 + BUFFERS - 5 - 16
 
 
@@ -112,7 +112,7 @@ def test_received_pieces_reach_eth0_as_one_frame_with_its_offloads():
     eth0, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tap.setblocking(False)
     eth0.setblocking(False)
-    pump = TxPump(tap.fileno(), pages, [2000 + i for i in range(BUFFERS)], True,
+    pump = VifPump(tap.fileno(), pages, [2000 + i for i in range(BUFFERS)], True,
                   [3000 + i for i in range(BUFFERS)])
     shared = bytearray(PAGE)
     front = FrontRing(shared, netif.RX_REQUEST.size, netif.RX_RESPONSE.size, netif.RX_SLOT)
