@@ -145,7 +145,8 @@ class Cgroup:
 
 
 class SandboxedProcess:
-    def __init__(self, spec: SandboxSpec, process: trio.Process, cgroup: Cgroup) -> None:
+    def __init__(self, spec: SandboxSpec, process: Any, cgroup: Cgroup) -> None:
+        # process: a trio.Process, or a launcher.ForkedProcess (same interface)
         self.spec = spec
         self.process = process
         self.pid = process.pid
@@ -214,9 +215,53 @@ def sandbox_uid(name: str) -> int:
     return 200000 + zlib.crc32(name.encode()) % 100000
 
 
+@dataclass(frozen=True, slots=True)
+class SandboxEntry:
+    """What a new process does to enter its sandbox, as plain data: run between fork and
+    exec (or, from the launcher, between fork and the program) by :meth:`enter`."""
+    what: int
+    hostname: bytes
+    outer_uid: int
+    outer_gid: int
+    procs_files: tuple[str, ...]
+    limits: tuple[tuple[int, int, int], ...]
+    expose: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def enter(self) -> None:
+        for path in self.procs_files:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+        for which, soft, hard in self.limits:
+            resource.setrlimit(which, (soft, hard))
+        status = lib.rf_sandbox_enter(self.what, self.hostname, self.outer_uid, self.outer_gid)
+        if status < 0:
+            raise OSError(-status, f"entering sandbox: {os.strerror(-status)}")
+        for cover, paths in self.expose:
+            names = [ffi.new("char[]", p.encode()) for p in paths]
+            status = lib.rf_sandbox_expose(cover.encode(), ffi.new("char *[]", names), len(names))
+            if status < 0:
+                raise OSError(-status, f"exposing the interpreter: {os.strerror(-status)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"what": self.what, "hostname": self.hostname.decode(), "outer_uid": self.outer_uid,
+                "outer_gid": self.outer_gid, "procs_files": list(self.procs_files),
+                "limits": [list(limit) for limit in self.limits],
+                "expose": [[cover, list(paths)] for cover, paths in self.expose]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SandboxEntry:
+        return cls(int(data["what"]), str(data["hostname"]).encode(), int(data["outer_uid"]),
+                   int(data["outer_gid"]), tuple(map(str, data["procs_files"])),
+                   tuple((int(w), int(s), int(h)) for w, s, h in data["limits"]),
+                   tuple((str(c), tuple(map(str, p))) for c, p in data["expose"]))
+
+
 async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
                           pass_fds: Sequence[int] = (), env: Mapping[str, str] | None = None,
-                          **kwargs: Any) -> SandboxedProcess:
+                          launcher: Any = None, **kwargs: Any) -> SandboxedProcess:
+    """Start ``argv`` in a new sandbox. With a ``launcher`` (:class:`~ringfence.isolation.
+    launcher.Launcher`) a Python program is forked from it instead of exec'd: the same
+    sandbox, without the interpreter's start-up."""
     rootless = os.geteuid() != 0
     what = 0
     for ns in spec.namespaces:
@@ -225,9 +270,6 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
         what |= lib.RF_SANDBOX_USER
     cgroup = Cgroup(spec.name)
     cgroup.create(spec.memory_max, spec.pids_max)
-    procs_files = cgroup.procs_files()
-    hostname = spec.name.encode()[:63]
-    outer_uid, outer_gid = os.getuid(), os.getgid()
     limits = {resource.RLIMIT_NOFILE: (spec.nofile, spec.nofile),
               resource.RLIMIT_CORE: (0, 0) if not spec.core_dumps else (-1, -1),
               **spec.rlimits}
@@ -237,32 +279,26 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
         environment[UID_ENV] = str(spec.uid if spec.uid is not None else sandbox_uid(spec.name))
         if "mount" in spec.namespaces:
             covers = _hidden_interpreter_paths()
-    expose = [(cover.encode(), [ffi.new("char[]", p.encode()) for p in paths])
-              for cover, paths in covers.items()]
-
-    def enter() -> None:  # runs in the child between fork and exec
-        for path in procs_files:
-            with open(path, "w") as f:
-                f.write(str(os.getpid()))
-        for which, (soft, hard) in limits.items():
-            resource.setrlimit(which, (soft, hard))
-        status = lib.rf_sandbox_enter(what, hostname, outer_uid, outer_gid)
-        if status < 0:
-            raise OSError(-status, f"entering sandbox: {os.strerror(-status)}")
-        for cover, paths in expose:
-            status = lib.rf_sandbox_expose(cover, ffi.new("char *[]", paths), len(paths))
-            if status < 0:
-                raise OSError(-status, f"exposing the interpreter: {os.strerror(-status)}")
-
+    entry = SandboxEntry(what, spec.name.encode()[:63], os.getuid(), os.getgid(),
+                         tuple(cgroup.procs_files()),
+                         tuple((which, soft, hard) for which, (soft, hard) in limits.items()),
+                         tuple((cover, tuple(paths)) for cover, paths in covers.items()))
     try:
-        process = await open_process_dying_with_us(
-            list(argv), pass_fds=tuple(pass_fds), close_fds=True, env=environment,
-            preexec_fn=enter, **kwargs)
+        process = None
+        if launcher is not None and launcher.can_start(argv, kwargs):
+            # None when the launcher has gone meanwhile: then exec'd like any other.
+            process = await launcher.start(argv, entry, pass_fds=tuple(pass_fds),
+                                           env=environment, **kwargs)
+        if process is None:
+            process = await open_process_dying_with_us(
+                list(argv), pass_fds=tuple(pass_fds), close_fds=True, env=environment,
+                preexec_fn=entry.enter, **kwargs)
     except BaseException:
         cgroup.remove()
         raise
     log.info("sandbox started", extra={"kv": {"sandbox": spec.name, "pid": process.pid,
-                                              "rootless": rootless}})
+                                              "rootless": rootless,
+                                              "forked": not isinstance(process, trio.Process)}})
     boxed = SandboxedProcess(spec, process, cgroup)
     # Whoever started it, the cgroup goes when the sandbox's process does.
     trio.lowlevel.spawn_system_task(_reap, boxed)

@@ -65,6 +65,8 @@ class Launch:
     adopt: Any = None
     # For programs that do not speak sd_notify: running counts as ready.
     ready_on_start: bool = False
+    # A launcher (isolation.launcher) to fork the process from instead of exec'ing it.
+    launcher: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +206,8 @@ class Service:
                 self.process = launch.adopt
             else:
                 self.process = await spawn_sandboxed(self.sandbox, launch.argv,
-                                                     pass_fds=launch.pass_fds, env=env, **launch.kwargs)
+                                                     pass_fds=launch.pass_fds, env=env,
+                                                     launcher=launch.launcher, **launch.kwargs)
             self.starts += 1
             self._last_ping = time.monotonic()
             if launch.adopt is not None or launch.ready_on_start:

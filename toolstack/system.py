@@ -25,6 +25,7 @@ from ringfence._statsock import STATS_SOCKET_ENV, fetch_statistics
 from ringfence.errors import CommandError
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
+from ringfence.isolation.launcher import open_launcher
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
@@ -36,6 +37,15 @@ from ringfence.xenbus.client import open_xenstore
 from ringfence.xenbus.state import XenbusState
 
 log = logging.getLogger(__name__)
+
+# What domains run, imported once by the launcher so that a domain starts as a fork of it
+# (a driver domain's relaunch then costs milliseconds, not an interpreter's start-up).
+DOMAIN_MODULES = ("ringfence.cli", "ringfence.xenbus.platforms", "ringfence.hypervisor.sim.client",
+                  "ringfence.xenbus.sim", "ringfence.backends.blkback.cli",
+                  "ringfence.backends.blkback.xenbus", "ringfence.backends.netback.cli",
+                  "ringfence.backends.netback.xenbus", "ringfence.toolstack.guest",
+                  "ringfence.frontends.blkfront.device", "ringfence.frontends.blkfront.nbd",
+                  "ringfence.frontends.netfront.device")
 
 
 @dataclass
@@ -66,6 +76,7 @@ class System:
     spares: dict[str, Any] = field(default_factory=dict)   # driver name -> Spare
     nursery: Any = None
     xs: Any = None   # the toolstack's own XenStore connection
+    launcher: Any = None  # isolation.launcher.Launcher, or None: domains exec'd
     control_statistics: dict[str, int] = field(default_factory=dict)
 
     def spare_ready(self, name: str) -> bool:
@@ -122,7 +133,8 @@ class System:
                                     "vifs": len(g.vifs)} for g in self.guests.values()},
                 "domains": await self.domain_statistics(),
                 "recoveries": [{"driver": name, "ms": round(ms, 1)} for name, ms in self.recoveries],
-                "control": dict(self.control_statistics)}
+                "control": dict(self.control_statistics),
+                "launcher": asdict(self.launcher.statistics()) if self.launcher else None}
 
 
 def _sandbox(name: str, sandboxed: bool, **limits: Any) -> SandboxSpec | None:
@@ -140,7 +152,9 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
     (the default: at once, backoff doubling, 10 starts per minute); ``warm_spares``
     overrides the config's ``spare`` key for every driver domain."""
     os.makedirs(runtime_dir, exist_ok=True)
-    async with open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
+    # The launcher imports the domain programs while the hypervisor and xenstored start.
+    async with open_launcher(DOMAIN_MODULES) as launcher, \
+            open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
         xs_path = os.path.join(runtime_dir, "xenstored.sock")
         state_dir = os.path.join(runtime_dir, "xenstore-state")
         # The journal lets xenstored survive its own crashes within this host's life; a
@@ -165,7 +179,7 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
             with trio.fail_after(30):
                 await xenstored.wait_ready()
             system = System(config, runtime_dir, dom0, xs_path, supervisor,
-                            sandboxed=sandboxed, quiet=quiet)
+                            sandboxed=sandboxed, quiet=quiet, launcher=launcher)
             system.xenstored = xenstored
             system.nursery = nursery
             system.xs = await nursery_xs(nursery, xs_path)
@@ -288,7 +302,8 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             spec = dataclasses.replace(sandbox, name=spare_name, uid=uid)
             env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), "RINGFENCE_START_IDLE": "1",
                                       STATS_SOCKET_ENV: os.path.join(os.path.dirname(stats), "spare.sock")})
-            process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env, **kwargs)
+            process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
+                                            launcher=system.launcher, **kwargs)
         except BaseException:
             with contextlib.suppress(OSError):
                 await system.dom0.destroy_domain(domid)
@@ -326,7 +341,8 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         if warm_spare and name not in system.spares:
             system.nursery.start_soon(start_spare)
         env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: stats})
-        return Launch(program, pass_fds=(fd,), env=env, teardown=teardown_of(domid, fd), kwargs=kwargs)
+        return Launch(program, pass_fds=(fd,), env=env, teardown=teardown_of(domid, fd), kwargs=kwargs,
+                      launcher=system.launcher)
 
     service = Service(name, prepare, sandbox, policy or RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
@@ -400,7 +416,8 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
         if spec is None:
             spec = SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0)
         if spec is not None:
-            boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env, **kwargs)
+            boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
+                                          launcher=system.launcher, **kwargs)
             guest.process = boxed.process
         else:
             guest.process = await trio.lowlevel.open_process(argv, pass_fds=(fd,), env=env, **kwargs)

@@ -197,3 +197,60 @@ int rf_die_with_parent(int parent_pid)
         return -ESRCH; /* the parent died before we asked */
     return 0;
 }
+
+/* Where the kernel reads this process's command line from: fields 48 and 49 of
+ * /proc/self/stat (the comm field before them may hold spaces and parentheses). */
+static int arg_area(unsigned long *start, unsigned long *end)
+{
+    char buf[4096];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -EIO;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return -EIO;
+    /* p + 2 is field 3 */
+    p += 2;
+    for (int field = 3; field < 48 && p; field++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    if (!p || sscanf(p, "%lu %lu", start, end) != 2 || *end <= *start)
+        return -EIO;
+    return 0;
+}
+
+/* A process forked from the launcher would show the launcher's command line to ps and
+ * pgrep. Give it its own: with CAP_SYS_RESOURCE the kernel is pointed at a copy (never
+ * freed: it is read for as long as the process lives); without, the program's arguments
+ * are written over the launcher's own (the launcher passes a long enough command line),
+ * cut if they do not fit. */
+int rf_set_cmdline(const char *args, size_t len)
+{
+    if (!len)
+        return -EINVAL;
+    char *copy = malloc(len);
+    if (!copy)
+        return -ENOMEM;
+    memcpy(copy, args, len);
+    if (prctl(PR_SET_MM, PR_SET_MM_ARG_START, (unsigned long)copy, 0, 0) == 0 &&
+        prctl(PR_SET_MM, PR_SET_MM_ARG_END, (unsigned long)(copy + len), 0, 0) == 0)
+        return 0;
+    free(copy);
+    unsigned long start, end;
+    int err = arg_area(&start, &end);
+    if (err)
+        return err;
+    size_t room = end - start;
+    size_t n = len < room ? len : room;
+    memcpy((char *)start, args, n);
+    memset((char *)start + n, 0, room - n);
+    ((char *)start)[room - 1] = 0;
+    return 0;
+}

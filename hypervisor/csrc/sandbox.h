@@ -1,6 +1,7 @@
 /* Entering a sandbox in a freshly forked child, before exec (see isolation/sandbox.py). */
 #ifndef RF_SANDBOX_H
 #define RF_SANDBOX_H
+#include <stddef.h>
 #define RF_SANDBOX_PID 1
 #define RF_SANDBOX_MOUNT 2
 #define RF_SANDBOX_NET 4
@@ -13,4 +14,6 @@ int rf_setns(int fd, int nstype);
 /* PR_SET_PDEATHSIG(SIGKILL); -ESRCH if the parent is already gone */
 int rf_die_with_parent(int parent_pid);
 int rf_tap_open(const char *name, int vnet_hdr, int multi_queue, char *actual_name);
+/* What /proc/PID/cmdline shows from now on (a forked domain names its own program) */
+int rf_set_cmdline(const char *args, size_t len);
 #endif

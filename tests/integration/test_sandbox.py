@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import trio
 
+from ringfence.isolation.launcher import open_launcher
 from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these checks run as root")
@@ -48,10 +49,20 @@ PROBE = PRELUDE + textwrap.dedent("""
 """)
 
 
-async def test_driver_domain_cannot_reach_a_guest(tmp_path):
+@pytest.fixture(params=["exec", "launcher"])
+async def launcher(request):
+    """Both ways a domain starts: exec'd, or forked from the launcher."""
+    if request.param == "exec":
+        yield None
+        return
+    async with open_launcher(["ringfence.isolation.sandbox"]) as forker:
+        yield forker
+
+
+async def test_driver_domain_cannot_reach_a_guest(tmp_path, launcher):
     leak_r, leak_w = os.pipe()  # an fd that must not be inherited
     guest = await spawn_sandboxed(SandboxSpec("guest1"), [sys.executable, "-c", GUEST],
-                                  stdout=subprocess.PIPE)
+                                  stdout=subprocess.PIPE, launcher=launcher)
     try:
         line = b""
         with trio.fail_after(20):
@@ -66,13 +77,15 @@ async def test_driver_domain_cannot_reach_a_guest(tmp_path):
             [sys.executable, "-c", "import subprocess,sys; sys.exit(0)"], capture_stdout=True)
         driver = await spawn_sandboxed(SandboxSpec("driver1", nofile=512),
                                        [sys.executable, "-c", PROBE, str(guest_pid)],
-                                       stdout=subprocess.PIPE)
+                                       stdout=subprocess.PIPE, launcher=launcher)
         out = b""
         with trio.fail_after(20):
             async for chunk in driver.process.stdout:
                 out += chunk
         await driver.aclose()
         probe = json.loads(out)
+        if launcher is not None:
+            assert launcher.statistics().forked == 2
         assert probe["pid"] == 1 and probe["procs"] == [1]
         assert probe["signal"] == 3  # ESRCH: the guest does not exist from here
         assert probe["secret"] is False
@@ -92,7 +105,7 @@ async def test_driver_domain_cannot_reach_a_guest(tmp_path):
     assert not guest.cgroup.dirs or not any(p.exists() for p in guest.cgroup.dirs.values())
 
 
-async def test_pids_limit_holds():
+async def test_pids_limit_holds(launcher):
     bomb = PRELUDE + textwrap.dedent("""
         import os, time
         made = 0
@@ -107,7 +120,7 @@ async def test_pids_limit_holds():
             print("unlimited", made, flush=True)
     """)
     box = await spawn_sandboxed(SandboxSpec("bomb1", pids_max=20), [sys.executable, "-c", bomb],
-                                stdout=subprocess.PIPE)
+                                stdout=subprocess.PIPE, launcher=launcher)
     out = b""
     with trio.fail_after(30):
         while b"\n" not in out:
