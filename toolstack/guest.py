@@ -74,13 +74,27 @@ class GuestDevices:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery, self.xs.watch(self.base) as events:
             first = True
-            async for _ in events:
+            async for path, _ in events:
+                if not first and not self._may_add_or_remove(path):
+                    continue  # a key below a device (most are our frontends' own writes)
+                # The reconcile reads the directory as it is now: what else is queued is in it.
+                with contextlib.suppress(trio.WouldBlock):
+                    while True:
+                        events.receive_nowait()
                 # The devices present at start are all connected before the guest is ready;
                 # later ones (hotplug) come up in the background.
                 await self._reconcile(nursery, wait=first)
                 if first:
                     task_status.started()
                     first = False
+
+    def _may_add_or_remove(self, path: str) -> bool:
+        """Whether a change at ``path`` can make a device appear or go: the directory, a
+        kind, a device's own node or its 'backend' pointer (see :meth:`_present`)."""
+        if not path.startswith(self.base):
+            return True
+        parts = path[len(self.base):].strip("/").split("/")
+        return len(parts) <= 2 or (len(parts) == 3 and parts[2] == "backend")
 
     async def _present(self) -> set[tuple[str, int]]:
         present = set()
