@@ -325,9 +325,10 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         if spare is not None and spare.process.process.poll() is None:
             # Warm: the spare takes the name and the devices; a new spare starts behind it.
             _normal_priority(innermost_pid(spare.process.pid))
-            await system.dom0.rename_domain(spare.domid, name)
             system.driver_domids[name] = spare.domid
-            await _hand_over(system, name, old, spare.domid)
+            async with trio.open_nursery() as nursery:  # the name is not on a guest's path
+                nursery.start_soon(system.dom0.rename_domain, spare.domid, name)
+                await _hand_over(system, name, old, spare.domid)
             with contextlib.suppress(OSError):
                 os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
             system.nursery.start_soon(start_spare, SPARE_DELAY)

@@ -174,6 +174,16 @@ class XenStore:
             raise XenStoreError("EIO", "connection closed")
         return replies.messages
 
+    async def _post(self, op: int, payload: bytes) -> None:
+        """Send a request whose reply nobody waits for (the reader drops it)."""
+        if self._closed:
+            return
+        self._outbox.append(W.encode(op, next(self._ids) & 0xFFFFFFFF, 0, payload))
+        self.requests += 1
+        if not self._flushing:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._flush()
+
     def _payload(self, reply: W.Message) -> bytes:
         if reply.type == Op.ERROR:
             self.errors += 1
@@ -292,8 +302,10 @@ class XenStore:
         finally:
             self._watches.pop(raw_token, None)
             self._watch_paths.pop(raw_token, None)
-            with contextlib.suppress(XenStoreError), trio.CancelScope(shield=True):
-                await self.request(Op.UNWATCH, W.join(path, raw_token))
+            with trio.CancelScope(shield=True):
+                # Not waited for: its events are dropped from now on, and whoever leaves a
+                # watch to go on (a frontend reconnecting) should not wait a round trip.
+                await self._post(Op.UNWATCH, W.join(path, raw_token))
 
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(self.requests, self.errors, len(self._pending),

@@ -163,6 +163,8 @@ class BlkFront:
                 # than the ring has slots.
                 for queue in self._queues:
                     nursery.start_soon(self._receive_responses, queue, nursery.cancel_scope)
+                # The backend serves us already: the replay does not wait for this write.
+                nursery.start_soon(self._write_state, XenbusState.Connected)
                 nursery.start_soon(self._replay)
                 if not started:
                     await self._connected.wait()
@@ -182,20 +184,21 @@ class BlkFront:
         except (XenStoreError, ValueError):
             return XenbusState.Unknown
 
-    async def _wait_for_backend(self, wanted: tuple[XenbusState, ...]) -> XenbusState:
-        async with self.xs.watch(f"{self.backend_path}/state") as events:
-            async for _ in events:
-                state = await self._backend_state()
-                if state in wanted:
-                    return state
-                if state == XenbusState.Unknown and await self._backend_moved():
-                    # That backend is gone before it ever came up (killed while starting):
-                    # the toolstack has pointed us at its successor.
-                    raise _BackendMoved
-                if state == XenbusState.Closed:
-                    error = await self._read_or(f"{self.backend_path}/hotplug-error", b"")
-                    if error:
-                        raise _BackendFailed(error.decode(errors="replace"))
+    async def _wait_for_backend(self, wanted: tuple[XenbusState, ...], events: Any) -> XenbusState:
+        """Wait, on a watch of the backend's state held for the whole connection (one
+        registration, not one per state waited for), until that state is one of ``wanted``."""
+        async for _ in events:
+            state = await self._backend_state()
+            if state in wanted:
+                return state
+            if state == XenbusState.Unknown and await self._backend_moved():
+                # That backend is gone before it ever came up (killed while starting):
+                # the toolstack has pointed us at its successor.
+                raise _BackendMoved
+            if state == XenbusState.Closed:
+                error = await self._read_or(f"{self.backend_path}/hotplug-error", b"")
+                if error:
+                    raise _BackendFailed(error.decode(errors="replace"))
         raise XenStoreError("EIO", "watch ended")
 
     async def _wait_for_backend_change(self, seen: XenbusState) -> None:
@@ -248,15 +251,29 @@ class BlkFront:
                     return
 
     async def _try_connect(self) -> None:
-        await self._write_state(XenbusState.Initialising)
-        raw_id, raw_backend = await self.xs.read_many([f"{self.path}/backend-id", f"{self.path}/backend"])
+        self.state = XenbusState.Initialising
+        _, raw_id, raw_backend = present(await self.xs.pipeline(  # one round trip
+            [(W.Op.WRITE, W.write_payload(f"{self.path}/state", str(int(self.state))), 0)]
+            + [(W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in ("backend-id", "backend")]))
         if raw_id is None or raw_backend is None:
             raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
         if backend_id != self.backend_id:
             await self._grant_all(backend_id)  # while the backend starts up
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
-        await self._wait_for_backend((XenbusState.InitWait,))
+        async with self.xs.watch(f"{self.backend_path}/state") as backend_states:
+            await self._wait_for_backend((XenbusState.InitWait,), backend_states)
+            await self._initialise()
+            log.debug("initialised; waiting for backend to connect")
+            await self._wait_for_backend((XenbusState.Connected,), backend_states)
+        self.connections += 1
+        self._fast.attach([queue.ring.c_ring for queue in self._queues], self.connections,
+                          max_segments=self.max_segments, size=self.size,
+                          read_only=self.read_only, handle=self.devid & 0xFFFF)
+
+    async def _initialise(self) -> None:
+        """The backend waits for us: read its features, make our rings and channels, write
+        their keys and Initialised."""
         # The backend's keys and our own directory in one round trip (a reconnection after a
         # crash waits on this).
         keys = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
@@ -310,13 +327,6 @@ class BlkFront:
             [(W.Op.RM, W.join(f"{self.path}/{name}"), 0) for name in stale]
             + [(W.Op.WRITE, W.write_payload(path, value), 0) for path, value in writes]))
         self.state = XenbusState.Initialised
-        log.debug("initialised; waiting for backend to connect")
-        await self._wait_for_backend((XenbusState.Connected,))
-        await self._write_state(XenbusState.Connected)
-        self.connections += 1
-        self._fast.attach([queue.ring.c_ring for queue in self._queues], self.connections,
-                          max_segments=self.max_segments, size=self.size,
-                          read_only=self.read_only, handle=self.devid & 0xFFFF)
 
     def _queue_keys(self, order: int, count: int) -> list[tuple[str, str]]:
         """As Linux's blkfront names them: one ring page by ring-ref, several by
