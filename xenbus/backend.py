@@ -29,7 +29,9 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
     failures: dict[tuple[int, int], int] = {}
     async with trio.open_nursery() as nursery, xs.watch(base) as events:
         task_status.started(devices)
-        async for _ in events:
+        async for path, _ in events:
+            if not _may_add_or_remove(base, path, complete_key):
+                continue  # a key below a device: most are the backend's own writes
             # A toolstack writes a device as a burst of nodes: one scan answers them all.
             while True:
                 try:
@@ -45,6 +47,15 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                     nursery.start_soon(_run, devices, scopes, failures, key)
             for key in [k for k in devices if k not in present]:
                 scopes[key].cancel()
+
+
+def _may_add_or_remove(base: str, path: str, complete_key: str) -> bool:
+    """Whether a change at ``path`` can start or stop a device: the directory, a frontend's,
+    a device's own node or its ``complete_key`` (see :func:`_complete_devices`)."""
+    if not path.startswith(base):
+        return True
+    parts = path[len(base):].strip("/").split("/")
+    return len(parts) <= 2 or (len(parts) == 3 and parts[2] == complete_key)
 
 
 async def _complete_devices(xs: XenStore, base: str, complete_key: str) -> list[tuple[tuple[int, int], str]]:
