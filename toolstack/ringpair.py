@@ -78,9 +78,11 @@ async def _back(cpu: int, spin: int, front_domid: int, gref: int, port_no: int) 
         print("attached", flush=True)
         notify, wait = port.notify_fd, port.wait_fd
         exchange, received = back.exchange, back.received
+        # Half the ring per call: the front refills one half while we serve the other.
+        budget = back.size // 2
         n = 0
         while True:
-            n = exchange(n, notify, wait, spin)
+            n = exchange(n, notify, wait, spin, budget)
             if received[(n - 1) * REQ] == 0xFF:
                 print(json.dumps({"ring": asdict(back.statistics()),
                                   "grants": asdict(dom.grant_table.statistics()),

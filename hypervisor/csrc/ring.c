@@ -358,12 +358,12 @@ int rf_front_exchange(rf_ring *r, const void *reqs, uint32_t n, void *rsps, int 
 }
 
 int rf_back_exchange(rf_ring *r, const void *rsps, uint32_t n, void *reqs, int notify_fd,
-                     int wait_fd, long long spin_ns)
+                     int wait_fd, long long spin_ns, uint32_t budget)
 {
     if (n)
         rf_back_respond(r, rsps, n, notify_fd);
     int err = rf_back_wait_requests(r, wait_fd, spin_ns);
     if (err < 0)
         return err;
-    return rf_back_take_requests(r, reqs, r->nr_ents);
+    return rf_back_take_requests(r, reqs, budget && budget < r->nr_ents ? budget : r->nr_ents);
 }

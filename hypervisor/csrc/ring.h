@@ -72,10 +72,12 @@ int rf_back_wait_requests(rf_ring *r, int wait_fd, long long spin_ns);
 /* The loop every driver runs, as one call: publish a batch, wait for the other side, take
  * what it produced. Front: submit n requests, wait for and take responses (0 at once if
  * nothing is in flight), gathering up to `gather` of them within the spin budget (response
- * coalescing: fewer, larger batches). Back: respond n, wait for and take requests.
- * Count or -errno. */
+ * coalescing: fewer, larger batches). Back: respond n, wait for and take requests, at most
+ * `budget` of them (0: all there are), as NAPI's budget: with a full ring, the front
+ * refills what was answered while the back serves the rest, instead of the two taking
+ * turns. Count or -errno. */
 int rf_front_exchange(rf_ring *r, const void *reqs, uint32_t n, void *rsps, int notify_fd,
                       int wait_fd, long long spin_ns, uint32_t gather);
 int rf_back_exchange(rf_ring *r, const void *rsps, uint32_t n, void *reqs, int notify_fd,
-                     int wait_fd, long long spin_ns);
+                     int wait_fd, long long spin_ns, uint32_t budget);
 #endif

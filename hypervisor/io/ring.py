@@ -251,11 +251,12 @@ class BackRing(_Ring):
         if _back_wait(self._ring, wait_fd, spin_ns) < 0:
             raise OSError("waiting for requests failed")
 
-    def exchange(self, count: int, notify_fd: int, wait_fd: int, spin_ns: int = 0) -> int:
+    def exchange(self, count: int, notify_fd: int, wait_fd: int, spin_ns: int = 0,
+                 budget: int = 0) -> int:
         """Respond with ``count`` staged responses, wait for requests, take them into
-        ``received``: a backend's serving loop as one C call."""
+        ``received`` (at most ``budget``, 0 for all): a backend's serving loop as one C call."""
         n: int = _back_exchange(self._ring, self._rsp_buf, count, self._req_buf, notify_fd,
-                                wait_fd, spin_ns)
+                                wait_fd, spin_ns, budget)
         if n < 0:
             raise RingOverflow("frontend published more requests than the ring holds") \
                 if n == -75 else OSError(-n, "ring exchange failed")
