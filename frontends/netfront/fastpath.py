@@ -1,6 +1,7 @@
 """netfront's data path in C (``rf_netfront_*``, hypervisor/csrc/netio.c).
 
-Transmit: packets are read from the guest's TAP straight into free tx buffer pages and put
+Transmit: packets are read from the guest's TAP straight into free tx buffer pages (the rest
+of a frame's last page zeroed: a granted page holds that frame's bytes and zeroes) and put
 on the tx ring, a batch per call and one push (and at most one event) per batch; the
 backend's responses give the buffers back, and an answer for a buffer that is not on the
 ring is counted and ignored (the hardened Linux netfront's check).
@@ -26,6 +27,9 @@ class VifPump:
                  rx_grefs: list[int] | None = None) -> None:
         buffers = len(grefs)
         self._pages = ffi.from_buffer(pages)  # kept: C holds the address
+        # A new connection's backend sees none of what the buffers held for the last one
+        # (XSA-403); from here on, each frame's page is zeroed past its last byte.
+        ffi.memmove(self._pages, bytes(len(self._pages)), len(self._pages))
         self._grefs = ffi.new("uint32_t[]", grefs)
         self._free = ffi.new("uint16_t[]", list(range(buffers)))
         self._on_ring = ffi.new("uint8_t[]", buffers)

@@ -418,6 +418,10 @@ int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *
             f->dropped++;
             continue;
         }
+        /* A granted page holds the frame's bytes and zeroes (XSA-403): what is left of an
+         * older, longer frame after this one's last byte goes. */
+        uint32_t tail = (uint32_t)length - (pieces - 1) * PAGE;
+        memset(f->pages + (size_t)slots[pieces - 1] * PAGE + tail, 0, PAGE - tail);
         uint16_t flags = vnet.flags & VNET_NEEDS_CSUM ? TXF_CSUM_BLANK | TXF_DATA_VALIDATED
                        : vnet.flags & VNET_DATA_VALID ? TXF_DATA_VALIDATED : 0;
         uint16_t used[MAX_PIECES];

@@ -141,3 +141,35 @@ def test_received_pieces_reach_eth0_as_one_frame_with_its_offloads():
     pump.receive(front)
     assert eth0.recv(1 << 17) == vnet.VnetHeader(vnet.DATA_VALID).pack() + plain
     assert pump.rx_packets == 1
+
+
+def test_a_granted_page_holds_only_the_frames_bytes():
+    """ATTACKS A5 (XSA-403) for netfront: what the backend can read of a tx buffer is the
+    frame it was given and zeroes, never an older frame's bytes nor what the pages held
+    before the connection."""
+    pages = bytearray(b"\xa5" * (BUFFERS * PAGE))  # a canary: what the guest had there
+    eth0, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    pump = VifPump(tap.fileno(), pages, [2000 + i for i in range(BUFFERS)], True)
+    shared = bytearray(PAGE)
+    front = FrontRing(shared, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
+    back = BackRing(shared, netif.TX_REQUEST.size, netif.TX_RESPONSE.size, netif.TX_SLOT)
+    assert b"\xa5" not in pages
+    sizes = [60000, 5000, 100, 9000, 14, 4096, 8193, 300]
+    for round_ in range(3):  # buffers come back and hold shorter frames than before
+        for size in sizes:
+            eth0.send(vnet.VnetHeader().pack() + b"\xff" * size)
+        pump.pump(front, 64)
+        raws = back.take_requests()
+        packets = [p for p in TxParser().parse(raws) if isinstance(p, TxPacket)]
+        assert len(packets) == len(sizes)
+        for packet in packets:
+            for seg in packet.segments:
+                start = (seg.gref - 2000) * PAGE
+                page = bytes(pages[start:start + PAGE])
+                assert page[seg.offset:seg.offset + seg.length] == b"\xff" * seg.length
+                assert not any(page[:seg.offset]) and not any(page[seg.offset + seg.length:])
+        back.put_responses([a for p in packets for a in responses(p.layout, netif.STATUS_OKAY)])
+        back.push_responses()
+        pump.complete(front)
+        sizes.reverse()
