@@ -6,7 +6,8 @@ minimal NBD client, so that nothing but the I/O path is timed) while ``stor`` is
 with -9 again and again: each kill's recovery time is kill → the first read completed
 after it (the supervisor relaunches the domain, the backend runs the handshake, blkfront
 reconnects and replays). Meanwhile fio reads the bystander's disk; its IOPS during the
-kills against a run without them (the probe running in both) show containment. The
+kills against runs without them, before and after (the probe running in all), show
+containment. The
 budgets are the goals' (p99 at most 200 ms cold, 20 ms with a warm spare; bystander at
 least 95 %). The run is done
 twice: cold (each kill relaunches the driver domain) and warm (a spare driver domain,
@@ -121,7 +122,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 async def _measure(quick: bool, warm: bool, progress: Callable[[str], None]) -> tuple[list[float], float, float]:
     """Kill ``stor`` repeatedly; returns the recovery times (ms) and the bystander's IOPS
-    during the kills and alone."""
+    during the kills and alone (the mean of a window before them and one after)."""
     from ringfence.isolation.supervisor import RestartPolicy
     from ringfence.toolstack.config import load
     from ringfence.toolstack.system import open_system
@@ -184,6 +185,15 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None]) -> 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(bystander)
                 await kill_repeatedly()
+            # The baseline drifts on a shared host: it is the mean of a window before the
+            # kills and one after them.
+            progress(f"{label}: bystander without kills again, {window:.0f} s")
+            with trio.fail_after(60):
+                while service.state.value != "ready":
+                    await trio.sleep(0.005)
+            after = await trio.to_thread.run_sync(_fio_iops, bystander_uri, window)
+            progress(f"{label}: bystander alone {alone:.0f} before, {after:.0f} after")
+            alone = (alone + after) / 2
             await trio.to_thread.run_sync(probe.stop)
             if probe.errors:
                 raise RuntimeError(f"the victim saw {probe.errors} I/O errors across the kills")

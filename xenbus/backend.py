@@ -29,24 +29,50 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
     failures: dict[tuple[int, int], int] = {}
     async with trio.open_nursery() as nursery, xs.watch(base) as events:
         task_status.started(devices)
+        def start(key: tuple[int, int], path: str) -> None:
+            if key not in devices:
+                devices[key] = make(path, *key)
+                scopes[key] = trio.CancelScope()
+                nursery.start_soon(_run, devices, scopes, failures, key)
+
         async for path, _ in events:
             if not _may_add_or_remove(base, path, complete_key):
                 continue  # a key below a device: most are the backend's own writes
             # A toolstack writes a device as a burst of nodes: one scan answers them all.
+            changed = [path]
             while True:
                 try:
-                    events.receive_nowait()
+                    changed.append(events.receive_nowait()[0])
                 except trio.WouldBlock:
                     break
+            # A device whose complete key was just written starts after one read of it (a
+            # relaunched driver domain handed its devices waits on this), not after the
+            # scan, which then finds the others and the removals.
+            fresh: dict[tuple[int, int], str] = {}
+            for changed_path in changed:
+                key, device_path = _written(base, changed_path, complete_key)
+                if key is not None and key not in devices:
+                    fresh[key] = device_path
+            if fresh:
+                marks = await xs.pipeline([(Op.READ, W.join(f"{device_path}/{complete_key}"), 0)
+                                           for device_path in fresh.values()])
+                for (key, device_path), mark in zip(fresh.items(), marks):
+                    if not isinstance(mark, XenStoreError):
+                        start(key, device_path)
             present = set()
-            for key, path in await _complete_devices(xs, base, complete_key):
+            for key, device_path in await _complete_devices(xs, base, complete_key):
                 present.add(key)
-                if key not in devices:
-                    devices[key] = make(path, *key)
-                    scopes[key] = trio.CancelScope()
-                    nursery.start_soon(_run, devices, scopes, failures, key)
+                start(key, device_path)
             for key in [k for k in devices if k not in present]:
                 scopes[key].cancel()
+
+
+def _written(base: str, path: str, complete_key: str) -> tuple[tuple[int, int] | None, str]:
+    """The device (frontend, devid) whose ``complete_key`` ``path`` is, and its directory."""
+    parts = path[len(base):].strip("/").split("/") if path.startswith(base + "/") else []
+    if len(parts) == 3 and parts[2] == complete_key and parts[0].isdigit() and parts[1].isdigit():
+        return (int(parts[0]), int(parts[1])), f"{base}/{parts[0]}/{parts[1]}"
+    return None, ""
 
 
 def _may_add_or_remove(base: str, path: str, complete_key: str) -> bool:

@@ -22,6 +22,7 @@ from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Valid
 from ringfence.backends.blkback.fastpath import FastPath
 from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd, backing_path
 from ringfence.hypervisor.io import blkif
+from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
@@ -37,6 +38,10 @@ MAX_QUEUES = 4                 # multi-queue-max-queues: a ring and an event cha
 PERSISTENT_GRANTS_MAX = 1056   # LRU bound on cached mappings per device (as Linux's default)
 VDISK_READONLY = 4
 RELEASE_TIMEOUT = 10  # seconds for giving back a device's mappings and port
+
+
+# The frontend's keys that say how its rings are laid out (read with its state).
+HEADER_KEYS = ("ring-page-order", "multi-queue-num-queues", "protocol", "feature-persistent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +157,19 @@ class BlkbackDevice:
 
     async def _frontend_changed(self) -> bool:
         """React to the frontend's state; False when the device is gone."""
+        # The keys a connection starts from come with the state (a reconnection after a
+        # crash waits on each round trip).
+        raw_state, *header = [None if isinstance(value, XenStoreError) else value
+                              for value in await self.xs.pipeline(
+                                  [(W.Op.READ, W.join(f"{self.frontend_path}/{key}"), 0)
+                                   for key in ("state", *HEADER_KEYS)])]
         try:
-            fe = XenbusState(int(await self.xs.read(f"{self.frontend_path}/state")))
-        except (XenStoreError, ValueError):
+            fe = XenbusState(int(raw_state))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
             fe = XenbusState.Unknown
         if fe in (XenbusState.Initialised, XenbusState.Connected) and self.state == XenbusState.InitWait:
             try:
-                await self._connect_and_serve()
+                await self._connect_and_serve(header)
             except _Disconnect as exc:
                 self.abuse += exc.abuse
                 log.warning("frontend disconnected", extra={"kv": {"reason": str(exc)}})
@@ -175,8 +186,8 @@ class BlkbackDevice:
             return False
         return True
 
-    async def _connect_and_serve(self) -> None:
-        queues = await self._frontend_queues()
+    async def _connect_and_serve(self, header: list[bytes | None]) -> None:
+        queues = await self._frontend_queues(header)
         mappings: list[Any] = []
         ports: list[Any] = []
         try:
@@ -231,15 +242,13 @@ class BlkbackDevice:
         await self._set_state(XenbusState.Closing)
         await self._set_state(XenbusState.Closed)
 
-    async def _frontend_queues(self) -> list[tuple[list[int], int]]:
+    async def _frontend_queues(self, header: list[bytes | None]) -> list[tuple[list[int], int]]:
         """Each queue's ring grefs and event channel, as Linux's blkfront writes them: at the
         top level for one queue, under queue-N/ with multi-queue-num-queues; ring-ref for
         one page, ring-page-order (shared by the queues) and ring-refN for several. Every
-        value is copied once, then validated."""
+        value is copied once, then validated. ``header``: the values of HEADER_KEYS."""
         fe = self.frontend_path
-        raw_order, raw_queues, raw_protocol, raw_persistent = await self.xs.read_many(
-            [f"{fe}/{key}" for key in ("ring-page-order", "multi-queue-num-queues", "protocol",
-                                       "feature-persistent")])
+        raw_order, raw_queues, raw_protocol, raw_persistent = header
         try:
             order = int(raw_order or b"0")
             if not 0 <= order <= MAX_RING_PAGE_ORDER:

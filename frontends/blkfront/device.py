@@ -45,6 +45,16 @@ class BlockIOError(OSError):
     pass
 
 
+# The backend's keys a connection needs, read with its InitWait.
+FEATURE_KEYS = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
+                "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
+
+
+async def _close_port(port: Any) -> None:
+    with contextlib.suppress(OSError):
+        await port.close()
+
+
 class _BackendMoved(Exception):
     """The backend we were connecting to was replaced (see _wait_for_backend)."""
 
@@ -116,6 +126,7 @@ class BlkFront:
         self._room = trio.lowlevel.ParkingLot()
         self._connected = trio.Event()
         self._queues: list[_Queue] = []   # while connected
+        self._loose_ports: list[Any] = []  # channels made for a connection, not yet a queue's
         self._next_queue = 0
         self._pool: Any = None
         self._pool_grefs: list[int] = []
@@ -184,13 +195,22 @@ class BlkFront:
         except (XenStoreError, ValueError):
             return XenbusState.Unknown
 
-    async def _wait_for_backend(self, wanted: tuple[XenbusState, ...], events: Any) -> XenbusState:
+    async def _wait_for_backend(self, wanted: tuple[XenbusState, ...], events: Any,
+                                also: list[tuple[int, bytes, int]] | None = None) -> list[Any]:
         """Wait, on a watch of the backend's state held for the whole connection (one
-        registration, not one per state waited for), until that state is one of ``wanted``."""
+        registration, not one per state waited for), until that state is one of ``wanted``;
+        returns the results of the requests ``also``, sent with each read of the state (what
+        the caller reads next costs no round trip of its own)."""
+        also = also or []
         async for _ in events:
-            state = await self._backend_state()
+            raw, *results = await self.xs.pipeline(
+                [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)] + also)
+            try:
+                state = XenbusState(int(raw))  # type: ignore[arg-type]
+            except (TypeError, ValueError):  # an error (the node is gone) or garbage
+                state = XenbusState.Unknown
             if state in wanted:
-                return state
+                return results
             if state == XenbusState.Unknown and await self._backend_moved():
                 # That backend is gone before it ever came up (killed while starting):
                 # the toolstack has pointed us at its successor.
@@ -260,10 +280,17 @@ class BlkFront:
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
         if backend_id != self.backend_id:
             await self._grant_all(backend_id)  # while the backend starts up
+        # Our channels too, while the backend starts up (one per queue we would like; the
+        # backend may take fewer, and the rest are closed).
+        self._loose_ports = await self._alloc_channels(max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
         async with self.xs.watch(f"{self.backend_path}/state") as backend_states:
-            await self._wait_for_backend((XenbusState.InitWait,), backend_states)
-            await self._initialise()
+            # The backend's keys and our own directory come with the state that says they
+            # are there: a reconnection after a crash waits on each round trip.
+            replies = await self._wait_for_backend((XenbusState.InitWait,), backend_states, [
+                (W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in FEATURE_KEYS
+            ] + [(W.Op.DIRECTORY, W.join(self.path), 0)])
+            await self._initialise(replies)
             log.debug("initialised; waiting for backend to connect")
             await self._wait_for_backend((XenbusState.Connected,), backend_states)
         self.connections += 1
@@ -271,17 +298,22 @@ class BlkFront:
                           max_segments=self.max_segments, size=self.size,
                           read_only=self.read_only, handle=self.devid & 0xFFFF)
 
-    async def _initialise(self) -> None:
-        """The backend waits for us: read its features, make our rings and channels, write
-        their keys and Initialised."""
-        # The backend's keys and our own directory in one round trip (a reconnection after a
-        # crash waits on this).
-        keys = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
-                "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
-        *read, listing = present(await self.xs.pipeline(
-            [(W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in keys]
-            + [(W.Op.DIRECTORY, W.join(self.path), 0)]))
-        values = dict(zip(keys, read))
+    async def _alloc_channels(self, count: int) -> list[Any]:
+        """``count`` unbound channels for the backend, in one round trip: each a port, or
+        the OSError that refused it (the backend's domain is gone)."""
+        async def channel() -> Any:
+            try:
+                return await self.domain.events.alloc_unbound(self.backend_id)
+            except OSError as exc:
+                return exc
+        return await gather([channel() for _ in range(count)])
+
+    async def _initialise(self, replies: list[Any]) -> None:
+        """The backend waits for us: take its features (``replies``: FEATURE_KEYS, then our
+        directory), make our rings, write their keys and Initialised. The channels made
+        while it started up are used; those left over are closed."""
+        *read, listing = present(replies)
+        values = dict(zip(FEATURE_KEYS, read))
         mine = W.strings(listing or b"")
         if values["sectors"] is None:
             raise XenStoreError("ENOENT", f"{self.backend_path}/sectors")
@@ -290,20 +322,20 @@ class BlkFront:
         self.features.update({key: int(value or b"0") for key, value in values.items()})
         order = max(0, min(RING_PAGE_ORDER, self.features["max-ring-page-order"]))
         count = max(1, min(self.features["multi-queue-max-queues"], MAX_QUEUES, os.cpu_count() or 1))
-        async def channel() -> Any:
-            try:
-                return await self.domain.events.alloc_unbound(self.backend_id)
-            except OSError as exc:
-                return exc
-
         try:
-            ports = await gather([channel() for _ in range(count)])  # one round trip for all
+            ports = self._loose_ports[:count]
+            if len(ports) < count or any(isinstance(port, OSError) for port in ports):
+                # made too few early, or the backend's domain was not there yet: now
+                await self._close_loose_ports()
+                self._loose_ports = ports = await self._alloc_channels(count)
             for index, port in enumerate(ports):
                 if isinstance(port, OSError):
                     continue
                 pages = self._ring_pages.buffer[(index << order) * PAGE:((index + 1) << order) * PAGE]
                 self._queues.append(_Queue(index, FrontRing(pages, blkif.REQUEST_SIZE,
                                                             blkif.RESPONSE_SIZE), port))
+            self._loose_ports = [port for port in self._loose_ports if port not in ports]
+            await self._close_loose_ports()
             failed = [port for port in ports if isinstance(port, OSError)]
             if failed:
                 raise failed[0]  # the channels made are closed by _connect
@@ -406,12 +438,13 @@ class BlkFront:
     async def _close_queues(self) -> None:
         queues, self._queues = self._queues, []
         self._fast.detach()
+        await gather([_close_port(queue.port) for queue in queues])
+        await self._close_loose_ports()
 
-        async def close(port: Any) -> None:
-            with contextlib.suppress(OSError):
-                await port.close()
-
-        await gather([close(queue.port) for queue in queues])
+    async def _close_loose_ports(self) -> None:
+        """Channels made for a connection and not (or not yet) given to a queue."""
+        loose, self._loose_ports = self._loose_ports, []
+        await gather([_close_port(port) for port in loose if not isinstance(port, OSError)])
 
     def _queue_with_room(self) -> _Queue | None:
         """The next queue, in turn, that has a free slot."""
