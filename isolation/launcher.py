@@ -244,11 +244,23 @@ class ForkedProcess:
         self.stderr: Any = None
         self._pidfd = pidfd
         self._exited = trio.Event()
+        self._watched = False
+        self._started = _stat_fields(pid)[19] if _stat_fields(pid) else None
 
     def poll(self) -> int | None:
         return self.returncode
 
     async def wait(self) -> int:
+        if not self._watched and self.returncode is None:
+            # Woken by the kernel the moment the process exits, not by the launcher's report
+            # of it (a supervisor's recovery starts here): the status is the zombie's while
+            # the launcher has not reaped it, else the report brings it.
+            self._watched = True
+            with contextlib.suppress(trio.ClosedResourceError):
+                await trio.lowlevel.wait_readable(self._pidfd)
+                fields = _stat_fields(self.pid)
+                if fields and fields[0] == "Z" and fields[19] == self._started:
+                    self._exit(os.waitstatus_to_exitcode(int(fields[49])))
         await self._exited.wait()
         assert self.returncode is not None
         return self.returncode
@@ -268,8 +280,19 @@ class ForkedProcess:
     def _exit(self, status: int) -> None:
         if self.returncode is None:
             self.returncode = status
+            trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
             self._exited.set()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from its third field on (state; starttime at [19], exit_code at
+    [49]), or [] if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
 
 
 class Launcher:
@@ -288,7 +311,8 @@ class Launcher:
 
     def statistics(self) -> LauncherStatistics:
         return LauncherStatistics(self._ready.is_set() and not self.broken, len(self.preloaded),
-                                  self.forked, self.failed, len(self._children))
+                                  self.forked, self.failed,
+                                  sum(child.returncode is None for child in self._children.values()))
 
     def can_start(self, argv: Sequence[str], kwargs: dict[str, Any]) -> bool:
         """Whether ``argv`` is a Python command line the launcher runs (``python -m`` or
@@ -392,9 +416,12 @@ class Launcher:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             self._replies_in.send_nowait({"error": "the launcher exited"})
         for child in list(self._children.values()):
+            # Polled, not waited on through trio: the child's own wait() may be waiting on
+            # the same pidfd.
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await trio.lowlevel.wait_readable(child._pidfd)
-            child._exit(-signal.SIGKILL)
+                while child.returncode is None and not select.select([child._pidfd], [], [], 0)[0]:
+                    await trio.sleep(0.005)
+            child._exit(-signal.SIGKILL)  # no report will say how it ended: as killed
         self._children.clear()
 
 
