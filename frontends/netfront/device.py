@@ -273,6 +273,10 @@ class NetFront:
             if notify:
                 port.notify()
             if not tx_done and not rx_done:
-                if not tx.final_check_for_responses() and not rx.final_check_for_responses():
+                # A tx answer only gives a buffer back: woken when half are answered (as
+                # Linux's netfront), or at once when the pump waits for room.
+                tx_pending = tx.final_check_for_responses() if not self._tx_room.is_set() \
+                    else tx.check_for_half_the_responses()
+                if not tx_pending and not rx.final_check_for_responses():
                     await port.wait()
                     await self.storm.woken(tx.unconsumed_responses() + rx.unconsumed_responses() > 0)

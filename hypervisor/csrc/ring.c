@@ -167,6 +167,16 @@ int rf_front_final_check_for_responses(rf_ring *r)
     return LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons;
 }
 
+int rf_front_check_for_half_the_responses(rf_ring *r)
+{
+    if (LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons)
+        return 1;
+    uint32_t outstanding = r->req_prod_pvt - r->rsp_cons;
+    STORE_REL(&r->sring->rsp_event, r->rsp_cons + (outstanding >> 1) + 1);
+    FULL_BARRIER();
+    return LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons;
+}
+
 int rf_back_unconsumed_requests(const rf_ring *r)
 {
     uint32_t req = LOAD_ACQ(&r->sring->req_prod) - r->req_cons;

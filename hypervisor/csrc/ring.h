@@ -46,6 +46,10 @@ int rf_front_push_requests(rf_ring *r, int notify_fd);
 /* count, or -EOVERFLOW when the backend claims more responses than there are requests */
 int rf_front_take_responses(rf_ring *r, void *out, uint32_t max);
 int rf_front_final_check_for_responses(rf_ring *r);
+/* As final_check_for_responses, but the event asked for when half the requests in flight
+ * are answered, not the next one (Linux netfront's tx reclaim): for answers that only give
+ * buffers back, one wake-up a half ring instead of one a batch. */
+int rf_front_check_for_half_the_responses(rf_ring *r);
 int rf_front_unconsumed_responses(const rf_ring *r);
 
 /* count, or -EOVERFLOW when the frontend pushed more than the ring holds */

@@ -187,6 +187,11 @@ class FrontRing(_Ring):
     def final_check_for_responses(self) -> bool:
         return bool(lib.rf_front_final_check_for_responses(self._ring))
 
+    def check_for_half_the_responses(self) -> bool:
+        """As :meth:`final_check_for_responses`, with the event asked for once half the
+        requests in flight are answered (responses that only give buffers back)."""
+        return bool(lib.rf_front_check_for_half_the_responses(self._ring))
+
     def unconsumed_responses(self) -> int:
         return int(lib.rf_front_unconsumed_responses(self._ring))
 

@@ -57,6 +57,23 @@ def test_notification_suppression_with_final_check():
     assert front.statistics().notifications_suppressed == 1
 
 
+def test_half_the_responses_then_an_event():
+    """Linux netfront's tx reclaim: the event is asked for once half of what is in flight
+    is answered, not at the next answer; and at once if answers are there already."""
+    area, front, back = pair()
+    front.put_requests([bytes(112)] * 10)
+    front.push_requests()
+    back.take_requests()
+    assert front.check_for_half_the_responses() is False
+    assert struct.unpack_from("<4I", area, 0)[3] == 0 + 5 + 1  # rsp_event
+    back.put_responses([bytes(16)] * 5)
+    assert back.push_responses() is False  # 5 answered: not yet
+    back.put_responses([bytes(16)])
+    assert back.push_responses() is True   # the sixth crosses the event
+    assert front.check_for_half_the_responses() is True
+    assert len(front.take_responses()) == 6 and front.in_flight == 4
+
+
 def test_indices_wrap_past_2_32():
     _, front, back = pair(start=2**32 - 3)
     for round_ in range(10):
