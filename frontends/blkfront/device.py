@@ -55,6 +55,11 @@ async def _close_port(port: Any) -> None:
         await port.close()
 
 
+async def _close_ports(ports: list[Any]) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(5):  # a detach must not leak them
+        await gather([_close_port(port) for port in ports])
+
+
 class _BackendMoved(Exception):
     """The backend we were connecting to was replaced (see _wait_for_backend)."""
 
@@ -127,6 +132,7 @@ class BlkFront:
         self._connected = trio.Event()
         self._queues: list[_Queue] = []   # while connected
         self._loose_ports: list[Any] = []  # channels made for a connection, not yet a queue's
+        self._background: Any = None  # a nursery for what need not delay a reconnection
         self._next_queue = 0
         self._pool: Any = None
         self._pool_grefs: list[int] = []
@@ -167,23 +173,29 @@ class BlkFront:
         self.fastpath = DeviceFastPath(self._pool.buffer, POOL_PAGES)
         self._ring_pages = await self.domain.memory.alloc_pages(MAX_QUEUES << RING_PAGE_ORDER)
         started = False
-        while True:
-            await self._connect()
-            async with trio.open_nursery() as nursery:
-                # Responses flow while the replay fills the ring: more requests may be pending
-                # than the ring has slots.
-                for queue in self._queues:
-                    nursery.start_soon(self._receive_responses, queue, nursery.cancel_scope)
-                # The backend serves us already: the replay does not wait for this write.
-                nursery.start_soon(self._write_state, XenbusState.Connected)
-                nursery.start_soon(self._replay)
-                if not started:
-                    await self._connected.wait()
-                    task_status.started()
-                    started = True
-                await self._wait_backend_restart()
-                nursery.cancel_scope.cancel()
-            await self._disconnect()
+        async with trio.open_nursery() as self._background:
+            while True:
+                started = await self._connect_and_serve(started, task_status)
+
+    async def _connect_and_serve(self, started: bool, task_status: trio.TaskStatus[None]) -> bool:
+        """One connection: made, served until the backend starts over, taken down."""
+        await self._connect()
+        async with trio.open_nursery() as nursery:
+            # Responses flow while the replay fills the ring: more requests may be pending
+            # than the ring has slots.
+            for queue in self._queues:
+                nursery.start_soon(self._receive_responses, queue, nursery.cancel_scope)
+            # The backend serves us already: the replay does not wait for this write.
+            nursery.start_soon(self._write_state, XenbusState.Connected)
+            nursery.start_soon(self._replay)
+            if not started:
+                await self._connected.wait()
+                task_status.started()
+                started = True
+            await self._wait_backend_restart()
+            nursery.cancel_scope.cancel()
+        await self._disconnect()
+        return started
 
     async def _write_state(self, state: XenbusState) -> None:
         self.state = state
@@ -280,11 +292,15 @@ class BlkFront:
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
         if backend_id != self.backend_id:
             await self._grant_all(backend_id)  # while the backend starts up
-        # Our channels too, while the backend starts up (one per queue we would like; the
-        # backend may take fewer, and the rest are closed).
-        self._loose_ports = await self._alloc_channels(max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
         log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
-        async with self.xs.watch(f"{self.backend_path}/state") as backend_states:
+        async with contextlib.AsyncExitStack() as stack:
+            # Our channels (while the backend starts up: one per queue we would like; the
+            # backend may take fewer, the rest are closed) and the watch, together.
+            async def make_channels() -> None:
+                self._loose_ports = await self._alloc_channels(max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
+
+            _, backend_states = await gather([
+                make_channels(), stack.enter_async_context(self.xs.watch(f"{self.backend_path}/state"))])
             # The backend's keys and our own directory come with the state that says they
             # are there: a reconnection after a crash waits on each round trip.
             replies = await self._wait_for_backend((XenbusState.InitWait,), backend_states, [
@@ -432,7 +448,11 @@ class BlkFront:
     async def _disconnect(self) -> None:
         if self._connected.is_set():  # an unset one stays: its waiters wake on the next connect
             self._connected = trio.Event()
-        await self._close_queues()
+        queues, self._queues = self._queues, []
+        self._fast.detach()
+        # The old channels close beside the next connection, not before it (a reconnection
+        # after a crash waits on each round trip).
+        self._background.start_soon(_close_ports, [queue.port for queue in queues])
         self._room.unpark_all()  # putters waiting for ring space wait for the next ring
 
     async def _close_queues(self) -> None:
