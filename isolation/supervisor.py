@@ -127,6 +127,11 @@ class Service:
                 raise RuntimeError(f"service {self.name} failed")
             await self._changed.wait()
 
+    async def wait_for(self, condition: Callable[[Service], bool]) -> None:
+        """Return once ``condition(self)`` holds, checked at each change of state."""
+        while not condition(self):
+            await self._changed.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start, watch and restart until stopped or failed."""
         os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
