@@ -102,11 +102,9 @@ def _tap_peer(directory: str) -> float:
 
 @contextlib.asynccontextmanager
 async def _guests(directory: str) -> AsyncIterator[dict[int, int]]:
-    from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-    from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
-    from ringfence.toolstack.devices import add_vif
+    from ringfence.isolation.sandbox import SandboxSpec
+    from ringfence.testing.sim import start_netfront_guest
     from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
-    from ringfence.xenbus.client import open_xenstore
     async with open_hypervisor(directory, quiet=True) as (hv, dom0):
         xs_path = os.path.join(directory, "xs.sock")
         xenstored = await start_xenstored(xs_path, hypervisor=hv)
@@ -118,23 +116,11 @@ async def _guests(directory: str) -> AsyncIterator[dict[int, int]]:
                 sandbox=SandboxSpec("bench-net", uid=0), stderr=subprocess.DEVNULL)
             pids = {}
             for n in (1, 2):
-                domid, fd = await dom0.create_domain(f"bench-g{n}")
-                async with open_xenstore(xs_path) as xs:
-                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0, mac=f"02:00:00:00:01:0{n}")
-                marker = os.path.join(directory, f"g{n}.out")
-                with open(marker, "wb") as out:
-                    box = await spawn_sandboxed(
-                        SandboxSpec(f"bench-g{n}", uid=0),
-                        [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.88.0.{n}/24"],
-                        pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
-                        stdout=out, stderr=subprocess.DEVNULL)
-                os.close(fd)
-                boxes.append(box)
-                with trio.fail_after(30):
-                    while b"ready" not in open(marker, "rb").read():
-                        await trio.sleep(0.05)
-                with open(f"/proc/{box.pid}/task/{box.pid}/children") as f:
-                    pids[n] = int(f.read().split()[0])
+                guest = await start_netfront_guest(
+                    dom0, xs_path, net_domid, f"bench-g{n}", mac=f"02:00:00:00:01:0{n}",
+                    netfront_args=["--ip", f"10.88.0.{n}/24"], directory=directory)
+                boxes.append(guest.box)
+                pids[n] = guest.pid
             yield pids
             net.kill()
         finally:

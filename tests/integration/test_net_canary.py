@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec
+from ringfence.testing.sim import start_netfront_guest
 from ringfence.toolstack.devices import add_vif
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
 from ringfence.xenbus.client import open_xenstore
@@ -133,22 +134,10 @@ async def test_no_netback_memory_reaches_shared_pages(tmp_path):
             net_domid, net = await spawn_domain(
                 dom0, "net", [sys.executable, "-m", "ringfence", "netback"], env=env,
                 sandbox=SandboxSpec("canary-net", uid=0), stderr=subprocess.DEVNULL)
-            guest_domid, fd = await dom0.create_domain("sender")
-            async with open_xenstore(xs_path) as xs:
-                await add_vif(xs, backend=net_domid, frontend=guest_domid, devid=0,
-                              mac=SENDER_MAC.hex(":"))
-            out = tmp_path / "sender.out"
-            with open(out, "wb") as sink:
-                boxes.append(await spawn_sandboxed(
-                    SandboxSpec("canary-g1", uid=0),
-                    [sys.executable, "-m", "ringfence", "netfront", "--ip", "10.78.0.1/24"],
-                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
-                    stdout=sink, stderr=subprocess.DEVNULL))
-            os.close(fd)
-            with trio.fail_after(30):
-                while b"netfront ready" not in out.read_bytes():
-                    await trio.sleep(0.05)
-            sender_pid = int(open(f"/proc/{boxes[0].pid}/task/{boxes[0].pid}/children").read().split()[0])
+            sender = await start_netfront_guest(
+                dom0, xs_path, net_domid, "canary-g1", mac=SENDER_MAC.hex(":"),
+                netfront_args=["--ip", "10.78.0.1/24"], directory=str(tmp_path))
+            boxes.append(sender.box)
             scanner_domid, fd = await dom0.create_domain("scanner")
             async with open_xenstore(xs_path) as xs:
                 await add_vif(xs, backend=net_domid, frontend=scanner_domid, devid=0,
@@ -163,7 +152,7 @@ async def test_no_netback_memory_reaches_shared_pages(tmp_path):
                 while b"ready" not in found.read_bytes():
                     assert scanner.poll() is None
                     await trio.sleep(0.05)
-            await trio.run_process(["nsenter", "-t", str(sender_pid), "-n", sys.executable, "-c", SENDER])
+            await trio.run_process(["nsenter", "-t", str(sender.pid), "-n", sys.executable, "-c", SENDER])
             with trio.fail_after(60):
                 assert await scanner.wait() == 0
             result = json.loads(found.read_text().splitlines()[-1])

@@ -11,17 +11,13 @@ import pytest
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
+from ringfence.testing.sim import start_netfront_guest
 from ringfence.toolstack.devices import add_vif
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and TAP")
-
-
-def inner_pid(waiter: int) -> int:
-    with open(f"/proc/{waiter}/task/{waiter}/children") as f:
-        return int(f.read().split()[0])
 
 
 BROADCAST_FLOOD = """
@@ -69,26 +65,12 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                 sandbox=SandboxSpec("net", uid=0), stderr=subprocess.DEVNULL)
             pids, domids = {}, {}
             for n in (1, 2, 3):
-                domid, fd = await dom0.create_domain(f"g{n}")
-                domids[n] = domid
-                async with open_xenstore(xs_path) as xs:
-                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0,
-                                  mac=f"02:00:00:00:00:0{n}", mtu=9000,
-                                  bridge="xenbr1" if n == 3 else "xenbr0")
-                out = open(tmp_path / f"g{n}.out", "wb")
-                box = await spawn_sandboxed(
-                    SandboxSpec(f"g{n}", uid=0),
-                    [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24",
-                     "--ip", f"fd00:77::{n}/64", "--mtu", "9000"],
-                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
-                    stdout=out, stderr=subprocess.DEVNULL)
-                os.close(fd)
-                boxes.append(box)
-                with trio.fail_after(30):
-                    while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
-                        assert box.process.poll() is None, f"g{n} exited"
-                        await trio.sleep(0.05)
-                pids[n] = inner_pid(box.pid)
+                guest = await start_netfront_guest(
+                    dom0, xs_path, net_domid, f"g{n}", mac=f"02:00:00:00:00:0{n}",
+                    netfront_args=["--ip", f"10.77.0.{n}/24", "--ip", f"fd00:77::{n}/64", "--mtu", "9000"],
+                    directory=str(tmp_path), mtu=9000, bridge="xenbr1" if n == 3 else "xenbr0")
+                boxes.append(guest.box)
+                domids[n], pids[n] = guest.domid, guest.pid
 
             def pings() -> None:
                 one = in_netns(pids[1], "ping", "-c", "3", "-W", "5", "10.77.0.2")
@@ -111,7 +93,7 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
                 # g3 is on the same subnet but another bridge: unreachable, its ARP unanswered
                 apart = in_netns(pids[1], "ping", "-c", "2", "-W", "1", "10.77.0.3")
                 assert apart.returncode != 0, apart.stdout
-                vif3 = in_netns(inner_pid(net.pid), "ip", "-o", "link", "show", f"vif{domids[3]}.0").stdout
+                vif3 = in_netns(innermost_pid(net.pid), "ip", "-o", "link", "show", f"vif{domids[3]}.0").stdout
                 assert "master xenbr1" in vif3 and "LOWER_UP" in vif3, vif3
                 # the guests' link is theirs alone: nothing of the host is visible
                 links = in_netns(pids[1], "ip", "-o", "link").stdout
@@ -138,7 +120,7 @@ async def test_two_guests_ping_each_other_through_the_net_driver_domain(tmp_path
             def tap_removed_and_made_again() -> None:
                 # Someone deletes g1's vif in the driver domain: netback hears the kernel's
                 # remove event, disconnects, the frontend reconnects, a new TAP joins the bridge.
-                netback = inner_pid(net.pid)
+                netback = innermost_pid(net.pid)
                 gone = in_netns(netback, "ip", "link", "del", f"vif{domids[1]}.0")
                 assert gone.returncode == 0, gone.stderr
                 import time
@@ -177,22 +159,11 @@ async def test_net_driver_domain_restart_keeps_guest_tcp_going(tmp_path):
                                                 stderr=subprocess.DEVNULL)
             pids, guests = {}, {}
             for n in (1, 2):
-                domid, fd = await dom0.create_domain(f"g{n}")
-                guests[n] = domid
-                async with open_xenstore(xs_path) as xs:
-                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0, mac=f"02:00:00:00:00:0{n}")
-                out = open(tmp_path / f"g{n}.out", "wb")
-                box = await spawn_sandboxed(
-                    SandboxSpec(f"g{n}", uid=0),
-                    [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24"],
-                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
-                    stdout=out, stderr=subprocess.DEVNULL)
-                os.close(fd)
-                boxes.append(box)
-                with trio.fail_after(30):
-                    while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
-                        await trio.sleep(0.05)
-                pids[n] = inner_pid(box.pid)
+                guest = await start_netfront_guest(
+                    dom0, xs_path, net_domid, f"g{n}", mac=f"02:00:00:00:00:0{n}",
+                    netfront_args=["--ip", f"10.77.0.{n}/24"], directory=str(tmp_path))
+                boxes.append(guest.box)
+                guests[n], pids[n] = guest.domid, guest.pid
             server = subprocess.Popen(["nsenter", "-t", str(pids[2]), "-n", "iperf3", "-s", "-1"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await trio.sleep(0.5)
@@ -334,21 +305,11 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
                 sandbox=SandboxSpec("net", uid=0), stderr=subprocess.DEVNULL)
             pids = {}
             for n in (1, 2):
-                domid, fd = await dom0.create_domain(f"g{n}")
-                async with open_xenstore(xs_path) as xs:
-                    await add_vif(xs, backend=net_domid, frontend=domid, devid=0, mac=f"02:00:00:00:00:0{n}")
-                out = open(tmp_path / f"g{n}.out", "wb")
-                box = await spawn_sandboxed(
-                    SandboxSpec(f"g{n}", uid=0),
-                    [sys.executable, "-m", "ringfence", "netfront", "--ip", f"10.77.0.{n}/24"],
-                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
-                    stdout=out, stderr=subprocess.DEVNULL)
-                os.close(fd)
-                boxes.append(box)
-                with trio.fail_after(30):
-                    while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
-                        await trio.sleep(0.05)
-                pids[n] = inner_pid(box.pid)
+                guest = await start_netfront_guest(
+                    dom0, xs_path, net_domid, f"g{n}", mac=f"02:00:00:00:00:0{n}",
+                    netfront_args=["--ip", f"10.77.0.{n}/24"], directory=str(tmp_path))
+                boxes.append(guest.box)
+                pids[n] = guest.pid
             evil_domid, fd = await dom0.create_domain("evil")
             async with open_xenstore(xs_path) as xs:
                 await add_vif(xs, backend=net_domid, frontend=evil_domid, devid=0, mac="02:00:00:00:00:66")
@@ -366,7 +327,7 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
             def flood_a_stalled_vif() -> tuple[int, subprocess.CompletedProcess]:
                 # ATTACKS A11: a guest that never posts receive buffers, flooded for 3 s,
                 # costs the driver domain a bounded backlog; the others carry on meanwhile.
-                netback = inner_pid(net.pid)
+                netback = innermost_pid(net.pid)
                 before = _rss_kib(netback)
                 flood = subprocess.Popen(
                     ["nsenter", "-t", str(pids[1]), "-n", sys.executable, "-c", BROADCAST_FLOOD],

@@ -3,16 +3,19 @@
 ``open_hypervisor(dir)`` runs ``ringfence hypervisor`` as a real process and yields a dom0
 client; ``spawn_domain(dom0, name, argv)`` creates a domain and starts its process with the
 control socket; ``open_agent(dom0, name)`` does that for the scriptable
-:mod:`ringfence.testing.domain_agent`; ``relaunch_storage_domain`` kills a storage driver
-domain with -9 and hands its disk to a new one, as the supervisor would.
+:mod:`ringfence.testing.domain_agent`; ``start_netfront_guest`` starts a sandboxed guest
+whose eth0 is a vif of a network driver domain; ``relaunch_storage_domain`` kills a storage
+driver domain with -9 and hands its disk to a new one, as the supervisor would.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -20,7 +23,8 @@ import trio
 from ringfence.hypervisor.sim.client import Dom0
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 
-__all__ = ["AgentDomain", "open_agent", "open_hypervisor", "relaunch_storage_domain", "spawn_domain"]
+__all__ = ["AgentDomain", "NetfrontGuest", "open_agent", "open_hypervisor", "relaunch_storage_domain",
+           "spawn_domain", "start_netfront_guest"]
 
 
 class AgentDomain:
@@ -90,3 +94,40 @@ async def relaunch_storage_domain(dom0: Dom0, xs: Any, process: trio.Process, *,
     await move_vbd(xs, old_backend=domid, new_backend=new_domid, frontend=frontend,
                    devid=devid, target=target)
     return new_domid, new_process
+
+
+@dataclass
+class NetfrontGuest:
+    domid: int
+    box: Any   # its SandboxedProcess
+    pid: int   # the guest's own process, inside its namespaces (for nsenter)
+
+
+async def start_netfront_guest(dom0: Dom0, xs_path: str, backend: int, name: str, *, mac: str,
+                               netfront_args: Sequence[str], directory: str,
+                               **vif: Any) -> NetfrontGuest:
+    """Create guest ``name`` with vif 0 on network driver domain ``backend`` (``vif``: more
+    of add_vif's keys, say ``mtu`` or ``bridge``), start ``ringfence netfront
+    NETFRONT_ARGS`` in a sandbox of its own, and return once its eth0 is up."""
+    from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
+    from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
+    from ringfence.toolstack.devices import add_vif
+    from ringfence.xenbus.client import open_xenstore
+    domid, fd = await dom0.create_domain(name)
+    try:
+        async with open_xenstore(xs_path) as xs:
+            await add_vif(xs, backend=backend, frontend=domid, devid=0, mac=mac, **vif)
+        marker = os.path.join(directory, f"{name}.out")
+        with open(marker, "wb") as out:
+            box = await spawn_sandboxed(
+                SandboxSpec(name, uid=0), [sys.executable, "-m", "ringfence", "netfront", *netfront_args],
+                pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
+                stdout=out, stderr=subprocess.DEVNULL)
+    finally:
+        os.close(fd)
+    with trio.fail_after(30):
+        while b"netfront ready" not in open(marker, "rb").read():
+            if box.process.poll() is not None:
+                raise RuntimeError(f"guest {name} exited while starting")
+            await trio.sleep(0.05)
+    return NetfrontGuest(domid, box, innermost_pid(box.pid))
