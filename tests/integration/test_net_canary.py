@@ -33,38 +33,21 @@ import json, sys, trio
 from ringfence.hypervisor.sim.client import open_domain
 from ringfence.xenbus.sim import open_domain_xenstore
 from ringfence.hypervisor.io import netif
-from ringfence.hypervisor.io.ring import FrontRing
+from ringfence.testing.rawvif import RawVif
 
 BUFFERS, WANTED, PAYLOAD = 64, int(sys.argv[1]), int(sys.argv[2])
 SENDER = bytes.fromhex(sys.argv[3])
 
 async def main():
     async with open_domain() as dom, open_domain_xenstore(dom) as xs:
-        me = f"/local/domain/{dom.domid}/device/vif/0"
-        backend = (await xs.read(me + "/backend")).decode()
-        be = int(await xs.read(me + "/backend-id"))
-        async def wait_state(value):
-            async with xs.watch(backend + "/state") as ev:
-                async for _ in ev:
-                    if await xs.read(backend + "/state") == value:
-                        return
-        pages = await dom.memory.alloc_pages(2 + BUFFERS + 1)
-        buf = pages.buffer
-        g_tx = dom.grant_table.grant_access(be, pages.frames[0])
-        g_rx = dom.grant_table.grant_access(be, pages.frames[1])
-        rx_grefs = [dom.grant_table.grant_access(be, f) for f in pages.frames[2:2 + BUFFERS]]
+        vif = await RawVif.open(dom, xs, extra_pages=BUFFERS + 1)
+        buf = vif.pages.buffer
+        rx_grefs = [vif.grant(2 + i) for i in range(BUFFERS)]
         out_page = 2 + BUFFERS
-        g_out = dom.grant_table.grant_access(be, pages.frames[out_page], readonly=True)
+        g_out = vif.grant(out_page, readonly=True)
         frame = (b"\\xff" * 6 + b"\\x02" * 6 + b"\\x08\\x06").ljust(60, b"\\0")  # an ARP-typed frame
         buf[out_page * 4096:out_page * 4096 + 60] = frame
-        await wait_state(b"2")
-        tx = FrontRing(buf[:4096], 12, 4, 12)
-        rx = FrontRing(buf[4096:8192], 8, 8, 8)
-        port = await dom.events.alloc_unbound(be)
-        for k, v in (("tx-ring-ref", g_tx), ("rx-ring-ref", g_rx), ("event-channel", port.port),
-                     ("request-rx-copy", 1), ("state", 4)):
-            await xs.write(me + "/" + k, str(v))
-        await wait_state(b"4")
+        tx, rx, port = await vif.connect()
         rx.put_requests([netif.RX_REQUEST.pack(i, rx_grefs[i]) for i in range(BUFFERS)])
         rx.push_requests(port.notify_fd)
         # packets of ours: good ones, and refused ones (size 0, past the page)

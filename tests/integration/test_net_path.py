@@ -199,7 +199,7 @@ from ringfence.hypervisor.sim.client import open_domain
 from ringfence.xenbus.sim import open_domain_xenstore
 from ringfence.hypervisor.io import netif
 from ringfence.hypervisor.io.netif import TxFlags
-from ringfence.hypervisor.io.ring import FrontRing
+from ringfence.testing.rawvif import RawVif
 
 def req(gref, offset, flags, rid, size):
     return netif.TX_REQUEST.pack(gref, offset, flags, rid, size)
@@ -209,35 +209,14 @@ def extra(kind, gso_size, gso_type):
 
 async def main():
     async with open_domain() as dom, open_domain_xenstore(dom) as xs:
-        me = f"/local/domain/{dom.domid}/device/vif/0"
-        backend = (await xs.read(me + "/backend")).decode()
-        be = int(await xs.read(me + "/backend-id"))
-        async def wait_state(value):
-            async with xs.watch(backend + "/state") as ev:
-                async for _ in ev:
-                    if await xs.read(backend + "/state") == value:
-                        return
-        rings = await dom.memory.alloc_pages(2)
-        g_tx = dom.grant_table.grant_access(be, rings.frames[0])
-        g_rx = dom.grant_table.grant_access(be, rings.frames[1])
-        page = dom.grant_table.grant_access(be, 0, readonly=True)
+        vif = await RawVif.open(dom, xs)
+        page = dom.grant_table.grant_access(vif.backend_id, 0, readonly=True)
         frame = (b"\\xff" * 6 + b"\\x02" * 6 + b"\\x08\\x00").ljust(60, b"\\0")
         dom.memory.ram_page(0)[:60] = frame
 
         async def connect():
-            await wait_state(b"2")
-            tx = FrontRing(rings.buffer[:4096], 12, 4, 12)
-            rx = FrontRing(rings.buffer[4096:], 8, 8, 8)
-            port = await dom.events.alloc_unbound(be)
-            for k, v in (("tx-ring-ref", g_tx), ("rx-ring-ref", g_rx), ("event-channel", port.port),
-                         ("request-rx-copy", 1), ("state", 4)):
-                await xs.write(me + "/" + k, str(v))
-            await wait_state(b"4")
+            tx, _, port = await vif.connect()
             return tx, port
-
-        async def disconnected():
-            await wait_state(b"6")
-            await xs.write(me + "/state", "1")   # and connect again
 
         tx, port = await connect()
         cases = [req(page, 0, 0, 1, 0),                            # size 0
@@ -280,7 +259,7 @@ async def main():
                 tx.put_requests(requests)
                 tx.push_requests()
             port.notify()
-            await disconnected()
+            await vif.wait_closed()   # and connect again
             await port.close()
             print(json.dumps({"disconnected": reason}), flush=True)
 
