@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -102,32 +101,15 @@ def _tap_peer(directory: str) -> float:
 
 @contextlib.asynccontextmanager
 async def _guests(directory: str) -> AsyncIterator[dict[int, int]]:
-    from ringfence.isolation.sandbox import SandboxSpec
-    from ringfence.testing.sim import start_netfront_guest
-    from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
-    async with open_hypervisor(directory, quiet=True) as (hv, dom0):
-        xs_path = os.path.join(directory, "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv)
-        boxes = []
-        try:
-            await trio.sleep(0.2)  # registered with the hypervisor
-            net_domid, net = await spawn_domain(
-                dom0, "net", [sys.executable, "-m", "ringfence", "netback"],
-                sandbox=SandboxSpec("bench-net", uid=0), stderr=subprocess.DEVNULL)
-            pids = {}
-            for n in (1, 2):
-                guest = await start_netfront_guest(
-                    dom0, xs_path, net_domid, f"bench-g{n}", mac=f"02:00:00:00:01:0{n}",
-                    netfront_args=["--ip", f"10.88.0.{n}/24"], directory=directory)
-                boxes.append(guest.box)
-                pids[n] = guest.pid
-            yield pids
-            net.kill()
-        finally:
-            for box in boxes:
-                await box.aclose()
-            xenstored.terminate()
-            await xenstored.wait()
+    """Two netfront guests on a network driver domain: their process ids, for nsenter."""
+    from ringfence.testing.sim import open_net_host
+    async with open_net_host(directory, name="bench-net") as host:
+        pids = {}
+        for n in (1, 2):
+            guest = await host.start_guest(f"bench-g{n}", mac=f"02:00:00:00:01:0{n}",
+                                           netfront_args=["--ip", f"10.88.0.{n}/24"])
+            pids[n] = guest.pid
+        yield pids
 
 
 async def _run_async(quick: bool, progress: Callable[[str], None]) -> list[Metric]:

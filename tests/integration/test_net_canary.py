@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-from ringfence.isolation.sandbox import SandboxSpec
-from ringfence.testing.sim import start_netfront_guest
+from ringfence.testing.sim import open_net_host
 from ringfence.toolstack.devices import add_vif
-from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
 from ringfence.xenbus.client import open_xenstore
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and TAP")
@@ -105,48 +102,33 @@ for _ in range(400):
 
 
 async def test_no_netback_memory_reaches_shared_pages(tmp_path):
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        boxes = []
-        try:
-            # glibc fills what malloc gives with 0x5A and what free takes with 0xA5 (no
-            # thread cache, which would skip that), and Python allocates through malloc
-            env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_PERTURB_="165",
-                       GLIBC_TUNABLES="glibc.malloc.perturb=165:glibc.malloc.tcache_count=0")
-            net_domid, net = await spawn_domain(
-                dom0, "net", [sys.executable, "-m", "ringfence", "netback"], env=env,
-                sandbox=SandboxSpec("canary-net", uid=0), stderr=subprocess.DEVNULL)
-            sender = await start_netfront_guest(
-                dom0, xs_path, net_domid, "canary-g1", mac=SENDER_MAC.hex(":"),
-                netfront_args=["--ip", "10.78.0.1/24"], directory=str(tmp_path))
-            boxes.append(sender.box)
-            scanner_domid, fd = await dom0.create_domain("scanner")
-            async with open_xenstore(xs_path) as xs:
-                await add_vif(xs, backend=net_domid, frontend=scanner_domid, devid=0,
-                              mac="02:00:00:00:00:77")
-            found = tmp_path / "scanner.out"
-            with open(found, "wb") as sink:
-                scanner = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", SCANNER, "300", str(PAYLOAD), SENDER_MAC.hex()],
-                    pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=sink)
-            os.close(fd)
-            with trio.fail_after(30):
-                while b"ready" not in found.read_bytes():
-                    assert scanner.poll() is None
-                    await trio.sleep(0.05)
-            await trio.run_process(["nsenter", "-t", str(sender.pid), "-n", sys.executable, "-c", SENDER])
-            with trio.fail_after(60):
-                assert await scanner.wait() == 0
-            result = json.loads(found.read_text().splitlines()[-1])
-            assert result["ours"] >= 300 and result["tx"] >= 4, result
-            assert result["tx_statuses"] == {"1": 0, "2": -1, "3": -1, "4": 0}
-            assert result["bad_slots"] == 0 and result["dirty_tails"] == 0, result
-            assert result["bad_frames"] == 0, result
-            assert net.poll() is None
-            net.kill()
-        finally:
-            for box in boxes:
-                await box.aclose()
-            xenstored.terminate()
-            await xenstored.wait()
+    # glibc fills what malloc gives with 0x5A and what free takes with 0xA5 (no thread
+    # cache, which would skip that), and Python allocates through malloc
+    env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_PERTURB_="165",
+               GLIBC_TUNABLES="glibc.malloc.perturb=165:glibc.malloc.tcache_count=0")
+    async with open_net_host(str(tmp_path), netback_env=env, name="canary-net") as host:
+        sender = await host.start_guest("canary-g1", mac=SENDER_MAC.hex(":"),
+                                        netfront_args=["--ip", "10.78.0.1/24"])
+        scanner_domid, fd = await host.dom0.create_domain("scanner")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vif(xs, backend=host.net_domid, frontend=scanner_domid, devid=0,
+                          mac="02:00:00:00:00:77")
+        found = tmp_path / "scanner.out"
+        with open(found, "wb") as sink:
+            scanner = await trio.lowlevel.open_process(
+                [sys.executable, "-c", SCANNER, "300", str(PAYLOAD), SENDER_MAC.hex()],
+                pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=sink)
+        os.close(fd)
+        with trio.fail_after(30):
+            while b"ready" not in found.read_bytes():
+                assert scanner.poll() is None
+                await trio.sleep(0.05)
+        await trio.run_process(["nsenter", "-t", str(sender.pid), "-n", sys.executable, "-c", SENDER])
+        with trio.fail_after(60):
+            assert await scanner.wait() == 0
+        result = json.loads(found.read_text().splitlines()[-1])
+        assert result["ours"] >= 300 and result["tx"] >= 4, result
+        assert result["tx_statuses"] == {"1": 0, "2": -1, "3": -1, "4": 0}
+        assert result["bad_slots"] == 0 and result["dirty_tails"] == 0, result
+        assert result["bad_frames"] == 0, result
+        assert host.net.poll() is None

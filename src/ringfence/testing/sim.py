@@ -3,8 +3,9 @@
 ``open_hypervisor(dir)`` runs ``ringfence hypervisor`` as a real process and yields a dom0
 client; ``spawn_domain(dom0, name, argv)`` creates a domain and starts its process with the
 control socket; ``open_agent(dom0, name)`` does that for the scriptable
-:mod:`ringfence.testing.domain_agent`; ``start_netfront_guest`` starts a sandboxed guest
-whose eth0 is a vif of a network driver domain; ``relaunch_storage_domain`` kills a storage
+:mod:`ringfence.testing.domain_agent`; ``open_net_host`` runs a hypervisor, xenstored and a
+network driver domain, and ``start_netfront_guest`` a sandboxed guest whose eth0 is one of
+its vifs; ``relaunch_storage_domain`` kills a storage
 driver domain with -9 and hands its disk to a new one, as the supervisor would.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ import trio
 from ringfence.hypervisor.sim.client import Dom0
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 
-__all__ = ["AgentDomain", "NetfrontGuest", "open_agent", "open_hypervisor", "relaunch_storage_domain",
-           "spawn_domain", "start_netfront_guest"]
+__all__ = ["AgentDomain", "NetHost", "NetfrontGuest", "open_agent", "open_hypervisor",
+           "open_net_host", "relaunch_storage_domain", "spawn_domain", "start_netfront_guest"]
 
 
 class AgentDomain:
@@ -131,3 +132,52 @@ async def start_netfront_guest(dom0: Dom0, xs_path: str, backend: int, name: str
                 raise RuntimeError(f"guest {name} exited while starting")
             await trio.sleep(0.05)
     return NetfrontGuest(domid, box, innermost_pid(box.pid))
+
+
+@dataclass
+class NetHost:
+    directory: str
+    dom0: Dom0
+    xs_path: str
+    net_domid: int
+    net: trio.Process   # the network driver domain's process (its sandbox's waiter)
+    guests: list[NetfrontGuest]
+
+    async def start_guest(self, name: str, *, mac: str, netfront_args: Sequence[str],
+                          **vif: Any) -> NetfrontGuest:
+        """A netfront guest on this driver domain (see start_netfront_guest), stopped with
+        the host."""
+        guest = await start_netfront_guest(self.dom0, self.xs_path, self.net_domid, name, mac=mac,
+                                           netfront_args=netfront_args, directory=self.directory,
+                                           **vif)
+        self.guests.append(guest)
+        return guest
+
+
+@contextlib.asynccontextmanager
+async def open_net_host(directory: str, *, netback_env: dict[str, str] | None = None,
+                        name: str = "net") -> AsyncIterator[NetHost]:
+    """A hypervisor, xenstored and ``ringfence netback`` as sandboxed driver domain
+    ``name`` (``netback_env``: its environment); its guests, netback and xenstored go when
+    the block ends."""
+    from ringfence.isolation.sandbox import SandboxSpec
+    from ringfence.toolstack.hypervisor import start_xenstored
+    async with open_hypervisor(directory, quiet=True) as (hv_path, dom0):
+        xs_path = os.path.join(directory, "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        host = None
+        try:
+            await trio.sleep(0.2)  # registered with the hypervisor
+            net_domid, net = await spawn_domain(
+                dom0, name, [sys.executable, "-m", "ringfence", "netback"], env=netback_env,
+                sandbox=SandboxSpec(name, uid=0), stderr=subprocess.DEVNULL)
+            host = NetHost(directory, dom0, xs_path, net_domid, net, [])
+            yield host
+        finally:
+            if host is not None:
+                for guest in host.guests:
+                    await guest.box.aclose()
+                with contextlib.suppress(ProcessLookupError):
+                    host.net.kill()
+            xenstored.terminate()
+            await xenstored.wait()
