@@ -21,6 +21,7 @@ import trio
 from ringfence._sdnotify import Notifier
 from ringfence._statsock import serve_statistics
 from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.xenbus.paths import can_change_devices
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class GuestDevices:
         async with trio.open_nursery() as nursery, self.xs.watch(self.base) as events:
             first = True
             async for path, _ in events:
-                if not first and not self._may_add_or_remove(path):
+                # a device is there while its 'backend' pointer is (see _present)
+                if not first and not can_change_devices(self.base, path, "backend"):
                     continue  # a key below a device (most are our frontends' own writes)
                 # The reconcile reads the directory as it is now: what else is queued is in it.
                 with contextlib.suppress(trio.WouldBlock):
@@ -87,14 +89,6 @@ class GuestDevices:
                 if first:
                     task_status.started()
                     first = False
-
-    def _may_add_or_remove(self, path: str) -> bool:
-        """Whether a change at ``path`` can make a device appear or go: the directory, a
-        kind, a device's own node or its 'backend' pointer (see :meth:`_present`)."""
-        if not path.startswith(self.base):
-            return True
-        parts = path[len(self.base):].strip("/").split("/")
-        return len(parts) <= 2 or (len(parts) == 3 and parts[2] == "backend")
 
     async def _present(self) -> set[tuple[str, int]]:
         present = set()

@@ -13,6 +13,7 @@ import trio
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.xenbus.client import XenStore
+from ringfence.xenbus.paths import can_change_devices
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                 nursery.start_soon(_run, devices, scopes, failures, key)
 
         async for path, _ in events:
-            if not _may_add_or_remove(base, path, complete_key):
+            if not can_change_devices(base, path, complete_key):
                 continue  # a key below a device: most are the backend's own writes
             # A toolstack writes a device as a burst of nodes: one scan answers them all.
             changed = [path]
@@ -73,15 +74,6 @@ def _written(base: str, path: str, complete_key: str) -> tuple[tuple[int, int] |
     if len(parts) == 3 and parts[2] == complete_key and parts[0].isdigit() and parts[1].isdigit():
         return (int(parts[0]), int(parts[1])), f"{base}/{parts[0]}/{parts[1]}"
     return None, ""
-
-
-def _may_add_or_remove(base: str, path: str, complete_key: str) -> bool:
-    """Whether a change at ``path`` can start or stop a device: the directory, a frontend's,
-    a device's own node or its ``complete_key`` (see :func:`_complete_devices`)."""
-    if not path.startswith(base):
-        return True
-    parts = path[len(base):].strip("/").split("/")
-    return len(parts) <= 2 or (len(parts) == 3 and parts[2] == complete_key)
 
 
 async def _complete_devices(xs: XenStore, base: str, complete_key: str) -> list[tuple[tuple[int, int], str]]:

@@ -52,3 +52,15 @@ def parse_frontend_path(path: str) -> DevicePaths | None:
         return DevicePaths(parts[4], int(parts[2]), -1, int(parts[5]))
     except ValueError:
         return None
+
+
+def can_change_devices(base: str, path: str, key: str) -> bool:
+    """Whether a watch event at ``path``, under a directory of devices ``base``
+    (``base/A/B/...``: a backend's ``KIND/FRONTEND/DEVID``, a guest's ``KIND/DEVID``), can
+    make a device appear or go: ``base`` itself, its first two levels, or a device's ``key``
+    (the node that says it is complete). Keys below a device, most of them written by its
+    own driver, cannot."""
+    if not path.startswith(base):
+        return True
+    parts = path[len(base):].strip("/").split("/")
+    return len(parts) <= 2 or (len(parts) == 3 and parts[2] == key)
