@@ -24,6 +24,15 @@ class XenbusState(enum.IntEnum):
     Reconfiguring = 7
     Reconfigured = 8
 
+    @classmethod
+    def of(cls, value: object) -> XenbusState:
+        """A ``state`` node's value as read (bytes, or None or an error where it could not
+        be): Unknown for anything but a known state's number, as a peer may write garbage."""
+        try:
+            return cls(int(value))  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return cls.Unknown
+
 
 class Role(enum.Enum):
     BACKEND = "backend"

@@ -163,10 +163,7 @@ class BlkbackDevice:
                               for value in await self.xs.pipeline(
                                   [(W.Op.READ, W.join(f"{self.frontend_path}/{key}"), 0)
                                    for key in ("state", *HEADER_KEYS)])]
-        try:
-            fe = XenbusState(int(raw_state))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            fe = XenbusState.Unknown
+        fe = XenbusState.of(raw_state)
         if fe in (XenbusState.Initialised, XenbusState.Connected) and self.state == XenbusState.InitWait:
             try:
                 await self._connect_and_serve(header)

@@ -217,10 +217,7 @@ class BlkFront:
         async for _ in events:
             raw, *results = await self.xs.pipeline(
                 [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)] + also)
-            try:
-                state = XenbusState(int(raw))  # type: ignore[arg-type]
-            except (TypeError, ValueError):  # an error (the node is gone) or garbage
-                state = XenbusState.Unknown
+            state = XenbusState.of(raw)
             if state in wanted:
                 return results
             if state == XenbusState.Unknown and await self._backend_moved():
