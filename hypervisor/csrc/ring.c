@@ -158,23 +158,24 @@ int rf_front_take_responses(rf_ring *r, void *out, uint32_t max)
     return (int)avail;
 }
 
-int rf_front_final_check_for_responses(rf_ring *r)
+/* RING_FINAL_CHECK_FOR_RESPONSES, with the event asked for `ahead` responses on. */
+static int check_for_responses(rf_ring *r, uint32_t ahead)
 {
     if (LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons)
         return 1;
-    STORE_REL(&r->sring->rsp_event, r->rsp_cons + 1);
+    STORE_REL(&r->sring->rsp_event, r->rsp_cons + ahead);
     FULL_BARRIER();
     return LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons;
 }
 
+int rf_front_final_check_for_responses(rf_ring *r)
+{
+    return check_for_responses(r, 1);
+}
+
 int rf_front_check_for_half_the_responses(rf_ring *r)
 {
-    if (LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons)
-        return 1;
-    uint32_t outstanding = r->req_prod_pvt - r->rsp_cons;
-    STORE_REL(&r->sring->rsp_event, r->rsp_cons + (outstanding >> 1) + 1);
-    FULL_BARRIER();
-    return LOAD_ACQ(&r->sring->rsp_prod) != r->rsp_cons;
+    return check_for_responses(r, ((r->req_prod_pvt - r->rsp_cons) >> 1) + 1);
 }
 
 int rf_back_unconsumed_requests(const rf_ring *r)
