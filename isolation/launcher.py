@@ -44,6 +44,7 @@ import trio
 
 from ringfence.hypervisor._lib import lib
 from ringfence.isolation.sandbox import SandboxEntry
+from ringfence.isolation.spawn import open_process_dying_with_us, pipe_to_child
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +341,7 @@ class Launcher:
                     opened.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
                     fds.append(opened[-1])
                 elif how == subprocess.PIPE:
-                    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                    ours, theirs = (write_end, read_end) if name == "stdin" else (read_end, write_end)
-                    streams[name] = trio.lowlevel.FdStream(ours)
+                    streams[name], theirs = pipe_to_child(name)
                     opened.append(theirs)
                     fds.append(theirs)
                 else:
@@ -433,7 +432,6 @@ async def open_launcher(preload: Sequence[str] = ()) -> AsyncIterator[Launcher |
     if os.environ.get(DISABLE_ENV) == "exec":
         yield None
         return
-    from ringfence.isolation.spawn import open_process_dying_with_us
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         process = await open_process_dying_with_us(

@@ -24,6 +24,14 @@ class ParentGone(OSError):
     """The parent exited while the child was starting."""
 
 
+def pipe_to_child(name: str) -> tuple[trio.lowlevel.FdStream, int]:
+    """A pipe for a child's ``name`` (stdin, stdout or stderr): our end as a trio stream,
+    and the child's end, to close once the child has it."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = (write_end, read_end) if name == "stdin" else (read_end, write_end)
+    return trio.lowlevel.FdStream(ours), theirs
+
+
 async def open_process_dying_with_us(argv: Sequence[str], *,
                                      preexec_fn: Callable[[], None] | None = None,
                                      **kwargs: Any) -> trio.Process:
@@ -44,9 +52,7 @@ async def open_process_dying_with_us(argv: Sequence[str], *,
         for name in ("stdin", "stdout", "stderr"):
             if kwargs.get(name) != subprocess.PIPE:
                 continue
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            ours, theirs = (write_end, read_end) if name == "stdin" else (read_end, write_end)
-            streams[name] = trio.lowlevel.FdStream(ours)
+            streams[name], theirs = pipe_to_child(name)
             child_ends.append(theirs)
             kwargs[name] = theirs
         await trio.lowlevel.checkpoint()
