@@ -246,7 +246,8 @@ class ForkedProcess:
         self._pidfd = pidfd
         self._exited = trio.Event()
         self._watched = False
-        self._started = _stat_fields(pid)[19] if _stat_fields(pid) else None
+        fields = _stat_fields(pid)
+        self._started = fields[19] if fields else None
 
     def poll(self) -> int | None:
         return self.returncode
