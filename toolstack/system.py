@@ -413,15 +413,11 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
         kwargs: dict[str, Any] = {"stdout": out}
         if quiet:
             kwargs["stderr"] = subprocess.DEVNULL
-        spec = _sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
-        if spec is None:
-            spec = SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0)
-        if spec is not None:
-            boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
-                                          launcher=system.launcher, **kwargs)
-            guest.process = boxed.process
-        else:
-            guest.process = await trio.lowlevel.open_process(argv, pass_fds=(fd,), env=env, **kwargs)
+        spec = (_sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
+                or SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0))
+        boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
+                                      launcher=system.launcher, **kwargs)
+        guest.process = boxed.process
     os.close(fd)
     with trio.fail_after(60):
         while b"guest ready" not in open(ready, "rb").read():
