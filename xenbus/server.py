@@ -8,8 +8,12 @@ sans-IO :class:`~ringfence.xenbus.store.Store`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,7 @@ PENALTY_FIRST, PENALTY_MAX, STRIKES_FORGOTTEN = 0.01, 1.0, 5.0
 MAX_TRACKED_WRITERS = 100_000
 PATH_CACHE = 4096
 INTRODUCE, RELEASE = "@introduceDomain", "@releaseDomain"
+_watch_ids = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -41,6 +46,7 @@ class Watch:
     path: str       # as registered (relative paths fire relative events)
     absolute: str
     token: bytes
+    id: int = field(default_factory=lambda: next(_watch_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +118,7 @@ class Connection:
             return
         current = self.server.current
         if current is None:
-            self.wake.set()  # not inside a request batch: the writer sends it
+            self.server.in_loop(self.wake.set)  # not inside a request batch: the writer sends it
         elif current is not self:
             self.server.dirty.add(self)  # sent when the batch ends
 
@@ -123,7 +129,7 @@ class Connection:
         try:
             while self.out and not self.closed:
                 data = bytes(self.out)
-                self.out.clear()
+                del self.out[:len(data)]  # not clear(): the engine's thread may have added more
                 await self.transport.send(data)
         finally:
             self.flushing = False
@@ -146,7 +152,7 @@ class Connection:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.wake.set()
+            self.server.in_loop(self.wake.set)
 
 
 class XenStoreServer:
@@ -158,37 +164,87 @@ class XenStoreServer:
         self.counters: Counter[str] = Counter()
         self.current: Connection | None = None  # whose requests are being handled
         self.dirty: set[Connection] = set()     # others with output queued meanwhile
-        self.journal: Any = None  # set by persistence.Journal.open()
+        self._journal: Any = None  # set by persistence.Journal.open()
         self.restored = False
         # watches of domain connections, by domid, given back when a domain reconnects
         self.saved_watches: dict[int, list[tuple[str, bytes]]] = {}
         self.writers: dict[str, int] = {}  # the guest that last changed a node
         self._paths: dict[tuple[int, bytes, bool], str | tuple[str, str]] = {}  # see _canonical
         self.penalties: dict[int, tuple[float, int]] = {}  # domid -> (served again at, strikes)
+        # dom0's connections are served by the C engine's thread (engine.py): everything
+        # that handles requests or changes the daemon's state holds this lock.
+        self.lock = threading.RLock()
+        self._lock_depth = 0
+        self.engine: Any = None
+        self._loop: tuple[int, trio.lowlevel.TrioToken] | None = None
+
+    @property
+    def journal(self) -> Any:
+        return self._journal
+
+    @journal.setter
+    def journal(self, journal: Any) -> None:
+        with self.locked():
+            self._journal = journal
+            if self.engine is not None:
+                self.engine.reload()  # a journal restores nodes straight into the tree
+                self.engine.allow_writes(journal is None)  # each change must reach the journal
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the daemon's state: no other thread handles a request meanwhile, and the
+        engine makes no write (those it made before are in the tree first)."""
+        with self.lock:
+            self._lock_depth += 1
+            engine = self.engine if self._lock_depth == 1 else None
+            try:
+                if engine is not None:
+                    engine.enter()
+                yield
+            finally:
+                self._lock_depth -= 1
+                if engine is not None:
+                    engine.leave()
 
     # ---- statistics ------------------------------------------------------------------
     def statistics(self) -> ServerStatistics:
         c = self.counters
-        return ServerStatistics(len(self.connections), c["connections"], c["requests"],
-                                c["errors"], len(self.watches), c["watch_events"],
-                                len(self.store.transactions), self.store.counters["conflicts"],
-                                len(self.store.nodes), c["protocol_violations"],
-                                c["dropped_slow_clients"], len(self.domains),
-                                c["conflicts_charged"])
+        engine = self.engine.statistics() if self.engine is not None else None
+        return ServerStatistics(
+            len(self.connections), c["connections"],
+            c["requests"] + (engine.fast_reads + engine.fast_writes if engine else 0),
+            c["errors"], len(self.watches),
+            c["watch_events"] + (engine.watch_events if engine else 0),
+            len(self.store.transactions), self.store.counters["conflicts"], len(self.store.nodes),
+            c["protocol_violations"] + (engine.protocol_violations if engine else 0),
+            c["dropped_slow_clients"] + (engine.dropped_slow_clients if engine else 0),
+            len(self.domains), c["conflicts_charged"])
 
     # ---- transports ------------------------------------------------------------------
     async def serve_unix(self, path: str, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve dom0 tools on ``path`` (mode 0600: only dom0 may connect)."""
+        """Serve dom0 tools on ``path`` (mode 0600: only dom0 may connect), through the C
+        engine's thread."""
+        from ringfence.xenbus.engine import Dom0Engine  # it builds on this module
         sock = await listen_unix(path, backlog=128)
-        async with trio.open_nursery() as nursery:
-            task_status.started()
+        self._loop = (threading.get_ident(), trio.lowlevel.current_trio_token())
+        try:
+            engine = Dom0Engine(self, sock.fileno())
             try:
-                while True:
-                    client, _ = await sock.accept()
-                    nursery.start_soon(self.serve_connection, client, Caller(0), "dom0")
+                engine.start()
+                task_status.started()
+                await trio.sleep_forever()
             finally:
-                sock.close()
+                engine.stop()
+        finally:
+            sock.close()
+
+    def in_loop(self, function: Any) -> None:
+        """Run ``function`` on trio's thread: at once if this is it, else soon."""
+        if self._loop is None or self._loop[0] == threading.get_ident():
+            function()
+        else:
+            self._loop[1].run_sync_soon(function)
 
     async def serve_domain_connection(self, link: Any, domid: int) -> None:
         """A domain's connection (a socket or a stream); its identity comes from whoever
@@ -198,29 +254,31 @@ class XenStoreServer:
 
     async def serve_connection(self, link: Any, caller: Caller, name: str) -> None:
         conn = Connection(self, caller, transport_for(link), name)
-        self.connections.add(conn)
-        if caller.domid and caller.domid in self.saved_watches:
-            # A domain reconnecting after a daemon restart gets its watches back, and each
-            # fires once, as on registration, so it re-reads what it watches.
-            for raw, token in self.saved_watches.pop(caller.domid):
-                with contextlib.suppress(XenStoreError):
-                    self._watch(conn, raw, token)
-        self.counters["connections"] += 1
+        with self.locked():
+            self.connections.add(conn)
+            if caller.domid and caller.domid in self.saved_watches:
+                # A domain reconnecting after a daemon restart gets its watches back, and
+                # each fires once, as on registration, so it re-reads what it watches.
+                for raw, token in self.saved_watches.pop(caller.domid):
+                    with contextlib.suppress(XenStoreError):
+                        self._watch(conn, raw, token)
+            self.counters["connections"] += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn, nursery.cancel_scope)
                 await self._reader(conn)
                 nursery.cancel_scope.cancel()
         finally:
-            self._drop(conn)
+            with self.locked():
+                self._drop(conn)
             await conn.transport.aclose()
 
     async def _reader(self, conn: Connection) -> None:
         reader = W.MessageReader()
         while not conn.closed:
             penalty = self.penalties.get(conn.caller.domid)
-            if penalty is not None and penalty[0] > trio.current_time():
-                await trio.sleep_until(penalty[0])
+            if penalty is not None and penalty[0] > time.monotonic():
+                await trio.sleep(penalty[0] - time.monotonic())
             try:
                 data = await conn.transport.recv()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -240,23 +298,13 @@ class XenStoreServer:
             # dom0's replies go out REPLY_CHUNK at a time: a client with many requests in
             # flight starts on the first answers while the daemon works on the rest (one
             # write for a whole batch left both sides taking turns: 20 % fewer reads/s).
-            step = REPLY_CHUNK if conn.caller.privileged else self.store.quotas.outstanding
-            for start in range(0, len(messages), max(step, 1)):
-                self.current = conn
-                try:
-                    for msg in messages[start:start + step]:
-                        self.handle(conn, msg)
-                        if conn.closed:
-                            return
-                finally:
-                    self.current = None
-                # Watch events first, so watchers hear as early as possible; then all
-                # replies to this batch in one write (a client that does not read stalls
-                # only itself).
-                if self.dirty:
-                    dirty, self.dirty = self.dirty, set()
-                    for other in dirty:
-                        other.flush_nowait()
+            step = max(REPLY_CHUNK if conn.caller.privileged else self.store.quotas.outstanding, 1)
+            for start in range(0, len(messages), step):
+                self.handle_batch(conn, messages[start:start + step])
+                if conn.closed:
+                    return
+                # then all replies to this batch in one write (a client that does not read
+                # stalls only itself)
                 try:
                     await conn.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -278,12 +326,37 @@ class XenStoreServer:
         self.connections.discard(conn)
         if self.journal is not None and conn.caller.domid and conn.watches:
             self.journal.append([("U", conn.caller.domid, w.path, w.token) for w in conn.watches])
-        self.watches = [w for w in self.watches if w.connection is not conn]
+        self._drop_watches(lambda w: w.connection is conn)
         for tx in conn.transactions.values():
             self.store.end_transaction(tx, commit=False)
         conn.transactions.clear()
 
     # ---- dispatch --------------------------------------------------------------------
+    def handle_batch(self, conn: Connection, messages: list[W.Message]) -> None:
+        """Handle requests in order, then send the watch events they caused to the other
+        connections at once, so watchers hear as early as possible."""
+        with self.locked():
+            self.current = conn
+            try:
+                for msg in messages:
+                    self.handle(conn, msg)
+                    if conn.closed:
+                        break
+            finally:
+                self.current = None
+                self._publish_values()
+            dirty, self.dirty = self.dirty, set()
+        for other in dirty:
+            self.in_loop(other.flush_nowait)
+
+    def _publish_values(self) -> None:
+        """Give the engine the nodes' new values (one batch: a transaction's commit is seen
+        whole or not at all)."""
+        changes = self.store.value_log
+        if changes:
+            self.store.value_log = []
+            self.engine.publish(changes)
+
     def handle(self, conn: Connection, msg: W.Message) -> None:
         self.counters["requests"] += 1
         try:
@@ -366,7 +439,7 @@ class XenStoreServer:
             self._unwatch(conn, args[0].decode("ascii"), args[1] if len(args) > 1 else b"")
             return op, b"OK\0"
         if op == Op.RESET_WATCHES:
-            self.watches = [w for w in self.watches if w.connection is not conn]
+            self._drop_watches(lambda w: w.connection is conn)
             conn.watches.clear()
             return op, b"OK\0"
         if op == Op.TRANSACTION_START:
@@ -483,15 +556,28 @@ class XenStoreServer:
         watch = Watch(conn, raw, absolute, token)
         conn.watches.append(watch)
         self.watches.append(watch)
+        if self.engine is not None:
+            self.engine.watch_added(watch)
         if self.journal is not None and conn.caller.domid:
             self.journal.append([("W", conn.caller.domid, raw, token)])
         self._fire_one(watch, raw)  # the initial event every watch gets
+
+    def _drop_watches(self, which: Any) -> None:
+        keep = []
+        for watch in self.watches:
+            if not which(watch):
+                keep.append(watch)
+            elif self.engine is not None:
+                self.engine.watch_removed(watch)
+        self.watches = keep
 
     def _unwatch(self, conn: Connection, raw: str, token: bytes) -> None:
         for watch in conn.watches:
             if watch.path == raw and watch.token == token:
                 conn.watches.remove(watch)
                 self.watches.remove(watch)
+                if self.engine is not None:
+                    self.engine.watch_removed(watch)
                 if self.journal is not None and conn.caller.domid:
                     self.journal.append([("U", conn.caller.domid, raw, token)])
                 return
@@ -500,13 +586,14 @@ class XenStoreServer:
     def _charge_conflict(self, writer: int | None, victim: Caller) -> None:
         if writer is None or writer == victim.domid:
             return
-        now = trio.current_time()
+        now = time.monotonic()
         until, strikes = self.penalties.get(writer, (now, 0))
         strikes = strikes + 1 if now - until < STRIKES_FORGOTTEN else 1
         self.penalties[writer] = (now + min(PENALTY_FIRST * 2 ** (strikes - 1), PENALTY_MAX), strikes)
         self.counters["conflicts_charged"] += 1
 
     def _changed(self, changes: list[tuple[str, bool]], conn: Connection | None = None) -> None:
+        self._publish_values()  # before any watch fires: a watcher may read at once
         if self.journal is not None and changes:
             self.journal.nodes_changed(changes)  # durable before the reply is queued
         if conn is not None and not conn.caller.privileged and changes:
@@ -553,27 +640,29 @@ class XenStoreServer:
     def introduce_domain(self, domid: int, *, mfn: int = 0, port: int = 0) -> None:
         if domid == 0:
             raise XenStoreError("EINVAL")
-        self.domains[domid] = {"mfn": mfn, "port": port}
-        if self.journal is not None:
-            self.journal.append([("I", domid, self.domains[domid])])
-        self._fire_special(INTRODUCE)
+        with self.locked():
+            self.domains[domid] = {"mfn": mfn, "port": port}
+            if self.journal is not None:
+                self.journal.append([("I", domid, self.domains[domid])])
+            self._fire_special(INTRODUCE)
 
     def release_domain(self, domid: int) -> None:
         """The domain is gone: drop its connections, watches and transactions."""
-        self.domains.pop(domid, None)
-        for conn in list(self.connections):
-            if conn.caller.domid == domid:
-                conn.close()
-        self.watches = [w for w in self.watches if w.connection.caller.domid != domid]
-        self.store.abort_all(domid)
-        self.saved_watches.pop(domid, None)
-        self.penalties.pop(domid, None)
-        self.writers = {path: d for path, d in self.writers.items() if d != domid}
-        changed = self.store.forget_domain(domid)
-        if self.journal is not None:
-            self.journal.nodes_changed([(path, False) for path in changed])
-            self.journal.append([("R", domid)])
-        self._fire_special(RELEASE)
+        with self.locked():
+            self.domains.pop(domid, None)
+            for conn in list(self.connections):
+                if conn.caller.domid == domid:
+                    conn.close()
+            self._drop_watches(lambda w: w.connection.caller.domid == domid)
+            self.store.abort_all(domid)
+            self.saved_watches.pop(domid, None)
+            self.penalties.pop(domid, None)
+            self.writers = {path: d for path, d in self.writers.items() if d != domid}
+            changed = self.store.forget_domain(domid)
+            if self.journal is not None:
+                self.journal.nodes_changed([(path, False) for path in changed])
+                self.journal.append([("R", domid)])
+            self._fire_special(RELEASE)
 
 
 def _domid(raw: bytes) -> int:

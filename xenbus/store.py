@@ -135,6 +135,9 @@ class Store:
         self.transactions: dict[int, Transaction] = {}
         self._next_tx = 1
         self.counters: Counter[str] = Counter()
+        # When set, every node's new value (None: removed) as it is committed, for a copy
+        # of the values kept elsewhere (the C engine that answers dom0's reads).
+        self.value_log: list[tuple[str, bytes | None]] | None = None
         for path in ("/", "/local", "/local/domain", "/tool"):
             self.nodes[path] = Node(b"", ((0, "n"),))
         self._relink()
@@ -167,6 +170,8 @@ class Store:
             # isolation: an open transaction keeps seeing the node as it was
             if path not in open_tx.overlay and path not in open_tx.snapshot:
                 open_tx.snapshot[path] = old
+        if self.value_log is not None:
+            self.value_log.append((path, None if node is None else node.value))
         if node is None:
             self.nodes.pop(path, None)
             self.tombstones[path] = self.gen

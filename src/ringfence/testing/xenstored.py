@@ -24,8 +24,12 @@ class InProcessXenstored:
 
 
 @contextlib.asynccontextmanager
-async def in_process_xenstored() -> AsyncIterator[InProcessXenstored]:
-    """The daemon and its connections, all closed when the block ends."""
+async def in_process_xenstored(dom0_socket: str | None = None) -> AsyncIterator[InProcessXenstored]:
+    """The daemon and its connections, all closed when the block ends; with ``dom0_socket``,
+    dom0's Unix socket too, served by the C engine as ``ringfence xenstored`` serves it."""
     async with trio.open_nursery() as nursery:
-        yield InProcessXenstored(XenStoreServer(), nursery)
+        server = XenStoreServer()
+        if dom0_socket is not None:
+            await nursery.start(server.serve_unix, dom0_socket)
+        yield InProcessXenstored(server, nursery)
         nursery.cancel_scope.cancel()

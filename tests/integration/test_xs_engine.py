@@ -1,0 +1,189 @@
+"""The C engine that serves dom0's socket (xenbus/engine.py, csrc/xsd.c): the reads and
+writes it makes itself are the same tree the daemon and the domains see, watches fire once
+whoever serves the write, transactions see its writes, a journal turns its writes off, and
+hostile dom0 clients get what they get from the daemon."""
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+
+from ringfence.hypervisor.io import xs_wire as W
+from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
+from ringfence.testing.xenstored import in_process_xenstored
+from ringfence.xenbus.client import open_xenstore, open_xenstore_stream
+
+
+async def _next_event(events) -> str:
+    with trio.fail_after(5):
+        path, _token = await events.receive()
+    return path
+
+
+async def test_reads_and_writes_made_in_c_are_the_tree_everyone_sees(tmp_path):
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0, open_xenstore_stream(await xsd.connect(5)) as guest:
+            await dom0.write("/local/domain/5/a", b"1")  # a new node: the daemon makes it
+            await dom0.set_perms("/local/domain/5/a", ["n5"])
+            before = xsd.server.engine.statistics()
+            await dom0.write("/local/domain/5/a", b"2")  # an existing one: the engine
+            assert await dom0.read("/local/domain/5/a") == b"2"
+            after = xsd.server.engine.statistics()
+            assert after.fast_writes == before.fast_writes + 1
+            assert after.fast_reads == before.fast_reads + 1
+            assert await guest.read("a") == b"2"  # the daemon replayed the engine's write
+            await guest.write("a", b"3")
+            assert await dom0.read("/local/domain/5/a") == b"3"  # and the engine has the guest's
+            await guest.rm("a")
+            try:
+                await dom0.read("/local/domain/5/a")
+                raise AssertionError("read a removed node")
+            except XenStoreError as exc:
+                assert exc.name == "ENOENT"
+            value = bytes(range(256)) * 4  # NULs and all
+            await dom0.write("/local/domain/5/b", b"")
+            await dom0.write("/local/domain/5/b", value)
+            assert await dom0.read("/local/domain/5/b") == value
+            with xsd.server.locked():  # the engine's writes are in the tree once it is held
+                assert xsd.server.store.nodes["/local/domain/5/b"].value == value
+            assert xsd.server.statistics().requests >= 8
+
+
+async def test_watches_fire_once_whoever_serves_the_write(tmp_path):
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0, open_xenstore(path) as watcher, \
+                open_xenstore_stream(await xsd.connect(5)) as guest:
+            await dom0.write("/local/domain/5/w/x", b"0")
+            await dom0.set_perms("/local/domain/5/w", ["n5"])
+            await dom0.set_perms("/local/domain/5/w/x", ["n5"])
+            async with watcher.watch("/local/domain/5/w", "t") as events, guest.watch("w", "g") as guest_events:
+                assert await _next_event(events) == "/local/domain/5/w"
+                assert await _next_event(guest_events) == "w"
+                # a guest's watch fires too: the daemon serves the write, once for each
+                await dom0.write("/local/domain/5/w/x", b"1")
+                assert await _next_event(events) == "/local/domain/5/w/x"
+                assert await _next_event(guest_events) == "w/x"
+            before = xsd.server.engine.statistics().fast_writes
+            async with watcher.watch("/local/domain/5/w", "t") as events:
+                assert await _next_event(events) == "/local/domain/5/w"
+                await dom0.write("/local/domain/5/w/x", b"2")  # dom0's watch only: the engine
+                assert await _next_event(events) == "/local/domain/5/w/x"
+                await guest.write("w/x", b"3")  # a guest's write reaches dom0's watch
+                assert await _next_event(events) == "/local/domain/5/w/x"
+                with trio.move_on_after(0.2):
+                    extra = await events.receive()
+                    raise AssertionError(f"a second event {extra}")
+            assert xsd.server.engine.statistics().fast_writes == before + 1
+            assert await dom0.read("/local/domain/5/w/x") == b"3"
+
+
+async def test_a_transaction_meets_the_engines_writes_as_conflicts(tmp_path):
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0, open_xenstore_stream(await xsd.connect(0)) as other:
+            await dom0.write("/t/x", b"0")
+            await dom0.write("/t/y", b"0")
+            tx = await other.request(Op.TRANSACTION_START, b"\0")
+            tx_id = int(tx.rstrip(b"\0"))
+            assert await other.request(Op.READ, W.join("/t/x"), tx_id=tx_id) == b"0"
+            before = xsd.server.engine.statistics().fast_writes
+            await dom0.write("/t/x", b"1")  # made by the engine while the transaction is open
+            assert xsd.server.engine.statistics().fast_writes == before + 1
+            # isolation: the open transaction still sees the value it started with
+            assert await other.request(Op.READ, W.join("/t/x"), tx_id=tx_id) == b"0"
+            await other.request(Op.WRITE, W.write_payload("/t/y", "2"), tx_id=tx_id)
+            try:
+                await other.request(Op.TRANSACTION_END, b"T\0", tx_id=tx_id)
+                raise AssertionError("a stale transaction committed")
+            except XenStoreError as exc:
+                assert exc.name == "EAGAIN"
+            assert await dom0.read("/t/y") == b"0"
+            async for attempt in dom0.transaction():
+                async with attempt:
+                    value = int(await attempt.read("/t/x"))
+                    await attempt.write("/t/x", str(value + 1))
+            assert await dom0.read("/t/x") == b"2"
+
+
+async def test_with_a_journal_every_write_is_the_daemons(tmp_path):
+    from ringfence.xenbus.persistence import Journal
+    path = str(tmp_path / "xs.sock")
+    (tmp_path / "state").mkdir()
+    async with in_process_xenstored(path) as xsd:
+        Journal.open(str(tmp_path / "state"), xsd.server)
+        async with open_xenstore(path) as dom0:
+            await dom0.write("/j/a", b"1")
+            await dom0.write("/j/a", b"2")
+            assert await dom0.read("/j/a") == b"2"
+            assert xsd.server.engine.statistics().fast_writes == 0
+        xsd.server.journal.close()
+    from ringfence.xenbus.server import XenStoreServer
+    reborn = XenStoreServer()
+    Journal.open(str(tmp_path / "state"), reborn).close()
+    assert reborn.store.nodes["/j/a"].value == b"2"
+
+
+async def test_hostile_dom0_clients_lose_only_their_own_connection(tmp_path):
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0:
+            await dom0.write("/h/big", b"x" * 4000)
+
+            def raw() -> socket.socket:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(path)
+                return sock
+
+            def closed_by_daemon(sock: socket.socket) -> bool:
+                sock.settimeout(5)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+                return True
+
+            # a payload length over 4096
+            bad = raw()
+            bad.sendall(struct.pack("<IIII", Op.READ, 1, 0, 5000))
+            assert await trio.to_thread.run_sync(closed_by_daemon, bad)
+            assert xsd.server.statistics().protocol_violations == 1
+            # half a message, then gone; garbage with a sane length gets an error reply
+            half = raw()
+            half.sendall(W.encode(Op.READ, 1, 0, W.join("/h/big"))[:10])
+            half.close()
+            junk = raw()
+            junk.sendall(W.encode(77, 9, 0, b"\xff" * 100) + W.encode(Op.READ, 10, 0, b"/h/big"))
+            junk.settimeout(5)
+            reply = await trio.to_thread.run_sync(junk.recv, 16)
+            assert struct.unpack("<IIII", reply)[:2] == (Op.ERROR, 9)
+            junk.close()
+            # a client that never reads: dropped once 1 MiB waits for it, no sooner
+            greedy = raw()
+            greedy.setblocking(False)
+            request = W.encode(Op.READ, 1, 0, W.join("/h/big"))
+            with trio.move_on_after(3):
+                while True:
+                    try:
+                        greedy.send(request * 64)
+                    except BlockingIOError:
+                        await trio.sleep(0.01)
+                    except OSError:
+                        break
+            assert xsd.server.statistics().dropped_slow_clients == 0  # it stopped reading it
+            assert await dom0.read("/h/big") == b"x" * 4000
+            watcher = raw()
+            watcher.sendall(W.encode(Op.WATCH, 1, 0, W.join("/h", "t")))
+            await trio.sleep(0.1)
+            long_name = "w" * 2000
+            for i in range(1000):  # about 2 MB of events never read, most sent by the engine
+                await dom0.write(f"/h/{long_name}{i % 10}", b"v")
+            await dom0.write("/h/big", b"y" * 4000)
+            assert xsd.server.statistics().dropped_slow_clients == 1
+            greedy.close()
+            watcher.close()
+            assert await dom0.read("/h/big") == b"y" * 4000
+            assert xsd.server.engine.statistics().connections == 1
