@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from ringfence.hypervisor._lib import ffi, lib
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.xenbus.server import MAX_QUEUED_OUTPUT, Connection, XenStoreServer
-from ringfence.xenbus.store import Caller
+from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.xenbus.store import Caller, Transaction
 
 if TYPE_CHECKING:
     from ringfence.xenbus.server import Watch
@@ -54,6 +55,10 @@ class EngineStatistics:
     values: int            # nodes in the engine's copy
     fast_writes: int       # made in C
     watch_events: int      # sent in C for them
+    transactions_open: int  # the engine's own
+    transactions: int      # committed in C
+    conflicts: int         # of the engine's, failed with EAGAIN
+    adopted: int           # handed to the daemon part way
 
 
 def encode_values(changes: list[tuple[str, bytes | None]]) -> bytes:
@@ -70,6 +75,7 @@ def encode_values(changes: list[tuple[str, bytes | None]]) -> bytes:
 
 
 def decode_values(batch: bytes) -> list[tuple[str, bytes | None]]:
+    """The records of a batch (in a transaction's log, None is a read)."""
     out, offset = [], 0
     while offset < len(batch):
         path_len, value_len = _RECORD.unpack_from(batch, offset)
@@ -161,6 +167,30 @@ class Dom0Engine:
             finally:
                 store.value_log = log
 
+    def adopt(self, conn: Connection, tx_id: int) -> Transaction | None:
+        """Take over a transaction the engine started on ``conn`` (it asked for something
+        the engine does not do): replay what it read and wrote into a transaction of the
+        store's, which fails at commit if the engine saw a conflict."""
+        if not isinstance(conn, EngineConnection) or conn.engine is not self:
+            return None
+        doomed = ffi.new("int *")
+        length = lib.rf_xsd_adopt(self.c, conn.engine_id, tx_id, self._inbox, len(self._inbox), doomed)
+        if length < 0:
+            return None
+        store = self.server.store
+        tx = store.start_transaction(DOM0, tx_id)
+        tx.doomed = bool(doomed[0])
+        for path, value in decode_values(ffi.buffer(self._inbox, length)[:]):
+            try:
+                if value is None:
+                    store.read(DOM0, path, tx)
+                else:
+                    store.write(DOM0, path, value, tx)
+            except XenStoreError:
+                tx.doomed = True  # gone since: the engine's view was stale
+        conn.transactions[tx_id] = tx
+        return tx
+
     def leave(self) -> None:
         lib.rf_xsd_leave(self.c)
 
@@ -185,7 +215,8 @@ class Dom0Engine:
         return EngineStatistics(out.connections, out.connections_total, out.fast_reads,
                                 out.forwarded, out.protocol_violations,
                                 out.dropped_slow_clients, out.values, out.fast_writes,
-                                out.watch_events)
+                                out.watch_events, out.transactions_open, out.transactions,
+                                out.conflicts, out.adopted)
 
     # ---- called on the engine's thread -------------------------------------------------
     def opened(self, engine_id: int) -> None:

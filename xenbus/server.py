@@ -215,7 +215,9 @@ class XenStoreServer:
             c["requests"] + (engine.fast_reads + engine.fast_writes if engine else 0),
             c["errors"], len(self.watches),
             c["watch_events"] + (engine.watch_events if engine else 0),
-            len(self.store.transactions), self.store.counters["conflicts"], len(self.store.nodes),
+            len(self.store.transactions) + (engine.transactions_open if engine else 0),
+            self.store.counters["conflicts"] + (engine.conflicts if engine else 0),
+            len(self.store.nodes),
             c["protocol_violations"] + (engine.protocol_violations if engine else 0),
             c["dropped_slow_clients"] + (engine.dropped_slow_clients if engine else 0),
             len(self.domains), c["conflicts_charged"])
@@ -401,7 +403,7 @@ class XenStoreServer:
         args = msg.args()
         tx = None
         if msg.tx_id and op not in (Op.TRANSACTION_END,):
-            tx = conn.transactions.get(msg.tx_id)
+            tx = conn.transactions.get(msg.tx_id) or self._adopt(conn, msg.tx_id)
             if tx is None:
                 # after a restart, transactions from before it are over: retry
                 raise XenStoreError("EAGAIN" if self.restored else "ENOENT", "no such transaction")
@@ -450,6 +452,8 @@ class XenStoreServer:
             return op, f"{new.id}".encode() + b"\0"
         if op == Op.TRANSACTION_END:
             ending = conn.transactions.pop(msg.tx_id, None)
+            if ending is None and self._adopt(conn, msg.tx_id) is not None:
+                ending = conn.transactions.pop(msg.tx_id)
             if ending is None:
                 raise XenStoreError("EAGAIN" if self.restored else "ENOENT", "no such transaction")
             if not args or args[0] not in (b"T", b"F"):
@@ -501,6 +505,12 @@ class XenStoreServer:
             self._privileged(caller)
             return op, b"0\0" if op == Op.GET_FEATURE else b"OK\0"
         raise XenStoreError("ENOSYS")  # as Xen's C daemon answers any unknown type
+
+    def _adopt(self, conn: Connection, tx_id: int) -> Transaction | None:
+        """A transaction the engine started and cannot go on with, from now on ours."""
+        if self.engine is None:
+            return None
+        return self.engine.adopt(conn, tx_id)
 
     @staticmethod
     def _privileged(caller: Caller) -> None:

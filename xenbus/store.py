@@ -73,6 +73,7 @@ class Transaction:
     changes: list[Change] = field(default_factory=list)
     owned_delta: Counter[int] = field(default_factory=Counter)
     conflict: str | None = None  # the node someone else changed, when commit failed
+    doomed: bool = False  # it saw a change before it was ours (an adopted one): commit fails
 
 
 def parse_perms(args: list[bytes]) -> Perms:
@@ -342,14 +343,18 @@ class Store:
         return paths
 
     # ---- transactions ----------------------------------------------------------------
-    def start_transaction(self, caller: Caller) -> Transaction:
+    def start_transaction(self, caller: Caller, tx_id: int | None = None) -> Transaction:
+        """A new transaction; ``tx_id`` is for one another part of the daemon started (the
+        C engine's ids are 0x80000000 and above, never ours)."""
         if not caller.privileged and sum(
                 1 for t in self.transactions.values() if t.caller.domid == caller.domid
         ) >= self.quotas.transactions:
             self.counters["quota_transactions"] += 1
             raise XenStoreError("ENOSPC", "too many transactions")
-        tx = Transaction(self._next_tx, caller, self.gen)
-        self._next_tx = self._next_tx % 0xFFFFFFFE + 1
+        if tx_id is None:
+            tx_id = self._next_tx
+            self._next_tx = self._next_tx % 0x7FFFFFFF + 1
+        tx = Transaction(tx_id, caller, self.gen)
         self.transactions[tx.id] = tx
         return tx
 
@@ -359,6 +364,9 @@ class Store:
         self._prune_tombstones()
         if not commit:
             return []
+        if tx.doomed:
+            self.counters["conflicts"] += 1
+            raise XenStoreError("EAGAIN")
         for path in tx.accessed:
             current = self.nodes.get(path)
             changed_at = current.gen if current is not None else self.tombstones.get(path, 0)

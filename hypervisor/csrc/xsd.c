@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -28,6 +29,13 @@
 #define TAG_STOP UINT64_MAX
 #define TAG_LISTEN (UINT64_MAX - 1)
 #define ACCEPT_PAUSE_MS 50     /* out of fds: stop accepting for a while, not spin */
+#define XS_TRANSACTION_START 6
+#define XS_TRANSACTION_END 7
+#define XS_ERROR 16
+#define TX_ID_BIT 0x80000000u  /* the engine's transaction ids; the daemon's are below */
+#define TX_READ UINT32_MAX
+#define TX_LOG_MAX 61440       /* fits the daemon's buffer for rf_xsd_adopt */
+#define TX_MAX 1024
 
 struct buf {
     uint8_t *data;
@@ -46,10 +54,25 @@ struct conn {
     struct conn *next_queued;
 };
 
+/* A node's value. changed_at: the change count (rf_xsd.epoch) when it last changed, for
+ * the engine's transactions; a removed node stays, `gone`, while any of them is open. */
 struct value {
     struct value *next;
     uint32_t hash, path_len, value_len;
+    int gone;
+    uint64_t changed_at;
     uint8_t *bytes;            /* path, then value */
+};
+
+/* A transaction of dom0's that the engine serves: reads and writes of nodes that exist,
+ * logged in order, then committed here if nothing it touched changed since it started.
+ * Anything else it asks for hands it to the daemon (rf_xsd_adopt), which goes on with it. */
+struct tx {
+    struct tx *next;
+    uint32_t id, conn;
+    uint64_t start;
+    int doomed;                /* it read a value newer than its start: the commit fails */
+    struct buf log;            /* u32 path length, u32 value length (TX_READ), path, value */
 };
 
 /* A watch, as the daemon registered it. `servable`: the engine may send its events (an
@@ -80,6 +103,10 @@ struct rf_xsd {
     int fast_writes;           /* the daemon allows them (no journal to keep) */
     int daemon_busy;           /* the daemon is inside the tree: the engine writes nothing */
     struct buf written;        /* writes made here, for the daemon to replay (apply format) */
+    uint64_t epoch;            /* changes to the values so far */
+    size_t entries, tombstones;
+    struct tx *txs;
+    uint32_t next_tx;
     rf_xsd_stats stats;
 };
 
@@ -153,34 +180,90 @@ static int grow_table(rf_xsd *x)
     return 0;
 }
 
+static void sweep_tombstones(rf_xsd *x)
+{
+    for (size_t i = 0; i < x->table_size && x->tombstones; i++)
+        for (struct value **at = &x->table[i]; *at;) {
+            struct value *v = *at;
+            if (!v->gone) {
+                at = &v->next;
+                continue;
+            }
+            *at = v->next;
+            free(v->bytes);
+            free(v);
+            x->entries--;
+            x->tombstones--;
+        }
+}
+
+static void mark_gone(rf_xsd *x, struct value *v)
+{
+    if (!v->gone) {
+        v->gone = 1;
+        x->stats.values--;
+        x->tombstones++;
+    }
+    v->value_len = 0;
+    v->changed_at = x->epoch;
+}
+
+static struct value *live_value(rf_xsd *x, const uint8_t *path, uint32_t len)
+{
+    struct value *v = *find_value(x, path, len, hash_path(path, len));
+    return v && !v->gone ? v : NULL;
+}
+
 static int set_value(rf_xsd *x, const uint8_t *path, uint32_t plen, const uint8_t *val, uint32_t vlen,
                      int gone)
 {
     uint32_t h = hash_path(path, plen);
-    struct value **at = find_value(x, path, plen, h);
-    if (*at) {
-        struct value *old = *at;
-        *at = old->next;
-        free(old->bytes);
-        free(old);
-        x->stats.values--;
-    }
-    if (gone)
+    struct value **at = find_value(x, path, plen, h), *v = *at;
+    x->epoch++;
+    if (gone) {
+        if (!v)
+            return 0;  /* an open transaction only ever touched nodes that were there */
+        mark_gone(x, v);
+        if (!x->stats.transactions_open) {  /* no transaction needs the tombstone */
+            *at = v->next;
+            free(v->bytes);
+            free(v);
+            x->entries--;
+            x->tombstones--;
+        }
         return 0;
-    struct value *v = malloc(sizeof(*v));
+    }
     uint8_t *bytes = malloc((size_t)plen + vlen + 1);
-    if (!v || !bytes) {
-        free(v);
-        free(bytes);
+    if (!bytes) {
+        if (v)
+            mark_gone(x, v);  /* missing here is safe: the daemon answers for it */
         return -ENOMEM;
     }
     memcpy(bytes, path, plen);
     memcpy(bytes + plen, val, vlen);
-    *v = (struct value){.hash = h, .path_len = plen, .value_len = vlen, .bytes = bytes};
-    at = &x->table[h & (x->table_size - 1)];
-    v->next = *at;
-    *at = v;
-    if (++x->stats.values > x->table_size)
+    if (!v) {
+        if (!(v = calloc(1, sizeof(*v)))) {
+            free(bytes);
+            return -ENOMEM;
+        }
+        v->hash = h;
+        v->next = x->table[h & (x->table_size - 1)];
+        x->table[h & (x->table_size - 1)] = v;
+        x->entries++;
+        x->stats.values++;
+    } else {
+        free(v->bytes);
+        if (v->gone) {
+            v->gone = 0;
+            x->tombstones--;
+            x->stats.values++;
+        }
+    }
+    v->bytes = bytes;
+    v->path_len = plen;
+    v->value_len = vlen;
+    v->changed_at = x->epoch;
+    if (x->entries > x->table_size)
         return grow_table(x);
     return 0;
 }
@@ -219,6 +302,8 @@ static void free_values(rf_xsd *x)
         x->table[i] = NULL;
     }
     x->stats.values = 0;
+    x->entries = x->tombstones = 0;
+    x->epoch++;  /* whatever a transaction read may have changed */
 }
 
 void rf_xsd_clear_values(rf_xsd *x)
@@ -340,6 +425,52 @@ static void send_all_queued(rf_xsd *x, struct conn *last)
     pthread_mutex_unlock(&x->lock);
 }
 
+static int watch_fires(const struct watch *w, const uint8_t *path, uint32_t len)
+{
+    /* as the daemon's rule: the path itself or one below it */
+    return w->path_len <= len && !memcmp(w->bytes, path, w->path_len) &&
+           (w->path_len == len || path[w->path_len] == '/');
+}
+
+/* Every watch a change of path fires is one the engine can serve, and its event fits. */
+static int watches_servable(rf_xsd *x, const uint8_t *path, uint32_t len)
+{
+    for (struct watch *w = x->watches; w; w = w->next)
+        if (watch_fires(w, path, len) && (!w->servable || len + w->token_len + 2 > PAYLOAD_MAX))
+            return 0;
+    return 1;
+}
+
+static void fire_watches(rf_xsd *x, const uint8_t *path, uint32_t len)
+{
+    uint8_t event[HEADER + PAYLOAD_MAX];
+    for (struct watch *w = x->watches; w; w = w->next) {
+        struct conn *to = watch_fires(w, path, len) ? lookup(x, w->conn) : NULL;
+        if (!to)
+            continue;
+        uint32_t size = len + w->token_len + 2;
+        uint32_t header[4] = {XS_WATCH_EVENT, 0, 0, size};
+        memcpy(event, header, HEADER);
+        memcpy(event + HEADER, path, len);
+        event[HEADER + len] = 0;
+        memcpy(event + HEADER + len + 1, w->bytes + w->path_len, w->token_len);
+        event[HEADER + size - 1] = 0;
+        queue_output(x, to, event, HEADER + size, 1);
+        x->stats.watch_events++;
+    }
+}
+
+static void reply(rf_xsd *x, struct conn *c, uint32_t type, const uint8_t *request,
+                  const void *payload, uint32_t len)
+{
+    uint8_t out[HEADER + PAYLOAD_MAX];
+    uint32_t header[4] = {type, get32(request + 4), get32(request + 8), len};
+    memcpy(out, header, HEADER);
+    memcpy(out + HEADER, payload, len);
+    queue_output(x, c, out, HEADER + len, 1);
+}
+
+/* dom0's plain read of a node that exists, from the copy of the values. */
 static int answer_read(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t len)
 {
     if (get32(m) != XS_READ || get32(m + 8) != 0 || len < 2 || m[HEADER + len - 1] != 0)
@@ -348,27 +479,15 @@ static int answer_read(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t len
     uint32_t plen = len - 1;
     if (memchr(path, 0, plen))
         return 0;  /* the daemon answers what is not a plain path */
-    uint8_t reply[HEADER + PAYLOAD_MAX];
-    int answered = 0;
     pthread_mutex_lock(&x->lock);
-    struct value *v = *find_value(x, path, plen, hash_path(path, plen));
-    if (v && v->value_len <= PAYLOAD_MAX) {
-        uint32_t header[4] = {XS_READ, get32(m + 4), 0, v->value_len};
-        memcpy(reply, header, HEADER);
-        memcpy(reply + HEADER, v->bytes + v->path_len, v->value_len);
-        queue_output(x, c, reply, HEADER + v->value_len, 1);
+    struct value *v = live_value(x, path, plen);
+    int answered = v && v->value_len <= PAYLOAD_MAX;
+    if (answered) {
+        reply(x, c, XS_READ, m, v->bytes + v->path_len, v->value_len);
         x->stats.fast_reads++;
-        answered = 1;
     }
     pthread_mutex_unlock(&x->lock);
     return answered;
-}
-
-static int watch_fires(const struct watch *w, const uint8_t *path, uint32_t len)
-{
-    /* as the daemon's rule: the path itself or one below it */
-    return w->path_len <= len && !memcmp(w->bytes, path, w->path_len) &&
-           (w->path_len == len || path[w->path_len] == '/');
 }
 
 /* dom0 writing an existing node outside a transaction, when the daemon is not inside the
@@ -386,11 +505,9 @@ static int answer_write(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t le
     uint32_t plen = (uint32_t)(nul - path), vlen = len - plen - 1;
     int answered = 0;
     pthread_mutex_lock(&x->lock);
-    if (!x->fast_writes || x->daemon_busy || !*find_value(x, path, plen, hash_path(path, plen)))
+    if (!x->fast_writes || x->daemon_busy || !live_value(x, path, plen) ||
+        !watches_servable(x, path, plen))
         goto out;
-    for (struct watch *w = x->watches; w; w = w->next)
-        if (watch_fires(w, path, plen) && (!w->servable || plen + w->token_len + 2 > PAYLOAD_MAX))
-            goto out;
     /* the record first: if the copy then fails, the node is missing here and the daemon,
      * which replays the record, answers for it */
     uint32_t head[2] = {plen, vlen};
@@ -400,25 +517,8 @@ static int answer_write(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t le
     append(&x->written, path, plen);
     append(&x->written, nul + 1, vlen);
     set_value(x, path, plen, nul + 1, vlen, 0);
-    uint8_t event[HEADER + PAYLOAD_MAX];
-    for (struct watch *w = x->watches; w; w = w->next) {
-        struct conn *to = watch_fires(w, path, plen) ? lookup(x, w->conn) : NULL;
-        if (!to)
-            continue;
-        uint32_t size = plen + w->token_len + 2;
-        uint32_t header[4] = {XS_WATCH_EVENT, 0, 0, size};
-        memcpy(event, header, HEADER);
-        memcpy(event + HEADER, path, plen);
-        event[HEADER + plen] = 0;
-        memcpy(event + HEADER + plen + 1, w->bytes + w->path_len, w->token_len);
-        event[HEADER + size - 1] = 0;
-        queue_output(x, to, event, HEADER + size, 1);
-        x->stats.watch_events++;
-    }
-    uint32_t reply[4] = {XS_WRITE, get32(m + 4), 0, 3};
-    memcpy(event, reply, HEADER);
-    memcpy(event + HEADER, "OK", 3);
-    queue_output(x, c, event, HEADER + 3, 1);
+    fire_watches(x, path, plen);
+    reply(x, c, XS_WRITE, m, "OK", 3);
     x->stats.fast_writes++;
     answered = 1;
 out:
@@ -492,6 +592,226 @@ void rf_xsd_leave(rf_xsd *x)
     pthread_mutex_unlock(&x->lock);
 }
 
+/* ---- transactions ------------------------------------------------------------------------ */
+static struct tx *find_tx(rf_xsd *x, uint32_t conn, uint32_t id)
+{
+    for (struct tx *t = x->txs; t; t = t->next)
+        if (t->id == id && t->conn == conn)
+            return t;
+    return NULL;
+}
+
+static void free_tx(rf_xsd *x, struct tx *t)
+{
+    for (struct tx **at = &x->txs; *at; at = &(*at)->next)
+        if (*at == t) {
+            *at = t->next;
+            break;
+        }
+    free(t->log.data);
+    free(t);
+    if (--x->stats.transactions_open == 0)
+        sweep_tombstones(x);
+}
+
+static int log_access(struct tx *t, const uint8_t *path, uint32_t plen, const uint8_t *val, uint32_t vlen,
+                      int write)
+{
+    uint32_t head[2] = {plen, write ? vlen : TX_READ};
+    size_t need = 8 + (size_t)plen + (write ? vlen : 0);
+    if (t->log.len + need > TX_LOG_MAX || reserve(&t->log, need))
+        return -ENOSPC;
+    append(&t->log, head, 8);
+    append(&t->log, path, plen);
+    if (write)
+        append(&t->log, val, vlen);
+    return 0;
+}
+
+/* One record of a transaction's log; value is NULL for a read. */
+struct access {
+    const uint8_t *path, *value;
+    uint32_t path_len, value_len;
+};
+
+/* The record at *off, moving *off past it: 0 at the end of the log. */
+static int next_access(const struct tx *t, size_t *off, struct access *a)
+{
+    if (*off >= t->log.len)
+        return 0;
+    const uint8_t *at = t->log.data + *off;
+    a->path_len = get32(at);
+    a->value_len = get32(at + 4);
+    a->path = at + 8;
+    a->value = a->value_len == TX_READ ? NULL : a->path + a->path_len;
+    *off += 8 + a->path_len + (a->value ? a->value_len : 0);
+    return 1;
+}
+
+/* The value the transaction last wrote at path, if it did. */
+static const uint8_t *own_write(const struct tx *t, const uint8_t *path, uint32_t len, uint32_t *value_len)
+{
+    const uint8_t *found = NULL;
+    struct access a;
+    for (size_t off = 0; next_access(t, &off, &a);)
+        if (a.value && a.path_len == len && !memcmp(a.path, path, len)) {
+            found = a.value;
+            *value_len = a.value_len;
+        }
+    return found;
+}
+
+/* Nothing the transaction touched changed since it started (nor went). */
+static int still_valid(rf_xsd *x, const struct tx *t)
+{
+    struct access a;
+    for (size_t off = 0; next_access(t, &off, &a);) {
+        struct value *v = *find_value(x, a.path, a.path_len, hash_path(a.path, a.path_len));
+        if (!v || v->gone || v->changed_at > t->start)
+            return 0;
+    }
+    return 1;
+}
+
+/* Whether the write ending at `end` is the transaction's first of its path. */
+static int first_write_of(const struct tx *t, size_t end, const struct access *write)
+{
+    struct access a;
+    size_t off = 0;
+    while (next_access(t, &off, &a) && off < end)
+        if (a.value && a.path_len == write->path_len && !memcmp(a.path, write->path, a.path_len))
+            return 0;
+    return 1;
+}
+
+/* Commit: the writes become the engine's (kept for the daemon to replay, as plain writes),
+ * and each path written fires its watches once. 0: the daemon must do it. Locked. */
+static int commit(rf_xsd *x, struct conn *c, struct tx *t, const uint8_t *m)
+{
+    struct access a;
+    size_t replay = 0;
+    for (size_t off = 0; next_access(t, &off, &a);)
+        if (a.value) {
+            if (!watches_servable(x, a.path, a.path_len))
+                return 0;
+            replay += 8 + (size_t)a.path_len + a.value_len;
+        }
+    if (reserve(&x->written, replay))
+        return 0;
+    for (size_t off = 0; next_access(t, &off, &a);)
+        if (a.value) {
+            uint32_t head[2] = {a.path_len, a.value_len};
+            append(&x->written, head, 8);
+            append(&x->written, a.path, a.path_len);
+            append(&x->written, a.value, a.value_len);
+            set_value(x, a.path, a.path_len, a.value, a.value_len, 0);
+        }
+    for (size_t off = 0; next_access(t, &off, &a);)
+        if (a.value && first_write_of(t, off, &a))
+            fire_watches(x, a.path, a.path_len);
+    x->stats.transactions++;
+    reply(x, c, XS_TRANSACTION_END, m, "OK", 3);
+    return 1;
+}
+
+/* dom0's transactions, while they only read and write nodes that exist: see struct tx. */
+static int answer_transaction(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t len)
+{
+    uint32_t type = get32(m), tx_id = get32(m + 8);
+    const uint8_t *payload = m + HEADER;
+    int answered = 0;
+    pthread_mutex_lock(&x->lock);
+    if (type == XS_TRANSACTION_START) {
+        struct tx *t;
+        if (tx_id || !x->fast_writes || x->stats.transactions_open >= TX_MAX || !(t = calloc(1, sizeof(*t))))
+            goto out;
+        do
+            t->id = TX_ID_BIT | (x->next_tx++ & ~TX_ID_BIT);
+        while (find_tx(x, c->id, t->id));
+        t->conn = c->id;
+        t->start = x->epoch;
+        t->next = x->txs;
+        x->txs = t;
+        x->stats.transactions_open++;
+        char id[16];
+        int n = snprintf(id, sizeof(id), "%u", t->id);
+        uint32_t header[4] = {XS_TRANSACTION_START, get32(m + 4), 0, (uint32_t)n + 1};
+        uint8_t out[HEADER + 16];
+        memcpy(out, header, HEADER);
+        memcpy(out + HEADER, id, (size_t)n + 1);
+        queue_output(x, c, out, HEADER + (size_t)n + 1, 1);
+        answered = 1;
+        goto out;
+    }
+    struct tx *t = (tx_id & TX_ID_BIT) ? find_tx(x, c->id, tx_id) : NULL;
+    if (!t)
+        goto out;
+    if (type == XS_READ) {
+        if (len < 2 || payload[len - 1] || memchr(payload, 0, len - 1))
+            goto out;
+        uint32_t plen = len - 1, vlen = 0;
+        const uint8_t *val = own_write(t, payload, plen, &vlen);
+        if (!val) {
+            struct value *v = live_value(x, payload, plen);
+            if (!v || v->value_len > PAYLOAD_MAX || log_access(t, payload, plen, NULL, 0, 0))
+                goto out;  /* an absent node's ENOENT or EINVAL is the daemon's to say */
+            if (v->changed_at > t->start)
+                t->doomed = 1;
+            val = v->bytes + v->path_len;
+            vlen = v->value_len;
+        }
+        reply(x, c, XS_READ, m, val, vlen);
+        answered = 1;
+    } else if (type == XS_WRITE) {
+        const uint8_t *nul = memchr(payload, 0, len);
+        if (!nul)
+            goto out;
+        uint32_t plen = (uint32_t)(nul - payload), vlen = len - plen - 1, ignored;
+        struct value *v = live_value(x, payload, plen);
+        if (!v && !own_write(t, payload, plen, &ignored))
+            goto out;  /* a new node: the daemon's */
+        if (log_access(t, payload, plen, nul + 1, vlen, 1))
+            goto out;
+        if (v && v->changed_at > t->start)
+            t->doomed = 1;
+        reply(x, c, XS_WRITE, m, "OK", 3);
+        answered = 1;
+    } else if (type == XS_TRANSACTION_END && len == 2 && (payload[0] == 'T' || payload[0] == 'F') &&
+               payload[1] == 0) {
+        if (payload[0] == 'F') {
+            reply(x, c, XS_TRANSACTION_END, m, "OK", 3);
+        } else if (t->doomed || !still_valid(x, t)) {
+            x->stats.conflicts++;
+            reply(x, c, XS_ERROR, m, "EAGAIN", 7);
+        } else if (!x->fast_writes || x->daemon_busy || !commit(x, c, t, m)) {
+            goto out;  /* the daemon adopts it and commits */
+        }
+        free_tx(x, t);
+        answered = 1;
+    }
+out:
+    pthread_mutex_unlock(&x->lock);
+    return answered;
+}
+
+long rf_xsd_adopt(rf_xsd *x, uint32_t conn, uint32_t tx_id, uint8_t *out, size_t cap, int *doomed)
+{
+    pthread_mutex_lock(&x->lock);
+    struct tx *t = find_tx(x, conn, tx_id);
+    long rc = -ENOENT;
+    if (t && t->log.len > cap) {
+        rc = -ENOSPC;
+    } else if (t) {
+        *doomed = t->doomed || !still_valid(x, t);
+        memcpy(out, t->log.data, t->log.len);
+        rc = (long)t->log.len;
+        x->stats.adopted++;
+        free_tx(x, t);
+    }
+    pthread_mutex_unlock(&x->lock);
+    return rc;
+}
+
 /* Frame and serve the input buffered on c until it runs out or output backs up. */
 static void serve_input(rf_xsd *x, struct conn *c)
 {
@@ -511,7 +831,8 @@ static void serve_input(rf_xsd *x, struct conn *c)
         }
         if (avail < HEADER + (size_t)len)
             break;
-        if (!answer_read(x, c, m, len) && !answer_write(x, c, m, len)) {
+        if (!answer_read(x, c, m, len) && !answer_write(x, c, m, len) &&
+            !answer_transaction(x, c, m, len)) {
             pthread_mutex_lock(&x->lock);
             x->stats.forwarded++;
             pthread_mutex_unlock(&x->lock);
@@ -581,6 +902,11 @@ static void reap(rf_xsd *x, struct conn *c)
         }
     x->stats.connections--;
     uint32_t id = c->id;
+    for (struct tx *t = x->txs, *next; t; t = next) {
+        next = t->next;
+        if (t->conn == id)
+            free_tx(x, t);
+    }
     release(x, c);
     pthread_mutex_unlock(&x->lock);
     rf_xsd_on_close(x->ctx, id, reason);
@@ -751,6 +1077,8 @@ void rf_xsd_free(rf_xsd *x)
         free(w);
     }
     free(x->written.data);
+    while (x->txs)
+        free_tx(x, x->txs);
     free(x->table);
     free(x->slots);
     free(x->generation);

@@ -20,6 +20,10 @@ typedef struct rf_xsd_stats {
     uint64_t values;          /* nodes in the copy of the tree */
     uint64_t fast_writes;     /* dom0's writes made in C */
     uint64_t watch_events;    /* sent for them */
+    uint64_t transactions_open;  /* the engine's own */
+    uint64_t transactions;    /* committed by the engine */
+    uint64_t conflicts;       /* of those, failed with EAGAIN */
+    uint64_t adopted;         /* handed to the daemon part way */
 } rf_xsd_stats;
 
 /* Why a connection ended (rf_xsd_on_close's reason). */
@@ -49,6 +53,11 @@ void rf_xsd_set_fast_writes(rf_xsd *xsd, int on);
  * Returns their length, or minus it when cap is too small (nothing copied; call again). */
 long rf_xsd_enter(rf_xsd *xsd, uint8_t *out, size_t cap);
 void rf_xsd_leave(rf_xsd *xsd);
+/* The daemon takes over one of the engine's transactions (it asked for something the
+ * engine does not do): its log (apply format, value length 0xFFFFFFFF for a read) is copied
+ * to out, and *doomed says whether it must fail at commit. Returns the log's length,
+ * -ENOENT (no such transaction on that connection) or -ENOSPC (cap too small). */
+long rf_xsd_adopt(rf_xsd *xsd, uint32_t conn, uint32_t tx_id, uint8_t *out, size_t cap, int *doomed);
 
 int rf_xsd_apply(rf_xsd *xsd, const uint8_t *batch, size_t len);
 void rf_xsd_clear_values(rf_xsd *xsd);

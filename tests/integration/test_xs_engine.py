@@ -187,3 +187,74 @@ async def test_hostile_dom0_clients_lose_only_their_own_connection(tmp_path):
             watcher.close()
             assert await dom0.read("/h/big") == b"y" * 4000
             assert xsd.server.engine.statistics().connections == 1
+
+
+async def _start(xs) -> int:
+    return int((await xs.request(Op.TRANSACTION_START, b"\0")).rstrip(b"\0"))
+
+
+async def _error(call) -> str:
+    try:
+        await call
+    except XenStoreError as exc:
+        return exc.name
+    return "OK"
+
+
+async def test_transactions_the_engine_serves_and_those_it_hands_to_the_daemon(tmp_path):
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        engine = xsd.server.engine
+        async with open_xenstore(path) as a, open_xenstore(path) as b, \
+                open_xenstore_stream(await xsd.connect(5)) as guest:
+            await a.write("/t/x", b"0")
+            await a.set_perms("/t/x", ["n0", "b5"])
+            # served whole by the engine, with read-your-writes
+            tx = await _start(a)
+            assert tx >= 0x80000000  # the engine's ids: never one of the daemon's
+            await a.request(Op.WRITE, W.write_payload("/t/x", "1"), tx_id=tx)
+            assert await a.read("/t/x", tx_id=tx) == b"1"
+            assert await a.read("/t/x") == b"0"  # not before the commit
+            await a.request(Op.TRANSACTION_END, b"T\0", tx_id=tx)
+            assert await guest.read("/t/x") == b"1"
+            assert engine.statistics().transactions == 1
+            # a conflict: b's write after a's read
+            tx = await _start(a)
+            assert await a.read("/t/x", tx_id=tx) == b"1"
+            await b.write("/t/x", b"2")
+            await a.request(Op.WRITE, W.write_payload("/t/x", "9"), tx_id=tx)
+            assert await _error(a.request(Op.TRANSACTION_END, b"T\0", tx_id=tx)) == "EAGAIN"
+            assert await a.read("/t/x") == b"2"
+            # something the engine does not do (a new node): the daemon adopts the rest
+            tx = await _start(a)
+            assert await a.read("/t/x", tx_id=tx) == b"2"
+            await a.request(Op.WRITE, W.write_payload("/t/x", "3"), tx_id=tx)
+            await a.request(Op.MKDIR, W.join("/t/new"), tx_id=tx)
+            assert await a.read("/t/x", tx_id=tx) == b"3"
+            assert await _error(a.read("/t/absent", tx_id=tx)) == "ENOENT"
+            await a.request(Op.TRANSACTION_END, b"T\0", tx_id=tx)
+            assert await a.read("/t/x") == b"3" and await a.directory("/t") == ["x", "new"]
+            assert engine.statistics().adopted == 1
+            # adopted after a conflict the engine saw: the daemon's commit fails too
+            tx = await _start(a)
+            assert await a.read("/t/x", tx_id=tx) == b"3"
+            await guest.write("/t/x", b"4")  # by way of the daemon
+            await a.request(Op.MKDIR, W.join("/t/other"), tx_id=tx)
+            assert await _error(a.request(Op.TRANSACTION_END, b"T\0", tx_id=tx)) == "EAGAIN"
+            assert await _error(a.read("/t/other")) == "ENOENT"
+            # another connection cannot use a's transaction; an abort leaves nothing
+            tx = await _start(a)
+            assert await _error(b.read("/t/x", tx_id=tx)) in ("ENOENT", "EAGAIN")
+            await a.request(Op.WRITE, W.write_payload("/t/x", "5"), tx_id=tx)
+            await a.request(Op.TRANSACTION_END, b"F\0", tx_id=tx)
+            assert await a.read("/t/x") == b"4"
+            # the daemon's own transactions keep ids the engine never gives
+            guest_tx = await _start(guest)
+            assert 0 < guest_tx < 0x80000000
+            await guest.request(Op.TRANSACTION_END, b"F\0", tx_id=guest_tx)
+            # a connection that goes with a transaction open leaves none behind
+            tx = await _start(b)
+            assert engine.statistics().transactions_open == 1
+        with trio.fail_after(5):
+            while engine.statistics().transactions_open:
+                await trio.sleep(0.01)
