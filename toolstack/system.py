@@ -128,6 +128,8 @@ class System:
     async def statistics(self) -> dict[str, Any]:
         services = [self.xenstored, *self.drivers.values()] if self.xenstored else list(self.drivers.values())
         return {"hypervisor": await self.dom0.statistics(),
+                "xenstored": await fetch_statistics(
+                    os.path.join(self.runtime_dir, "stats", "xenstored", "stats.sock")),
                 "services": {s.name: asdict(s.statistics()) for s in services},
                 "guests": {g.name: {"domid": g.domid, "nbd": g.nbd_sockets, "disks": len(g.disks),
                                     "vifs": len(g.vifs)} for g in self.guests.values()},
@@ -168,8 +170,12 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
             xs_argv = [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
                        "--state-dir", state_dir, "--hypervisor", hv_path]
 
+            xs_stats = os.path.join(runtime_dir, "stats", "xenstored", "stats.sock")
+            os.makedirs(os.path.dirname(xs_stats), mode=0o700, exist_ok=True)
+
             async def prepare_xenstored() -> Launch:
-                return Launch(xs_argv, kwargs={"stderr": subprocess.DEVNULL} if quiet else {})
+                return Launch(xs_argv, env=dict(os.environ, **{STATS_SOCKET_ENV: xs_stats}),
+                              kwargs={"stderr": subprocess.DEVNULL} if quiet else {})
 
             xenstored = Service("xenstored", prepare_xenstored,
                                 SandboxSpec("xenstored", namespaces=frozenset(), uid=0),

@@ -9,6 +9,7 @@ import signal
 import trio
 
 from ringfence._sdnotify import Notifier
+from ringfence._statsock import serve_statistics
 from ringfence.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ async def _serve(args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve_unix, args.socket)
+            await nursery.start(serve_statistics, lambda: {
+                "server": server.statistics(),
+                "engine": server.engine.statistics() if server.engine is not None else None})
             if args.hypervisor:
                 from ringfence.xenbus.sim import serve_hypervisor_domains
                 await nursery.start(serve_hypervisor_domains, server, args.hypervisor)

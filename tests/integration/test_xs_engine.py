@@ -4,10 +4,13 @@ whoever serves the write, transactions see its writes, a journal turns its write
 hostile dom0 clients get what they get from the daemon."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
@@ -258,3 +261,39 @@ async def test_transactions_the_engine_serves_and_those_it_hands_to_the_daemon(t
         with trio.fail_after(5):
             while engine.statistics().transactions_open:
                 await trio.sleep(0.01)
+
+
+_OPS = list(range(0, 28))
+_PAYLOADS = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([b"/t/x\0", b"/t/x", b"/t\0x\0y", b"T\0", b"F\0", b"\0", b"/t/x\0t\0",
+                     b"/local/domain/0\0", b"/t/x\0" + b"v" * 4000]),
+)
+_MESSAGES = st.lists(st.one_of(
+    st.tuples(st.sampled_from(_OPS), st.sampled_from([0, 1, 0x80000000, 0x80000001, 0xFFFFFFFF]),
+              _PAYLOADS).map(lambda m: W.HEADER.pack(m[0], 7, m[1], len(m[2])) + m[2]),
+    st.binary(min_size=1, max_size=40),  # garbage, truncated headers, lengths over 4096
+), max_size=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(streams=st.lists(_MESSAGES, min_size=1, max_size=3))
+async def test_random_dom0_traffic_never_stops_the_engine(tmp_path_factory, streams):
+    path = str(tmp_path_factory.mktemp("fuzz") / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0:
+            await dom0.write("/t/x", b"0")
+            for messages in streams:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(path)
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"".join(messages))
+                await trio.sleep(0.01)
+                sock.close()
+            await dom0.write("/t/x", b"1")
+            assert await dom0.read("/t/x") == b"1"
+            with trio.fail_after(5):
+                while xsd.server.engine.statistics().connections != 1:
+                    await trio.sleep(0.01)
+            assert xsd.server.engine.statistics().transactions_open == 0
