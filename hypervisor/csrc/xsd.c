@@ -36,6 +36,8 @@
 #define TX_READ UINT32_MAX
 #define TX_LOG_MAX 61440       /* fits the daemon's buffer for rf_xsd_adopt */
 #define TX_MAX 1024
+#define WRITTEN_MAX (1u << 20) /* writes kept for the daemon: past this, it makes them (and
+                                * takes these) itself, so dom0 writing alone grows nothing */
 
 struct buf {
     uint8_t *data;
@@ -505,8 +507,8 @@ static int answer_write(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t le
     uint32_t plen = (uint32_t)(nul - path), vlen = len - plen - 1;
     int answered = 0;
     pthread_mutex_lock(&x->lock);
-    if (!x->fast_writes || x->daemon_busy || !live_value(x, path, plen) ||
-        !watches_servable(x, path, plen))
+    if (!x->fast_writes || x->daemon_busy || x->written.len > WRITTEN_MAX ||
+        !live_value(x, path, plen) || !watches_servable(x, path, plen))
         goto out;
     /* the record first: if the copy then fails, the node is missing here and the daemon,
      * which replays the record, answers for it */
@@ -783,7 +785,8 @@ static int answer_transaction(rf_xsd *x, struct conn *c, const uint8_t *m, uint3
         } else if (t->doomed || !still_valid(x, t)) {
             x->stats.conflicts++;
             reply(x, c, XS_ERROR, m, "EAGAIN", 7);
-        } else if (!x->fast_writes || x->daemon_busy || !commit(x, c, t, m)) {
+        } else if (!x->fast_writes || x->daemon_busy || x->written.len > WRITTEN_MAX ||
+                   !commit(x, c, t, m)) {
             goto out;  /* the daemon adopts it and commits */
         }
         free_tx(x, t);

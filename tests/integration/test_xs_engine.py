@@ -297,3 +297,20 @@ async def test_random_dom0_traffic_never_stops_the_engine(tmp_path_factory, stre
                 while xsd.server.engine.statistics().connections != 1:
                     await trio.sleep(0.01)
             assert xsd.server.engine.statistics().transactions_open == 0
+
+
+async def test_writes_the_engine_keeps_for_the_daemon_stay_bounded(tmp_path):
+    """dom0 writing alone never makes the daemon enter the tree: past 1 MiB of writes kept
+    for it, the engine hands the next write over, and the daemon takes them all."""
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0:
+            await dom0.write("/b/x", b"")
+            before = xsd.server.engine.statistics()
+            for i in range(700):  # 2.8 MB of values
+                await dom0.write("/b/x", bytes([i % 256]) * 4000)
+            after = xsd.server.engine.statistics()
+            assert after.forwarded - before.forwarded >= 2
+            assert after.fast_writes - before.fast_writes >= 600
+            with xsd.server.locked():
+                assert xsd.server.store.nodes["/b/x"].value == bytes([699 % 256]) * 4000
