@@ -5,8 +5,8 @@ and frames messages, and answers dom0's two commonest requests itself, without P
 
 - a plain read (no transaction, an absolute path that exists), from its copy of the values;
 - a plain write of a node that exists, when every watch it fires is one of dom0's on the
-  engine's own connections and no journal is kept: the engine changes its copy, sends the
-  events and keeps the write for the daemon, which replays it into the tree the next time
+  engine's own connections: the engine appends it to the daemon's journal (if one is kept,
+  without ``--fsync``), changes its copy, sends the events and keeps the write for the daemon, which replays it into the tree the next time
   it enters it (:meth:`XenStoreServer.locked`). While the daemon is in the tree the engine
   writes nothing, so both see the writes in the same order.
 
@@ -59,6 +59,7 @@ class EngineStatistics:
     transactions: int      # committed in C
     conflicts: int         # of the engine's, failed with EAGAIN
     adopted: int           # handed to the daemon part way
+    journal_records: int   # written by the engine
 
 
 def encode_values(changes: list[tuple[str, bytes | None]]) -> bytes:
@@ -115,6 +116,7 @@ class Dom0Engine:
             raise OSError(ffi.errno, "cannot start the xenstored engine")
         self.connections: dict[int, EngineConnection] = {}
         self._inbox = ffi.new("uint8_t[]", 65536)  # the engine's writes, for enter()
+        self.journal: Any = None
 
     def start(self) -> None:
         server = self.server
@@ -123,7 +125,7 @@ class Dom0Engine:
             self.reload()
             for watch in server.watches:
                 self.watch_added(watch)
-            self.allow_writes(server.journal is None)
+            self.set_journal(server.journal)
             server.engine = self
         rc = lib.rf_xsd_start(self.c)
         if rc < 0:
@@ -166,6 +168,8 @@ class Dom0Engine:
                     store.write(DOM0, path, value)  # its watches fired in the engine
             finally:
                 store.value_log = log
+        if self.journal is not None:  # after the replay: a compaction's snapshot has them
+            self.journal.count_engine_records(lib.rf_xsd_take_journaled(self.c))
 
     def adopt(self, conn: Connection, tx_id: int) -> Transaction | None:
         """Take over a transaction the engine started on ``conn`` (it asked for something
@@ -197,6 +201,13 @@ class Dom0Engine:
     def allow_writes(self, allowed: bool) -> None:
         lib.rf_xsd_set_fast_writes(self.c, int(allowed))
 
+    def set_journal(self, journal: Any) -> None:
+        """Append the engine's writes to ``journal`` (a persistence.Journal, or None); with
+        ``--fsync`` every write is the daemon's (the engine does not flush)."""
+        self.journal = journal
+        lib.rf_xsd_set_journal(self.c, journal.fd if journal is not None else -1)
+        self.allow_writes(journal is None or (not journal.fsync and journal.fd >= 0))
+
     def watch_added(self, watch: Watch) -> None:
         conn = watch.connection
         own = isinstance(conn, EngineConnection) and conn.engine is self
@@ -216,7 +227,7 @@ class Dom0Engine:
                                 out.forwarded, out.protocol_violations,
                                 out.dropped_slow_clients, out.values, out.fast_writes,
                                 out.watch_events, out.transactions_open, out.transactions,
-                                out.conflicts, out.adopted)
+                                out.conflicts, out.adopted, out.journal_records)
 
     # ---- called on the engine's thread -------------------------------------------------
     def opened(self, engine_id: int) -> None:

@@ -188,7 +188,7 @@ class XenStoreServer:
             self._journal = journal
             if self.engine is not None:
                 self.engine.reload()  # a journal restores nodes straight into the tree
-                self.engine.allow_writes(journal is None)  # each change must reach the journal
+                self.engine.set_journal(journal)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

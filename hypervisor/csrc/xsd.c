@@ -109,6 +109,8 @@ struct rf_xsd {
     size_t entries, tombstones;
     struct tx *txs;
     uint32_t next_tx;
+    int journal_fd;            /* the daemon's journal, or -1 */
+    uint64_t journaled;        /* records written to it since the daemon last asked */
     rf_xsd_stats stats;
 };
 
@@ -472,6 +474,88 @@ static void reply(rf_xsd *x, struct conn *c, uint32_t type, const uint8_t *reque
     queue_output(x, c, out, HEADER + len, 1);
 }
 
+/* ---- the journal (xenbus/persistence.py's format) ------------------------------------------ */
+static uint32_t crc_table[256];
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[i] = c;
+    }
+}
+
+static uint32_t crc32_of(const uint8_t *data, size_t len)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < len; i++)
+        c = crc_table[(c ^ data[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+/* One journal record, as the daemon frames them (u32 length, u32 CRC-32, then a marshal'd
+ * tuple): ("S", path, value), a new value for a node that exists. */
+static int journal_record(struct buf *b, const uint8_t *path, uint32_t plen, const uint8_t *val,
+                          uint32_t vlen)
+{
+    uint32_t body = 2 + 3 + 5 + plen + 5 + vlen;
+    if (reserve(b, 8 + (size_t)body))
+        return -ENOMEM;
+    uint8_t *at = b->data + b->len;
+    uint8_t *m = at + 8;
+    static const uint8_t head[5] = {')', 3, 'z', 1, 'S'};  /* a 3-tuple; the string "S" */
+    memcpy(m, head, 5);
+    m[5] = 'a';                            /* the path: an ASCII string */
+    memcpy(m + 6, &plen, 4);
+    memcpy(m + 10, path, plen);
+    m[10 + plen] = 's';                    /* the value: bytes */
+    memcpy(m + 11 + plen, &vlen, 4);
+    memcpy(m + 15 + plen, val, vlen);
+    uint32_t crc = crc32_of(m, body);
+    memcpy(at, &body, 4);
+    memcpy(at + 4, &crc, 4);
+    b->len += 8 + body;
+    return 0;
+}
+
+/* Write records to the journal before the reply that reports them: 0, or -1 (the daemon
+ * then makes the change, and says what went wrong). Locked. */
+static int journal_write(rf_xsd *x, struct buf *records, unsigned count)
+{
+    if (x->journal_fd < 0)
+        return 0;
+    size_t done = 0;
+    while (done < records->len) {
+        ssize_t n = write(x->journal_fd, records->data + done, records->len - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;  /* a torn record is never acknowledged: loading stops at it */
+        done += (size_t)n;
+    }
+    x->journaled += count;
+    x->stats.journal_records += count;
+    return 0;
+}
+
+void rf_xsd_set_journal(rf_xsd *x, int fd)
+{
+    pthread_mutex_lock(&x->lock);
+    x->journal_fd = fd;
+    pthread_mutex_unlock(&x->lock);
+}
+
+uint64_t rf_xsd_take_journaled(rf_xsd *x)
+{
+    pthread_mutex_lock(&x->lock);
+    uint64_t n = x->journaled;
+    x->journaled = 0;
+    pthread_mutex_unlock(&x->lock);
+    return n;
+}
+
 /* dom0's plain read of a node that exists, from the copy of the values. */
 static int answer_read(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t len)
 {
@@ -509,6 +593,12 @@ static int answer_write(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t le
     pthread_mutex_lock(&x->lock);
     if (!x->fast_writes || x->daemon_busy || x->written.len > WRITTEN_MAX ||
         !live_value(x, path, plen) || !watches_servable(x, path, plen))
+        goto out;
+    struct buf record = {0};
+    int journaled = journal_record(&record, path, plen, nul + 1, vlen) == 0 &&
+                    journal_write(x, &record, 1) == 0;
+    free(record.data);
+    if (!journaled)
         goto out;
     /* the record first: if the copy then fails, the node is missing here and the daemon,
      * which replays the record, answers for it */
@@ -700,6 +790,20 @@ static int commit(rf_xsd *x, struct conn *c, struct tx *t, const uint8_t *m)
         }
     if (reserve(&x->written, replay))
         return 0;
+    if (x->journal_fd >= 0) {
+        struct buf records = {0};
+        unsigned count = 0;
+        int ok = 1;
+        for (size_t off = 0; ok && next_access(t, &off, &a);)
+            if (a.value) {
+                ok = journal_record(&records, a.path, a.path_len, a.value, a.value_len) == 0;
+                count++;
+            }
+        ok = ok && journal_write(x, &records, count) == 0;
+        free(records.data);
+        if (!ok)
+            return 0;
+    }
     for (size_t off = 0; next_access(t, &off, &a);)
         if (a.value) {
             uint32_t head[2] = {a.path_len, a.value_len};
@@ -1018,7 +1122,10 @@ rf_xsd *rf_xsd_new(int listen_fd, void *ctx, size_t max_output)
     if (!x)
         return NULL;
     x->listen_fd = listen_fd;
+    x->journal_fd = -1;
     x->ctx = ctx;
+    if (!crc_table[1])
+        crc_init();
     x->max_output = max_output;
     x->table_size = 1024;
     x->table = calloc(x->table_size, sizeof(*x->table));

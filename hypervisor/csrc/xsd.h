@@ -24,6 +24,7 @@ typedef struct rf_xsd_stats {
     uint64_t transactions;    /* committed by the engine */
     uint64_t conflicts;       /* of those, failed with EAGAIN */
     uint64_t adopted;         /* handed to the daemon part way */
+    uint64_t journal_records; /* written by the engine */
 } rf_xsd_stats;
 
 /* Why a connection ended (rf_xsd_on_close's reason). */
@@ -48,6 +49,11 @@ int rf_xsd_watch(rf_xsd *xsd, uint32_t id, uint32_t conn, int servable, const ui
 void rf_xsd_unwatch(rf_xsd *xsd, uint32_t id);
 /* dom0's writes of existing nodes made in C (off while the daemon keeps a journal). */
 void rf_xsd_set_fast_writes(rf_xsd *xsd, int on);
+/* The daemon's journal (-1: none): the engine appends its writes' records to it, in the
+ * daemon's format, before their replies; rf_xsd_take_journaled counts them for the
+ * daemon's compaction. */
+void rf_xsd_set_journal(rf_xsd *xsd, int fd);
+uint64_t rf_xsd_take_journaled(rf_xsd *xsd);
 /* The daemon enters the tree: the engine makes no write until rf_xsd_leave, and the writes
  * it made since the last time are copied to out (apply format) for the daemon to replay.
  * Returns their length, or minus it when cap is too small (nothing copied; call again). */

@@ -5,6 +5,7 @@ hostile dom0 clients get what they get from the daemon."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 
@@ -111,22 +112,45 @@ async def test_a_transaction_meets_the_engines_writes_as_conflicts(tmp_path):
             assert await dom0.read("/t/x") == b"2"
 
 
-async def test_with_a_journal_every_write_is_the_daemons(tmp_path):
+async def test_the_engines_writes_reach_the_journal_before_their_replies(tmp_path):
+    """With --state-dir the engine appends its writes and commits to the daemon's journal
+    (its record format) before replying: a daemon killed then finds them. With --fsync
+    every write is the daemon's."""
     from ringfence.xenbus.persistence import Journal
+    from ringfence.xenbus.server import XenStoreServer
     path = str(tmp_path / "xs.sock")
-    (tmp_path / "state").mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
     async with in_process_xenstored(path) as xsd:
-        Journal.open(str(tmp_path / "state"), xsd.server)
+        Journal.open(str(state), xsd.server)
         async with open_xenstore(path) as dom0:
+            await dom0.write("/j/a", b"1")  # new: the daemon's
+            await dom0.write("/j/b", b"1")
+            await dom0.write("/j/a", bytes(range(256)))  # the engine's
+            async for attempt in dom0.transaction():
+                async with attempt:
+                    await attempt.write("/j/b", b"tx")
+                    await attempt.write("/j/a", await attempt.read("/j/a") + b"!")
+            stats = xsd.server.engine.statistics()
+            assert stats.fast_writes == 1 and stats.transactions == 1
+            assert stats.journal_records == 3
+            # the daemon dies here: no compaction, nothing replayed into its tree
+            os.close(xsd.server.journal.fd)
+            xsd.server.journal.fd = -1
+    reborn = XenStoreServer()
+    Journal.open(str(state), reborn).close()
+    assert reborn.store.nodes["/j/a"].value == bytes(range(256)) + b"!"
+    assert reborn.store.nodes["/j/b"].value == b"tx"
+    assert reborn.store.nodes["/j/a"].perms == reborn.store.nodes["/j"].perms
+    (tmp_path / "synced").mkdir()
+    async with in_process_xenstored(str(tmp_path / "xs2.sock")) as xsd:
+        Journal.open(str(tmp_path / "synced"), xsd.server, fsync=True)
+        async with open_xenstore(str(tmp_path / "xs2.sock")) as dom0:
             await dom0.write("/j/a", b"1")
             await dom0.write("/j/a", b"2")
             assert await dom0.read("/j/a") == b"2"
             assert xsd.server.engine.statistics().fast_writes == 0
         xsd.server.journal.close()
-    from ringfence.xenbus.server import XenStoreServer
-    reborn = XenStoreServer()
-    Journal.open(str(tmp_path / "state"), reborn).close()
-    assert reborn.store.nodes["/j/a"].value == b"2"
 
 
 async def test_hostile_dom0_clients_lose_only_their_own_connection(tmp_path):
