@@ -160,6 +160,7 @@ class XenStoreServer:
         self.store = store or Store(quotas)
         self.connections: set[Connection] = set()
         self.watches: list[Watch] = []
+        self._watches_by_path: dict[str, list[Watch]] = {}  # absolute path -> its watches
         self.domains: dict[int, dict[str, int]] = {}  # introduced domains: mfn, port, target
         self.counters: Counter[str] = Counter()
         self.current: Connection | None = None  # whose requests are being handled
@@ -416,7 +417,7 @@ class XenStoreServer:
         if op == Op.WRITE:
             # The value is everything after the path's NUL, NULs included.
             raw_path, _, value = msg.payload.partition(b"\0")
-            target = canonical(caller, raw_path.decode("ascii"))
+            target = self._canonical(caller, raw_path)
             self._changed(store.write(caller, target, value, tx), conn)
             return op, b"OK\0"
         if op == Op.MKDIR:
@@ -566,6 +567,7 @@ class XenStoreServer:
         watch = Watch(conn, raw, absolute, token)
         conn.watches.append(watch)
         self.watches.append(watch)
+        self._watches_by_path.setdefault(absolute, []).append(watch)
         if self.engine is not None:
             self.engine.watch_added(watch)
         if self.journal is not None and conn.caller.domid:
@@ -577,7 +579,9 @@ class XenStoreServer:
         for watch in self.watches:
             if not which(watch):
                 keep.append(watch)
-            elif self.engine is not None:
+                continue
+            self._unindex(watch)
+            if self.engine is not None:
                 self.engine.watch_removed(watch)
         self.watches = keep
 
@@ -586,6 +590,7 @@ class XenStoreServer:
             if watch.path == raw and watch.token == token:
                 conn.watches.remove(watch)
                 self.watches.remove(watch)
+                self._unindex(watch)
                 if self.engine is not None:
                     self.engine.watch_removed(watch)
                 if self.journal is not None and conn.caller.domid:
@@ -612,7 +617,9 @@ class XenStoreServer:
             for changed, _ in changes:
                 self.writers[changed] = conn.caller.domid
         for changed, removed in changes:
-            for watch in self.watches:
+            # A removal also fires the watches below it; anything else only those on the
+            # path and its ancestors, looked up rather than scanned.
+            for watch in self.watches if removed else self._watches_above(changed):
                 target = watch.absolute
                 if changed == target or changed.startswith(target + "/") or (
                         removed and target.startswith(changed + "/")):
@@ -623,6 +630,26 @@ class XenStoreServer:
                         if node is not None and not self.store.can(watch.connection.caller, node, "r"):
                             continue
                     self._fire_one(watch, self._as_registered(watch, event))
+
+    def _watches_above(self, path: str) -> list[Watch]:
+        """The watches on ``path`` and on its ancestors, in registration order."""
+        found: list[Watch] = []
+        by_path = self._watches_by_path
+        while True:
+            found += by_path.get(path, ())
+            if len(path) <= 1:
+                break
+            path = path.rsplit("/", 1)[0] or "/"
+        if len(found) > 1:
+            found.sort(key=lambda watch: watch.id)
+        return found
+
+    def _unindex(self, watch: Watch) -> None:
+        same = self._watches_by_path.get(watch.absolute)
+        if same is not None:
+            same.remove(watch)
+            if not same:
+                del self._watches_by_path[watch.absolute]
 
     @staticmethod
     def _as_registered(watch: Watch, absolute: str) -> str:

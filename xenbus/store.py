@@ -225,7 +225,7 @@ class Store:
         if node is None:
             return self._create(caller, path, value, tx)
         self._check(caller, node, "w")
-        updated = replace(node, value=value)
+        updated = Node(value, node.perms, node.children, node.gen)  # not replace(): hot path
         self._check_size(caller, updated)
         self._put(path, updated, tx)
         return self._changed(tx, [(path, False)])
