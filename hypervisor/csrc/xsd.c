@@ -1098,6 +1098,8 @@ static void *run(void *arg)
                     resume = 1;
                 }
             }
+            if (c && c->blocked && (events[i].events & (EPOLLHUP | EPOLLERR)))
+                mark_closing(c, RF_XSD_CLOSED_EOF);  /* gone while we waited to send to it */
             int readable = c && !c->blocked && !c->closing &&
                            (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR));
             pthread_mutex_unlock(&x->lock);
