@@ -338,3 +338,49 @@ async def test_writes_the_engine_keeps_for_the_daemon_stay_bounded(tmp_path):
             assert after.fast_writes - before.fast_writes >= 600
             with xsd.server.locked():
                 assert xsd.server.store.nodes["/b/x"].value == bytes([699 % 256]) * 4000
+
+
+async def test_dom0_through_the_engine_and_others_through_trio_share_one_tree(tmp_path):
+    """Both threads at once: dom0 clients on the engine and dom0 connections on trio write
+    the same nodes and increment one counter in transactions. No increment is lost, and
+    every node reads the same either way afterwards."""
+    import random
+    path = str(tmp_path / "xs.sock")
+    rounds, counted = 150, []
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as setup:
+            await setup.write("/c/counter", b"0")
+            for i in range(8):
+                await setup.write(f"/c/n{i}", b"0")
+
+        async def work(xs, seed: int) -> None:
+            rng = random.Random(seed)
+            for step in range(rounds):
+                choice = rng.random()
+                if choice < 0.4:
+                    await xs.write(f"/c/n{rng.randrange(8)}", f"{seed}-{step}")
+                elif choice < 0.6:
+                    await xs.read(f"/c/n{rng.randrange(8)}")
+                else:
+                    async for attempt in xs.transaction():
+                        async with attempt:
+                            value = int(await attempt.read("/c/counter"))
+                            await attempt.write(f"/c/n{rng.randrange(8)}", f"tx{seed}")
+                            await attempt.write("/c/counter", str(value + 1))
+                    counted.append(1)
+
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(open_xenstore(path)) for _ in range(3)]
+            for _ in range(2):
+                clients.append(await stack.enter_async_context(
+                    open_xenstore_stream(await xsd.connect(0))))
+            async with trio.open_nursery() as nursery:
+                for seed, client in enumerate(clients):
+                    nursery.start_soon(work, client, seed)
+        async with open_xenstore(path) as engine_side, \
+                open_xenstore_stream(await xsd.connect(0)) as trio_side:
+            assert int(await engine_side.read("/c/counter")) == len(counted)
+            for i in range(8):
+                assert await engine_side.read(f"/c/n{i}") == await trio_side.read(f"/c/n{i}")
+        stats = xsd.server.engine.statistics()
+        assert stats.fast_writes > 0 and stats.transactions > 0 and stats.transactions_open == 0
