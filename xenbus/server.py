@@ -210,17 +210,18 @@ class XenStoreServer:
     # ---- statistics ------------------------------------------------------------------
     def statistics(self) -> ServerStatistics:
         c = self.counters
-        engine = self.engine.statistics() if self.engine is not None else None
+        stats = self.engine.statistics() if self.engine is not None else None
+
+        def engine(name: str) -> int:  # what the engine counted itself (none without it)
+            return getattr(stats, name, 0)
         return ServerStatistics(
             len(self.connections), c["connections"],
-            c["requests"] + (engine.fast_reads + engine.fast_writes if engine else 0),
-            c["errors"], len(self.watches),
-            c["watch_events"] + (engine.watch_events if engine else 0),
-            len(self.store.transactions) + (engine.transactions_open if engine else 0),
-            self.store.counters["conflicts"] + (engine.conflicts if engine else 0),
-            len(self.store.nodes),
-            c["protocol_violations"] + (engine.protocol_violations if engine else 0),
-            c["dropped_slow_clients"] + (engine.dropped_slow_clients if engine else 0),
+            c["requests"] + engine("fast_reads") + engine("fast_writes"),
+            c["errors"], len(self.watches), c["watch_events"] + engine("watch_events"),
+            len(self.store.transactions) + engine("transactions_open"),
+            self.store.counters["conflicts"] + engine("conflicts"), len(self.store.nodes),
+            c["protocol_violations"] + engine("protocol_violations"),
+            c["dropped_slow_clients"] + engine("dropped_slow_clients"),
             len(self.domains), c["conflicts_charged"])
 
     # ---- transports ------------------------------------------------------------------
@@ -240,6 +241,7 @@ class XenStoreServer:
             finally:
                 engine.stop()
         finally:
+            self._loop = None  # its trio run ends with it
             sock.close()
 
     def in_loop(self, function: Any) -> None:
@@ -577,12 +579,10 @@ class XenStoreServer:
     def _drop_watches(self, which: Any) -> None:
         keep = []
         for watch in self.watches:
-            if not which(watch):
+            if which(watch):
+                self._forget(watch)
+            else:
                 keep.append(watch)
-                continue
-            self._unindex(watch)
-            if self.engine is not None:
-                self.engine.watch_removed(watch)
         self.watches = keep
 
     def _unwatch(self, conn: Connection, raw: str, token: bytes) -> None:
@@ -590,9 +590,7 @@ class XenStoreServer:
             if watch.path == raw and watch.token == token:
                 conn.watches.remove(watch)
                 self.watches.remove(watch)
-                self._unindex(watch)
-                if self.engine is not None:
-                    self.engine.watch_removed(watch)
+                self._forget(watch)
                 if self.journal is not None and conn.caller.domid:
                     self.journal.append([("U", conn.caller.domid, raw, token)])
                 return
@@ -644,12 +642,15 @@ class XenStoreServer:
             found.sort(key=lambda watch: watch.id)
         return found
 
-    def _unindex(self, watch: Watch) -> None:
+    def _forget(self, watch: Watch) -> None:
+        """A watch that went from self.watches leaves the index and the engine too."""
         same = self._watches_by_path.get(watch.absolute)
         if same is not None:
             same.remove(watch)
             if not same:
                 del self._watches_by_path[watch.absolute]
+        if self.engine is not None:
+            self.engine.watch_removed(watch)
 
     @staticmethod
     def _as_registered(watch: Watch, absolute: str) -> str:

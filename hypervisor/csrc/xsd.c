@@ -556,15 +556,33 @@ uint64_t rf_xsd_take_journaled(rf_xsd *x)
     return n;
 }
 
+/* A path ended by its NUL with none inside: what the engine looks up as it is (the daemon
+ * answers anything else, with its own errors). */
+static int plain_path(const uint8_t *payload, uint32_t len)
+{
+    return len >= 2 && payload[len - 1] == 0 && !memchr(payload, 0, len - 1);
+}
+
+/* Make a write here and keep it for the daemon to replay; x->written has the room. Locked. */
+static void keep_write(rf_xsd *x, const uint8_t *path, uint32_t plen, const uint8_t *val,
+                       uint32_t vlen)
+{
+    uint32_t head[2] = {plen, vlen};
+    append(&x->written, head, 8);
+    append(&x->written, path, plen);
+    append(&x->written, val, vlen);
+    /* the record first: if the copy then fails, the node is missing here and the daemon,
+     * which replays the record, answers for it */
+    set_value(x, path, plen, val, vlen, 0);
+}
+
 /* dom0's plain read of a node that exists, from the copy of the values. */
 static int answer_read(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t len)
 {
-    if (get32(m) != XS_READ || get32(m + 8) != 0 || len < 2 || m[HEADER + len - 1] != 0)
+    if (get32(m) != XS_READ || get32(m + 8) != 0 || !plain_path(m + HEADER, len))
         return 0;
     const uint8_t *path = m + HEADER;
     uint32_t plen = len - 1;
-    if (memchr(path, 0, plen))
-        return 0;  /* the daemon answers what is not a plain path */
     pthread_mutex_lock(&x->lock);
     struct value *v = live_value(x, path, plen);
     int answered = v && v->value_len <= PAYLOAD_MAX;
@@ -592,7 +610,8 @@ static int answer_write(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t le
     int answered = 0;
     pthread_mutex_lock(&x->lock);
     if (!x->fast_writes || x->daemon_busy || x->written.len > WRITTEN_MAX ||
-        !live_value(x, path, plen) || !watches_servable(x, path, plen))
+        !live_value(x, path, plen) || !watches_servable(x, path, plen) ||
+        reserve(&x->written, 8 + (size_t)plen + vlen))
         goto out;
     struct buf record = {0};
     int journaled = journal_record(&record, path, plen, nul + 1, vlen) == 0 &&
@@ -600,15 +619,7 @@ static int answer_write(rf_xsd *x, struct conn *c, const uint8_t *m, uint32_t le
     free(record.data);
     if (!journaled)
         goto out;
-    /* the record first: if the copy then fails, the node is missing here and the daemon,
-     * which replays the record, answers for it */
-    uint32_t head[2] = {plen, vlen};
-    if (reserve(&x->written, 8 + (size_t)plen + vlen))
-        goto out;
-    append(&x->written, head, 8);
-    append(&x->written, path, plen);
-    append(&x->written, nul + 1, vlen);
-    set_value(x, path, plen, nul + 1, vlen, 0);
+    keep_write(x, path, plen, nul + 1, vlen);
     fire_watches(x, path, plen);
     reply(x, c, XS_WRITE, m, "OK", 3);
     x->stats.fast_writes++;
@@ -805,13 +816,8 @@ static int commit(rf_xsd *x, struct conn *c, struct tx *t, const uint8_t *m)
             return 0;
     }
     for (size_t off = 0; next_access(t, &off, &a);)
-        if (a.value) {
-            uint32_t head[2] = {a.path_len, a.value_len};
-            append(&x->written, head, 8);
-            append(&x->written, a.path, a.path_len);
-            append(&x->written, a.value, a.value_len);
-            set_value(x, a.path, a.path_len, a.value, a.value_len, 0);
-        }
+        if (a.value)
+            keep_write(x, a.path, a.path_len, a.value, a.value_len);
     for (size_t off = 0; next_access(t, &off, &a);)
         if (a.value && first_write_of(t, off, &a))
             fire_watches(x, a.path, a.path_len);
@@ -853,7 +859,7 @@ static int answer_transaction(rf_xsd *x, struct conn *c, const uint8_t *m, uint3
     if (!t)
         goto out;
     if (type == XS_READ) {
-        if (len < 2 || payload[len - 1] || memchr(payload, 0, len - 1))
+        if (!plain_path(payload, len))
             goto out;
         uint32_t plen = len - 1, vlen = 0;
         const uint8_t *val = own_write(t, payload, plen, &vlen);
