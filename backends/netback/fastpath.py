@@ -8,6 +8,10 @@ before. The C code never refuses: refusals have one owner.
 
 Receive (``rf_net_rx_serve``): packets read from the TAP go into the buffers the guest
 posted (mapped writable by the copier when posted), in the order posted.
+
+Both run on a C thread of the vif's own (:meth:`VifFastPath.loop`, netloop.c), which comes
+back to Python only for the transmit requests C hands back and for receive buffers whose
+pages are not mapped yet.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 
 from ringfence.hypervisor._lib import ffi, lib
 from ringfence.hypervisor.io import netif
+from ringfence.hypervisor.io.cloop import CLoop
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 
 GREF_LIMIT = 1 << 15  # pages are looked up by gref below this; larger grefs go to Python
@@ -55,6 +60,7 @@ class VifFastPath:
         rx.tap_fd, rx.sg, rx.ngrants, rx.pages, rx.writable = tap_fd, int(rx_sg), GREF_LIMIT, self._pages, self._writable
         rx.posted_ids, rx.posted_grefs, rx.posted_cap = self._posted_ids, self._posted_grefs, RING_SLOTS
         rx.packet = self._packet
+        self._loop: NetbackLoop | None = None
 
     def remember(self, gref: int, page: Any, writable: bool) -> None:
         """A page the copier keeps mapped: C may use it until :meth:`forget_all`."""
@@ -82,6 +88,16 @@ class VifFastPath:
         if result < 0:
             raise OSError(-result, "reading the TAP")
         return int(result), bool(self._notify[0])
+
+    def loop(self, tx: BackRing, rx: BackRing, port: Any) -> NetbackLoop:
+        """The vif's C loop over both rings and the TAP (port: eventfds, sim)."""
+        self._loop = NetbackLoop(self, tx, rx, port)
+        return self._loop
+
+    @property
+    def spurious(self) -> int:
+        """Notifications that brought the loop no work."""
+        return self._loop.spurious if self._loop else 0
 
     def serve(self, ring: BackRing) -> tuple[list[bytes], bool]:
         """Serve what the ring holds; returns the requests left for Python and whether the
@@ -118,3 +134,23 @@ class VifFastPath:
         return VifFastPathStatistics(int(c.packets), int(c.bytes), int(c.dropped),
                                      int(c.handed_back), int(c.batches), self._mapped,
                                      int(rx.packets), int(rx.dropped), int(rx.bad_grants))
+
+
+class NetbackLoop(CLoop):
+    def __init__(self, fast: VifFastPath, tx: BackRing, rx: BackRing, port: Any) -> None:
+        c = ffi.new("rf_netback_loop *")
+        c.tx, c.rx, c.handed_back = fast._c, fast._rx, fast._handed_back
+        c.base.tx_ring, c.base.rx_ring = tx.c_ring, rx.c_ring
+        self._rings = (tx, rx)  # kept: C holds their addresses
+        super().__init__(lib.rf_netback_loop_run, c, c.base, port)
+
+    def handed_back(self) -> list[bytes]:
+        """The transmit requests C left to Python (after HANDED_BACK)."""
+        size = netif.TX_SLOT
+        raw = ffi.buffer(self.c.handed_back, self.c.nhanded * size)[:]
+        return [raw[i * size:(i + 1) * size] for i in range(self.c.nhanded)]
+
+    def new_buffers(self) -> list[tuple[int, int]]:
+        """(id, gref) of receive buffers posted whose pages C has not (after NEW_BUFFERS)."""
+        c = self.c
+        return [(int(c.new_ids[i]), int(c.new_grefs[i])) for i in range(c.nnew)]

@@ -28,7 +28,7 @@ import trio
 
 from ringfence._log import RateLimitedLog
 from ringfence.backends.netback.copier import GrantCopier, MappingCopier
-from ringfence.backends.netback.fastpath import RX_EMPTY, RX_NO_BUFFERS, VifFastPath
+from ringfence.backends.netback.fastpath import VifFastPath
 from ringfence.backends.netback.datapath import Fatal, TxPacket, TxParser, responses
 from ringfence.hypervisor.io import netif, vnet
 from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_OKAY
@@ -84,7 +84,8 @@ class NetbackVif:
         return VifStatistics(self.frontend_id, self.devid, self.state.name,
                              self.tx_packets + (fast.packets if fast else 0),
                              self.rx_packets + (fast.rx_packets if fast else 0),
-                             self.rx_dropped + (fast.rx_dropped if fast else 0), self.storm.spurious,
+                             self.rx_dropped + (fast.rx_dropped if fast else 0),
+                             self.storm.spurious + (fast.spurious if fast else 0),
                              dict(self.rejected), dict(self.device_events),
                              self.copier.statistics() if self.copier else {},
                              self.refusals.suppressed)
@@ -205,8 +206,11 @@ class NetbackVif:
             self._abuse = ""
             async with trio.open_nursery() as nursery:
                 self._serving = nursery.cancel_scope
-                nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
-                nursery.start_soon(self._tap_to_guest, rx, port, tap_fd)
+                if self.fast is not None:  # both rings and the TAP on a C thread
+                    nursery.start_soon(self._serve_in_c, tx, rx, port, tap_fd, nursery.cancel_scope)
+                else:
+                    nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
+                    nursery.start_soon(self._tap_to_guest, rx, port, tap_fd)
                 nursery.start_soon(self._watch_close, nursery.cancel_scope)
             if self._abuse:
                 raise _Disconnect(self._abuse)
@@ -222,6 +226,7 @@ class NetbackVif:
                         await netlink.delete_link(self.tap_name)
                 copier, self.copier = self.copier, None
                 if self.fast is not None:  # its counts carry over; its pages go now
+                    self.storm.spurious += self.fast.spurious
                     self.tx_packets += self.fast.packets
                     self.rx_packets += self.fast.rx_packets
                     self.rx_dropped += self.fast.rx_dropped
@@ -246,38 +251,61 @@ class NetbackVif:
                     scope.cancel()
                     return
 
+    def _broke_protocol(self, reason: str, scope: trio.CancelScope) -> None:
+        self._abuse = reason.replace("_", " ")
+        log.warning("vif broke the protocol; disconnecting", extra={"kv": {
+            "vif": self.tap_name, "reason": reason}})
+        scope.cancel()
+
+    async def _serve_in_c(self, tx: BackRing, rx: BackRing, port: Any, tap_fd: int,
+                          scope: trio.CancelScope) -> None:
+        """The vif's C loop (fastpath.py) moves the common packets both ways; Python parses
+        the transmit requests it hands back and maps the receive buffers it has no page for."""
+        fast = self.fast
+        assert fast is not None and self.copier is not None
+        loop = fast.loop(tx, rx, port)
+        try:
+            while True:
+                result = await loop.run()
+                if result == loop.HANDED_BACK:
+                    try:
+                        await self._transmit(tx, self.parser.parse(loop.handed_back()), port, tap_fd)
+                    except Fatal as exc:
+                        return self._broke_protocol(str(exc), scope)
+                elif result == loop.NEW_BUFFERS:
+                    posted = loop.new_buffers()
+                    await self.copier.prepare({gref for _, gref in posted}, True)
+                    fast.post_rx(posted)
+                elif result == loop.OVERFLOW:
+                    self.rejected["ring_overflow"] += 1
+                    return self._broke_protocol("ring_overflow", scope)
+                elif result == loop.TAP_ERROR:  # EBADFD: the TAP was deleted under us
+                    return self._tap_gone(os.strerror(loop.error))
+                else:
+                    return
+        finally:
+            loop.close()
+
     async def _serve_rings(self, tx: BackRing, rx: BackRing, port: Any, tap_fd: int,
                            scope: trio.CancelScope) -> None:
         while True:
             try:
-                if self.fast is not None:
-                    tx_raws, notify = self.fast.serve(tx)  # the common packets, in C
-                    if notify:
-                        port.notify()
-                else:
-                    tx_raws = tx.take_requests()
+                tx_raws = tx.take_requests()
                 posted = [netif.RX_REQUEST.unpack(raw) for raw in rx.take_requests()]
                 if posted:
                     await self.copier.prepare({gref for _, gref in posted}, True)
-                    if self.fast is not None:
-                        self.fast.post_rx(posted)
-                    else:
-                        self.rx_buffers.extend(posted)
+                    self.rx_buffers.extend(posted)
                     self.rx_posted.set()
                     self.storm.note_work()
                 if tx_raws:
                     self.storm.note_work()
                     await self._transmit(tx, self.parser.parse(tx_raws), port, tap_fd)
                     continue
-            except (RingOverflow, Fatal) as exc:
-                reason = "ring_overflow" if isinstance(exc, RingOverflow) else str(exc)
-                if isinstance(exc, RingOverflow):
-                    self.rejected[reason] += 1
-                self._abuse = reason.replace("_", " ")
-                log.warning("vif broke the protocol; disconnecting", extra={"kv": {
-                    "vif": self.tap_name, "reason": reason}})
-                scope.cancel()
-                return
+            except RingOverflow:
+                self.rejected["ring_overflow"] += 1
+                return self._broke_protocol("ring_overflow", scope)
+            except Fatal as exc:
+                return self._broke_protocol(str(exc), scope)
             if not tx.final_check_for_requests() and not rx.final_check_for_requests():
                 await port.wait()
                 await self.storm.woken(tx.unconsumed_requests() + rx.unconsumed_requests() > 0)
@@ -327,8 +355,6 @@ class NetbackVif:
         return responses(layout, STATUS_ERROR)
 
     async def _tap_to_guest(self, rx: BackRing, port: Any, tap_fd: int) -> None:
-        if self.fast is not None:
-            return await self._tap_to_guest_in_c(rx, port)
         backlog: collections.deque[bytes] = collections.deque()
         while True:
             while len(backlog) < RX_BACKLOG:
@@ -369,25 +395,6 @@ class NetbackVif:
             if backlog:  # its head waits for the guest to post more buffers
                 self.rx_posted = trio.Event()
                 await self.rx_posted.wait()
-
-    async def _tap_to_guest_in_c(self, rx: BackRing, port: Any) -> None:
-        fast = self.fast
-        assert fast is not None
-        while True:
-            try:
-                result, notify = fast.serve_rx(rx, 64)
-            except OSError as exc:  # EBADFD: the TAP was deleted under us
-                self._tap_gone(str(exc))
-                return
-            if notify:
-                port.notify()
-            if result == RX_EMPTY:
-                await trio.lowlevel.wait_readable(fast.tap_fd)
-            elif result == RX_NO_BUFFERS:  # the guest has not posted enough buffers yet
-                self.rx_posted = trio.Event()
-                await self.rx_posted.wait()
-            else:
-                await trio.lowlevel.checkpoint()  # a busy TAP leaves room to the rest
 
     def _plan_rx(self, packet: bytes) -> tuple[list[bytes], list[tuple[int, memoryview]]] | tuple[()] | None:
         """The responses and the (gref, bytes) pieces that put one packet from the TAP into

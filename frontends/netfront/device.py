@@ -19,6 +19,7 @@ import trio
 
 from ringfence.frontends.netfront.fastpath import VifPump
 from ringfence.hypervisor.io import netif, vnet
+from ringfence.hypervisor.io.cloop import CLoop
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import end_access_settled
@@ -71,7 +72,8 @@ class NetFront:
                                   self.tx_dropped + (pump.dropped if pump else 0),
                                   self.rx_dropped + (pump.rx_dropped if pump else 0),
                                   self.bad_responses + (pump.bad_responses if pump else 0),
-                                  self.storm.spurious, len(self.unrevoked))
+                                  self.storm.spurious + (pump.spurious if pump else 0),
+                                  len(self.unrevoked))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
@@ -104,8 +106,11 @@ class NetFront:
                 port.notify()
                 self._tx_room = trio.Event()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._from_tap, tx, port, tap_fd, pump)
-                    nursery.start_soon(self._from_rings, tx, rx, port, pump)
+                    if CLoop.possible(port):
+                        nursery.start_soon(self._serve_in_c, tx, rx, port, tap_fd, pump)
+                    else:
+                        nursery.start_soon(self._from_tap, tx, port, tap_fd, pump)
+                        nursery.start_soon(self._from_rings, tx, rx, port, pump)
                     await self._wait_backend_leaves(backend)
                     nursery.cancel_scope.cancel()
                 self._pump = None  # its counts carry over
@@ -114,6 +119,7 @@ class NetFront:
                 self.bad_responses += pump.bad_responses
                 self.rx_packets += pump.rx_packets
                 self.rx_dropped += pump.rx_dropped
+                self.storm.spurious += pump.spurious
                 log.warning("backend went away; reconnecting", extra={"kv": {"devid": self.devid}})
                 self.state = XenbusState.Initialising
                 await xs.write(f"{p}/state", str(int(XenbusState.Initialising)))
@@ -241,6 +247,21 @@ class NetFront:
         sg = self.features["feature-sg"]
         vnet.set_offload(tap_fd, True, sg and self.features["feature-gso-tcpv4"],
                          sg and self.features["feature-gso-tcpv6"])
+
+    async def _serve_in_c(self, tx: FrontRing, rx: FrontRing, port: Any, tap_fd: int,
+                          pump: VifPump) -> None:
+        """Both directions on the pump's C thread until the connection ends."""
+        self._set_offloads(tap_fd)
+        loop = pump.loop(tx, rx, port)
+        try:
+            result = await loop.run()
+        finally:
+            loop.close()
+        if result == loop.OVERFLOW:
+            self.bad_responses += 1
+            log.error("backend overflowed a ring")
+        elif result == loop.TAP_ERROR:
+            raise OSError(loop.error, f"{self.ifname}: {os.strerror(loop.error)}")
 
     async def _from_tap(self, tx: FrontRing, port: Any, tap_fd: int, pump: VifPump) -> None:
         """Packets go from eth0 to the ring in C (fastpath.py), a batch a call."""

@@ -142,7 +142,7 @@ static const uint8_t *mapped(const rf_net_tx *t, uint32_t gref)
 static uint32_t serve_packet(rf_net_tx *t, const struct tx_request *batch, uint32_t i, uint32_t n,
                              struct tx_response *rsp, uint32_t *nrsp)
 {
-    static uint8_t first_copy[PAGE];
+    static __thread uint8_t first_copy[PAGE];
     const struct tx_request *first = &batch[i];
     uint32_t j = i + 1, extras = 0;
     struct vnet_header vnet = {0};
@@ -212,8 +212,8 @@ static uint32_t serve_packet(rf_net_tx *t, const struct tx_request *batch, uint3
 
 int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *notify)
 {
-    static struct tx_request batch[BATCH];
-    static struct tx_response rsp[BATCH];
+    static __thread struct tx_request batch[BATCH];
+    static __thread struct tx_response rsp[BATCH];
     *notify = 0;
     for (;;) {
         int n = rf_back_take_requests(ring, batch, BATCH);
@@ -288,7 +288,7 @@ static void take_posted(rf_net_rx *r, uint16_t *id, uint32_t *gref)
 
 int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify)
 {
-    static struct rx_response rsp[MAX_PIECES + 1];
+    static __thread struct rx_response rsp[MAX_PIECES + 1];
     uint32_t sent = 0;
     int result;
     *notify = 0;
@@ -500,7 +500,7 @@ void rf_netfront_rx_start(rf_netfront_rx *f, rf_ring *ring)
 
 static void deliver(rf_netfront_rx *f)
 {
-    static uint8_t first_copy[PAGE];
+    static __thread uint8_t first_copy[PAGE];
     struct iovec iov[2 + MAX_RX_PIECES];
     struct vnet_header vnet = {0};
     if (f->bad || !f->npieces) {
