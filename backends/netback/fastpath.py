@@ -41,6 +41,7 @@ class VifFastPathStatistics:
     rx_packets: int
     rx_dropped: int
     rx_bad_grants: int
+    rx_direct: int        # read from the TAP straight into the guest's buffers
 
 
 class VifFastPath:
@@ -133,7 +134,8 @@ class VifFastPath:
         c, rx = self._c, self._rx
         return VifFastPathStatistics(int(c.packets), int(c.bytes), int(c.dropped),
                                      int(c.handed_back), int(c.batches), self._mapped,
-                                     int(rx.packets), int(rx.dropped), int(rx.bad_grants))
+                                     int(rx.packets), int(rx.dropped), int(rx.bad_grants),
+                                     int(rx.direct))
 
 
 class NetbackLoop(CLoop):

@@ -37,10 +37,11 @@ class VifPump:
         self._grefs = ffi.new("uint32_t[]", grefs)
         self._free = ffi.new("uint16_t[]", list(range(buffers)))
         self._on_ring = ffi.new("uint8_t[]", buffers)
+        self._dirty = ffi.new("uint16_t[]", buffers)  # all zero: the pages are zeroed below
         c = self._c = ffi.new("rf_netfront_tx *")
         c.tap_fd, c.sg, c.buffers, c.nfree = tap_fd, int(sg), buffers, buffers
         c.pages = ffi.cast("uint8_t *", self._pages)
-        c.grefs, c.free, c.on_ring = self._grefs, self._free, self._on_ring
+        c.grefs, c.free, c.on_ring, c.dirty = self._grefs, self._free, self._on_ring, self._dirty
         self._notify = ffi.new("int *")
         rx_grefs = rx_grefs or []
         self._rx_grefs = ffi.new("uint32_t[]", rx_grefs or [0])

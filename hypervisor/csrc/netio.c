@@ -286,6 +286,67 @@ static void take_posted(rf_net_rx *r, uint16_t *id, uint32_t *gref)
     r->posted_count--;
 }
 
+/* The buffer k places after the oldest posted: its page, or NULL if C cannot write it. */
+static uint8_t *posted_page(const rf_net_rx *r, uint32_t k)
+{
+    uint32_t gref = r->posted_grefs[(r->posted_head + k) % r->posted_cap];
+    return gref < r->ngrants && r->writable[gref] ? r->pages[gref] : NULL;
+}
+
+static unsigned xen_gso_of(const struct vnet_header *vnet)
+{
+    unsigned kind = vnet->gso_type & ~VNET_GSO_ECN;
+    return kind == VNET_GSO_TCPV4 ? XEN_GSO_TCPV4 : kind == VNET_GSO_TCPV6 ? XEN_GSO_TCPV6 : 0;
+}
+
+/* Reads the next packet from the TAP straight into the buffers posted, where its responses
+ * will say it is: piece i in the i-th buffer, one later from the second piece on when a GSO
+ * extra takes the second slot. Whether it does is known only once read: the layout of the
+ * last packet is assumed, and pieces are moved between the guest's pages when wrong (rare:
+ * a stream's large packets are all GSO or all not). Returns the bytes read (header included), 0 when the
+ * buffers cannot take any packet (too few posted, or a page C cannot write: the private copy
+ * serves), or -errno. */
+static ssize_t read_into_buffers(rf_net_rx *r, struct vnet_header *vnet)
+{
+    uint8_t *pages[MAX_PIECES + 1];
+    struct iovec iov[1 + MAX_PIECES];
+    if (r->posted_count < MAX_PIECES + 1)
+        return 0;
+    for (uint32_t k = 0; k < MAX_PIECES + 1; k++)
+        if (!(pages[k] = posted_page(r, k)))
+            return 0;
+    uint32_t skip = r->expect_gso ? 1 : 0;
+    iov[0].iov_base = vnet;
+    iov[0].iov_len = sizeof *vnet;
+    for (uint32_t i = 0; i < MAX_PIECES; i++) {
+        iov[1 + i].iov_base = pages[i ? i + skip : 0];
+        iov[1 + i].iov_len = PAGE;
+    }
+    ssize_t got;
+    do
+        got = readv(r->tap_fd, iov, 1 + MAX_PIECES);
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return -errno;
+    if ((size_t)got < sizeof *vnet)
+        return got;
+    uint32_t length = (uint32_t)got - (uint32_t)sizeof *vnet;
+    uint32_t pieces = length ? (length + PAGE - 1) / PAGE : 1;
+    uint32_t gso = xen_gso_of(vnet) ? 1 : 0;
+    if (pieces > 1 && gso != skip) {
+        r->moved++;
+        if (gso)  /* pieces 1.. are one buffer early: move them up, the last first */
+            for (uint32_t i = pieces - 1; i >= 1; i--)
+                memmove(pages[i + 1], pages[i], i + 1 < pieces ? PAGE : length - i * PAGE);
+        else      /* one buffer late: move them down, the first first */
+            for (uint32_t i = 1; i < pieces; i++)
+                memmove(pages[i], pages[i + 1], i + 1 < pieces ? PAGE : length - i * PAGE);
+    }
+    if (pieces > 1)  /* a packet of one piece fits either layout: it tells nothing */
+        r->expect_gso = gso;
+    return got;
+}
+
 int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify)
 {
     static __thread struct rx_response rsp[MAX_PIECES + 1];
@@ -297,32 +358,34 @@ int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify)
             result = RF_NETBACK_BUDGET;
             break;
         }
+        struct vnet_header vnet;
+        int direct = 0;  /* the packet is in the buffers already */
         if (!r->have_packet) {
-            ssize_t got = read(r->tap_fd, r->packet, RF_NET_RX_PACKET);
+            ssize_t got = read_into_buffers(r, &vnet);
+            direct = got > 0;
+            if (got == 0 && (got = read(r->tap_fd, r->packet, RF_NET_RX_PACKET)) < 0)
+                got = -errno;
             if (got < 0) {
-                if (errno == EINTR)
+                if (got == -EINTR)
                     continue;
-                result = errno == EAGAIN || errno == EWOULDBLOCK ? RF_NETBACK_TAP_EMPTY : -errno;
+                result = got == -EAGAIN || got == -EWOULDBLOCK ? RF_NETBACK_TAP_EMPTY : (int)got;
                 break;
             }
             r->packet_len = (uint32_t)got;
-            r->have_packet = 1;
+            r->have_packet = !direct;
+            r->direct += (uint64_t)direct;
         }
-        struct vnet_header vnet;
         if (r->packet_len < sizeof vnet) {
             r->have_packet = 0;
             r->dropped++;
             continue;
         }
-        memcpy(&vnet, r->packet, sizeof vnet);
+        if (!direct)
+            memcpy(&vnet, r->packet, sizeof vnet);
         const uint8_t *frame = r->packet + sizeof vnet;
         uint32_t length = r->packet_len - (uint32_t)sizeof vnet;
         uint32_t pieces = length ? (length + PAGE - 1) / PAGE : 1;
-        unsigned kind = vnet.gso_type & ~VNET_GSO_ECN, xen_gso = 0;
-        if (kind == VNET_GSO_TCPV4)
-            xen_gso = XEN_GSO_TCPV4;
-        else if (kind == VNET_GSO_TCPV6)
-            xen_gso = XEN_GSO_TCPV6;
+        unsigned xen_gso = xen_gso_of(&vnet);
         if ((pieces > 1 && !r->sg) || (vnet.gso_type && !xen_gso) || pieces > MAX_PIECES) {
             r->have_packet = 0;  /* the guest cannot take it (the TAP's offloads should prevent it) */
             r->dropped++;
@@ -341,10 +404,10 @@ int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify)
             uint32_t gref, len = length - i * PAGE < PAGE ? length - i * PAGE : PAGE;
             take_posted(r, &id, &gref);
             uint8_t *page = gref < r->ngrants && r->writable[gref] ? r->pages[gref] : NULL;
-            if (page)
-                memcpy(page, frame + (size_t)i * PAGE, len);
-            else
+            if (!page)
                 whole = 0;
+            else if (!direct)
+                memcpy(page, frame + (size_t)i * PAGE, len);
             uint16_t piece_flags = i + 1 < pieces ? RXF_MORE_DATA : 0;
             if (i == 0)
                 piece_flags |= flags | (xen_gso ? RXF_EXTRA_INFO : 0);
@@ -409,6 +472,12 @@ int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *
         }
         long length = (long)got - (long)sizeof vnet;
         uint32_t pieces = length > 0 ? (uint32_t)((length + PAGE - 1) / PAGE) : 1;
+        for (uint32_t i = 0; length > 0 && i < pieces; i++) {  /* kept or not, it is there */
+            uint16_t *dirty = &f->dirty[slots[i]];
+            uint32_t written = (uint32_t)length - i * PAGE < PAGE ? (uint32_t)length - i * PAGE : PAGE;
+            if (written > *dirty)
+                *dirty = (uint16_t)written;
+        }
         unsigned kind = vnet.gso_type & ~VNET_GSO_ECN, xen_gso = 0;
         if (kind == VNET_GSO_TCPV4)
             xen_gso = XEN_GSO_TCPV4;
@@ -421,7 +490,10 @@ int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *
         /* A granted page holds the frame's bytes and zeroes (XSA-403): what is left of an
          * older, longer frame after this one's last byte goes. */
         uint32_t tail = (uint32_t)length - (pieces - 1) * PAGE;
-        memset(f->pages + (size_t)slots[pieces - 1] * PAGE + tail, 0, PAGE - tail);
+        uint16_t *dirty = &f->dirty[slots[pieces - 1]];
+        if (*dirty > tail)
+            memset(f->pages + (size_t)slots[pieces - 1] * PAGE + tail, 0, *dirty - tail);
+        *dirty = (uint16_t)tail;
         uint16_t flags = vnet.flags & VNET_NEEDS_CSUM ? TXF_CSUM_BLANK | TXF_DATA_VALIDATED
                        : vnet.flags & VNET_DATA_VALID ? TXF_DATA_VALIDATED : 0;
         uint16_t used[MAX_PIECES];

@@ -30,10 +30,12 @@ typedef struct rf_net_tx {
  * responses pushed need an event. */
 int rf_net_tx_serve(rf_net_tx *t, rf_ring *ring, uint8_t *handed_back, int *notify);
 
-/* netback's receive side: packets read from the vif's TAP are copied into the buffers the
- * guest posted (mapped writable), a piece a page with a GSO extra after the first, answered
- * in the order posted, pushed once a batch. A packet waits here for enough buffers; the
- * rest wait in the TAP's own queue (bounded, counted by the kernel). */
+/* netback's receive side: packets read from the vif's TAP go into the buffers the guest
+ * posted (mapped writable), a piece a page with a GSO extra after the first, answered in the
+ * order posted, pushed once a batch. With a largest packet's worth of buffers posted, the
+ * TAP is read straight into them (no copy of ours); otherwise into private memory, and the
+ * packet waits there for enough buffers; the rest wait in the TAP's own queue (bounded,
+ * counted by the kernel). */
 #define RF_NETBACK_TAP_EMPTY 0    /* wait until the TAP is readable */
 #define RF_NETBACK_NO_BUFFERS 1   /* wait until the guest posts buffers */
 #define RF_NETBACK_BUDGET 2
@@ -49,7 +51,8 @@ typedef struct rf_net_rx {
     uint32_t posted_cap, posted_head, posted_count;
     uint8_t *packet;             /* [RF_NET_RX_PACKET] read, waiting for buffers */
     uint32_t packet_len, have_packet;
-    uint64_t packets, dropped, bad_grants, batches;
+    uint32_t expect_gso;         /* the last packet read into the buffers was a GSO one */
+    uint64_t packets, dropped, bad_grants, batches, direct, moved;
 } rf_net_rx;
 #define RF_NET_RX_PACKET (12 + 65536 + 64)
 
@@ -73,6 +76,7 @@ typedef struct rf_netfront_tx {
     uint32_t *grefs;             /* [buffers] their grants to the current backend */
     uint16_t *free;              /* [buffers] stack of free buffers */
     uint8_t *on_ring;            /* [buffers] */
+    uint16_t *dirty;             /* [buffers] bytes from the page's start that may not be zero */
     uint32_t buffers, nfree;
     uint64_t packets, dropped, bad_responses, batches;
 } rf_netfront_tx;
