@@ -5,6 +5,9 @@ channel for it; the back domain maps the page and binds the channel; then the fr
 requests and the back answers them with the ring API every driver uses. The demo shows it
 with statistics, the ring benchmark times it. Each end runs as its own domain process:
 ``python -m ringfence.toolstack.ringpair front|back …``.
+
+``driver`` says who loops: "python" (a ring method call a round, as a Python driver does) or
+"c" (the whole loop in the C core, ringdrive.c, as the net data path drives its rings).
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ def _pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-async def _front(mode: str, cpu: int, count: int, depth: int, spin: int, back_domid: int) -> None:
+async def _front(mode: str, driver: str, cpu: int, count: int, depth: int, spin: int,
+                 back_domid: int) -> None:
+    from ringfence.hypervisor._lib import ffi, lib
     from ringfence.hypervisor.io.ring import FrontRing
     from ringfence.hypervisor.sim.client import open_domain
     _pin(cpu)
@@ -54,7 +59,13 @@ async def _front(mode: str, cpu: int, count: int, depth: int, spin: int, back_do
                 sent += room
                 done += exchange(room, notify, wait, spin, depth // 2)
 
-        run = qd1 if mode == "qd1" else batched
+        def in_c(n: int) -> None:
+            done = lib.rf_drive_front(front.c_ring, ffi.new("uint8_t[]", REQ), n,
+                                      1 if mode == "qd1" else depth, notify, wait, spin)
+            if done < 0:
+                raise OSError(-done, "driving the ring")
+
+        run = in_c if driver == "c" else qd1 if mode == "qd1" else batched
         run(max(count // 20, 100))  # warm up
         started = time.perf_counter()
         run(count)
@@ -67,7 +78,8 @@ async def _front(mode: str, cpu: int, count: int, depth: int, spin: int, back_do
         front.submit_staged(1, notify)
 
 
-async def _back(cpu: int, spin: int, front_domid: int, gref: int, port_no: int) -> None:
+async def _back(driver: str, cpu: int, spin: int, front_domid: int, gref: int, port_no: int) -> None:
+    from ringfence.hypervisor._lib import ffi, lib
     from ringfence.hypervisor.io.ring import BackRing
     from ringfence.hypervisor.sim.client import open_domain
     _pin(cpu)
@@ -80,14 +92,20 @@ async def _back(cpu: int, spin: int, front_domid: int, gref: int, port_no: int) 
         exchange, received = back.exchange, back.received
         # Half the ring per call: the front refills one half while we serve the other.
         budget = back.size // 2
-        n = 0
-        while True:
-            n = exchange(n, notify, wait, spin, budget)
-            if received[(n - 1) * REQ] == 0xFF:
-                print(json.dumps({"ring": asdict(back.statistics()),
-                                  "grants": asdict(dom.grant_table.statistics()),
-                                  "port": asdict(port.statistics())}), flush=True)
-                return
+        if driver == "c":
+            answered = lib.rf_drive_back(back.c_ring, ffi.new("uint8_t[]", RSP), 0xFF, budget,
+                                         notify, wait, spin)
+            if answered < 0:
+                raise OSError(-answered, "driving the ring")
+        else:
+            n = 0
+            while True:
+                n = exchange(n, notify, wait, spin, budget)
+                if received[(n - 1) * REQ] == 0xFF:
+                    break
+        print(json.dumps({"ring": asdict(back.statistics()),
+                          "grants": asdict(dom.grant_table.statistics()),
+                          "port": asdict(port.statistics())}), flush=True)
 
 
 def worker_main(argv: list[str]) -> None:
@@ -95,15 +113,15 @@ def worker_main(argv: list[str]) -> None:
     drop_privileges_from_environment()
     role = argv[0]
     if role == "front":
-        mode, cpu, count, depth, spin, back = argv[1], *map(int, argv[2:7])
-        trio.run(_front, mode, cpu, count, depth, spin, back)
+        mode, driver, cpu, count, depth, spin, back = argv[1], argv[2], *map(int, argv[3:8])
+        trio.run(_front, mode, driver, cpu, count, depth, spin, back)
     else:
-        cpu, spin, front, gref, port = map(int, argv[1:6])
-        trio.run(_back, cpu, spin, front, gref, port)
+        driver, (cpu, spin, front, gref, port) = argv[1], map(int, argv[2:7])
+        trio.run(_back, driver, cpu, spin, front, gref, port)
 
 
 async def run_ring_pair(mode: str, cpus: tuple[int, int], count: int, depth: int,
-                        spin: int = SPIN_NS, *, sandboxed: bool = False,
+                        spin: int = SPIN_NS, *, driver: str = "python", sandboxed: bool = False,
                         progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Run a front and a back domain under a fresh hypervisor; returns timing and statistics.
 
@@ -122,7 +140,7 @@ async def run_ring_pair(mode: str, cpus: tuple[int, int], count: int, depth: int
             back_domid, back_fd = await dom0.create_domain("ring-back")
             front_domid, front = await spawn_domain(
                 dom0, "ring-front",
-                base + ["front", mode, str(cpus[0]), str(count), str(depth), str(spin),
+                base + ["front", mode, driver, str(cpus[0]), str(count), str(depth), str(spin),
                         str(back_domid)],
                 sandbox=SandboxSpec("ring-front") if sandboxed else None, **pipes)
             front_lines = _Lines(front.stdout)
@@ -130,7 +148,7 @@ async def run_ring_pair(mode: str, cpus: tuple[int, int], count: int, depth: int
             progress(f"front domain {front_domid} granted ring page gref={info['gref']} "
                      f"and event channel port={info['port']}")
             back = await _start_with_fd(
-                base + ["back", str(cpus[1]), str(spin), str(front_domid), str(info["gref"]),
+                base + ["back", driver, str(cpus[1]), str(spin), str(front_domid), str(info["gref"]),
                         str(info["port"])], back_fd, SandboxSpec("ring-back") if sandboxed else None)
             back_lines = _Lines(back.stdout)
             if (await back_lines.next()).strip() != "attached":

@@ -179,6 +179,32 @@ def test_exchange_between_two_processes_with_eventfds():
     assert status == 0 and total == sum(1 + r % 32 for r in range(200))
 
 
+@pytest.mark.parametrize("depth,spin", [(1, 0), (1, 20_000), (32, 0), (7, 20_000)])
+def test_rings_driven_from_c_answer_every_request_once(depth, spin):
+    """ringdrive.c (the ring benchmark's loops): a front keeping ``depth`` in flight and a
+    back answering until the stop request, across a fork, with eventfd notifications."""
+    from ringfence.hypervisor._lib import ffi, lib
+    area = mmap.mmap(-1, 4096)
+    to_back, to_front = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    front = FrontRing(area, 112, 16)
+    pid = os.fork()
+    if pid == 0:
+        back = BackRing(area, 112, 16)
+        answered = lib.rf_drive_back(back.c_ring, ffi.new("uint8_t[]", 16), 0xFF, 16,
+                                     to_front, to_back, spin)
+        os._exit(0 if answered == 5001 else 1)
+    done = lib.rf_drive_front(front.c_ring, ffi.new("uint8_t[]", 112), 5000, depth, to_back,
+                              to_front, spin)
+    front.staging[0] = 0xFF
+    front.submit_staged(1, to_back)
+    _, status = os.waitpid(pid, 0)
+    assert done == 5000 and status == 0
+    stats = front.statistics()
+    assert stats.requests == 5001 and stats.responses == 5000 and stats.overflows == 0
+    assert lib.rf_drive_front(front.c_ring, ffi.new("uint8_t[]", 112), 1, 33, to_back,
+                              to_front, 0) == -22  # more in flight than the ring holds
+
+
 def test_batched_copy_checks_every_bound():
     from ringfence.hypervisor.io.copy import CopyBatch
     a, b = bytearray(b"A" * 4096), bytearray(4096)
