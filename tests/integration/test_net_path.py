@@ -289,6 +289,70 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
         net.kill()
 
 
+NOTIFICATION_STORM = """
+import json, os, sys, time, trio
+from ringfence.hypervisor.sim.client import open_domain
+from ringfence.xenbus.sim import open_domain_xenstore
+from ringfence.testing.rawvif import RawVif
+
+async def main():
+    async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+        vif = await RawVif.open(dom, xs)
+        _, _, port = await vif.connect()
+        print(json.dumps({"connected": True}), flush=True)
+        end, sent = time.monotonic() + float(sys.argv[1]), 0
+        while time.monotonic() < end:
+            for _ in range(1000):
+                os.eventfd_write(port.notify_fd, 1)
+            sent += 1000
+        state = (await xs.read(vif.backend + "/state")).decode()
+        print(json.dumps({"notified": sent, "backend_state": state}), flush=True)
+
+trio.run(main)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_notification_storm_costs_netback_little_cpu_and_others_nothing(tmp_path):
+    """ATTACKS A13 (XSA-332): a frontend notifying in a tight loop with nothing on its rings.
+    The vif's C loop backs off from it; the other vifs' loops are threads of their own."""
+    from ringfence.testing.streams import LineReader
+    async with open_net_host(str(tmp_path)) as host:
+        pids = {}
+        for n in (1, 2):
+            guest = await host.start_guest(f"g{n}", mac=f"02:00:00:00:00:0{n}",
+                                           netfront_args=["--ip", f"10.79.0.{n}/24"])
+            pids[n] = guest.pid
+        evil_domid, fd = await host.dom0.create_domain("evil")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vif(xs, backend=host.net_domid, frontend=evil_domid, devid=0,
+                          mac="02:00:00:00:00:66")
+        evil = await trio.lowlevel.open_process(
+            [sys.executable, "-c", NOTIFICATION_STORM, "4"], pass_fds=(fd,),
+            env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=subprocess.PIPE)
+        os.close(fd)
+        lines = LineReader(evil.stdout)
+        with trio.fail_after(30):
+            assert json.loads(await lines.next()) == {"connected": True}
+        netback = innermost_pid(host.net.pid)
+        cpu_before, started = _cpu_seconds(netback), trio.current_time()
+        ping = await trio.to_thread.run_sync(
+            lambda: in_netns(pids[1], "ping", "-c", "10", "-i", "0.2", "-W", "2", "10.79.0.2"))
+        with trio.fail_after(30):
+            result = json.loads(await lines.next())
+        cpu = (_cpu_seconds(netback) - cpu_before) / (trio.current_time() - started)
+        assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
+        assert result["notified"] > 100_000
+        assert result["backend_state"] == "4"  # backed off from, not disconnected
+        assert cpu < 0.25, f"netback used {cpu:.0%} of a core during the storm"
+        assert await evil.wait() == 0
+
+
 async def test_pages_an_old_network_backend_keeps_mapped_are_never_reused(tmp_path):
     """ATTACKS A6 (XSA-396) for netfront: a backend maps both ring pages and never lets go;
     when the vif moves, netfront's try-end-access fails for them, so it grants nothing to
