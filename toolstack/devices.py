@@ -18,28 +18,38 @@ async def add_vbd(xs: XenStore, *, backend: int, frontend: int, devid: int, targ
     frontend directory belongs to the guest and is readable by the driver domain.
     """
     paths = DevicePaths("vbd", frontend, backend, devid)
-    await _write_device(xs, paths,
-                        (("frontend", paths.frontend), ("frontend-id", frontend), ("params", target),
-                         ("mode", mode), ("online", 1), ("type", "raw"), ("dev", vdev)),
-                        (("virtual-device", devid), ("device-type", "disk")), replaces=replaces)
+    await _write_device(xs, paths, *_vbd_keys(paths, target=target, mode=mode, vdev=vdev),
+                        replaces=replaces)
     return paths
 
 
+def _vbd_keys(paths: DevicePaths, *, target: str, mode: str = "w", vdev: str = "xvda") -> tuple[Any, Any]:
+    return ((("frontend", paths.frontend), ("frontend-id", paths.frontend_domid), ("params", target),
+             ("mode", mode), ("online", 1), ("type", "raw"), ("dev", vdev)),
+            (("virtual-device", paths.devid), ("device-type", "disk")))
+
+
 async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, frontend_keys: Any,
-                        *, replaces: str | None = None) -> None:
+                        *, replaces: str | None = None, staged_beside: int | None = None) -> None:
     """Both halves of a device, with their permissions, in one transaction: a driver domain
     watching its directory never sees a node it may not read yet. ``replaces``: the backend
     directory of a driver domain that died, removed in the same transaction (the frontend
     then sees its new backend and the old one gone at once, and keeps its own state).
-    Four round trips in all: a handover after a crash waits on this."""
+    Four round trips in all: a handover after a crash waits on this.
+
+    ``staged_beside``: the domid of the driver domain serving the device now; the backend
+    half is written for a warm spare and the frontend's is left pointing at the current
+    one, readable by both (:func:`stage_device`)."""
     be, fe = paths.backend, paths.frontend
     backend, frontend, kind = paths.backend_domid, paths.frontend_domid, paths.kind
+    readers = [f"r{backend}"] if staged_beside is None else [f"r{staged_beside}", f"r{backend}"]
     async for tx in xs.transaction():
         async with tx:
             writes = [(f"{be}/{key}", value) for key, value in
                       (*backend_keys, ("state", int(XenbusState.Initialising)))]
-            writes += [(f"{fe}/{key}", value) for key, value in
-                       (("backend", be), ("backend-id", backend), *frontend_keys)]
+            if staged_beside is None:
+                writes += [(f"{fe}/{key}", value) for key, value in
+                           (("backend", be), ("backend-id", backend), *frontend_keys)]
             halves = ((be, backend, frontend), (fe, frontend, backend))
             requests = [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in writes]
             requests += [(Op.READ, W.join(f"{fe}/state"), tx.id)]
@@ -57,17 +67,48 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                 f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}")]
             for (top, owner, reader), listing in zip(halves, (be_list, fe_list)):
                 nodes = [top] + [f"{top}/{child}" for child in W.strings(listing)]  # type: ignore[arg-type]
-                perms += [(node, [f"n{owner}", f"r{reader}"]) for node in nodes]
+                perms += [(node, [f"n{owner}", *(readers if owner == frontend else [f"r{reader}"])])
+                          for node in nodes]
             requests = [(Op.SET_PERMS, W.join(path, *p), tx.id) for path, p in perms]
-            if isinstance(fe_state, XenStoreError):  # a new frontend starts Initialising;
-                # a live one keeps its own state
+            if isinstance(fe_state, XenStoreError) and staged_beside is None:
+                # a new frontend starts Initialising; a live one keeps its own state
                 requests.append((Op.WRITE, W.write_payload(f"{fe}/state", str(int(XenbusState.Initialising))), tx.id))
-                requests.append((Op.SET_PERMS, W.join(f"{fe}/state", f"n{frontend}", f"r{backend}"), tx.id))
+                requests.append((Op.SET_PERMS, W.join(f"{fe}/state", f"n{frontend}", *readers), tx.id))
             if replaces is not None:
                 requests.append((Op.RM, W.join(replaces), tx.id))
             for result in await xs.pipeline(requests):
                 if isinstance(result, XenStoreError) and not (
                         result.name == "ENOENT" and replaces is not None):  # gone with its domain
+                    raise result
+
+
+async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, **keys: Any) -> None:
+    """Write a device's backend half for a warm spare (``paths.backend_domid``) while the
+    driver domain ``current_backend`` still serves it: the spare's backend starts on it,
+    publishes its features and InitWait and waits, for it connects only to a frontend that
+    names it (``backend``); the frontend's directory becomes readable by the spare too. A
+    takeover then only points the frontend at the spare (:func:`switch_backends`). ``keys``:
+    as for :func:`add_vbd` or :func:`add_vif`, by ``paths.kind``."""
+    backend_keys, _ = _vbd_keys(paths, **keys) if paths.kind == "vbd" else _vif_keys(paths, **keys)
+    await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend)
+
+
+async def switch_backends(xs: XenStore, moves: list[tuple[DevicePaths, DevicePaths]]) -> None:
+    """Point frontends at the warm spare their devices were staged for, (old, new) a device,
+    all in one transaction: each frontend names its new backend, is reset to Initialising
+    (its Connected was the dead backend's: the new one must not act on the keys that went
+    with it), and the old backend directory goes, which is what the frontend watches."""
+    async for tx in xs.transaction():
+        async with tx:
+            requests = []
+            for old, new in moves:
+                fe = new.frontend
+                requests += [(Op.WRITE, W.write_payload(f"{fe}/{key}", str(value)), tx.id) for key, value in (
+                    ("backend", new.backend), ("backend-id", new.backend_domid),
+                    ("state", int(XenbusState.Initialising)))]
+                requests.append((Op.RM, W.join(old.backend), tx.id))
+            for result in await xs.pipeline(requests):
+                if isinstance(result, XenStoreError) and result.name != "ENOENT":  # gone with its domain
                     raise result
 
 
@@ -87,13 +128,17 @@ async def add_vif(xs: XenStore, *, backend: int, frontend: int, devid: int, mac:
     as libxl writes it: space-separated; a sim guest configures these addresses itself;
     ``mtu`` for the vif in the driver domain, 1500 when absent)."""
     paths = DevicePaths("vif", frontend, backend, devid)
-    await _write_device(xs, paths,
-                        (("frontend", paths.frontend), ("frontend-id", frontend), ("mac", mac),
-                         ("bridge", bridge), ("online", 1), ("handle", devid),
-                         *((("ip", " ".join(ip)),) if ip else ()),
-                         *((("mtu", mtu),) if mtu else ())),
-                        (("mac", mac), ("handle", devid)), replaces=replaces)
+    await _write_device(xs, paths, *_vif_keys(paths, mac=mac, bridge=bridge, ip=ip, mtu=mtu),
+                        replaces=replaces)
     return paths
+
+
+def _vif_keys(paths: DevicePaths, *, mac: str, bridge: str = "xenbr0", ip: tuple[str, ...] = (),
+              mtu: int | None = None) -> tuple[Any, Any]:
+    return ((("frontend", paths.frontend), ("frontend-id", paths.frontend_domid), ("mac", mac),
+             ("bridge", bridge), ("online", 1), ("handle", paths.devid),
+             *((("ip", " ".join(ip)),) if ip else ()), *((("mtu", mtu),) if mtu else ())),
+            (("mac", mac), ("handle", paths.devid)))
 
 
 async def move_vif(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,

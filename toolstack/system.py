@@ -2,8 +2,9 @@
 
 :func:`open_system` brings up everything a configuration names and tears it all down in
 order on exit. Storage driver domains are supervised: when one dies it is relaunched as a
-new domain, its vbds are handed to it in XenStore (:func:`move_vbd`), and the guests'
-blkfronts reconnect and replay — the guests only see a pause.
+new domain (or a warm spare takes over), its devices are handed to it in XenStore
+(:mod:`toolstack.devices`), and the guests' frontends reconnect and replay — the guests only
+see a pause.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid,
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.control import control_path, serve_control
-from ringfence.toolstack.devices import add_vbd, add_vif, move_vbd, move_vif
+from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_backends
 from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.hypervisor import open_hypervisor
 from ringfence.xenbus.client import open_xenstore
+from ringfence.xenbus.paths import DevicePaths
 from ringfence.xenbus.state import XenbusState
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,11 @@ class System:
     control_statistics: dict[str, int] = field(default_factory=dict)
 
     def spare_ready(self, name: str) -> bool:
-        """A warm spare stands by for ``name`` and has finished starting (it serves its
-        statistics socket once connected to XenStore and watching its backend directory)."""
-        return name in self.spares and os.path.exists(
+        """A warm spare stands by for ``name``, has finished starting (it serves its
+        statistics socket once connected to XenStore and watching its backend directory)
+        and has the devices of ``name`` staged."""
+        spare = self.spares.get(name)
+        return spare is not None and spare.staging_done and os.path.exists(
             os.path.join(self.runtime_dir, "stats", name, "spare.sock"))
 
     def stats_socket(self, name: str, uid: int | None) -> str:
@@ -244,35 +248,71 @@ SPARE_DELAY = 0.5  # after a takeover, the next spare starts once recovery has h
 
 @dataclass
 class Spare:
-    """A warm spare: a driver domain already started, serving nothing, that takes over the
-    devices of its predecessor the moment that one dies."""
+    """A warm spare: a driver domain already started that takes over the devices of its
+    predecessor the moment that one dies. Their backend halves are written for it
+    beforehand (``staged``: (kind, frontend, devid)), so that its backends wait at InitWait
+    for the frontends, which a takeover only points at it."""
     domid: int
     name: str
     process: Any
+    staged: set[tuple[str, int, int]] = field(default_factory=set)
+    staging_done: bool = False
 
 
-async def _hand_over(system: System, name: str, old: int | None, domid: int) -> None:
-    """Write (or move, after a crash) the devices of driver domain ``name`` to ``domid``."""
-    xs = system.xs
+def _devices_of(system: System, name: str) -> list[tuple[DevicePaths, dict[str, Any]]]:
+    """The devices driver domain ``name`` serves (backend domid 0: to be filled in) and the
+    keys add_vbd or add_vif writes for each."""
+    devices: list[tuple[DevicePaths, dict[str, Any]]] = []
     for guest in system.guests.values():
-        for disk in guest.disks:
-            if disk.backend != name:
-                continue
-            if old is not None:
-                await move_vbd(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                               devid=disk.devid, target=disk.target, mode=disk.mode)
-            else:
-                await add_vbd(xs, backend=domid, frontend=guest.domid, devid=disk.devid,
-                              target=disk.target, mode=disk.mode, vdev=disk.vdev)
-        for devid, vif in guest.vifs.items():
-            if vif.backend != name:
-                continue
-            if old is not None:
-                await move_vif(xs, old_backend=old, new_backend=domid, frontend=guest.domid,
-                               devid=devid, mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
-            else:
-                await add_vif(xs, backend=domid, frontend=guest.domid, devid=devid,
-                              mac=vif.mac, bridge=vif.bridge, ip=vif.ip)
+        devices += [(DevicePaths("vbd", guest.domid, 0, disk.devid),
+                     {"target": disk.target, "mode": disk.mode, "vdev": disk.vdev})
+                    for disk in guest.disks if disk.backend == name]
+        devices += [(DevicePaths("vif", guest.domid, 0, devid),
+                     {"mac": vif.mac, "bridge": vif.bridge, "ip": vif.ip})
+                    for devid, vif in guest.vifs.items() if vif.backend == name]
+    return devices
+
+
+async def _hand_over(system: System, name: str, old: int | None, domid: int,
+                     staged: set[tuple[str, int, int]] | None = None) -> None:
+    """Write (or move, after a crash) the devices of driver domain ``name`` to ``domid``.
+    Devices ``staged`` for it (a warm spare) only have their frontends pointed at it, all in
+    one transaction; what was staged for a device removed since goes."""
+    xs, staged = system.xs, staged or set()
+    switches = []
+    for paths, keys in _devices_of(system, name):
+        key = (paths.kind, paths.frontend_domid, paths.devid)
+        new = dataclasses.replace(paths, backend_domid=domid)
+        replaces = dataclasses.replace(paths, backend_domid=old).backend if old is not None else None
+        if replaces is not None and key in staged:
+            switches.append((dataclasses.replace(paths, backend_domid=old), new))
+            staged.discard(key)
+        elif paths.kind == "vbd":
+            await add_vbd(xs, backend=domid, frontend=paths.frontend_domid, devid=paths.devid,
+                          replaces=replaces, **keys)
+        else:
+            await add_vif(xs, backend=domid, frontend=paths.frontend_domid, devid=paths.devid,
+                          replaces=replaces, **keys)
+    if switches:
+        await switch_backends(xs, switches)
+    for kind, frontend, devid in staged:
+        with contextlib.suppress(XenStoreError):
+            await xs.rm(DevicePaths(kind, frontend, domid, devid).backend)
+
+
+async def _stage(system: System, name: str, spare: Spare) -> None:
+    """Write the devices of driver domain ``name`` for its warm spare (see :class:`Spare`).
+    A device that cannot be staged is handed over whole when the spare takes over."""
+    current = system.driver_domids[name]
+    try:
+        for paths, keys in _devices_of(system, name):
+            await stage_device(system.xs, dataclasses.replace(paths, backend_domid=spare.domid),
+                               current, **keys)
+            spare.staged.add((paths.kind, paths.frontend_domid, paths.devid))
+    except XenStoreError as exc:
+        log.warning("devices not staged for the warm spare", extra={"kv": {
+            "driver": name, "spare": spare.domid, "error": str(exc)}})
+    spare.staging_done = True
 
 
 async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
@@ -288,6 +328,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
                or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset()))
     uid = sandbox.uid if sandbox.uid is not None else sandbox_uid(name)
     stats = system.stats_socket(name, uid)
+    staging = trio.Lock()  # a takeover waits for the staging of its spare's devices
 
     def teardown_of(domid: int, fd: int | None = None) -> Any:
         async def teardown() -> None:
@@ -316,7 +357,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             raise
         finally:
             os.close(fd)
-        system.spares[name] = Spare(domid, spare_name, process)
+        spare = system.spares[name] = Spare(domid, spare_name, process)
+        async with staging:
+            await _stage(system, name, spare)
 
     async def prepare() -> Launch:
         nonlocal started_once
@@ -332,15 +375,17 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             # Warm: the spare takes the name and the devices; a new spare starts behind it.
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
-            async with trio.open_nursery() as nursery:  # the name is not on a guest's path
+            async with trio.open_nursery() as nursery, staging:  # the name is not on a guest's path
                 nursery.start_soon(system.dom0.rename_domain, spare.domid, name)
-                await _hand_over(system, name, old, spare.domid)
+                await _hand_over(system, name, old, spare.domid, spare.staged)
             with contextlib.suppress(OSError):
                 os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
             system.nursery.start_soon(start_spare, SPARE_DELAY)
             return Launch(program, teardown=teardown_of(spare.domid), adopt=spare.process)
         if spare is not None:
             spare.process.kill()
+            with contextlib.suppress(XenStoreError):  # what was staged for it
+                await system.xs.rm(f"/local/domain/{spare.domid}")
         domid, fd = await system.dom0.create_domain(name)
         system.driver_domids[name] = domid
         await _hand_over(system, name, old, domid)

@@ -159,11 +159,13 @@ class BlkbackDevice:
         """React to the frontend's state; False when the device is gone."""
         # The keys a connection starts from come with the state (a reconnection after a
         # crash waits on each round trip).
-        raw_state, *header = [None if isinstance(value, XenStoreError) else value
-                              for value in await self.xs.pipeline(
-                                  [(W.Op.READ, W.join(f"{self.frontend_path}/{key}"), 0)
-                                   for key in ("state", *HEADER_KEYS)])]
+        raw_state, raw_backend, *header = [None if isinstance(value, XenStoreError) else value
+                                           for value in await self.xs.pipeline(
+                                               [(W.Op.READ, W.join(f"{self.frontend_path}/{key}"), 0)
+                                                for key in ("state", "backend", *HEADER_KEYS)])]
         fe = XenbusState.of(raw_state)
+        if raw_backend is not None and raw_backend != self.path.encode():
+            return True  # staged for a warm spare: the frontend is another backend's yet
         if fe in (XenbusState.Initialised, XenbusState.Connected) and self.state == XenbusState.InitWait:
             try:
                 await self._connect_and_serve(header)

@@ -124,8 +124,15 @@ class NetbackVif:
         async with self.xs.watch(f"{self.frontend_path}/state") as events:
             async for _ in events:
                 try:
-                    fe = int(await self.xs.read(f"{self.frontend_path}/state"))
-                except (XenStoreError, ValueError):
+                    raw_state, raw_backend = await self.xs.read_many(
+                        [f"{self.frontend_path}/state", f"{self.frontend_path}/backend"])
+                except XenStoreError:
+                    raw_state = raw_backend = None
+                if raw_backend is not None and raw_backend != self.path.encode():
+                    continue  # staged for a warm spare: the frontend is another backend's yet
+                try:
+                    fe = int(raw_state or b"")
+                except ValueError:
                     fe = 0
                 if fe in (3, 4) and self.state == XenbusState.InitWait:
                     try:

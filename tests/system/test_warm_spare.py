@@ -1,6 +1,6 @@
-"""A driver domain with a warm spare: on a crash the spare (started beforehand, serving
-nothing) takes the name and the devices, the guest's I/O carries on, and a new spare
-starts behind it."""
+"""A driver domain with a warm spare: on a crash the spare (started beforehand, its devices
+staged at InitWait) takes the name and the devices, the guest's I/O carries on, and a new
+spare starts behind it."""
 from __future__ import annotations
 
 import os
@@ -47,6 +47,17 @@ async def _exercise(runtime: str) -> None:
             while not system.spare_ready("stor"):
                 await trio.sleep(0.05)
         spare = system.spares["stor"]
+        primary = system.driver_domids["stor"]
+        guest = system.guests["guest1"]
+        devid = guest.disks[0].devid
+        staged = f"/local/domain/{spare.domid}/backend/vbd/{guest.domid}/{devid}"
+        frontend = f"/local/domain/{guest.domid}/device/vbd/{devid}"
+        # Staged: the spare's backend waits at InitWait while the frontend stays the primary's.
+        with trio.fail_after(30):
+            while await _read(system.xs, f"{staged}/state") != b"2":
+                await trio.sleep(0.05)
+        assert await _read(system.xs, f"{frontend}/backend-id") == str(primary).encode()
+        assert await _read(system.xs, f"{frontend}/state") == b"4"
         uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
         data = os.urandom(4 << 20)
         with open(f"{runtime}/in", "wb") as f:
@@ -67,4 +78,10 @@ async def _exercise(runtime: str) -> None:
             while not system.spare_ready("stor"):
                 await trio.sleep(0.05)
         assert system.spares["stor"].domid != spare.domid
+        assert await _read(system.xs, f"{frontend}/backend") == staged.encode()
+        assert await _read(system.xs, f"/local/domain/{primary}/backend/vbd/{guest.domid}/{devid}/state") is None
     assert not os.path.exists(f"{runtime}/control.sock")
+
+
+async def _read(xs, path: str) -> bytes | None:
+    return (await xs.read_many([path]))[0]
