@@ -95,7 +95,7 @@ async def block_detach(system: Any, guest_name: str, vdev: str) -> dict[str, Any
         raise CommandError(f"{guest_name} has no disk {vdev!r} (see 'ringfence block-list {guest_name}')")
     guest.disks.remove(disk)
     guest.nbd_sockets.pop(disk.vdev, None)
-    seconds = await _detach(system, _paths(system, guest, "vbd", disk.devid, disk.backend))
+    seconds = await _detach(system, _paths(system, guest, "vbd", disk.devid, disk.backend), disk.backend)
     return {"guest": guest_name, "vdev": disk.vdev, "detach_ms": round(seconds * 1000, 1)}
 
 
@@ -125,13 +125,19 @@ async def network_detach(system: Any, guest_name: str, devid_text: str) -> dict[
     vif = guest.vifs.pop(devid, None)
     if vif is None:
         raise CommandError(f"{guest_name} has no vif {devid_text!r} (see 'ringfence network-list {guest_name}')")
-    seconds = await _detach(system, _paths(system, guest, "vif", devid, vif.backend))
+    seconds = await _detach(system, _paths(system, guest, "vif", devid, vif.backend), vif.backend)
     return {"guest": guest_name, "devid": devid, "detach_ms": round(seconds * 1000, 1)}
 
 
-async def _detach(system: Any, paths: DevicePaths) -> float:
+async def _detach(system: Any, paths: DevicePaths, driver: str) -> float:
     started = time.monotonic()
     xs = system.xs
+    spare = system.spares.get(driver)
+    if spare is not None and (paths.kind, paths.frontend_domid, paths.devid) in spare.staged:
+        # what was staged for the warm spare goes first: it must not outlive the device
+        spare.staged.discard((paths.kind, paths.frontend_domid, paths.devid))
+        with contextlib.suppress(XenStoreError):
+            await xs.rm(DevicePaths(paths.kind, paths.frontend_domid, spare.domid, paths.devid).backend)
     async for tx in xs.transaction():
         async with tx:
             await tx.write(f"{paths.backend}/online", "0")
@@ -195,9 +201,9 @@ async def destroy_guest(system: Any, name: str) -> dict[str, Any]:
         with trio.move_on_after(10):
             await guest.process.wait()
     for disk in list(guest.disks):
-        await _detach(system, _paths(system, guest, "vbd", disk.devid, disk.backend))
+        await _detach(system, _paths(system, guest, "vbd", disk.devid, disk.backend), disk.backend)
     for devid, vif in list(guest.vifs.items()):
-        await _detach(system, _paths(system, guest, "vif", devid, vif.backend))
+        await _detach(system, _paths(system, guest, "vif", devid, vif.backend), vif.backend)
     with contextlib.suppress(XenStoreError):
         await system.xs.rm(f"/local/domain/{guest.domid}")
     del system.guests[name]

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import trio
 
+from ringfence.toolstack import hotplug
 from ringfence.toolstack.config import load
 from ringfence.toolstack.system import open_system
 
@@ -24,15 +25,16 @@ spare = true
 [[domain]]
 name = "guest1"
 kind = "guest"
-disks = ["target={dir}/g.img,vdev=xvda,backend=stor"]
+disks = ["target={dir}/g.img,vdev=xvda,backend=stor", "target={dir}/h.img,vdev=xvdb,backend=stor"]
 """
 
 
 async def test_spare_takes_over_and_is_replaced():
     runtime = f"/run/ringfence-spare-{os.getpid()}"
     os.makedirs(runtime, exist_ok=True)
-    with open(f"{runtime}/g.img", "wb") as f:
-        f.truncate(32 << 20)
+    for image in ("g", "h"):
+        with open(f"{runtime}/{image}.img", "wb") as f:
+            f.truncate(32 << 20)
     with open(f"{runtime}/host.toml", "w") as f:
         f.write(CONFIG.format(dir=runtime))
     try:
@@ -58,6 +60,11 @@ async def _exercise(runtime: str) -> None:
                 await trio.sleep(0.05)
         assert await _read(system.xs, f"{frontend}/backend-id") == str(primary).encode()
         assert await _read(system.xs, f"{frontend}/state") == b"4"
+        # A device detached meanwhile takes what was staged for it along.
+        second = guest.disks[1].devid
+        await hotplug.block_detach(system, "guest1", "xvdb")
+        assert await _read(system.xs, f"/local/domain/{spare.domid}/backend/vbd/{guest.domid}/{second}/state") is None
+        assert ("vbd", guest.domid, second) not in spare.staged
         uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
         data = os.urandom(4 << 20)
         with open(f"{runtime}/in", "wb") as f:
