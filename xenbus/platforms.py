@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ import trio
 from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
 from ringfence.xenbus.client import XenStore, dial_unix, open_xenstore_stream
+
+log = logging.getLogger(__name__)
 
 PLATFORMS = ("auto", "sim", "xen")
 XENBUS_DEVICE = "/dev/xen/xenbus"
@@ -108,3 +111,27 @@ async def open_platform(requested: str = "auto") -> AsyncIterator[tuple[Any, Xen
         domid = int(await xs.read("domid"))
         with open_xen_domain(domid) as domain:
             yield domain, xs
+
+
+def add_platform_argument(parser: Any) -> None:
+    """``--platform`` for a program that runs inside a domain."""
+    parser.add_argument("--platform", choices=PLATFORMS, default="auto",
+                        help="sim (started by the sim hypervisor) or xen (a real Xen driver "
+                        "domain, through libxengnttab/libxenevtchn); auto picks sim when "
+                        "$RINGFENCE_DOMAIN_FD is set, else xen where /dev/xen exists")
+
+
+async def serve_backend_domain(platform: str, program: str, kind: str, serve: Any) -> None:
+    """A driver domain's main: connect to the platform, run ``serve(domain, xs)`` (which
+    starts with the dict of its devices), answer statistics (the devices under ``kind``)
+    and tell the supervisor it is ready."""
+    from ringfence._sdnotify import Notifier
+    from ringfence._statsock import serve_statistics
+    async with open_platform(platform) as (domain, xs):
+        async with trio.open_nursery() as nursery:
+            devices = await nursery.start(serve, domain, xs)
+            await nursery.start(serve_statistics, lambda: {
+                "domid": domain.domid, "xenstore": xs.statistics(),
+                kind: {f"{fe}/{devid}": d.statistics() for (fe, devid), d in sorted(devices.items())}})
+            Notifier().ready(status=f"{program} serving in domain {domain.domid}")
+            log.info(f"{program} ready", extra={"kv": {"domid": domain.domid}})

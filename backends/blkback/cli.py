@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import trio
 
-from ringfence._sdnotify import Notifier
-from ringfence._statsock import serve_statistics
-from ringfence.xenbus.platforms import PLATFORMS, open_platform
-
-log = logging.getLogger(__name__)
+from ringfence.xenbus.platforms import add_platform_argument, serve_backend_domain
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,10 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "(backend/vbd/FRONTEND/DEVID with params=PATH and mode=r|w). Run as a sim domain: "
         "the domain's control socket comes in $RINGFENCE_DOMAIN_FD.",
         epilog="example: started by `ringfence up` for each storage driver domain")
-    parser.add_argument("--platform", choices=PLATFORMS, default="auto",
-                        help="sim (started by the sim hypervisor) or xen (a real Xen driver "
-                        "domain, through libxengnttab/libxenevtchn); auto picks sim when "
-                        "$RINGFENCE_DOMAIN_FD is set, else xen where /dev/xen exists")
+    add_platform_argument(parser)
     parser.set_defaults(func=run_command)
 
 
@@ -34,11 +26,4 @@ def run_command(args: argparse.Namespace) -> int:
 
 async def _serve(platform: str) -> None:
     from ringfence.backends.blkback.xenbus import serve_blkback
-    async with open_platform(platform) as (domain, xs):
-        async with trio.open_nursery() as nursery:
-            devices = await nursery.start(serve_blkback, domain, xs)
-            await nursery.start(serve_statistics, lambda: {
-                "domid": domain.domid, "xenstore": xs.statistics(),
-                "vbds": {f"{fe}/{devid}": d.statistics() for (fe, devid), d in sorted(devices.items())}})
-            Notifier().ready(status=f"blkback serving in domain {domain.domid}")
-            log.info("blkback ready", extra={"kv": {"domid": domain.domid}})
+    await serve_backend_domain(platform, "blkback", "vbds", serve_blkback)
