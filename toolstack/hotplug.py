@@ -132,10 +132,10 @@ async def network_detach(system: Any, guest_name: str, devid_text: str) -> dict[
 async def _detach(system: Any, paths: DevicePaths, driver: str) -> float:
     started = time.monotonic()
     xs = system.xs
-    spare = system.spares.get(driver)
-    if spare is not None and (paths.kind, paths.frontend_domid, paths.devid) in spare.staged:
+    spare, staged = system.spares.get(driver), (paths.kind, paths.frontend_domid, paths.devid)
+    if spare is not None and staged in spare.staged:
         # what was staged for the warm spare goes first: it must not outlive the device
-        spare.staged.discard((paths.kind, paths.frontend_domid, paths.devid))
+        spare.staged.discard(staged)
         with contextlib.suppress(XenStoreError):
             await xs.rm(DevicePaths(paths.kind, paths.frontend_domid, spare.domid, paths.devid).backend)
     async for tx in xs.transaction():

@@ -282,10 +282,10 @@ async def _hand_over(system: System, name: str, old: int | None, domid: int,
     switches = []
     for paths, keys in _devices_of(system, name):
         key = (paths.kind, paths.frontend_domid, paths.devid)
-        new = dataclasses.replace(paths, backend_domid=domid)
-        replaces = dataclasses.replace(paths, backend_domid=old).backend if old is not None else None
-        if replaces is not None and key in staged:
-            switches.append((dataclasses.replace(paths, backend_domid=old), new))
+        previous = dataclasses.replace(paths, backend_domid=old) if old is not None else None
+        replaces = previous.backend if previous is not None else None
+        if previous is not None and key in staged:
+            switches.append((previous, dataclasses.replace(paths, backend_domid=domid)))
             staged.discard(key)
         elif paths.kind == "vbd":
             await add_vbd(xs, backend=domid, frontend=paths.frontend_domid, devid=paths.devid,

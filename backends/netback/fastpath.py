@@ -111,10 +111,6 @@ class VifFastPath:
         return [raw[i * size:(i + 1) * size] for i in range(n)], bool(self._notify[0])
 
     @property
-    def tap_fd(self) -> int:
-        return int(self._c.tap_fd)
-
-    @property
     def packets(self) -> int:
         return int(self._c.packets)
 
@@ -142,9 +138,7 @@ class NetbackLoop(CLoop):
     def __init__(self, fast: VifFastPath, tx: BackRing, rx: BackRing, port: Any) -> None:
         c = ffi.new("rf_netback_loop *")
         c.tx, c.rx, c.handed_back = fast._c, fast._rx, fast._handed_back
-        c.base.tx_ring, c.base.rx_ring = tx.c_ring, rx.c_ring
-        self._rings = (tx, rx)  # kept: C holds their addresses
-        super().__init__(lib.rf_netback_loop_run, c, c.base, port)
+        super().__init__(lib.rf_netback_loop_run, c, c.base, port, tx, rx)
 
     def handed_back(self) -> list[bytes]:
         """The transmit requests C left to Python (after HANDED_BACK)."""

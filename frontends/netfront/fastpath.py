@@ -56,9 +56,7 @@ class VifPump:
         stopped, or when the backend overflows a ring (OVERFLOW) or the TAP fails."""
         c = ffi.new("rf_netfront_loop *")
         c.tx, c.rx = self._c, self._rx
-        c.base.tx_ring, c.base.rx_ring = tx.c_ring, rx.c_ring
-        self._loop = CLoop(lib.rf_netfront_loop_run, c, c.base, port)
-        self._loop_rings = (tx, rx)  # kept: C holds their addresses
+        self._loop = CLoop(lib.rf_netfront_loop_run, c, c.base, port, tx, rx)
         return self._loop
 
     @property

@@ -289,8 +289,7 @@ static void take_posted(rf_net_rx *r, uint16_t *id, uint32_t *gref)
 /* The buffer k places after the oldest posted: its page, or NULL if C cannot write it. */
 static uint8_t *posted_page(const rf_net_rx *r, uint32_t k)
 {
-    uint32_t gref = r->posted_grefs[(r->posted_head + k) % r->posted_cap];
-    return gref < r->ngrants && r->writable[gref] ? r->pages[gref] : NULL;
+    return rf_net_rx_writable_page(r, r->posted_grefs[(r->posted_head + k) % r->posted_cap]);
 }
 
 static unsigned xen_gso_of(const struct vnet_header *vnet)
@@ -403,7 +402,7 @@ int rf_net_rx_serve(rf_net_rx *r, rf_ring *ring, uint32_t budget, int *notify)
             uint16_t id;
             uint32_t gref, len = length - i * PAGE < PAGE ? length - i * PAGE : PAGE;
             take_posted(r, &id, &gref);
-            uint8_t *page = gref < r->ngrants && r->writable[gref] ? r->pages[gref] : NULL;
+            uint8_t *page = rf_net_rx_writable_page(r, gref);
             if (!page)
                 whole = 0;
             else if (!direct)
@@ -478,11 +477,7 @@ int rf_netfront_tx_pump(rf_netfront_tx *f, rf_ring *ring, uint32_t budget, int *
             if (written > *dirty)
                 *dirty = (uint16_t)written;
         }
-        unsigned kind = vnet.gso_type & ~VNET_GSO_ECN, xen_gso = 0;
-        if (kind == VNET_GSO_TCPV4)
-            xen_gso = XEN_GSO_TCPV4;
-        else if (kind == VNET_GSO_TCPV6)
-            xen_gso = XEN_GSO_TCPV6;
+        unsigned xen_gso = xen_gso_of(&vnet);
         if (length < 0 || (pieces > 1 && !f->sg) || length > MAX_TX_SIZE || (vnet.gso_type && !xen_gso)) {
             f->dropped++;
             continue;

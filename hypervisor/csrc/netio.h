@@ -56,6 +56,12 @@ typedef struct rf_net_rx {
 } rf_net_rx;
 #define RF_NET_RX_PACKET (12 + 65536 + 64)
 
+/* The page C may write for gref (mapped writable), or NULL. */
+static inline uint8_t *rf_net_rx_writable_page(const rf_net_rx *r, uint32_t gref)
+{
+    return gref < r->ngrants && r->writable[gref] ? r->pages[gref] : NULL;
+}
+
 /* Buffers the guest posted (copied out of the ring already): how many were taken (not
  * more than the ring holds). */
 uint32_t rf_net_rx_post(rf_net_rx *r, const uint16_t *ids, const uint32_t *grefs, uint32_t n);

@@ -83,7 +83,7 @@ static int take_rx_buffers(rf_netback_loop *l)
     int n = rf_back_take_requests(l->base.rx_ring, requests, RF_NETLOOP_NEW_MAX);
     for (int i = 0; i < n; i++) {
         uint32_t gref = requests[i].gref;
-        if (l->nnew == 0 && gref < rx->ngrants && rx->pages[gref] && rx->writable[gref]) {
+        if (l->nnew == 0 && rf_net_rx_writable_page(rx, gref)) {
             rf_net_rx_post(rx, &requests[i].id, &gref, 1);
         } else {
             l->new_ids[l->nnew] = requests[i].id;

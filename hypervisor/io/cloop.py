@@ -20,11 +20,13 @@ class CLoop:
     STOPPED, HANDED_BACK, NEW_BUFFERS = lib.RF_NETLOOP_STOPPED, lib.RF_NETLOOP_HANDED_BACK, lib.RF_NETLOOP_NEW_BUFFERS
     OVERFLOW, TAP_ERROR = lib.RF_NETLOOP_OVERFLOW, lib.RF_NETLOOP_TAP_ERROR
 
-    def __init__(self, run: Any, c_loop: Any, base: Any, port: Any) -> None:
-        """``base``: the loop's rf_netloop; ``port``: a channel with eventfds (sim)."""
-        self._run, self.c, self.base = run, c_loop, base
+    def __init__(self, run: Any, c_loop: Any, base: Any, port: Any, tx: Any, rx: Any) -> None:
+        """``base``: the loop's rf_netloop; ``port``: a channel with eventfds (sim); ``tx``
+        and ``rx``: its rings (kept here: C holds their addresses)."""
+        self._run, self.c, self.base, self._rings = run, c_loop, base, (tx, rx)
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         base.wait_fd, base.notify_fd, base.stop_fd = port.wait_fd, port.notify_fd, self._stop_fd
+        base.tx_ring, base.rx_ring = tx.c_ring, rx.c_ring
         self._limiter = trio.CapacityLimiter(1)
 
     @staticmethod
