@@ -13,14 +13,13 @@ request in flight) and a plain C ring with the same layout (for 32 in flight).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from importlib import resources
 
 import trio
 
+from ringfence.bench.cbuild import build
 from ringfence.bench.report import Metric
 from ringfence.toolstack.ringpair import run_ring_pair
 
@@ -32,29 +31,19 @@ def _pin(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
 
 
-def _build_peers(workdir: str) -> str:
-    source = resources.files("ringfence.bench").joinpath("ring_peers.c")
-    binary = os.path.join(workdir, "ring_peers")
-    with resources.as_file(source) as path:
-        subprocess.run(["gcc", "-O2", "-o", binary, str(path)], check=True)
-    return binary
-
-
 def _peer(binary: str, *args: object) -> float:
     out = subprocess.run([binary, *map(str, args)], capture_output=True, text=True, check=True)
     return float(out.stdout)
 
 
 def run(quick: bool, progress: Callable[[str], None]) -> list[Metric]:
-    if shutil.which("gcc") is None:
-        raise RuntimeError("the ring benchmark builds its C peers with gcc")
     cpus = sorted(os.sched_getaffinity(0))
     cross = (cpus[0], cpus[1]) if len(cpus) > 1 else None
     qd1_n = 20_000 if quick else 200_000
     batch_n = 300_000 if quick else 3_000_000
     metrics = []
     with tempfile.TemporaryDirectory() as tmp:
-        binary = _build_peers(tmp)
+        binary = build("ring_peers.c", tmp)
         placements = [("same_cpu", (cpus[0], cpus[0]))] + ([("cross_cpu", cross)] if cross else [])
         for label, pair in placements:
             progress(f"qd1 round trip, {label}: C eventfd ping-pong")

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import resources
 
 import trio
 
+from ringfence.bench.cbuild import build
 from ringfence.bench.report import Metric
 from ringfence.testing.peers import open_peer_xenstored
 from ringfence.xenbus.client import open_xenstore
@@ -39,15 +37,6 @@ MODES = [("read", 5000, "read_latency_qd1", "us", "<=1.0"),
          ("pipelined", 100_000, "read_pipelined_64", "reads/s", ">=1.0"),
          ("tx", 2000, "transaction_rate", "tx/s", ">=1.0"),
          ("watch", 3000, "watch_latency", "us", "<=1.0")]
-
-
-def _build_client(workdir: str) -> str:
-    if shutil.which("gcc") is None:
-        raise RuntimeError("the xenstore benchmark builds its client with gcc")
-    binary = os.path.join(workdir, "xs_client")
-    with resources.as_file(resources.files("ringfence.bench").joinpath("xs_client.c")) as source:
-        subprocess.run(["gcc", "-O2", "-o", binary, str(source)], check=True)
-    return binary
 
 
 def _placement() -> tuple[int | None, int | None]:
@@ -119,7 +108,7 @@ async def _restore_ms(directory: str) -> float:
 async def _run(quick: bool, progress: Callable[[str], None]) -> list[Metric]:
     client_cpu, daemon_cpu = _placement()
     with tempfile.TemporaryDirectory() as tmp:
-        binary = _build_client(tmp)
+        binary = build("xs_client.c", tmp)
         progress("starting Xen's C xenstored (peer) and ours")
         ours_path, ours = await _start_ours(tmp)
         try:
