@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ringfence.hypervisor._lib import ffi, lib
+from ringfence.hypervisor._lib import c_counter, ffi, lib
 from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 
@@ -60,9 +60,7 @@ class FastPath:
             self._pages[gref] = ffi.NULL
             self._cached -= 1
 
-    @property
-    def served(self) -> int:
-        return int(self._c.served)
+    served = c_counter("_c", "served")
 
     def serve(self, ring: BackRing) -> tuple[list[bytes], bool]:
         """Serve what the ring holds; returns the requests left for Python and whether the

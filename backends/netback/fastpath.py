@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ringfence.hypervisor._lib import ffi, lib
+from ringfence.hypervisor._lib import c_counter, ffi, lib
 from ringfence.hypervisor.io import netif
 from ringfence.hypervisor.io.cloop import CLoop
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
@@ -110,21 +110,10 @@ class VifFastPath:
         raw = ffi.buffer(self._handed_back, n * size)[:]
         return [raw[i * size:(i + 1) * size] for i in range(n)], bool(self._notify[0])
 
-    @property
-    def packets(self) -> int:
-        return int(self._c.packets)
-
-    @property
-    def rx_packets(self) -> int:
-        return int(self._rx.packets)
-
-    @property
-    def rx_dropped(self) -> int:
-        return int(self._rx.dropped)
-
-    @property
-    def rx_bad_grants(self) -> int:
-        return int(self._rx.bad_grants)
+    packets = c_counter("_c", "packets")
+    rx_packets = c_counter("_rx", "packets")
+    rx_dropped = c_counter("_rx", "dropped")
+    rx_bad_grants = c_counter("_rx", "bad_grants")
 
     def statistics(self) -> VifFastPathStatistics:
         c, rx = self._c, self._rx

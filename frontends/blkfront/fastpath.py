@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ringfence.hypervisor._lib import ffi, lib
+from ringfence.hypervisor._lib import c_counter, ffi, lib
 from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io.ring import RingOverflow
 
@@ -44,9 +44,7 @@ class DeviceFastPath:
         self._handback_view = ffi.buffer(self._handback)
 
     # ---- pages -----------------------------------------------------------------------
-    @property
-    def free_pages(self) -> int:
-        return int(self.c.nfree)
+    free_pages = c_counter("c", "nfree")
 
     def take_pages(self, count: int) -> list[int] | None:
         if not lib.rf_bf_take_pages(self.c, count, self._pages):
@@ -88,10 +86,7 @@ class DeviceFastPath:
         """Put what the last backend left unanswered on the new rings: how many still wait."""
         return int(lib.rf_bf_replay(self.c))
 
-    @property
-    def notify_mask(self) -> int:
-        """Queues whose requests, just pushed, need an event."""
-        return int(self.c.notify_mask)
+    notify_mask = c_counter("c", "notify_mask", doc="queues whose requests, just pushed, need an event")
 
     def complete(self, queue: int) -> list[bytes] | None:
         """Take queue's responses: fast ones are answered in C; Python's come back raw.
@@ -106,9 +101,7 @@ class DeviceFastPath:
         view = self._handback_view
         return [view[i * size:(i + 1) * size] for i in range(n)]
 
-    @property
-    def in_flight(self) -> int:
-        return int(self.c.in_flight)
+    in_flight = c_counter("c", "in_flight")
 
     def counters(self) -> dict[str, int]:
         c = self.c
@@ -148,18 +141,13 @@ class NbdConnection:
         """0 all sent, 1 the socket is full, -1 the client is gone."""
         return int(lib.rf_nbd_flush(self.c))
 
-    @property
-    def queued_bytes(self) -> int:
-        return int(self.c.queued_bytes)
+    queued_bytes = c_counter("c", "queued_bytes")
 
     @property
     def broken(self) -> bool:
         return bool(self.c.broken)
 
-    @property
-    def outstanding(self) -> int:
-        """Fast requests of this connection not answered yet."""
-        return int(self.c.outstanding)
+    outstanding = c_counter("c", "outstanding", doc="fast requests of this connection not answered yet")
 
     def counters(self) -> dict[str, int]:
         c = self.c

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ringfence.hypervisor._lib import ffi, lib
+from ringfence.hypervisor._lib import c_counter, ffi, lib
 from ringfence.hypervisor.io.cloop import CLoop
 from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 
@@ -89,22 +89,11 @@ class VifPump:
             raise RingOverflow("backend published more responses than there are requests")
         return int(back)
 
-    @property
-    def packets(self) -> int:
-        return int(self._c.packets)
-
-    @property
-    def dropped(self) -> int:
-        return int(self._c.dropped)
+    packets = c_counter("_c", "packets")
+    dropped = c_counter("_c", "dropped")
+    rx_packets = c_counter("_rx", "packets")
+    rx_dropped = c_counter("_rx", "dropped")
 
     @property
     def bad_responses(self) -> int:
         return int(self._c.bad_responses + self._rx.bad_responses)
-
-    @property
-    def rx_packets(self) -> int:
-        return int(self._rx.packets)
-
-    @property
-    def rx_dropped(self) -> int:
-        return int(self._rx.dropped)

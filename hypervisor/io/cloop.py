@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from ringfence.hypervisor._lib import lib
+from ringfence.hypervisor._lib import c_counter, lib
 
 
 class CLoop:
@@ -54,13 +54,8 @@ class CLoop:
                 finished = True
                 nursery.cancel_scope.cancel()
 
-    @property
-    def error(self) -> int:
-        return int(self.base.error)
-
-    @property
-    def spurious(self) -> int:
-        return int(self.base.spurious)
+    error = c_counter("base", "error", doc="errno of the last TAP error")
+    spurious = c_counter("base", "spurious", doc="notifications that brought no work")
 
     def statistics(self) -> dict[str, int]:
         b = self.base
