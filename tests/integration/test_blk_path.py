@@ -8,11 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import trio
 
 from ringfence.toolstack.devices import add_vbd
-from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
 from ringfence.xenbus.client import open_xenstore
 
 GUEST = textwrap.dedent("""
@@ -57,14 +56,8 @@ async def test_guest_writes_reach_the_backing_file_through_a_driver_domain(tmp_p
     disk.write_bytes(os.urandom(4 << 20))
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
         xs_path = str(tmp_path / "xs.sock")
-        xenstored = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
-             "--hypervisor", hv_path], stderr=subprocess.DEVNULL)
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
         try:
-            with trio.fail_after(20):
-                while not os.path.exists(xs_path):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.2)
             stor_domid, stor = await spawn_domain(dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"],
                                                   stderr=subprocess.DEVNULL)
             guest_domid, fd = await dom0.create_domain("guest")

@@ -16,7 +16,7 @@ import trio
 from ringfence.testing.sim import relaunch_storage_domain
 from ringfence.testing.streams import LineReader
 from ringfence.toolstack.devices import add_vbd
-from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
+from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
 from ringfence.xenbus.client import open_xenstore
 
 BLOCK = 65536
@@ -78,14 +78,8 @@ async def test_kill_storage_domain_mid_write_loses_nothing_acknowledged(tmp_path
     disk.write_bytes(bytes(BLOCK * BLOCKS))
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
         xs_path = str(tmp_path / "xs.sock")
-        xenstored = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path,
-             "--hypervisor", hv_path], stderr=subprocess.DEVNULL)
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
         try:
-            with trio.fail_after(20):
-                while not os.path.exists(xs_path):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.2)
             argv = [sys.executable, "-m", "ringfence", "blkback"]
             stor_domid, stor = await spawn_domain(dom0, "stor", argv, stderr=subprocess.DEVNULL)
             guest_domid, fd = await dom0.create_domain("guest")
