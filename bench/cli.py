@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import time
 
@@ -19,7 +20,7 @@ BENCHMARKS = {
     "ring": "shared ring between two domain processes vs C eventfd ping-pong and C ring",
     "xenstore": "our xenstored vs Debian's C xenstored",
     "blk": "blkfront/blkback NBD export vs qemu-nbd",
-    "net": "netfront/netback vs veth and raw TAP",
+    "net": "netfront/netback vs veth, raw TAP writes and a C relay over the same TAPs",
     "recovery": "storage driver domain kill to first I/O (p50, p99) and a bystander's throughput",
 }
 
@@ -51,6 +52,8 @@ def run_command(args: argparse.Namespace) -> int:
         if exc.name != f"ringfence.bench.{args.name}":
             raise
         raise UsageError(f"benchmark {args.name!r} is not available yet") from None
+    if not args.verbose:  # the progress lines are the live status; -v adds the parts' logs
+        logging.getLogger().setLevel(logging.WARNING)
     started = time.monotonic()
 
     def progress(text: str) -> None:
