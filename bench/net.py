@@ -69,22 +69,21 @@ def _udp_best(binary: str, client: Netns, server: Netns, address: str, seconds: 
               progress: Callable[[str], None], label: str) -> float:
     """Raise the offered rate by 40 % a step until more than 5 % is lost, then try halfway
     back once (the knee lies between): the best rate received."""
-    offered, clean, best = 50_000.0, 0.0, 0.0
-    while True:
+    def point(offered: float) -> float:
         received = _udp(binary, client, server, address, seconds, offered)
         progress(f"{label}: 64-byte UDP offered {offered:,.0f}/s, received {received:,.0f}/s")
+        return received
+
+    offered, clean, best = 50_000.0, 0.0, 0.0
+    while True:
+        received = point(offered)
         best = max(best, received)
         if received < (1 - LOSS_TOLERATED) * offered:
             break
         if offered > 5e6:
             return best
         clean, offered = offered, offered * 1.4
-    if clean:
-        halfway = (clean + offered) / 2
-        received = _udp(binary, client, server, address, seconds, halfway)
-        progress(f"{label}: 64-byte UDP offered {halfway:,.0f}/s, received {received:,.0f}/s")
-        best = max(best, received)
-    return best
+    return max(best, point((clean + offered) / 2)) if clean else best
 
 
 @contextlib.contextmanager

@@ -26,6 +26,18 @@ static void notify_peer(rf_netloop *l)
     l->notifications++;
 }
 
+/* After a pump between the TAP and a ring: the peer is notified if the responses or
+ * requests pushed call for it, and a TAP error is kept for Python. Returns 1 on that error. */
+static int pumped(rf_netloop *l, int result, int notify)
+{
+    if (notify)
+        notify_peer(l);
+    if (result >= 0)
+        return 0;
+    l->error = -result;
+    return 1;
+}
+
 static void drain(int fd)
 {
     uint64_t count;
@@ -127,12 +139,8 @@ int rf_netback_loop_run(rf_netback_loop *l)
         if (!l->rx_waits_for_buffers) {
             moved = rx->packets + rx->dropped + rx->bad_grants;
             int result = rf_net_rx_serve(rx, b->rx_ring, BUDGET, &notify);
-            if (notify)
-                notify_peer(b);
-            if (result < 0) {
-                b->error = -result;
+            if (pumped(b, result, notify))
                 return RF_NETLOOP_TAP_ERROR;
-            }
             work |= result == RF_NETBACK_BUDGET || rx->packets + rx->dropped + rx->bad_grants != moved;
             l->rx_waits_for_buffers = result == RF_NETBACK_NO_BUFFERS;
         }
@@ -171,12 +179,8 @@ int rf_netfront_loop_run(rf_netfront_loop *l)
         if (!l->tx_waits_for_room) {
             uint64_t moved = tx->packets + tx->dropped;
             int result = rf_netfront_tx_pump(tx, b->tx_ring, BUDGET, &notify);
-            if (notify)
-                notify_peer(b);
-            if (result < 0) {
-                b->error = -result;
+            if (pumped(b, result, notify))
                 return RF_NETLOOP_TAP_ERROR;
-            }
             work |= result == RF_NETFRONT_BUDGET || tx->packets + tx->dropped != moved;
             l->tx_waits_for_room = result == RF_NETFRONT_NO_ROOM;
         }
