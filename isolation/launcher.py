@@ -245,6 +245,7 @@ class ForkedProcess:
         self.stderr: Any = None
         self._pidfd = pidfd
         self._exited = trio.Event()
+        self._gone = trio.Event()  # the process has exited; its status may not be known yet
         self._watched = False
         fields = _stat_fields(pid)
         self._started = fields[19] if fields else None
@@ -253,19 +254,28 @@ class ForkedProcess:
         return self.returncode
 
     async def wait(self) -> int:
-        if not self._watched and self.returncode is None:
-            # Woken by the kernel the moment the process exits, not by the launcher's report
-            # of it (a supervisor's recovery starts here): the status is the zombie's while
-            # the launcher has not reaped it, else the report brings it.
-            self._watched = True
-            with contextlib.suppress(trio.ClosedResourceError):
+        await self.wait_gone()
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    async def wait_gone(self) -> None:
+        """Return the moment the process has exited, woken by the kernel: a supervisor's
+        recovery starts here. Its status comes with the zombie while the launcher has not
+        reaped it, else with the launcher's report a moment later (:meth:`wait`)."""
+        if not self._watched and not self._gone.is_set():
+            self._watched = True  # one task waits on the pidfd, the others on the event
+            try:
                 await trio.lowlevel.wait_readable(self._pidfd)
                 fields = _stat_fields(self.pid)
                 if fields and fields[0] == "Z" and fields[19] == self._started:
                     self._exit(os.waitstatus_to_exitcode(int(fields[49])))
-        await self._exited.wait()
-        assert self.returncode is not None
-        return self.returncode
+                self._gone.set()
+            except trio.ClosedResourceError:
+                pass  # the report came first (_exit sets _gone)
+            finally:
+                self._watched = False  # a cancelled watcher hands the pidfd on
+        await self._gone.wait()
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -284,6 +294,7 @@ class ForkedProcess:
             self.returncode = status
             trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
+            self._gone.set()
             self._exited.set()
 
 

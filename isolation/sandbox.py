@@ -163,6 +163,12 @@ class SandboxedProcess:
         status = await self.process.wait()
         return status
 
+    async def wait_gone(self) -> None:
+        """Return once the process has exited, maybe before its status is known (a forked
+        one's comes from the launcher a moment later; :meth:`wait` has it)."""
+        gone = getattr(self.process, "wait_gone", None)  # a trio.Process has no such wait
+        await (gone() if gone is not None else self.process.wait())
+
     async def aclose(self) -> None:
         """Kill what is left and remove the cgroup."""
         self.kill()

@@ -217,16 +217,18 @@ class Service:
             self._last_ping = time.monotonic()
             if launch.adopt is not None or launch.ready_on_start:
                 self._became_ready()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_notifications, notify)
-                nursery.start_soon(self._watchdog)
-                status = await self.process.wait()
-                nursery.cancel_scope.cancel()
-            self.last_exit = status
+            # The notifications and the watchdog are left to end beside the recovery: from
+            # the moment the process is gone, each step of it is on a guest's time.
+            monitor = trio.CancelScope()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._monitor, notify, monitor)
+            try:
+                await self.process.wait_gone()
+            finally:
+                monitor.cancel()
             if not self._stop:
                 self.crashes += 1
                 self._crashed_at = time.monotonic()
-                log.warning("service exited", extra={"kv": {"service": self.name, "status": status}})
         finally:
             notify.close()
             with contextlib.suppress(FileNotFoundError):
@@ -238,6 +240,17 @@ class Service:
             if launch.teardown is not None:
                 with trio.CancelScope(shield=True):
                     await launch.teardown()
+        # Known by now, or a moment later (a forked process's comes from its launcher).
+        assert self.process is not None
+        self.last_exit = await self.process.wait()
+        if not self._stop:
+            log.warning("service exited", extra={"kv": {"service": self.name, "status": self.last_exit}})
+
+    async def _monitor(self, notify: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        with scope:  # cancelled before the socket closes
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_notifications, notify)
+                nursery.start_soon(self._watchdog)
 
     async def _read_notifications(self, sock: trio.socket.SocketType) -> None:
         ancbuf = socket.CMSG_SPACE(CREDS.size)

@@ -95,21 +95,23 @@ async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, *
 
 async def switch_backends(xs: XenStore, moves: list[tuple[DevicePaths, DevicePaths]]) -> None:
     """Point frontends at the warm spare their devices were staged for, (old, new) a device,
-    all in one transaction: each frontend names its new backend, is reset to Initialising
-    (its Connected was the dead backend's: the new one must not act on the keys that went
-    with it), and the old backend directory goes, which is what the frontend watches."""
-    async for tx in xs.transaction():
-        async with tx:
-            requests = []
-            for old, new in moves:
-                fe = new.frontend
-                requests += [(Op.WRITE, W.write_payload(f"{fe}/{key}", str(value)), tx.id) for key, value in (
-                    ("backend", new.backend), ("backend-id", new.backend_domid),
-                    ("state", int(XenbusState.Initialising)))]
-                requests.append((Op.RM, W.join(old.backend), tx.id))
-            for result in await xs.pipeline(requests):
-                if isinstance(result, XenStoreError) and result.name != "ENOENT":  # gone with its domain
-                    raise result
+    in one pipeline that the daemon applies in order (a takeover waits on no transaction,
+    and a guest's own write cannot make it start over): each frontend is reset to
+    Initialising first (its Connected was the dead backend's: the spare must not act on the
+    keys that went with it, and it acts only for a frontend that names it), then names its
+    new backend, and last the old backend directory goes, which is what the frontend
+    watches. Should the daemon restart part way, the client sends again what it had not
+    answered."""
+    requests = []
+    for old, new in moves:
+        fe = new.frontend
+        requests += [(Op.WRITE, W.write_payload(f"{fe}/{key}", str(value)), 0) for key, value in (
+            ("state", int(XenbusState.Initialising)), ("backend-id", new.backend_domid),
+            ("backend", new.backend))]
+        requests.append((Op.RM, W.join(old.backend), 0))
+    for result in await xs.pipeline(requests):
+        if isinstance(result, XenStoreError) and result.name != "ENOENT":  # gone with its domain
+            raise result
 
 
 async def move_vbd(xs: XenStore, *, old_backend: int, new_backend: int, frontend: int,

@@ -158,11 +158,13 @@ class BlkbackDevice:
     async def _frontend_changed(self) -> bool:
         """React to the frontend's state; False when the device is gone."""
         # The keys a connection starts from come with the state (a reconnection after a
-        # crash waits on each round trip).
-        raw_state, raw_backend, *header = [None if isinstance(value, XenStoreError) else value
+        # crash waits on each round trip). ``backend`` is read before ``state``, the reverse
+        # of the order a takeover writes them in: a frontend seen naming us has its stale
+        # Connected reset already (toolstack.devices.switch_backends).
+        raw_backend, raw_state, *header = [None if isinstance(value, XenStoreError) else value
                                            for value in await self.xs.pipeline(
                                                [(W.Op.READ, W.join(f"{self.frontend_path}/{key}"), 0)
-                                                for key in ("state", "backend", *HEADER_KEYS)])]
+                                                for key in ("backend", "state", *HEADER_KEYS)])]
         fe = XenbusState.of(raw_state)
         if raw_backend is not None and raw_backend != self.path.encode():
             return True  # staged for a warm spare: the frontend is another backend's yet

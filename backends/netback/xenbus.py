@@ -124,8 +124,9 @@ class NetbackVif:
         async with self.xs.watch(f"{self.frontend_path}/state") as events:
             async for _ in events:
                 try:
-                    raw_state, raw_backend = await self.xs.read_many(
-                        [f"{self.frontend_path}/state", f"{self.frontend_path}/backend"])
+                    # backend before state: see blkback's _frontend_changed
+                    raw_backend, raw_state = await self.xs.read_many(
+                        [f"{self.frontend_path}/backend", f"{self.frontend_path}/state"])
                 except XenStoreError:
                     raw_state = raw_backend = None
                 if raw_backend is not None and raw_backend != self.path.encode():
