@@ -115,7 +115,9 @@ async def end_access_settled(grant_table: GrantTable, grefs: Sequence[int],
     a backend that does not let go; their pages must never be reused."""
     left = grant_table.end_access_many(grefs)
     deadline = trio.current_time() + grace
+    pause = 0.001  # a teardown under way ends within milliseconds: look again soon, then less often
     while left and trio.current_time() < deadline:
-        await trio.sleep(0.02)
+        await trio.sleep(pause)
+        pause = min(pause * 2, 0.02)
         left = grant_table.end_access_many(left)
     return left

@@ -54,7 +54,8 @@ class RestartPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Launch:
-    """What one start of a service runs; ``teardown`` runs after that run is over."""
+    """What one start of a service runs; ``teardown`` runs after that run is over (before
+    the next start's ``prepare``, or beside it for a service that ``overlaps_teardown``)."""
     argv: Sequence[str]
     pass_fds: Sequence[int] = ()
     env: dict[str, str] | None = None
@@ -106,6 +107,11 @@ class Service:
         self._leftover: SandboxedProcess | None = None
         self._nursery: trio.Nursery | None = None
         self.on_state: Callable[[Service], None] | None = None
+        # A prepare that may start on the next run while the last one's teardown is under
+        # way (it calls wait_torn_down() before anything that needs it over).
+        self.overlaps_teardown = False
+        self._torn_down = trio.Event()
+        self._torn_down.set()
 
     def statistics(self) -> ServiceStatistics:
         return ServiceStatistics(self.name, self.state.value,
@@ -152,6 +158,7 @@ class Service:
             while self._start_times and now - self._start_times[0] > self.policy.interval:
                 self._start_times.popleft()
             if len(self._start_times) >= self.policy.burst:
+                await self.wait_torn_down()
                 self._set_state(State.FAILED)
                 log.error("service failed: start limit hit", extra={"kv": {
                     "service": self.name, "starts": len(self._start_times),
@@ -169,6 +176,7 @@ class Service:
                 await self._clear(self._take_leftover())
                 await trio.sleep(delay)
             delay = min(max(delay * self.policy.factor, self.policy.initial_delay), self.policy.max_delay)
+        await self.wait_torn_down()
         self._set_state(State.STOPPED)
 
     def _take_leftover(self) -> SandboxedProcess | None:
@@ -183,8 +191,24 @@ class Service:
             with trio.CancelScope(shield=True):
                 await leftover.aclose()
 
+    async def wait_torn_down(self) -> None:
+        """Return once the last run's teardown is over."""
+        await self._torn_down.wait()
+
+    async def _tear_down(self, teardown: Callable[[], Awaitable[None]], done: trio.Event) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await teardown()
+        finally:
+            done.set()
+
     async def _run_once(self) -> None:
-        launch = await self.prepare()
+        if not self.overlaps_teardown:
+            await self.wait_torn_down()
+        try:
+            launch = await self.prepare()
+        finally:
+            await self.wait_torn_down()  # whatever prepare did beside it, it is over now
         leftover = self._take_leftover()
         if launch.adopt is not None and self._nursery is not None:
             # A spare in its own cgroup takes over: the dead run is cleared meanwhile.
@@ -238,8 +262,9 @@ class Service:
                 # Cleared before the next start, or beside it when a spare takes over.
                 self._leftover = self.process
             if launch.teardown is not None:
-                with trio.CancelScope(shield=True):
-                    await launch.teardown()
+                self._torn_down = trio.Event()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._tear_down, launch.teardown, self._torn_down)
         # Known by now, or a moment later (a forked process's comes from its launcher).
         assert self.process is not None
         self.last_exit = await self.process.wait()

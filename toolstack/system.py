@@ -373,6 +373,8 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         spare = system.spares.pop(name, None) if started_once else None
         if spare is not None and spare.process.process.poll() is None:
             # Warm: the spare takes the name and the devices; a new spare starts behind it.
+            # The dead domain's teardown goes on meanwhile: until the hypervisor has dropped
+            # its mappings a frontend cannot end its grants, and tries again (a moment).
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
             async with trio.open_nursery() as nursery, staging:  # the name is not on a guest's path
@@ -382,6 +384,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
                 os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
             system.nursery.start_soon(start_spare, SPARE_DELAY)
             return Launch(program, teardown=teardown_of(spare.domid), adopt=spare.process)
+        await service.wait_torn_down()
         if spare is not None:
             spare.process.kill()
             with contextlib.suppress(XenStoreError):  # what was staged for it
@@ -398,6 +401,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
 
     service = Service(name, prepare, sandbox, policy or RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
+    service.overlaps_teardown = True
 
     def on_state(svc: Service) -> None:
         if svc.state.value == "ready" and svc.last_recovery_ms is not None and svc.starts > 1:
