@@ -198,6 +198,8 @@ class XenStore:
     async def pipeline(self, requests: list[tuple[int, bytes, int]]) -> list[bytes | XenStoreError]:
         """Several requests ``(op, payload, tx_id)`` in one write, one round trip: each
         reply's payload, or its error (returned, not raised)."""
+        if not requests:
+            return []  # nothing to wait for
         results: list[bytes | XenStoreError] = []
         for reply in await self._exchange(requests):
             try:

@@ -214,14 +214,16 @@ class BlkbackDevice:
             if self.use_persistent:
                 self.fast = FastPath(self.vbd.fd, self.vbd.sectors, self.vbd.read_only)
             self.connections += 1
-            await self._set_state(XenbusState.Connected)
-            log.info("device connected", extra={"kv": {
-                "queues": len(queues), "ring_pages": len(queues[0][0]), "persistent": self.use_persistent}})
             self._abuse_reason = ""
             async with trio.open_nursery() as nursery:
+                # Serving before Connected is written: a frontend that sees it and replays
+                # at once is answered without waiting for this side's round trip.
                 for ring, port in zip(self.rings, ports):
                     nursery.start_soon(self._serve, ring, port, nursery.cancel_scope)
                 nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
+                await self._set_state(XenbusState.Connected)
+                log.info("device connected", extra={"kv": {
+                    "queues": len(queues), "ring_pages": len(queues[0][0]), "persistent": self.use_persistent}})
             if self._abuse_reason:
                 raise _Disconnect(self._abuse_reason, 1)
         finally:

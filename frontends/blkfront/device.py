@@ -139,6 +139,9 @@ class BlkFront:
         self._ring_pages: Any = None
         self._ring_grefs: list[int] = []
         self._unrevoked: list[int] = []  # grefs a previous backend would not give back
+        # backend-id and backend as read when the last backend was seen to go (the next
+        # connection starts from them instead of reading them again), or None
+        self._next_backend: tuple[bytes | None, bytes | None] | None = None
         self.state = XenbusState.Initialising
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
@@ -207,16 +210,29 @@ class BlkFront:
         except (XenStoreError, ValueError):
             return XenbusState.Unknown
 
+    def _state_and(self, also: list[tuple[int, bytes, int]]) -> list[tuple[int, bytes, int]]:
+        return [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)] + also
+
     async def _wait_for_backend(self, wanted: tuple[XenbusState, ...], events: Any,
-                                also: list[tuple[int, bytes, int]] | None = None) -> list[Any]:
+                                also: list[tuple[int, bytes, int]] | None = None,
+                                first: list[Any] | None = None) -> list[Any]:
         """Wait, on a watch of the backend's state held for the whole connection (one
         registration, not one per state waited for), until that state is one of ``wanted``;
         returns the results of the requests ``also``, sent with each read of the state (what
-        the caller reads next costs no round trip of its own)."""
+        the caller reads next costs no round trip of its own). ``first``: the replies to
+        :meth:`_state_and` ``(also)`` read beside the watch's registration, judged before
+        any event (a backend waiting already is not waited for)."""
         also = also or []
-        async for _ in events:
-            raw, *results = await self.xs.pipeline(
-                [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)] + also)
+        replies = first
+        while True:
+            if replies is None:
+                try:
+                    await events.receive()
+                except trio.EndOfChannel:
+                    raise XenStoreError("EIO", "watch ended") from None
+                replies = await self.xs.pipeline(self._state_and(also))
+            raw, *results = replies
+            replies = None
             state = XenbusState.of(raw)
             if state in wanted:
                 return results
@@ -228,7 +244,6 @@ class BlkFront:
                 error = await self._read_or(f"{self.backend_path}/hotplug-error", b"")
                 if error:
                     raise _BackendFailed(error.decode(errors="replace"))
-        raise XenStoreError("EIO", "watch ended")
 
     async def _wait_for_backend_change(self, seen: XenbusState) -> None:
         async with self.xs.watch(f"{self.backend_path}/state") as events:
@@ -281,9 +296,15 @@ class BlkFront:
 
     async def _try_connect(self) -> None:
         self.state = XenbusState.Initialising
-        _, raw_id, raw_backend = present(await self.xs.pipeline(  # one round trip
-            [(W.Op.WRITE, W.write_payload(f"{self.path}/state", str(int(self.state))), 0)]
-            + [(W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in ("backend-id", "backend")]))
+        initialising = [(W.Op.WRITE, W.write_payload(f"{self.path}/state", str(int(self.state))), 0)]
+        known, self._next_backend = self._next_backend, None
+        if known is None:
+            _, raw_id, raw_backend = present(await self.xs.pipeline(  # one round trip
+                initialising + [(W.Op.READ, W.join(f"{self.path}/{key}"), 0)
+                                for key in ("backend-id", "backend")]))
+            initialising = []
+        else:
+            raw_id, raw_backend = known  # Initialising goes beside the channels, below
         if raw_id is None or raw_backend is None:
             raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
@@ -296,13 +317,15 @@ class BlkFront:
             async def make_channels() -> None:
                 self._loose_ports = await self._alloc_channels(max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
 
-            _, backend_states = await gather([
-                make_channels(), stack.enter_async_context(self.xs.watch(f"{self.backend_path}/state"))])
             # The backend's keys and our own directory come with the state that says they
-            # are there: a reconnection after a crash waits on each round trip.
-            replies = await self._wait_for_backend((XenbusState.InitWait,), backend_states, [
-                (W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in FEATURE_KEYS
-            ] + [(W.Op.DIRECTORY, W.join(self.path), 0)])
+            # are there, read beside the watch's registration (a warm spare waits for us
+            # already): a reconnection after a crash waits on each round trip.
+            also = [(W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in FEATURE_KEYS
+                    ] + [(W.Op.DIRECTORY, W.join(self.path), 0)]
+            _, backend_states, first, _ = await gather([
+                make_channels(), stack.enter_async_context(self.xs.watch(f"{self.backend_path}/state")),
+                self.xs.pipeline(self._state_and(also)), self.xs.pipeline(initialising)])
+            replies = await self._wait_for_backend((XenbusState.InitWait,), backend_states, also, first)
             await self._initialise(replies)
             log.debug("initialised; waiting for backend to connect")
             await self._wait_for_backend((XenbusState.Connected,), backend_states)
@@ -434,10 +457,16 @@ class BlkFront:
             return default
 
     async def _wait_backend_restart(self) -> None:
-        """Return when the backend is no longer connected to us (it closed or restarted)."""
+        """Return when the backend is no longer connected to us (it closed or restarted),
+        with what our directory names as the backend now (``_next_backend``)."""
         async with self.xs.watch(f"{self.backend_path}/state") as events:
             async for _ in events:
-                if await self._backend_state() != XenbusState.Connected:
+                raw_state, raw_id, raw_backend = [  # one round trip; what cannot be read is None
+                    None if isinstance(value, XenStoreError) else value
+                    for value in await self.xs.pipeline([(W.Op.READ, W.join(path), 0) for path in (
+                        f"{self.backend_path}/state", f"{self.path}/backend-id", f"{self.path}/backend")])]
+                if XenbusState.of(raw_state) != XenbusState.Connected:
+                    self._next_backend = (raw_id, raw_backend)
                     log.warning("backend went away; will reconnect and replay",
                                 extra={"kv": {"pending": len(self.pending)}})
                     return
