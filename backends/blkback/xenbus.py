@@ -59,6 +59,7 @@ class DeviceStatistics:
     disconnects_for_abuse: int
     injected_errors: int
     spurious_notifications: int
+    ring_keys_read_ahead: int  # connections whose ring keys came with the frontend's state
     fast_path: dict[str, Any] | None
     queues: int
     ring: dict[str, Any] | None  # the first queue's
@@ -85,6 +86,13 @@ class BlkbackDevice:
         self.injected_errors = 0
         self.use_persistent = True
         self.fast: FastPath | None = None  # while connected with persistent grants
+        # The frontend's ring layout (ring-page-order, multi-queue-num-queues) as last seen
+        # with its keys in place, and its state as last read: a frontend that starts over
+        # (Initialising) is expected to keep its layout, so the state that says it is ready
+        # comes with its ring keys (one round trip fewer; read again if it changed).
+        self._layout_seen: tuple[bytes | None, bytes | None] | None = None
+        self._frontend_state = XenbusState.Unknown
+        self.ring_keys_read_ahead = 0
 
     def statistics(self) -> DeviceStatistics:
         fast = self.fast.statistics() if self.fast else None
@@ -94,7 +102,7 @@ class BlkbackDevice:
             self.errors + (fast.io_errors if fast else 0),
             dict(self.validator.rejected) if self.validator else {},
             len(self.persistent), self.hits + served, self.maps, self.abuse, self.injected_errors,
-            self.storm.spurious, asdict(fast) if fast else None, len(self.rings),
+            self.storm.spurious, self.ring_keys_read_ahead, asdict(fast) if fast else None, len(self.rings),
             asdict(self.rings[0].statistics()) if self.rings else None,
             asdict(self.vbd.statistics()) if self.vbd else None)
 
@@ -161,16 +169,29 @@ class BlkbackDevice:
         # crash waits on each round trip). ``backend`` is read before ``state``, the reverse
         # of the order a takeover writes them in: a frontend seen naming us has its stale
         # Connected reset already (toolstack.devices.switch_backends).
-        raw_backend, raw_state, *header = [None if isinstance(value, XenStoreError) else value
-                                           for value in await self.xs.pipeline(
-                                               [(W.Op.READ, W.join(f"{self.frontend_path}/{key}"), 0)
-                                                for key in ("backend", "state", *HEADER_KEYS)])]
-        fe = XenbusState.of(raw_state)
+        guess = self._layout_seen if (self.state == XenbusState.InitWait and self._frontend_state
+                                      == XenbusState.Initialising) else None
+        guessed: list[str] = []
+        if guess is not None:
+            with contextlib.suppress(_Disconnect, ValueError):  # judged when connecting
+                guessed = self._ring_key_paths(self.frontend_path, *guess)[0]
+        if not guessed:
+            guess = None
+        keys = [f"{self.frontend_path}/{key}" for key in ("backend", "state", *HEADER_KEYS)] + guessed
+        raw_backend, raw_state, *rest = [None if isinstance(value, XenStoreError) else value
+                                         for value in await self.xs.pipeline(
+                                             [(W.Op.READ, W.join(key), 0) for key in keys])]
+        header, ring_keys = rest[:len(HEADER_KEYS)], rest[len(HEADER_KEYS):]
+        fe = self._frontend_state = XenbusState.of(raw_state)
+        if fe in (XenbusState.Initialised, XenbusState.Connected):
+            self._layout_seen = (header[0], header[1])
+        if guess != (header[0], header[1]) or None in ring_keys:
+            ring_keys = []  # guessed wrong: read once the layout is known
         if raw_backend is not None and raw_backend != self.path.encode():
             return True  # staged for a warm spare: the frontend is another backend's yet
         if fe in (XenbusState.Initialised, XenbusState.Connected) and self.state == XenbusState.InitWait:
             try:
-                await self._connect_and_serve(header)
+                await self._connect_and_serve(header, ring_keys)
             except _Disconnect as exc:
                 self.abuse += exc.abuse
                 log.warning("frontend disconnected", extra={"kv": {"reason": str(exc)}})
@@ -187,8 +208,8 @@ class BlkbackDevice:
             return False
         return True
 
-    async def _connect_and_serve(self, header: list[bytes | None]) -> None:
-        queues = await self._frontend_queues(header)
+    async def _connect_and_serve(self, header: list[bytes | None], ring_keys: list[bytes | None]) -> None:
+        queues = await self._frontend_queues(header, ring_keys)
         mappings: list[Any] = []
         ports: list[Any] = []
         try:
@@ -245,30 +266,42 @@ class BlkbackDevice:
         await self._set_state(XenbusState.Closing)
         await self._set_state(XenbusState.Closed)
 
-    async def _frontend_queues(self, header: list[bytes | None]) -> list[tuple[list[int], int]]:
+    @staticmethod
+    def _ring_key_paths(fe: str, raw_order: bytes | None,
+                        raw_queues: bytes | None) -> tuple[list[str], int, int]:
+        """The paths of each queue's ring grefs then event channel for a layout as the
+        frontend wrote it, with the number of queues and of keys per queue; _Disconnect for
+        a layout out of bounds, ValueError for one that is not numbers."""
+        order = int(raw_order or b"0")
+        if not 0 <= order <= MAX_RING_PAGE_ORDER:
+            raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
+        count = int(raw_queues or b"1")
+        if not 1 <= count <= MAX_QUEUES:
+            raise _Disconnect(f"multi-queue-num-queues {count} not in 1..{MAX_QUEUES}", 1)
+        wheres = [fe] if raw_queues is None else [f"{fe}/queue-{q}" for q in range(count)]
+        names = ["ring-ref"] if raw_order is None else [f"ring-ref{i}" for i in range(1 << order)]
+        names.append("event-channel")
+        return [f"{where}/{name}" for where in wheres for name in names], len(wheres), len(names)
+
+    async def _frontend_queues(self, header: list[bytes | None],
+                               ring_keys: list[bytes | None]) -> list[tuple[list[int], int]]:
         """Each queue's ring grefs and event channel, as Linux's blkfront writes them: at the
         top level for one queue, under queue-N/ with multi-queue-num-queues; ring-ref for
         one page, ring-page-order (shared by the queues) and ring-refN for several. Every
-        value is copied once, then validated. ``header``: the values of HEADER_KEYS."""
-        fe = self.frontend_path
+        value is copied once, then validated. ``header``: the values of HEADER_KEYS;
+        ``ring_keys``: those of the layout's ring keys if read with them, else empty."""
         raw_order, raw_queues, raw_protocol, raw_persistent = header
         try:
-            order = int(raw_order or b"0")
-            if not 0 <= order <= MAX_RING_PAGE_ORDER:
-                raise _Disconnect(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}", 1)
-            count = int(raw_queues or b"1")
-            if not 1 <= count <= MAX_QUEUES:
-                raise _Disconnect(f"multi-queue-num-queues {count} not in 1..{MAX_QUEUES}", 1)
-            wheres = [fe] if raw_queues is None else [f"{fe}/queue-{q}" for q in range(count)]
-            names = ["ring-ref"] if raw_order is None else [f"ring-ref{i}" for i in range(1 << order)]
-            names.append("event-channel")
-            # every queue's keys in one round trip
-            values = await self.xs.read_many([f"{where}/{name}" for where in wheres for name in names])
+            paths, count, per_queue = self._ring_key_paths(self.frontend_path, raw_order, raw_queues)
+            # every queue's keys in one round trip, unless they came with the header
+            if ring_keys:
+                self.ring_keys_read_ahead += 1
+            values = ring_keys or await self.xs.read_many(paths)
             if any(v is None for v in values):
                 raise _Disconnect("frontend keys unreadable: a ring-ref or event-channel is missing", 1)
             queues = []
-            for q in range(len(wheres)):
-                mine = values[q * len(names):(q + 1) * len(names)]
+            for q in range(count):
+                mine = values[q * per_queue:(q + 1) * per_queue]
                 queues.append(([int(v) for v in mine[:-1]], int(mine[-1])))  # type: ignore[arg-type]
         except ValueError as exc:
             raise _Disconnect(f"frontend keys unreadable: {exc}", 1) from None

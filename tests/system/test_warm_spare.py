@@ -78,6 +78,10 @@ async def _exercise(runtime: str) -> None:
                 return f.read(len(data))
 
         assert await trio.to_thread.run_sync(io) == data
+        # The spare knew the frontend's ring layout: its keys came with the state that
+        # said they were there (one round trip fewer on the takeover's path).
+        stats = (await system.domain_statistics())["stor"]
+        assert sum(_values(stats, "ring_keys_read_ahead")) >= 1, stats
         names = {d["name"]: d["domid"] for d in await system.dom0.list_domains()}
         assert names["stor"] == spare.domid == system.driver_domids["stor"]
         assert system.drivers["stor"].process is spare.process
@@ -92,3 +96,12 @@ async def _exercise(runtime: str) -> None:
 
 async def _read(xs, path: str) -> bytes | None:
     return (await xs.read_many([path]))[0]
+
+
+def _values(tree, key: str) -> list:
+    """Every value of ``key`` anywhere in a statistics tree."""
+    if isinstance(tree, dict):
+        return ([tree[key]] if key in tree else []) + [v for child in tree.values() for v in _values(child, key)]
+    if isinstance(tree, list):
+        return [v for child in tree for v in _values(child, key)]
+    return []
