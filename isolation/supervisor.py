@@ -192,13 +192,20 @@ class Service:
                 await leftover.aclose()
 
     async def wait_torn_down(self) -> None:
-        """Return once the last run's teardown is over."""
+        """Return once the last run is over: its teardown done, its exit status known."""
         await self._torn_down.wait()
 
-    async def _tear_down(self, teardown: Callable[[], Awaitable[None]], done: trio.Event) -> None:
+    async def _after_run(self, process: SandboxedProcess,
+                         teardown: Callable[[], Awaitable[None]] | None, done: trio.Event) -> None:
+        """A run's end beside the next one's start: the teardown, then the exit status
+        (known by now, or a moment later: a forked process's comes from its launcher)."""
         try:
             with trio.CancelScope(shield=True):
-                await teardown()
+                if teardown is not None:
+                    await teardown()
+                self.last_exit = await process.wait()
+            if not self._stop:
+                log.warning("service exited", extra={"kv": {"service": self.name, "status": self.last_exit}})
         finally:
             done.set()
 
@@ -220,6 +227,7 @@ class Service:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        started: SandboxedProcess | None = None
         try:
             await notify.bind(path)
             notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -237,6 +245,7 @@ class Service:
                 self.process = await spawn_sandboxed(self.sandbox, launch.argv,
                                                      pass_fds=launch.pass_fds, env=env,
                                                      launcher=launch.launcher, **launch.kwargs)
+            started = self.process
             self.starts += 1
             self._last_ping = time.monotonic()
             if launch.adopt is not None or launch.ready_on_start:
@@ -257,19 +266,16 @@ class Service:
             notify.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            if self.process is not None:
-                self.process.kill()
+            if started is not None:
+                started.kill()
                 # Cleared before the next start, or beside it when a spare takes over.
-                self._leftover = self.process
-            if launch.teardown is not None:
+                self._leftover = started
                 self._torn_down = trio.Event()
                 assert self._nursery is not None
-                self._nursery.start_soon(self._tear_down, launch.teardown, self._torn_down)
-        # Known by now, or a moment later (a forked process's comes from its launcher).
-        assert self.process is not None
-        self.last_exit = await self.process.wait()
-        if not self._stop:
-            log.warning("service exited", extra={"kv": {"service": self.name, "status": self.last_exit}})
+                self._nursery.start_soon(self._after_run, started, launch.teardown, self._torn_down)
+            elif launch.teardown is not None:  # nothing ran: only the teardown
+                with trio.CancelScope(shield=True):
+                    await launch.teardown()
 
     async def _monitor(self, notify: trio.socket.SocketType, scope: trio.CancelScope) -> None:
         with scope:  # cancelled before the socket closes

@@ -139,9 +139,10 @@ class BlkFront:
         self._ring_pages: Any = None
         self._ring_grefs: list[int] = []
         self._unrevoked: list[int] = []  # grefs a previous backend would not give back
-        # backend-id and backend as read when the last backend was seen to go (the next
-        # connection starts from them instead of reading them again), or None
-        self._next_backend: tuple[bytes | None, bytes | None] | None = None
+        # backend-id, backend and our own state as read when the last backend was seen to
+        # go (the next connection starts from them instead of reading them again), or None
+        self._next_backend: tuple[bytes | None, bytes | None, bytes | None] | None = None
+        self._ports_to_close: list[Any] = []  # a previous connection's channels
         self.state = XenbusState.Initialising
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
@@ -183,6 +184,8 @@ class BlkFront:
     async def _connect_and_serve(self, started: bool, task_status: trio.TaskStatus[None]) -> bool:
         """One connection: made, served until the backend starts over, taken down."""
         await self._connect()
+        old_ports, self._ports_to_close = self._ports_to_close, []
+        self._background.start_soon(_close_ports, old_ports)
         async with trio.open_nursery() as nursery:
             # Responses flow while the replay fills the ring: more requests may be pending
             # than the ring has slots.
@@ -304,7 +307,9 @@ class BlkFront:
                                 for key in ("backend-id", "backend")]))
             initialising = []
         else:
-            raw_id, raw_backend = known  # Initialising goes beside the channels, below
+            raw_id, raw_backend, raw_state = known  # Initialising goes beside the channels, below
+            if XenbusState.of(raw_state) == XenbusState.Initialising:
+                initialising = []  # written already (a takeover resets it: switch_backends)
         if raw_id is None or raw_backend is None:
             raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
         backend_id, self.backend_path = int(raw_id), raw_backend.decode()
@@ -461,12 +466,13 @@ class BlkFront:
         with what our directory names as the backend now (``_next_backend``)."""
         async with self.xs.watch(f"{self.backend_path}/state") as events:
             async for _ in events:
-                raw_state, raw_id, raw_backend = [  # one round trip; what cannot be read is None
+                raw_state, *ours = [  # one round trip; what cannot be read is None
                     None if isinstance(value, XenStoreError) else value
                     for value in await self.xs.pipeline([(W.Op.READ, W.join(path), 0) for path in (
-                        f"{self.backend_path}/state", f"{self.path}/backend-id", f"{self.path}/backend")])]
+                        f"{self.backend_path}/state", f"{self.path}/backend-id", f"{self.path}/backend",
+                        f"{self.path}/state")])]
                 if XenbusState.of(raw_state) != XenbusState.Connected:
-                    self._next_backend = (raw_id, raw_backend)
+                    self._next_backend = (ours[0], ours[1], ours[2])
                     log.warning("backend went away; will reconnect and replay",
                                 extra={"kv": {"pending": len(self.pending)}})
                     return
@@ -476,9 +482,9 @@ class BlkFront:
             self._connected = trio.Event()
         queues, self._queues = self._queues, []
         self._fast.detach()
-        # The old channels close beside the next connection, not before it (a reconnection
-        # after a crash waits on each round trip).
-        self._background.start_soon(_close_ports, [queue.port for queue in queues])
+        # The old channels close once the next connection is made, not before it nor beside
+        # it (the hypervisor answers a domain's calls in order: the new channels would wait).
+        self._ports_to_close += [queue.port for queue in queues]
         self._room.unpark_all()  # putters waiting for ring space wait for the next ring
 
     async def _close_queues(self) -> None:
