@@ -270,7 +270,7 @@ class Store:
         node = self._get(parent, tx)
         assert node is not None
         if name not in node.children:
-            self._put(parent, replace(node, children=node.children + (name,)), tx)
+            self._put(parent, Node(node.value, node.perms, node.children + (name,), node.gen), tx)
 
     def rm(self, caller: Caller, path: str, tx: Transaction | None = None) -> list[Change]:
         if path == "/":
@@ -290,8 +290,9 @@ class Store:
             if gone is not None:
                 self._own(gone.owner, -1, tx)
             self._put(sub, None, tx)
-        self._put(parent_of(path), replace(parent, children=tuple(
-            c for c in parent.children if c != name_of(path))), tx)
+        name = name_of(path)
+        self._put(parent_of(path), Node(parent.value, parent.perms, tuple(
+            c for c in parent.children if c != name), parent.gen), tx)
         return self._changed(tx, [(path, True)])
 
     def _subtree(self, path: str, tx: Transaction | None) -> list[str]:
