@@ -392,7 +392,10 @@ class Store:
         entries go. Returns the paths changed."""
         changed = []
         for path, node in self.nodes.items():
-            if not any(d == domid for d, _ in node.perms):
+            for named, _ in node.perms:  # every node is looked at: no generator per node
+                if named == domid:
+                    break
+            else:
                 continue
             owner, mode = node.perms[0]
             node.perms = ((0 if owner == domid else owner, mode),) + tuple(
