@@ -90,6 +90,7 @@ async def test_client_operations_transactions_and_watches(daemon):
             for i in range(64):
                 nursery.start_soon(xs.write, f"/p/{i}", str(i))
         assert len(await xs.directory("/p")) == 64
+        assert await xs.pipeline([]) == []  # nothing to send: no reply to wait for
         # watches: the initial event, then one per change below the path
         async with xs.watch("/w", "tok") as events:
             assert await events.receive() == ("/w", b"tok")
