@@ -29,8 +29,15 @@ def _vbd_keys(paths: DevicePaths, *, target: str, mode: str = "w", vdev: str = "
             (("virtual-device", paths.devid), ("device-type", "disk")))
 
 
+def standby_dir(paths: DevicePaths) -> str:
+    """The frontend's directory for a warm spare's standby link to this device (a vbd
+    staged for the spare ``paths.backend_domid``)."""
+    return f"{paths.frontend}/standby-{paths.backend_domid}"
+
+
 async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, frontend_keys: Any,
-                        *, replaces: str | None = None, staged_beside: int | None = None) -> None:
+                        *, replaces: str | None = None, staged_beside: int | None = None,
+                        standby: str | None = None) -> None:
     """Both halves of a device, with their permissions, in one transaction: a driver domain
     watching its directory never sees a node it may not read yet. ``replaces``: the backend
     directory of a driver domain that died, removed in the same transaction (the frontend
@@ -39,7 +46,9 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
 
     ``staged_beside``: the domid of the driver domain serving the device now; the backend
     half is written for a warm spare and the frontend's is left pointing at the current
-    one, readable by both (:func:`stage_device`)."""
+    one, readable by both (:func:`stage_device`). ``standby``: the frontend's directory
+    the spare's backend serves instead of the device's own (its ``backend``, ``backend-id``
+    and ``state``, readable by the spare), named in the device's ``standby``."""
     be, fe = paths.backend, paths.frontend
     backend, frontend, kind = paths.backend_domid, paths.frontend_domid, paths.kind
     readers = [f"r{backend}"] if staged_beside is None else [f"r{staged_beside}", f"r{backend}"]
@@ -54,6 +63,12 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
             requests = [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in writes]
             requests += [(Op.READ, W.join(f"{fe}/state"), tx.id)]
             requests += [(Op.DIRECTORY, W.join(top), tx.id) for top, _, _ in halves]
+            if standby is not None:
+                # The spare's own frontend directory, and where the frontend looks for it.
+                requests = [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in (
+                    (f"{standby}/backend", be), (f"{standby}/backend-id", backend),
+                    (f"{standby}/state", int(XenbusState.Initialising)), (f"{fe}/standby", standby))
+                ] + requests
             *written, fe_state, be_list, fe_list = await xs.pipeline(requests)
             for result in (*written, be_list, fe_list):
                 if isinstance(result, XenStoreError):
@@ -69,6 +84,9 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                 nodes = [top] + [f"{top}/{child}" for child in W.strings(listing)]  # type: ignore[arg-type]
                 perms += [(node, [f"n{owner}", *(readers if owner == frontend else [f"r{reader}"])])
                           for node in nodes]
+            perms += [(node, [f"n{frontend}", f"r{backend}"]) for node in (
+                [standby] + [f"{standby}/{key}" for key in ("backend", "backend-id", "state")]
+                if standby is not None else [])]
             requests = [(Op.SET_PERMS, W.join(path, *p), tx.id) for path, p in perms]
             if isinstance(fe_state, XenStoreError) and staged_beside is None:
                 # a new frontend starts Initialising; a live one keeps its own state
@@ -88,9 +106,20 @@ async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, *
     publishes its features and InitWait and waits, for it connects only to a frontend that
     names it (``backend``); the frontend's directory becomes readable by the spare too. A
     takeover then only points the frontend at the spare (:func:`switch_backends`). ``keys``:
-    as for :func:`add_vbd` or :func:`add_vif`, by ``paths.kind``."""
-    backend_keys, _ = _vbd_keys(paths, **keys) if paths.kind == "vbd" else _vif_keys(paths, **keys)
-    await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend)
+    as for :func:`add_vbd` or :func:`add_vif`, by ``paths.kind``.
+
+    A vbd's spare serves a standby directory of the frontend's (:func:`standby_dir`) that
+    blkfront connects over beforehand, on rings of its own, so that a takeover does no
+    handshake at all: blkfront switches to that link and replays."""
+    if paths.kind == "vif":
+        await _write_device(xs, paths, _vif_keys(paths, **keys)[0], (), staged_beside=current_backend)
+        return
+    # A vbd's backend serves a standby directory of the frontend's (standby_dir), which the
+    # frontend connects over beforehand: a takeover then only switches links.
+    standby = standby_dir(paths)
+    backend_keys = tuple(("frontend", standby) if key == "frontend" else (key, value)
+                         for key, value in _vbd_keys(paths, **keys)[0])
+    await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend, standby=standby)
 
 
 async def switch_backends(xs: XenStore, moves: list[tuple[DevicePaths, DevicePaths]]) -> None:

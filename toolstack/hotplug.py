@@ -132,30 +132,34 @@ async def network_detach(system: Any, guest_name: str, devid_text: str) -> dict[
 async def _detach(system: Any, paths: DevicePaths, driver: str) -> float:
     started = time.monotonic()
     xs = system.xs
+    backends = [paths.backend]
     spare, staged = system.spares.get(driver), (paths.kind, paths.frontend_domid, paths.devid)
     if spare is not None and staged in spare.staged:
-        # what was staged for the warm spare goes first: it must not outlive the device
+        # What was staged for the warm spare goes too: it must not outlive the device. Its
+        # backend may serve a standby link, which closes with the frontend's directory.
         spare.staged.discard(staged)
-        with contextlib.suppress(XenStoreError):
-            await xs.rm(DevicePaths(paths.kind, paths.frontend_domid, spare.domid, paths.devid).backend)
+        backends.append(DevicePaths(paths.kind, paths.frontend_domid, spare.domid, paths.devid).backend)
     async for tx in xs.transaction():
         async with tx:
-            await tx.write(f"{paths.backend}/online", "0")
+            for backend in backends:
+                if await tx.exists(backend):
+                    await tx.write(f"{backend}/online", "0")
             if await tx.exists(paths.frontend):
                 await tx.rm(paths.frontend)
-    with trio.move_on_after(DETACH_TIMEOUT) as waited:
-        while (await _read_int(xs, f"{paths.backend}/state")) not in (
-                XenbusState.Closed, XenbusState.Unknown, XenbusState.InitWait):
-            await trio.sleep(0.02)
-    if waited.cancelled_caught:
-        log.warning("backend did not close in time; removing it anyway",
-                    extra={"kv": {"backend": paths.backend}})
-    with contextlib.suppress(XenStoreError):
-        await xs.rm(paths.backend)
-    parent = paths.backend.rsplit("/", 1)[0]  # backend/KIND/FE, once its last device is gone
-    with contextlib.suppress(XenStoreError):
-        if not await xs.directory(parent):
-            await xs.rm(parent)
+    for backend in backends:
+        with trio.move_on_after(DETACH_TIMEOUT) as waited:
+            while (await _read_int(xs, f"{backend}/state")) not in (
+                    XenbusState.Closed, XenbusState.Unknown, XenbusState.InitWait):
+                await trio.sleep(0.02)
+        if waited.cancelled_caught:
+            log.warning("backend did not close in time; removing it anyway",
+                        extra={"kv": {"backend": backend}})
+        with contextlib.suppress(XenStoreError):
+            await xs.rm(backend)
+        parent = backend.rsplit("/", 1)[0]  # backend/KIND/FE, once its last device is gone
+        with contextlib.suppress(XenStoreError):
+            if not await xs.directory(parent):
+                await xs.rm(parent)
     return time.monotonic() - started
 
 

@@ -31,7 +31,7 @@ from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid,
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.control import control_path, serve_control
-from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_backends
+from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, standby_dir, switch_backends
 from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.hypervisor import open_hypervisor
 from ringfence.xenbus.client import open_xenstore
@@ -84,9 +84,9 @@ class System:
     def spare_ready(self, name: str) -> bool:
         """A warm spare stands by for ``name``, has finished starting (it serves its
         statistics socket once connected to XenStore and watching its backend directory)
-        and has the devices of ``name`` staged."""
+        and has the devices of ``name`` staged, the frontends standing by with it."""
         spare = self.spares.get(name)
-        return spare is not None and spare.staging_done and os.path.exists(
+        return spare is not None and spare.staging_done and spare.standing_by and os.path.exists(
             os.path.join(self.runtime_dir, "stats", name, "spare.sock"))
 
     def stats_socket(self, name: str, uid: int | None) -> str:
@@ -244,6 +244,8 @@ async def nursery_xs(nursery: trio.Nursery, path: str) -> Any:
 
 
 SPARE_DELAY = 0.5  # after a takeover, the next spare starts once recovery has had the CPUs
+SPARE_START_TIMEOUT = 30.0  # seconds a spare may take to come up at SCHED_IDLE
+STANDBY_TIMEOUT = 5.0  # seconds the frontends may take to stand by with a spare
 
 
 @dataclass
@@ -257,6 +259,7 @@ class Spare:
     process: Any
     staged: set[tuple[str, int, int]] = field(default_factory=set)
     staging_done: bool = False
+    standing_by: bool = False  # the frontends' standby links to its vbds are up (or given up on)
 
 
 def _devices_of(system: System, name: str) -> list[tuple[DevicePaths, dict[str, Any]]]:
@@ -298,6 +301,15 @@ async def _hand_over(system: System, name: str, old: int | None, domid: int,
     for kind, frontend, devid in staged:
         with contextlib.suppress(XenStoreError):
             await xs.rm(DevicePaths(kind, frontend, domid, devid).backend)
+    await _discard_staged(system, domid, staged)
+
+
+async def _discard_staged(system: System, spare: int, staged: set[tuple[str, int, int]]) -> None:
+    """The frontends' standby directories made for a spare that will not take over."""
+    for kind, frontend, devid in staged:
+        if kind == "vbd":
+            with contextlib.suppress(XenStoreError):
+                await system.xs.rm(standby_dir(DevicePaths(kind, frontend, spare, devid)))
 
 
 async def _stage(system: System, name: str, spare: Spare) -> None:
@@ -313,6 +325,19 @@ async def _stage(system: System, name: str, spare: Spare) -> None:
         log.warning("devices not staged for the warm spare", extra={"kv": {
             "driver": name, "spare": spare.domid, "error": str(exc)}})
     spare.staging_done = True
+
+
+async def _wait_standing_by(system: System, spare: Spare) -> None:
+    """Until the frontends stand by with the spare: the backends staged for it that serve
+    a standby link (vbds) say Connected. A frontend that does not (it has no standby
+    links) costs only a slower takeover, after STANDBY_TIMEOUT."""
+    backends = [DevicePaths(kind, frontend, spare.domid, devid).backend
+                for kind, frontend, devid in list(spare.staged) if kind == "vbd"]
+    with trio.move_on_after(STANDBY_TIMEOUT):
+        for backend in backends:
+            while (await system.xs.read_many([f"{backend}/state"]))[0] not in (b"4", None):
+                await trio.sleep(0.02)
+    spare.standing_by = True
 
 
 async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
@@ -360,6 +385,15 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         spare = system.spares[name] = Spare(domid, spare_name, process)
         async with staging:
             await _stage(system, name, spare)
+        # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it
+        # runs at normal priority, so that the frontends' standby links to it connect now,
+        # not when it takes over.
+        with trio.move_on_after(SPARE_START_TIMEOUT):
+            while not os.path.exists(os.path.join(os.path.dirname(stats), "spare.sock")):
+                await trio.sleep(0.05)
+        if process.process.poll() is None:
+            _normal_priority(innermost_pid(process.pid))
+        await _wait_standing_by(system, spare)
 
     async def prepare() -> Launch:
         nonlocal started_once
@@ -387,6 +421,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         await service.wait_torn_down()
         if spare is not None:
             spare.process.kill()
+            await _discard_staged(system, spare.domid, spare.staged)
             with contextlib.suppress(XenStoreError):  # what was staged for it
                 await system.xs.rm(f"/local/domain/{spare.domid}")
         domid, fd = await system.dom0.create_domain(name)

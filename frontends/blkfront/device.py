@@ -14,7 +14,7 @@ import os
 import logging
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -45,6 +45,9 @@ class BlockIOError(OSError):
     pass
 
 
+# What the device's directory names: the backend, our state, and a warm spare's standby
+# directory (see BlkFront._link_for).
+NAMED_KEYS = ("backend-id", "backend", "state", "standby")
 # The backend's keys a connection needs, read with its InitWait.
 FEATURE_KEYS = ("sectors", "info", "feature-flush-cache", "feature-discard", "feature-persistent",
                 "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues")
@@ -87,6 +90,8 @@ class BlkfrontStatistics:
     ring_slots: int           # requests each ring holds
     max_segments: int         # pages in one request (over 11: indirect requests)
     unrevoked_grants: int     # grants a previous backend still holds mapped (XSA-396)
+    standby_backend: int      # the warm spare we stand by with, connected (-1: none)
+    promotions: int           # takeovers that only switched to the standby link
 
 
 @dataclass(eq=False, slots=True)
@@ -112,16 +117,38 @@ class _Queue:
     port: Any
 
 
+@dataclass(eq=False)
+class _Link:
+    """One connection's worth of a device: the directory its keys go in (the device's own,
+    or a standby directory in it that the toolstack made for a warm spare), the backend
+    named there, and what was made for that backend: ring pages granted to it, channels,
+    queues, the features it offered."""
+    path: str
+    ring_pages: Any
+    backend_id: int = -1
+    backend_path: str = ""
+    ring_grefs: list[int] = field(default_factory=list)
+    queues: list[_Queue] = field(default_factory=list)
+    loose_ports: list[Any] = field(default_factory=list)
+    features: dict[str, int] = field(default_factory=dict)
+    sectors: int = 0
+    read_only: bool = False
+    connected: bool = False   # the backend said Connected to this link's keys
+    promoted: bool = False    # a standby link a takeover made the device's connection
+    # a standby link's keeper: its scope, and set once its handshake ended (either way)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    settled: trio.Event = field(default_factory=trio.Event)
+
+
 class BlkFront:
     def __init__(self, domain: Any, xs: XenStore, devid: int, *, persistent: bool = True) -> None:
         self.domain, self.xs, self.devid = domain, xs, devid
         self.persistent = persistent
         self.path = f"/local/domain/{domain.domid}/device/vbd/{devid}"
-        self.backend_id = -1
-        self.backend_path = ""
-        self.sectors = 0
-        self.read_only = False
-        self.features: dict[str, int] = {}
+        self._link: _Link | None = None     # the connection's (run() makes it)
+        self._standby: _Link | None = None  # a warm spare's, while we stand by with it
+        self._spare_pages: Any = None       # ring pages no link uses: a standby link's
+        self.promotions = 0                 # takeovers that only switched to the standby link
         self.pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         # The pool's free pages and the NBD server's requests in flight live in C.
@@ -130,18 +157,16 @@ class BlkFront:
         # responses arrive) or for the next ring.
         self._room = trio.lowlevel.ParkingLot()
         self._connected = trio.Event()
-        self._queues: list[_Queue] = []   # while connected
-        self._loose_ports: list[Any] = []  # channels made for a connection, not yet a queue's
         self._background: Any = None  # a nursery for what need not delay a reconnection
         self._next_queue = 0
         self._pool: Any = None
         self._pool_grefs: list[int] = []
-        self._ring_pages: Any = None
-        self._ring_grefs: list[int] = []
+        self._pool_backend = -1  # whom the pool is granted to
         self._unrevoked: list[int] = []  # grefs a previous backend would not give back
-        # backend-id, backend and our own state as read when the last backend was seen to
-        # go (the next connection starts from them instead of reading them again), or None
-        self._next_backend: tuple[bytes | None, bytes | None, bytes | None] | None = None
+        self._unrevoked_rings: list[int] = []  # a left link's, never reused
+        # NAMED_KEYS' values as read when the last backend was seen to go (the next
+        # connection starts from them instead of reading them again), or None
+        self._next_backend: tuple[bytes | None, ...] | None = None
         self._ports_to_close: list[Any] = []  # a previous connection's channels
         self.state = XenbusState.Initialising
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
@@ -154,6 +179,31 @@ class BlkFront:
     @property
     def size(self) -> int:
         return self.sectors * blkif.SECTOR_SIZE
+
+    # The connection's, as its backend offered them.
+    @property
+    def backend_id(self) -> int:
+        return self._link.backend_id if self._link is not None else -1
+
+    @property
+    def backend_path(self) -> str:
+        return self._link.backend_path if self._link is not None else ""
+
+    @property
+    def sectors(self) -> int:
+        return self._link.sectors if self._link is not None else 0
+
+    @property
+    def read_only(self) -> bool:
+        return self._link.read_only if self._link is not None else False
+
+    @property
+    def features(self) -> dict[str, int]:
+        return self._link.features if self._link is not None else {}
+
+    @property
+    def _queues(self) -> list[_Queue]:
+        return self._link.queues if self._link is not None else []
 
     def statistics(self) -> BlkfrontStatistics:
         fast = self.fastpath.counters() if self.fastpath else {}
@@ -168,16 +218,22 @@ class BlkFront:
                                   self.fastpath.free_pages if self.fastpath else 0,
                                   self.storm.spurious, len(self._queues),
                                   self._queues[0].ring.size if self._queues else 0,
-                                  self.max_segments, len(self._unrevoked))
+                                  self.max_segments, len(self._unrevoked) + len(self._unrevoked_rings),
+                                  self._standby.backend_id if self._standby is not None and self._standby.connected
+                                  else -1, self.promotions)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, serve responses, and reconnect whenever the backend starts over."""
+        """Connect, serve responses, and reconnect whenever the backend starts over; stand
+        by meanwhile with the warm spare the toolstack names, if it names one."""
         self._pool = await self.domain.memory.alloc_pages(POOL_PAGES)
         self.fastpath = DeviceFastPath(self._pool.buffer, POOL_PAGES)
-        self._ring_pages = await self.domain.memory.alloc_pages(MAX_QUEUES << RING_PAGE_ORDER)
+        # Two sets of ring pages: the connection's, and a standby link's.
+        self._link = _Link(self.path, await self.domain.memory.alloc_pages(MAX_QUEUES << RING_PAGE_ORDER))
+        self._spare_pages = await self.domain.memory.alloc_pages(MAX_QUEUES << RING_PAGE_ORDER)
         started = False
         async with trio.open_nursery() as self._background:
+            self._background.start_soon(self._keep_standby)
             while True:
                 started = await self._connect_and_serve(started, task_status)
 
@@ -204,19 +260,27 @@ class BlkFront:
         return started
 
     async def _write_state(self, state: XenbusState) -> None:
+        """The device's state, and its link's where that is a standby directory."""
         self.state = state
-        await self.xs.write(f"{self.path}/state", str(int(state)))
+        paths = {self.path, self._active.path}
+        await self.xs.write_many([(f"{path}/state", str(int(state))) for path in sorted(paths)])
 
-    async def _backend_state(self) -> XenbusState:
+    @property
+    def _active(self) -> _Link:
+        assert self._link is not None, "run() makes the link"
+        return self._link
+
+    async def _backend_state(self, link: _Link) -> XenbusState:
         try:
-            return XenbusState(int(await self.xs.read(f"{self.backend_path}/state")))
+            return XenbusState(int(await self.xs.read(f"{link.backend_path}/state")))
         except (XenStoreError, ValueError):
             return XenbusState.Unknown
 
-    def _state_and(self, also: list[tuple[int, bytes, int]]) -> list[tuple[int, bytes, int]]:
-        return [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)] + also
+    @staticmethod
+    def _state_and(link: _Link, also: list[tuple[int, bytes, int]]) -> list[tuple[int, bytes, int]]:
+        return [(W.Op.READ, W.join(f"{link.backend_path}/state"), 0)] + also
 
-    async def _wait_for_backend(self, wanted: tuple[XenbusState, ...], events: Any,
+    async def _wait_for_backend(self, link: _Link, wanted: tuple[XenbusState, ...], events: Any,
                                 also: list[tuple[int, bytes, int]] | None = None,
                                 first: list[Any] | None = None) -> list[Any]:
         """Wait, on a watch of the backend's state held for the whole connection (one
@@ -233,43 +297,77 @@ class BlkFront:
                     await events.receive()
                 except trio.EndOfChannel:
                     raise XenStoreError("EIO", "watch ended") from None
-                replies = await self.xs.pipeline(self._state_and(also))
+                replies = await self.xs.pipeline(self._state_and(link, also))
             raw, *results = replies
             replies = None
             state = XenbusState.of(raw)
             if state in wanted:
                 return results
-            if state == XenbusState.Unknown and await self._backend_moved():
+            if state == XenbusState.Unknown and await self._backend_moved(link):
                 # That backend is gone before it ever came up (killed while starting):
                 # the toolstack has pointed us at its successor.
                 raise _BackendMoved
             if state == XenbusState.Closed:
-                error = await self._read_or(f"{self.backend_path}/hotplug-error", b"")
+                error = await self._read_or(f"{link.backend_path}/hotplug-error", b"")
                 if error:
                     raise _BackendFailed(error.decode(errors="replace"))
 
-    async def _wait_for_backend_change(self, seen: XenbusState) -> None:
-        async with self.xs.watch(f"{self.backend_path}/state") as events:
+    async def _wait_for_backend_change(self, link: _Link, seen: XenbusState) -> None:
+        async with self.xs.watch(f"{link.backend_path}/state") as events:
             async for _ in events:
-                if await self._backend_state() != seen or await self._backend_moved():
+                if await self._backend_state(link) != seen or await self._backend_moved(link):
                     return
 
-    async def _backend_moved(self) -> bool:
+    async def _backend_moved(self, link: _Link) -> bool:
+        """Whether the toolstack named another backend: in the device's directory for the
+        connection's link, in its own for a standby link."""
+        where = self.path if link is self._link or link.promoted else link.path
         try:
-            return (await self.xs.read(f"{self.path}/backend")).decode() != self.backend_path
+            return (await self.xs.read(f"{where}/backend")).decode() != link.backend_path
         except XenStoreError:
             return False
 
     async def _connect(self) -> None:
         while True:
+            known, self._next_backend = self._next_backend, None
+            if known is None:
+                known = tuple(present(await self.xs.pipeline(  # type: ignore[assignment]
+                    [(W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in NAMED_KEYS])))
+            link = self._link_for(known)
+            if link.promoted and not link.settled.is_set():
+                await link.settled.wait()  # its handshake under way: not begun again
             try:
-                return await self._try_connect()
+                return await self._try_connect(link, known)
             except (_BackendMoved, _BackendFailed) as exc:
-                await self._close_queues()
+                await self._close_queues(link)
+                link.connected = False
                 if isinstance(exc, _BackendMoved):
                     log.info("backend moved while connecting; following it")
                     continue
                 await self._fail_until_replaced(str(exc))
+
+    def _link_for(self, known: tuple[bytes | None, ...]) -> _Link:
+        """The link a connection to the backend ``known`` names (NAMED_KEYS' values) is
+        made on: the directory the toolstack staged for it if it was a warm spare
+        (``standby`` names ``standby-<its domid>``), else the device's own. The standby
+        link is taken over as it is (a takeover then only switches: ``promotions``)."""
+        raw_id, _, _, pointer = known
+        slot = f"{self.path}/standby-{raw_id.decode(errors='replace')}" if raw_id else None
+        if pointer is None or slot is None or pointer.decode(errors="replace") != slot:
+            slot = None
+        standby, active = self._standby, self._active
+        if slot is not None and standby is not None and standby.path == slot:
+            return self._promote(standby)
+        target = slot or self.path
+        if active.path != target:
+            if active.path != self.path:  # a standby directory served the last connection
+                self._background.start_soon(self._remove_quietly, active.path)
+            active.path, active.connected = target, False
+        return active
+
+    async def _remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(XenStoreError):
+            await self.xs.rm(path)
 
     async def _fail_until_replaced(self, reason: str) -> None:
         """No backend will come: what is pending fails with EIO (so does anything new),
@@ -297,59 +395,66 @@ class BlkFront:
                     self._connected = trio.Event()
                     return
 
-    async def _try_connect(self) -> None:
-        self.state = XenbusState.Initialising
-        initialising = [(W.Op.WRITE, W.write_payload(f"{self.path}/state", str(int(self.state))), 0)]
-        known, self._next_backend = self._next_backend, None
-        if known is None:
-            _, raw_id, raw_backend = present(await self.xs.pipeline(  # one round trip
-                initialising + [(W.Op.READ, W.join(f"{self.path}/{key}"), 0)
-                                for key in ("backend-id", "backend")]))
-            initialising = []
-        else:
-            raw_id, raw_backend, raw_state = known  # Initialising goes beside the channels, below
-            if XenbusState.of(raw_state) == XenbusState.Initialising:
-                initialising = []  # written already (a takeover resets it: switch_backends)
+    async def _try_connect(self, link: _Link, known: tuple[bytes | None, ...]) -> None:
+        raw_id, raw_backend, raw_state, _ = known
         if raw_id is None or raw_backend is None:
             raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
-        backend_id, self.backend_path = int(raw_id), raw_backend.decode()
-        if backend_id != self.backend_id:
-            await self._grant_all(backend_id)  # while the backend starts up
-        log.debug(f"waiting for backend {self.backend_path} id={backend_id}")
+        if not link.connected:  # a standby link taken over connected is used as it is
+            await self._close_queues(link)  # what a handshake cut short had made
+            # Initialising, unless a takeover wrote it already (switch_backends)
+            await self._handshake(link, int(raw_id), raw_backend.decode(), pool=True, initialising=(
+                link.path != self.path or XenbusState.of(raw_state) != XenbusState.Initialising))
+        else:
+            await self._regrant(link, link.backend_id, pool=True)
+        self.connections += 1
+        self._fast.attach([queue.ring.c_ring for queue in link.queues], self.connections,
+                          max_segments=self.max_segments, size=self.size,
+                          read_only=self.read_only, handle=self.devid & 0xFFFF)
+
+    async def _handshake(self, link: _Link, backend_id: int, backend_path: str, *,
+                         pool: bool, initialising: bool = True) -> None:
+        """XenBus with the backend ``backend_path`` in ``link``'s directory, until it says
+        Connected: our channels, ring grants and keys (and the pool's grants, with
+        ``pool``); Initialising first unless ``initialising`` is False."""
+        link.connected = False
+        link.backend_path = backend_path
+        if link is self._link:
+            self.state = XenbusState.Initialising
+        writes = [(W.Op.WRITE, W.write_payload(f"{link.path}/state", str(int(XenbusState.Initialising))), 0)
+                  ] if initialising else []
+        await self._regrant(link, backend_id, pool=pool)  # while the backend starts up
+        log.debug(f"waiting for backend {link.backend_path} id={backend_id}")
         async with contextlib.AsyncExitStack() as stack:
             # Our channels (while the backend starts up: one per queue we would like; the
             # backend may take fewer, the rest are closed) and the watch, together.
             async def make_channels() -> None:
-                self._loose_ports = await self._alloc_channels(max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
+                link.loose_ports = await self._alloc_channels(link, max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
 
             # The backend's keys and our own directory come with the state that says they
             # are there, read beside the watch's registration (a warm spare waits for us
             # already): a reconnection after a crash waits on each round trip.
-            also = [(W.Op.READ, W.join(f"{self.backend_path}/{k}"), 0) for k in FEATURE_KEYS
-                    ] + [(W.Op.DIRECTORY, W.join(self.path), 0)]
+            also = [(W.Op.READ, W.join(f"{link.backend_path}/{k}"), 0) for k in FEATURE_KEYS
+                    ] + [(W.Op.DIRECTORY, W.join(link.path), 0)]
             _, backend_states, first, _ = await gather([
-                make_channels(), stack.enter_async_context(self.xs.watch(f"{self.backend_path}/state")),
-                self.xs.pipeline(self._state_and(also)), self.xs.pipeline(initialising)])
-            replies = await self._wait_for_backend((XenbusState.InitWait,), backend_states, also, first)
-            await self._initialise(replies)
+                make_channels(), stack.enter_async_context(self.xs.watch(f"{link.backend_path}/state")),
+                self.xs.pipeline(self._state_and(link, also)), self.xs.pipeline(writes)])
+            replies = await self._wait_for_backend(link, (XenbusState.InitWait,), backend_states, also, first)
+            await self._initialise(link, replies)
             log.debug("initialised; waiting for backend to connect")
-            await self._wait_for_backend((XenbusState.Connected,), backend_states)
-        self.connections += 1
-        self._fast.attach([queue.ring.c_ring for queue in self._queues], self.connections,
-                          max_segments=self.max_segments, size=self.size,
-                          read_only=self.read_only, handle=self.devid & 0xFFFF)
+            await self._wait_for_backend(link, (XenbusState.Connected,), backend_states)
+        link.connected = True
 
-    async def _alloc_channels(self, count: int) -> list[Any]:
+    async def _alloc_channels(self, link: _Link, count: int) -> list[Any]:
         """``count`` unbound channels for the backend, in one round trip: each a port, or
         the OSError that refused it (the backend's domain is gone)."""
         async def channel() -> Any:
             try:
-                return await self.domain.events.alloc_unbound(self.backend_id)
+                return await self.domain.events.alloc_unbound(link.backend_id)
             except OSError as exc:
                 return exc
         return await gather([channel() for _ in range(count)])
 
-    async def _initialise(self, replies: list[Any]) -> None:
+    async def _initialise(self, link: _Link, replies: list[Any]) -> None:
         """The backend waits for us: take its features (``replies``: FEATURE_KEYS, then our
         directory), make our rings, write their keys and Initialised. The channels made
         while it started up are used; those left over are closed."""
@@ -357,33 +462,33 @@ class BlkFront:
         values = dict(zip(FEATURE_KEYS, read))
         mine = W.strings(listing or b"")
         if values["sectors"] is None:
-            raise XenStoreError("ENOENT", f"{self.backend_path}/sectors")
-        self.sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
-        self.read_only = int(values.pop("info") or b"0") & 4 != 0
-        self.features.update({key: int(value or b"0") for key, value in values.items()})
-        order = max(0, min(RING_PAGE_ORDER, self.features["max-ring-page-order"]))
-        count = max(1, min(self.features["multi-queue-max-queues"], MAX_QUEUES, os.cpu_count() or 1))
+            raise XenStoreError("ENOENT", f"{link.backend_path}/sectors")
+        link.sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
+        link.read_only = int(values.pop("info") or b"0") & 4 != 0
+        link.features = {key: int(value or b"0") for key, value in values.items()}
+        order = max(0, min(RING_PAGE_ORDER, link.features["max-ring-page-order"]))
+        count = max(1, min(link.features["multi-queue-max-queues"], MAX_QUEUES, os.cpu_count() or 1))
         try:
-            ports = self._loose_ports[:count]
+            ports = link.loose_ports[:count]
             if len(ports) < count or any(isinstance(port, OSError) for port in ports):
                 # made too few early, or the backend's domain was not there yet: now
-                await self._close_loose_ports()
-                self._loose_ports = ports = await self._alloc_channels(count)
+                await self._close_loose_ports(link)
+                link.loose_ports = ports = await self._alloc_channels(link, count)
             for index, port in enumerate(ports):
                 if isinstance(port, OSError):
                     continue
-                pages = self._ring_pages.buffer[(index << order) * PAGE:((index + 1) << order) * PAGE]
-                self._queues.append(_Queue(index, FrontRing(pages, blkif.REQUEST_SIZE,
-                                                            blkif.RESPONSE_SIZE), port))
-            self._loose_ports = [port for port in self._loose_ports if port not in ports]
-            await self._close_loose_ports()
+                pages = link.ring_pages.buffer[(index << order) * PAGE:((index + 1) << order) * PAGE]
+                link.queues.append(_Queue(index, FrontRing(pages, blkif.REQUEST_SIZE,
+                                                           blkif.RESPONSE_SIZE), port))
+            link.loose_ports = [port for port in link.loose_ports if port not in ports]
+            await self._close_loose_ports(link)
             failed = [port for port in ports if isinstance(port, OSError)]
             if failed:
                 raise failed[0]  # the channels made are closed by _connect
         except OSError:
             # The backend's domain died after it announced InitWait: wait for the toolstack
             # to move the device or give up on it, then start over.
-            await self._wait_for_backend_change(XenbusState.InitWait)
+            await self._wait_for_backend_change(link, XenbusState.InitWait)
             raise _BackendMoved from None
         # The ring keys of a previous connection go first: a bigger ring's or more queues'
         # would be read instead of ours, and nodes made then keep the permissions of the
@@ -392,29 +497,30 @@ class BlkFront:
         # applies them in order, so a backend that sees Initialised reads our keys only.
         stale = [name for name in mine if name.startswith(("ring-ref", "queue-")) or name in (
             "ring-page-order", "multi-queue-num-queues", "event-channel")]
-        writes = self._queue_keys(order, count) + [
-            (f"{self.path}/protocol", "x86_64-abi"),
-            (f"{self.path}/feature-persistent", "1" if self.persistent else "0"),
-            (f"{self.path}/state", str(int(XenbusState.Initialised)))]
+        writes = self._queue_keys(link, order, count) + [
+            (f"{link.path}/protocol", "x86_64-abi"),
+            (f"{link.path}/feature-persistent", "1" if self.persistent else "0"),
+            (f"{link.path}/state", str(int(XenbusState.Initialised)))]
         present(await self.xs.pipeline(  # a stale key already gone is no error
-            [(W.Op.RM, W.join(f"{self.path}/{name}"), 0) for name in stale]
+            [(W.Op.RM, W.join(f"{link.path}/{name}"), 0) for name in stale]
             + [(W.Op.WRITE, W.write_payload(path, value), 0) for path, value in writes]))
-        self.state = XenbusState.Initialised
+        if link is self._link:
+            self.state = XenbusState.Initialised
 
-    def _queue_keys(self, order: int, count: int) -> list[tuple[str, str]]:
+    def _queue_keys(self, link: _Link, order: int, count: int) -> list[tuple[str, str]]:
         """As Linux's blkfront names them: one ring page by ring-ref, several by
         ring-page-order and ring-ref0..N-1; with more than one queue, each queue's under
         queue-N/ (ring-page-order stays shared)."""
-        keys = [(f"{self.path}/ring-page-order", str(order))] if order else []
+        keys = [(f"{link.path}/ring-page-order", str(order))] if order else []
         if count > 1:
-            keys.append((f"{self.path}/multi-queue-num-queues", str(count)))
-        for queue in self._queues:
-            where = f"{self.path}/queue-{queue.index}" if count > 1 else self.path
+            keys.append((f"{link.path}/multi-queue-num-queues", str(count)))
+        for queue in link.queues:
+            where = f"{link.path}/queue-{queue.index}" if count > 1 else link.path
             first = queue.index << order
             if order == 0:
-                keys.append((f"{where}/ring-ref", str(self._ring_grefs[first])))
+                keys.append((f"{where}/ring-ref", str(link.ring_grefs[first])))
             else:
-                keys += [(f"{where}/ring-ref{i}", str(self._ring_grefs[first + i])) for i in range(1 << order)]
+                keys += [(f"{where}/ring-ref{i}", str(link.ring_grefs[first + i])) for i in range(1 << order)]
             keys.append((f"{where}/event-channel", str(queue.port.port)))
         return keys
 
@@ -438,22 +544,36 @@ class BlkFront:
         log.info("vbd connected", extra={"kv": {"devid": self.devid, "backend": self.backend_id,
                                                "sectors": self.sectors}})
 
-    async def _grant_all(self, backend_id: int) -> None:
-        gt = self.domain.grant_table
-        # One atomic try-end per grant (XSA-396): a page the old backend still has mapped is
-        # never handed to the new one nor reused for I/O. The device is given up on instead
-        # (as Linux's blkfront does), until the toolstack replaces the backend again; the
-        # grants refused are retried then, and only they (the others are free already).
-        old = self._pool_grefs + self._ring_grefs + self._unrevoked
-        self._pool_grefs, self._ring_grefs = [], []
-        self._unrevoked = await end_access_settled(gt, old)
+    async def _end_grants(self, grefs: list[int]) -> None:
+        """End these grants (one atomic try-end each, XSA-396): a page the old backend still
+        has mapped is never handed to the new one nor reused for I/O. The device is given
+        up on instead (as Linux's blkfront does), until the toolstack replaces the backend
+        again; the grants refused are retried then, and only they."""
+        with trio.CancelScope(shield=True):  # grants half ended would be lost track of
+            self._unrevoked = await end_access_settled(self.domain.grant_table, grefs + self._unrevoked)
         if self._unrevoked:
             raise _BackendFailed(f"{len(self._unrevoked)} granted pages are still mapped by "
-                                 f"backend {self.backend_id}: not reused")
-        self.backend_id = backend_id
-        self._pool_grefs = gt.grant_access_many(backend_id, self._pool.frames)
-        self._fast.set_grefs(self._pool_grefs)
-        self._ring_grefs = gt.grant_access_many(backend_id, self._ring_pages.frames)
+                                 f"backend {self._pool_backend}: not reused")
+
+    async def _regrant(self, link: _Link, backend_id: int, *, pool: bool) -> None:
+        """Grant ``link``'s ring pages (and the pool, with ``pool``) to ``backend_id``,
+        where they are granted to another: the old grants end first, all or none."""
+        rings = backend_id != link.backend_id or not link.ring_grefs
+        pool = pool and backend_id != self._pool_backend
+        old = (link.ring_grefs if rings else []) + (self._pool_grefs if pool else [])
+        if rings:
+            link.ring_grefs = []
+        if pool:
+            self._pool_grefs = []
+        await self._end_grants(old)
+        gt = self.domain.grant_table
+        if pool:
+            self._pool_backend = backend_id
+            self._pool_grefs = gt.grant_access_many(backend_id, self._pool.frames)
+            self._fast.set_grefs(self._pool_grefs)
+        if rings:
+            link.backend_id = backend_id
+            link.ring_grefs = gt.grant_access_many(backend_id, link.ring_pages.frames)
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:
@@ -466,13 +586,13 @@ class BlkFront:
         with what our directory names as the backend now (``_next_backend``)."""
         async with self.xs.watch(f"{self.backend_path}/state") as events:
             async for _ in events:
-                raw_state, *ours = [  # one round trip; what cannot be read is None
+                raw_state, *named = [  # one round trip; what cannot be read is None
                     None if isinstance(value, XenStoreError) else value
-                    for value in await self.xs.pipeline([(W.Op.READ, W.join(path), 0) for path in (
-                        f"{self.backend_path}/state", f"{self.path}/backend-id", f"{self.path}/backend",
-                        f"{self.path}/state")])]
+                    for value in await self.xs.pipeline(
+                        [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)]
+                        + [(W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in NAMED_KEYS])]
                 if XenbusState.of(raw_state) != XenbusState.Connected:
-                    self._next_backend = (ours[0], ours[1], ours[2])
+                    self._next_backend = tuple(named)
                     log.warning("backend went away; will reconnect and replay",
                                 extra={"kv": {"pending": len(self.pending)}})
                     return
@@ -480,23 +600,113 @@ class BlkFront:
     async def _disconnect(self) -> None:
         if self._connected.is_set():  # an unset one stays: its waiters wake on the next connect
             self._connected = trio.Event()
-        queues, self._queues = self._queues, []
+        link = self._active
+        queues, link.queues = link.queues, []
+        link.connected = False
         self._fast.detach()
         # The old channels close once the next connection is made, not before it nor beside
         # it (the hypervisor answers a domain's calls in order: the new channels would wait).
         self._ports_to_close += [queue.port for queue in queues]
         self._room.unpark_all()  # putters waiting for ring space wait for the next ring
 
-    async def _close_queues(self) -> None:
-        queues, self._queues = self._queues, []
-        self._fast.detach()
+    async def _close_queues(self, link: _Link) -> None:
+        queues, link.queues = link.queues, []
+        if link is self._link:
+            self._fast.detach()
         await gather([_close_port(queue.port) for queue in queues])
-        await self._close_loose_ports()
+        await self._close_loose_ports(link)
 
-    async def _close_loose_ports(self) -> None:
+    @staticmethod
+    async def _close_loose_ports(link: _Link) -> None:
         """Channels made for a connection and not (or not yet) given to a queue."""
-        loose, self._loose_ports = self._loose_ports, []
+        loose, link.loose_ports = link.loose_ports, []
         await gather([_close_port(port) for port in loose if not isinstance(port, OSError)])
+
+    # ---- standing by with a warm spare -----------------------------------------------
+    async def _keep_standby(self) -> None:
+        """Stand by with the spare the toolstack names in ``standby`` (a directory of this
+        device's, ``standby-N``, whose ``backend`` is the spare's): connected beforehand
+        over rings of its own, so that a takeover only switches links. Nothing of the
+        guest's data is granted to the spare before then: the pool's grants move at the
+        switch."""
+        async with self.xs.watch(f"{self.path}/standby") as events:
+            async for _ in events:
+                await self._consider_standby()
+
+    async def _consider_standby(self) -> None:
+        """Start standing by with the spare ``standby`` names, if we do not already (and
+        have ring pages for it); let go of one it no longer names."""
+        slot = (await self._read_or(f"{self.path}/standby", b"")).decode(errors="replace")
+        name = slot[len(self.path) + 1:] if slot.startswith(self.path + "/") else ""
+        standby = self._standby
+        if standby is not None:
+            if standby.path == slot:
+                return
+            self._standby = None
+            standby.scope.cancel()  # its keeper tears it down
+        if (not name.startswith("standby-") or not name[8:].isdigit() or slot == self._active.path
+                or self._spare_pages is None):
+            return
+        link = self._standby = _Link(slot, self._spare_pages)
+        self._spare_pages = None
+        self._background.start_soon(self._stand_by, link)
+
+    async def _stand_by(self, link: _Link) -> None:
+        with link.scope:
+            try:
+                raw_id, raw_backend = present(await self.xs.pipeline(
+                    [(W.Op.READ, W.join(f"{link.path}/{key}"), 0) for key in ("backend-id", "backend")]))
+                if raw_id is None or raw_backend is None:
+                    raise XenStoreError("ENOENT", f"{link.path}: no backend-id or backend")
+                await self._handshake(link, int(raw_id), raw_backend.decode(), pool=False)
+                link.settled.set()
+                log.info("standing by", extra={"kv": {"devid": self.devid, "backend": link.backend_id}})
+                while not link.promoted and await self._backend_state(link) == XenbusState.Connected:
+                    await self._wait_for_backend_change(link, XenbusState.Connected)
+            except (XenStoreError, OSError, ValueError, _BackendMoved, _BackendFailed) as exc:
+                log.info("standby link ended", extra={"kv": {"devid": self.devid, "reason": str(exc)}})
+        link.settled.set()
+        if link.promoted:
+            return  # the device's connection now (or being made on it)
+        if self._standby is link:
+            self._standby = None
+        with trio.CancelScope(shield=True):
+            await self._close_queues(link)
+        await self._retire_pages(link)
+
+    def _promote(self, standby: _Link) -> _Link:
+        """A takeover by the spare we stand by with: its link becomes the connection's (a
+        handshake under way finishes first: see _connect), the one before is retired."""
+        self._standby = None
+        standby.promoted = True
+        if standby.connected:
+            standby.scope.cancel()  # its keeper only held it
+        old, self._link = self._active, standby
+        self.promotions += 1
+        self._background.start_soon(self._retire, old)
+        return standby
+
+    async def _retire(self, link: _Link) -> None:
+        """A link a takeover left behind: its channels close, its directory goes if it was
+        a standby one, and its ring pages serve the next standby once its grants ended."""
+        self._ports_to_close += [queue.port for queue in link.queues] + [
+            port for port in link.loose_ports if not isinstance(port, OSError)]
+        link.queues, link.loose_ports = [], []
+        if link.path != self.path:
+            await self._remove_quietly(link.path)
+        await self._retire_pages(link)
+
+    async def _retire_pages(self, link: _Link) -> None:
+        with trio.CancelScope(shield=True):
+            left = await end_access_settled(self.domain.grant_table, link.ring_grefs)
+        link.ring_grefs = []
+        if left:
+            self._unrevoked_rings += left  # those pages are never reused
+            log.warning("ring pages still mapped by a backend: no more standby links",
+                        extra={"kv": {"devid": self.devid, "grants": len(left)}})
+            return
+        self._spare_pages = link.ring_pages
+        await self._consider_standby()  # a spare named meanwhile
 
     def _queue_with_room(self) -> _Queue | None:
         """The next queue, in turn, that has a free slot."""
