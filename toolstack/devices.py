@@ -100,7 +100,7 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                     raise result
 
 
-async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, **keys: Any) -> None:
+async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, **keys: Any) -> bool:
     """Write a device's backend half for a warm spare (``paths.backend_domid``) while the
     driver domain ``current_backend`` still serves it: the spare's backend starts on it,
     publishes its features and InitWait and waits, for it connects only to a frontend that
@@ -108,18 +108,21 @@ async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, *
     takeover then only points the frontend at the spare (:func:`switch_backends`). ``keys``:
     as for :func:`add_vbd` or :func:`add_vif`, by ``paths.kind``.
 
-    A vbd's spare serves a standby directory of the frontend's (:func:`standby_dir`) that
-    blkfront connects over beforehand, on rings of its own, so that a takeover does no
-    handshake at all: blkfront switches to that link and replays."""
-    if paths.kind == "vif":
-        await _write_device(xs, paths, _vif_keys(paths, **keys)[0], (), staged_beside=current_backend)
-        return
+    A vbd whose frontend offers ``feature-standby`` (ringfence's blkfront) is staged on a
+    standby directory of the frontend's instead (:func:`standby_dir`), which the frontend
+    connects over beforehand, on rings of its own, so that a takeover does no handshake at
+    all: the frontend switches to that link and replays. Returns whether it was."""
+    if paths.kind == "vif" or (await xs.read_many([f"{paths.frontend}/feature-standby"]))[0] != b"1":
+        backend_keys = (_vbd_keys if paths.kind == "vbd" else _vif_keys)(paths, **keys)[0]
+        await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend)
+        return False
     # A vbd's backend serves a standby directory of the frontend's (standby_dir), which the
     # frontend connects over beforehand: a takeover then only switches links.
     standby = standby_dir(paths)
     backend_keys = tuple(("frontend", standby) if key == "frontend" else (key, value)
                          for key, value in _vbd_keys(paths, **keys)[0])
     await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend, standby=standby)
+    return True
 
 
 async def switch_backends(xs: XenStore, moves: list[tuple[DevicePaths, DevicePaths]]) -> None:

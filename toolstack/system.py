@@ -246,6 +246,7 @@ async def nursery_xs(nursery: trio.Nursery, path: str) -> Any:
 SPARE_DELAY = 0.5  # after a takeover, the next spare starts once recovery has had the CPUs
 SPARE_START_TIMEOUT = 30.0  # seconds a spare may take to come up at SCHED_IDLE
 STANDBY_TIMEOUT = 5.0  # seconds the frontends may take to stand by with a spare
+FRONTEND_TIMEOUT = 10.0  # seconds a spare's staging waits for the frontends to connect
 
 
 @dataclass
@@ -259,7 +260,8 @@ class Spare:
     process: Any
     staged: set[tuple[str, int, int]] = field(default_factory=set)
     staging_done: bool = False
-    standing_by: bool = False  # the frontends' standby links to its vbds are up (or given up on)
+    standby: set[tuple[str, int, int]] = field(default_factory=set)  # staged on a standby link
+    standing_by: bool = False  # the frontends' standby links to it are up (or given up on)
 
 
 def _devices_of(system: System, name: str) -> list[tuple[DevicePaths, dict[str, Any]]]:
@@ -318,21 +320,34 @@ async def _stage(system: System, name: str, spare: Spare) -> None:
     current = system.driver_domids[name]
     try:
         for paths, keys in _devices_of(system, name):
-            await stage_device(system.xs, dataclasses.replace(paths, backend_domid=spare.domid),
-                               current, **keys)
-            spare.staged.add((paths.kind, paths.frontend_domid, paths.devid))
+            key = (paths.kind, paths.frontend_domid, paths.devid)
+            if await stage_device(system.xs, dataclasses.replace(paths, backend_domid=spare.domid),
+                                  current, **keys):
+                spare.standby.add(key)
+            spare.staged.add(key)
     except XenStoreError as exc:
         log.warning("devices not staged for the warm spare", extra={"kv": {
             "driver": name, "spare": spare.domid, "error": str(exc)}})
     spare.staging_done = True
 
 
+async def _wait_frontends(system: System, name: str) -> None:
+    """Until the frontends of ``name``'s vbds are connected (the first spare starts with
+    the guests), so that a spare's staging knows what they offer (``feature-standby``);
+    FRONTEND_TIMEOUT at most."""
+    frontends = [paths.frontend for paths, _ in _devices_of(system, name) if paths.kind == "vbd"]
+    with trio.move_on_after(FRONTEND_TIMEOUT):
+        for frontend in frontends:
+            while (await system.xs.read_many([f"{frontend}/state"]))[0] not in (b"4", None):
+                await trio.sleep(0.05)
+
+
 async def _wait_standing_by(system: System, spare: Spare) -> None:
-    """Until the frontends stand by with the spare: the backends staged for it that serve
-    a standby link (vbds) say Connected. A frontend that does not (it has no standby
-    links) costs only a slower takeover, after STANDBY_TIMEOUT."""
+    """Until the frontends stand by with the spare: the backends staged for it on a
+    standby link say Connected. A frontend that does not in time costs only a slower
+    takeover."""
     backends = [DevicePaths(kind, frontend, spare.domid, devid).backend
-                for kind, frontend, devid in list(spare.staged) if kind == "vbd"]
+                for kind, frontend, devid in list(spare.standby)]
     with trio.move_on_after(STANDBY_TIMEOUT):
         for backend in backends:
             while (await system.xs.read_many([f"{backend}/state"]))[0] not in (b"4", None):
@@ -383,6 +398,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         finally:
             os.close(fd)
         spare = system.spares[name] = Spare(domid, spare_name, process)
+        await _wait_frontends(system, name)
         async with staging:
             await _stage(system, name, spare)
         # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it

@@ -500,6 +500,8 @@ class BlkFront:
         writes = self._queue_keys(link, order, count) + [
             (f"{link.path}/protocol", "x86_64-abi"),
             (f"{link.path}/feature-persistent", "1" if self.persistent else "0"),
+            # we stand by with a warm spare the toolstack stages for us (_keep_standby)
+            (f"{link.path}/feature-standby", "1"),
             (f"{link.path}/state", str(int(XenbusState.Initialised)))]
         present(await self.xs.pipeline(  # a stale key already gone is no error
             [(W.Op.RM, W.join(f"{link.path}/{name}"), 0) for name in stale]

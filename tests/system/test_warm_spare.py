@@ -94,7 +94,34 @@ async def _exercise(runtime: str) -> None:
         assert system.spares["stor"].domid != spare.domid
         assert await _read(system.xs, f"{frontend}/backend") == staged.encode()
         assert await _read(system.xs, f"/local/domain/{primary}/backend/vbd/{guest.domid}/{devid}/state") is None
+        # Takeover after takeover in the middle of writes: each one a switch to the standby
+        # link, and every byte written is there.
+        for round_ in range(TAKEOVERS):
+            with trio.fail_after(30):
+                while not system.spare_ready("stor"):
+                    await trio.sleep(0.05)
+            data = os.urandom(4 << 20)
+            with open(f"{runtime}/in", "wb") as f:
+                f.write(data)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, lambda: subprocess.run(
+                    ["nbdcopy", f"{runtime}/in", uri], check=True, timeout=60))
+                await trio.sleep(0.01 * (round_ + 1))  # mid-write
+                system.drivers["stor"].kill()
+            assert await trio.to_thread.run_sync(lambda: _read_back(uri, f"{runtime}/out", len(data))) == data
+        stats = (await system.domain_statistics())["guest1"]
+        assert sum(_values(stats, "promotions")) == 1 + TAKEOVERS, stats
+        assert stats["devices"][f"vbd/{devid}"]["errors"] == 0, stats  # no I/O error seen
     assert not os.path.exists(f"{runtime}/control.sock")
+
+
+TAKEOVERS = 5
+
+
+def _read_back(uri: str, path: str, length: int) -> bytes:
+    subprocess.run(["nbdcopy", uri, path], check=True, timeout=60)
+    with open(path, "rb") as f:
+        return f.read(length)
 
 
 async def _read(xs, path: str) -> bytes | None:
