@@ -699,8 +699,8 @@ class BlkFront:
         await self._retire_pages(link)
 
     async def _retire_pages(self, link: _Link) -> None:
-        with trio.CancelScope(shield=True):
-            left = await end_access_settled(self.domain.grant_table, link.ring_grefs)
+        # Not shielded: a device going away does not wait for a spare to let go.
+        left = await end_access_settled(self.domain.grant_table, link.ring_grefs)
         link.ring_grefs = []
         if left:
             self._unrevoked_rings += left  # those pages are never reused
