@@ -631,9 +631,12 @@ class BlkFront:
         over rings of its own, so that a takeover only switches links. Nothing of the
         guest's data is granted to the spare before then: the pool's grants move at the
         switch."""
-        async with self.xs.watch(f"{self.path}/standby") as events:
-            async for _ in events:
-                await self._consider_standby()
+        try:
+            async with self.xs.watch(f"{self.path}/standby") as events:
+                async for _ in events:
+                    await self._consider_standby()
+        except XenStoreError as exc:  # no standby links then: takeovers make a handshake
+            log.warning("cannot stand by", extra={"kv": {"devid": self.devid, "error": str(exc)}})
 
     async def _consider_standby(self) -> None:
         """Start standing by with the spare ``standby`` names, if we do not already (and
