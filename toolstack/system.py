@@ -217,7 +217,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                 for guest in system.guests.values():
                     if guest.process is not None:
                         guest.process.kill()
-                for spare in system.spares.values():
+                spares, system.spares = list(system.spares.values()), {}  # none replaced now
+                for spare in spares:
                     spare.process.kill()
                 await supervisor.stop_all()
                 with trio.move_on_after(10):
@@ -398,6 +399,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         finally:
             os.close(fd)
         spare = system.spares[name] = Spare(domid, spare_name, process)
+        system.nursery.start_soon(replace_if_dead, spare)
         await _wait_frontends(system, name)
         async with staging:
             await _stage(system, name, spare)
@@ -410,6 +412,23 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
         await _wait_standing_by(system, spare)
+
+    async def replace_if_dead(spare: Spare) -> None:
+        """A spare that dies before it takes over: what was staged for it goes (the
+        frontends let go of their standby links), and another one starts."""
+        await spare.process.wait()
+        if system.spares.get(name) is not spare:
+            return  # it took over (the supervisor has it now), or was let go of
+        del system.spares[name]
+        log.warning("warm spare died; starting another", extra={"kv": {"driver": name, "spare": spare.domid}})
+        with trio.CancelScope(shield=True):
+            async with staging:
+                await _discard_staged(system, spare.domid, spare.staged)
+                with contextlib.suppress(XenStoreError):
+                    await system.xs.rm(f"/local/domain/{spare.domid}")
+            with contextlib.suppress(OSError):
+                await system.dom0.destroy_domain(spare.domid)
+        system.nursery.start_soon(start_spare, SPARE_DELAY)
 
     async def prepare() -> Launch:
         nonlocal started_once

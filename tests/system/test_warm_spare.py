@@ -124,6 +124,54 @@ def _read_back(uri: str, path: str, length: int) -> bytes:
         return f.read(length)
 
 
+async def test_spare_dead_while_standing_by_then_a_takeover():
+    """The spare dies while the frontend stands by with it: what was staged for it goes,
+    the frontend lets go of that link, another spare takes its place and over, and the
+    guest's data is intact."""
+    runtime = f"/run/ringfence-spare-dead-{os.getpid()}"
+    os.makedirs(runtime, exist_ok=True)
+    for image in ("g", "h"):
+        with open(f"{runtime}/{image}.img", "wb") as f:
+            f.truncate(32 << 20)
+    with open(f"{runtime}/host.toml", "w") as f:
+        f.write(CONFIG.format(dir=runtime))
+    try:
+        async with open_system(load(f"{runtime}/host.toml", runtime), runtime) as system:
+            with trio.fail_after(30):
+                while not system.spare_ready("stor"):
+                    await trio.sleep(0.05)
+            guest = system.guests["guest1"]
+            frontend = f"/local/domain/{guest.domid}/device/vbd/{guest.disks[0].devid}"
+            spare = system.spares["stor"]
+            spare.process.kill()
+            with trio.fail_after(30):  # the frontend lets go of the dead spare's link
+                while True:
+                    stats = (await system.domain_statistics())["guest1"]
+                    if stats["devices"][f"vbd/{guest.disks[0].devid}"]["standby_backend"] == -1:
+                        break
+                    await trio.sleep(0.05)
+            uri = f"nbd+unix:///?socket={guest.nbd_sockets['xvda']}"
+            data = os.urandom(4 << 20)
+            with open(f"{runtime}/in", "wb") as f:
+                f.write(data)
+            assert await _read(system.xs, f"{frontend}/standby-{spare.domid}") is None
+            with trio.fail_after(30):
+                while not system.spare_ready("stor"):
+                    await trio.sleep(0.05)
+            assert system.spares["stor"].domid != spare.domid
+            system.drivers["stor"].kill()
+            assert await trio.to_thread.run_sync(lambda: _write_read(uri, runtime, data)) == data
+            stats = (await system.domain_statistics())["guest1"]
+            assert stats["devices"][f"vbd/{guest.disks[0].devid}"]["promotions"] == 1, stats
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _write_read(uri: str, runtime: str, data: bytes) -> bytes:
+    subprocess.run(["nbdcopy", f"{runtime}/in", uri], check=True, timeout=60)
+    return _read_back(uri, f"{runtime}/out", len(data))
+
+
 async def _read(xs, path: str) -> bytes | None:
     return (await xs.read_many([path]))[0]
 
