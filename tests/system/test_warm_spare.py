@@ -3,9 +3,11 @@ staged at InitWait) takes the name and the devices, the guest's I/O carries on, 
 spare starts behind it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -29,8 +31,10 @@ disks = ["target={dir}/g.img,vdev=xvda,backend=stor", "target={dir}/h.img,vdev=x
 """
 
 
-async def test_spare_takes_over_and_is_replaced():
-    runtime = f"/run/ringfence-spare-{os.getpid()}"
+@contextlib.contextmanager
+def _host(name: str) -> Iterator[str]:
+    """A runtime directory with CONFIG's host and its disk images, removed afterwards."""
+    runtime = f"/run/ringfence-{name}-{os.getpid()}"
     os.makedirs(runtime, exist_ok=True)
     for image in ("g", "h"):
         with open(f"{runtime}/{image}.img", "wb") as f:
@@ -38,9 +42,14 @@ async def test_spare_takes_over_and_is_replaced():
     with open(f"{runtime}/host.toml", "w") as f:
         f.write(CONFIG.format(dir=runtime))
     try:
-        await _exercise(runtime)
+        yield runtime
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+async def test_spare_takes_over_and_is_replaced():
+    with _host("spare") as runtime:
+        await _exercise(runtime)
 
 
 async def _exercise(runtime: str) -> None:
@@ -128,14 +137,7 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
     """The spare dies while the frontend stands by with it: what was staged for it goes,
     the frontend lets go of that link, another spare takes its place and over, and the
     guest's data is intact."""
-    runtime = f"/run/ringfence-spare-dead-{os.getpid()}"
-    os.makedirs(runtime, exist_ok=True)
-    for image in ("g", "h"):
-        with open(f"{runtime}/{image}.img", "wb") as f:
-            f.truncate(32 << 20)
-    with open(f"{runtime}/host.toml", "w") as f:
-        f.write(CONFIG.format(dir=runtime))
-    try:
+    with _host("spare-dead") as runtime:
         async with open_system(load(f"{runtime}/host.toml", runtime), runtime) as system:
             with trio.fail_after(30):
                 while not system.spare_ready("stor"):
@@ -163,8 +165,6 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
             assert await trio.to_thread.run_sync(lambda: _write_read(uri, runtime, data)) == data
             stats = (await system.domain_statistics())["guest1"]
             assert stats["devices"][f"vbd/{guest.disks[0].devid}"]["promotions"] == 1, stats
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _write_read(uri: str, runtime: str, data: bytes) -> bytes:
