@@ -29,12 +29,6 @@ def _vbd_keys(paths: DevicePaths, *, target: str, mode: str = "w", vdev: str = "
             (("virtual-device", paths.devid), ("device-type", "disk")))
 
 
-def standby_dir(paths: DevicePaths) -> str:
-    """The frontend's directory for a warm spare's standby link to this device (a vbd
-    staged for the spare ``paths.backend_domid``)."""
-    return f"{paths.frontend}/standby-{paths.backend_domid}"
-
-
 async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, frontend_keys: Any,
                         *, replaces: str | None = None, staged_beside: int | None = None,
                         standby: str | None = None) -> None:
@@ -109,16 +103,16 @@ async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, *
     as for :func:`add_vbd` or :func:`add_vif`, by ``paths.kind``.
 
     A vbd whose frontend offers ``feature-standby`` (ringfence's blkfront) is staged on a
-    standby directory of the frontend's instead (:func:`standby_dir`), which the frontend
+    standby directory of the frontend's instead (``DevicePaths.standby``), which the frontend
     connects over beforehand, on rings of its own, so that a takeover does no handshake at
     all: the frontend switches to that link and replays. Returns whether it was."""
     if paths.kind == "vif" or (await xs.read_many([f"{paths.frontend}/feature-standby"]))[0] != b"1":
         backend_keys = (_vbd_keys if paths.kind == "vbd" else _vif_keys)(paths, **keys)[0]
         await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend)
         return False
-    # A vbd's backend serves a standby directory of the frontend's (standby_dir), which the
+    # A vbd's backend serves a standby directory of the frontend's (DevicePaths.standby), which the
     # frontend connects over beforehand: a takeover then only switches links.
-    standby = standby_dir(paths)
+    standby = paths.standby
     backend_keys = tuple(("frontend", standby) if key == "frontend" else (key, value)
                          for key, value in _vbd_keys(paths, **keys)[0])
     await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend, standby=standby)

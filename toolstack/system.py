@@ -31,7 +31,7 @@ from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid,
 from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.control import control_path, serve_control
-from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, standby_dir, switch_backends
+from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_backends
 from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.hypervisor import open_hypervisor
 from ringfence.xenbus.client import open_xenstore
@@ -312,7 +312,7 @@ async def _discard_staged(system: System, spare: int, staged: set[tuple[str, int
     for kind, frontend, devid in staged:
         if kind == "vbd":
             with contextlib.suppress(XenStoreError):
-                await system.xs.rm(standby_dir(DevicePaths(kind, frontend, spare, devid)))
+                await system.xs.rm(DevicePaths(kind, frontend, spare, devid).standby)
 
 
 async def _stage(system: System, name: str, spare: Spare) -> None:
@@ -332,28 +332,36 @@ async def _stage(system: System, name: str, spare: Spare) -> None:
     spare.staging_done = True
 
 
+async def _wait_connected(system: System, directories: list[str], timeout: float) -> None:
+    """Until each of these device halves says Connected (or is gone), ``timeout`` at most."""
+    with trio.move_on_after(timeout):
+        for directory in directories:
+            while (await system.xs.read_many([f"{directory}/state"]))[0] not in (b"4", None):
+                await trio.sleep(0.02)
+
+
 async def _wait_frontends(system: System, name: str) -> None:
     """Until the frontends of ``name``'s vbds are connected (the first spare starts with
-    the guests), so that a spare's staging knows what they offer (``feature-standby``);
-    FRONTEND_TIMEOUT at most."""
-    frontends = [paths.frontend for paths, _ in _devices_of(system, name) if paths.kind == "vbd"]
-    with trio.move_on_after(FRONTEND_TIMEOUT):
-        for frontend in frontends:
-            while (await system.xs.read_many([f"{frontend}/state"]))[0] not in (b"4", None):
-                await trio.sleep(0.05)
+    the guests), so that a spare's staging knows what they offer (``feature-standby``)."""
+    await _wait_connected(system, [paths.frontend for paths, _ in _devices_of(system, name)
+                                   if paths.kind == "vbd"], FRONTEND_TIMEOUT)
 
 
 async def _wait_standing_by(system: System, spare: Spare) -> None:
     """Until the frontends stand by with the spare: the backends staged for it on a
     standby link say Connected. A frontend that does not in time costs only a slower
     takeover."""
-    backends = [DevicePaths(kind, frontend, spare.domid, devid).backend
-                for kind, frontend, devid in list(spare.standby)]
-    with trio.move_on_after(STANDBY_TIMEOUT):
-        for backend in backends:
-            while (await system.xs.read_many([f"{backend}/state"]))[0] not in (b"4", None):
-                await trio.sleep(0.02)
+    await _wait_connected(system, [DevicePaths(kind, frontend, spare.domid, devid).backend
+                                   for kind, frontend, devid in list(spare.standby)], STANDBY_TIMEOUT)
     spare.standing_by = True
+
+
+async def _let_go_of(system: System, spare: Spare) -> None:
+    """A spare that will not take over: killed, and what was staged for it removed."""
+    spare.process.kill()
+    await _discard_staged(system, spare.domid, spare.staged)
+    with contextlib.suppress(XenStoreError):
+        await system.xs.rm(f"/local/domain/{spare.domid}")
 
 
 async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
@@ -423,9 +431,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         log.warning("warm spare died; starting another", extra={"kv": {"driver": name, "spare": spare.domid}})
         with trio.CancelScope(shield=True):
             async with staging:
-                await _discard_staged(system, spare.domid, spare.staged)
-                with contextlib.suppress(XenStoreError):
-                    await system.xs.rm(f"/local/domain/{spare.domid}")
+                await _let_go_of(system, spare)
             with contextlib.suppress(OSError):
                 await system.dom0.destroy_domain(spare.domid)
         system.nursery.start_soon(start_spare, SPARE_DELAY)
@@ -455,10 +461,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             return Launch(program, teardown=teardown_of(spare.domid), adopt=spare.process)
         await service.wait_torn_down()
         if spare is not None:
-            spare.process.kill()
-            await _discard_staged(system, spare.domid, spare.staged)
-            with contextlib.suppress(XenStoreError):  # what was staged for it
-                await system.xs.rm(f"/local/domain/{spare.domid}")
+            await _let_go_of(system, spare)
         domid, fd = await system.dom0.create_domain(name)
         system.driver_domids[name] = domid
         await _hand_over(system, name, old, domid)

@@ -26,10 +26,29 @@ class DevicePaths:
     def frontend_key(self, key: str) -> str:
         return f"{self.frontend}/{key}"
 
+    @property
+    def standby(self) -> str:
+        """The frontend's directory for a standby link to this backend (a warm spare's)."""
+        return standby_dir(self.frontend, self.backend_domid)
+
     def queue_key(self, queue: int, key: str, *, frontend: bool = True, queues: int = 1) -> str:
         """Per-queue keys (multi-queue): ``queue-N/key``, or plain ``key`` with one queue."""
         base = self.frontend if frontend else self.backend
         return f"{base}/queue-{queue}/{key}" if queues > 1 else f"{base}/{key}"
+
+
+STANDBY = "standby-"  # a frontend directory's standby links: standby-<backend domid>
+
+
+def standby_dir(frontend: str, backend_domid: int | str) -> str:
+    return f"{frontend}/{STANDBY}{backend_domid}"
+
+
+def standby_domid(frontend: str, path: str) -> int | None:
+    """The backend a standby directory of ``frontend`` is for, or None if ``path`` is none."""
+    name = path[len(frontend) + 1:] if path.startswith(frontend + "/") else ""
+    domid = name.removeprefix(STANDBY)
+    return int(domid) if name.startswith(STANDBY) and domid.isdigit() else None
 
 
 def parse_backend_path(path: str) -> DevicePaths | None:

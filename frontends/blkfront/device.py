@@ -27,6 +27,7 @@ from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import end_access_settled
 from ringfence.xenbus.client import XenStore, gather, present
+from ringfence.xenbus.paths import standby_dir, standby_domid
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
 
@@ -352,7 +353,7 @@ class BlkFront:
         (``standby`` names ``standby-<its domid>``), else the device's own. The standby
         link is taken over as it is (a takeover then only switches: ``promotions``)."""
         raw_id, _, _, pointer = known
-        slot = f"{self.path}/standby-{raw_id.decode(errors='replace')}" if raw_id else None
+        slot = standby_dir(self.path, raw_id.decode(errors="replace")) if raw_id else None
         if pointer is None or slot is None or pointer.decode(errors="replace") != slot:
             slot = None
         standby, active = self._standby, self._active
@@ -395,14 +396,20 @@ class BlkFront:
                     self._connected = trio.Event()
                     return
 
+    @staticmethod
+    def _named_backend(where: str, raw_id: bytes | None, raw_backend: bytes | None) -> tuple[int, str]:
+        """The backend a directory names (its ``backend-id`` and ``backend``, as read)."""
+        if raw_id is None or raw_backend is None:
+            raise XenStoreError("ENOENT", f"{where}: no backend-id or backend")
+        return int(raw_id), raw_backend.decode()
+
     async def _try_connect(self, link: _Link, known: tuple[bytes | None, ...]) -> None:
         raw_id, raw_backend, raw_state, _ = known
-        if raw_id is None or raw_backend is None:
-            raise XenStoreError("ENOENT", f"{self.path}: no backend-id or backend")
+        backend_id, backend_path = self._named_backend(self.path, raw_id, raw_backend)
         if not link.connected:  # a standby link taken over connected is used as it is
             await self._close_queues(link)  # what a handshake cut short had made
             # Initialising, unless a takeover wrote it already (switch_backends)
-            await self._handshake(link, int(raw_id), raw_backend.decode(), pool=True, initialising=(
+            await self._handshake(link, backend_id, backend_path, pool=True, initialising=(
                 link.path != self.path or XenbusState.of(raw_state) != XenbusState.Initialising))
         else:
             await self._regrant(link, link.backend_id, pool=True)
@@ -590,9 +597,8 @@ class BlkFront:
             async for _ in events:
                 raw_state, *named = [  # one round trip; what cannot be read is None
                     None if isinstance(value, XenStoreError) else value
-                    for value in await self.xs.pipeline(
-                        [(W.Op.READ, W.join(f"{self.backend_path}/state"), 0)]
-                        + [(W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in NAMED_KEYS])]
+                    for value in await self.xs.pipeline(self._state_and(self._active, [
+                        (W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in NAMED_KEYS]))]
                 if XenbusState.of(raw_state) != XenbusState.Connected:
                     self._next_backend = tuple(named)
                     log.warning("backend went away; will reconnect and replay",
@@ -642,15 +648,13 @@ class BlkFront:
         """Start standing by with the spare ``standby`` names, if we do not already (and
         have ring pages for it); let go of one it no longer names."""
         slot = (await self._read_or(f"{self.path}/standby", b"")).decode(errors="replace")
-        name = slot[len(self.path) + 1:] if slot.startswith(self.path + "/") else ""
         standby = self._standby
         if standby is not None:
             if standby.path == slot:
                 return
             self._standby = None
             standby.scope.cancel()  # its keeper tears it down
-        if (not name.startswith("standby-") or not name[8:].isdigit() or slot == self._active.path
-                or self._spare_pages is None):
+        if standby_domid(self.path, slot) is None or slot == self._active.path or self._spare_pages is None:
             return
         link = self._standby = _Link(slot, self._spare_pages)
         self._spare_pages = None
@@ -659,11 +663,9 @@ class BlkFront:
     async def _stand_by(self, link: _Link) -> None:
         with link.scope:
             try:
-                raw_id, raw_backend = present(await self.xs.pipeline(
+                named = present(await self.xs.pipeline(
                     [(W.Op.READ, W.join(f"{link.path}/{key}"), 0) for key in ("backend-id", "backend")]))
-                if raw_id is None or raw_backend is None:
-                    raise XenStoreError("ENOENT", f"{link.path}: no backend-id or backend")
-                await self._handshake(link, int(raw_id), raw_backend.decode(), pool=False)
+                await self._handshake(link, *self._named_backend(link.path, *named), pool=False)
                 link.settled.set()
                 log.info("standing by", extra={"kv": {"devid": self.devid, "backend": link.backend_id}})
                 while not link.promoted and await self._backend_state(link) == XenbusState.Connected:
