@@ -119,21 +119,24 @@ async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, *
     return True
 
 
-async def switch_backends(xs: XenStore, moves: list[tuple[DevicePaths, DevicePaths]]) -> None:
-    """Point frontends at the warm spare their devices were staged for, (old, new) a device,
-    in one pipeline that the daemon applies in order (a takeover waits on no transaction,
-    and a guest's own write cannot make it start over): each frontend is reset to
-    Initialising first (its Connected was the dead backend's: the spare must not act on the
-    keys that went with it, and it acts only for a frontend that names it), then names its
-    new backend, and last the old backend directory goes, which is what the frontend
-    watches. Should the daemon restart part way, the client sends again what it had not
-    answered."""
+async def switch_backends(xs: XenStore, moves: list[tuple[DevicePaths, DevicePaths, bool]]) -> None:
+    """Point frontends at the warm spare their devices were staged for, (old, new, on a
+    standby link) a device, in one pipeline that the daemon applies in order (a takeover
+    waits on no transaction, and a guest's own write cannot make it start over): each
+    frontend is reset to Initialising first (its Connected was the dead backend's: the spare
+    must not act on the keys that went with it, and it acts only for a frontend that names
+    it), then names its new backend, and last the old backend directory goes, which is what
+    the frontend watches. A frontend on a standby link keeps its state: the spare serves
+    that link's keys, and the frontend may have switched to it already (told on its
+    takeover channel). Should the daemon restart part way, the client sends again what it
+    had not answered."""
     requests = []
-    for old, new in moves:
+    for old, new, on_standby in moves:
         fe = new.frontend
-        requests += [(Op.WRITE, W.write_payload(f"{fe}/{key}", str(value)), 0) for key, value in (
-            ("state", int(XenbusState.Initialising)), ("backend-id", new.backend_domid),
-            ("backend", new.backend))]
+        keys = (("backend-id", new.backend_domid), ("backend", new.backend))
+        if not on_standby:
+            keys = (("state", int(XenbusState.Initialising)), *keys)
+        requests += [(Op.WRITE, W.write_payload(f"{fe}/{key}", str(value)), 0) for key, value in keys]
         requests.append((Op.RM, W.join(old.backend), 0))
     for result in await xs.pipeline(requests):
         if isinstance(result, XenStoreError) and result.name != "ENOENT":  # gone with its domain

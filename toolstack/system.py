@@ -35,7 +35,7 @@ from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_b
 from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.hypervisor import open_hypervisor
 from ringfence.xenbus.client import open_xenstore
-from ringfence.xenbus.paths import DevicePaths
+from ringfence.xenbus.paths import TAKEOVER_KEY, DevicePaths
 from ringfence.xenbus.state import XenbusState
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ class Spare:
     staging_done: bool = False
     standby: set[tuple[str, int, int]] = field(default_factory=set)  # staged on a standby link
     standing_by: bool = False  # the frontends' standby links to it are up (or given up on)
+    takeover_ports: list[Any] = field(default_factory=list)  # dom0's ends, on those links
 
 
 def _devices_of(system: System, name: str) -> list[tuple[DevicePaths, dict[str, Any]]]:
@@ -280,10 +281,12 @@ def _devices_of(system: System, name: str) -> list[tuple[DevicePaths, dict[str, 
 
 
 async def _hand_over(system: System, name: str, old: int | None, domid: int,
-                     staged: set[tuple[str, int, int]] | None = None) -> None:
+                     staged: set[tuple[str, int, int]] | None = None,
+                     on_standby: set[tuple[str, int, int]] | None = None) -> None:
     """Write (or move, after a crash) the devices of driver domain ``name`` to ``domid``.
     Devices ``staged`` for it (a warm spare) only have their frontends pointed at it, all in
-    one transaction; what was staged for a device removed since goes."""
+    one pipeline (``on_standby``: those whose frontends stand by with it); what was staged
+    for a device removed since goes."""
     xs, staged = system.xs, staged or set()
     switches = []
     for paths, keys in _devices_of(system, name):
@@ -291,7 +294,8 @@ async def _hand_over(system: System, name: str, old: int | None, domid: int,
         previous = dataclasses.replace(paths, backend_domid=old) if old is not None else None
         replaces = previous.backend if previous is not None else None
         if previous is not None and key in staged:
-            switches.append((previous, dataclasses.replace(paths, backend_domid=domid)))
+            switches.append((previous, dataclasses.replace(paths, backend_domid=domid),
+                             key in (on_standby or ())))
             staged.discard(key)
         elif paths.kind == "vbd":
             await add_vbd(xs, backend=domid, frontend=paths.frontend_domid, devid=paths.devid,
@@ -353,12 +357,45 @@ async def _wait_standing_by(system: System, spare: Spare) -> None:
     takeover."""
     await _wait_connected(system, [DevicePaths(kind, frontend, spare.domid, devid).backend
                                    for kind, frontend, devid in list(spare.standby)], STANDBY_TIMEOUT)
+    await _bind_takeover_channels(system, spare)
     spare.standing_by = True
+
+
+async def _bind_takeover_channels(system: System, spare: Spare) -> None:
+    """Bind the channels the frontends opened for dom0 on their standby links to the spare
+    (TAKEOVER_KEY), so that a takeover tells them at once (:func:`_signal_takeover`). The
+    port numbers are the guests' word: one that cannot be bound costs only that device the
+    wait for XenStore's switch."""
+    slots = [DevicePaths(kind, frontend, spare.domid, devid) for kind, frontend, devid in sorted(spare.standby)]
+    raws = await system.xs.read_many([f"{paths.standby}/{TAKEOVER_KEY}" for paths in slots])
+    for paths, raw in zip(slots, raws):
+        try:
+            port = int(raw or b"")
+            if not 0 < port < 1 << 17:  # Xen's event channel ABI has at most 2^17 ports
+                raise ValueError(f"port {port} out of range")
+            spare.takeover_ports.append(await system.dom0.events.bind_interdomain(paths.frontend_domid, port))
+        except (ValueError, OSError) as exc:
+            log.info("no takeover channel", extra={"kv": {"device": paths.standby, "error": str(exc)}})
+
+
+def _signal_takeover(spare: Spare) -> None:
+    """The spare takes over (the supervisor saw the driver domain before it exit): its
+    frontends switch to their standby links now, before the switch in XenStore lands."""
+    for port in spare.takeover_ports:
+        port.notify()
+
+
+async def _close_takeover_channels(spare: Spare) -> None:
+    ports, spare.takeover_ports = spare.takeover_ports, []
+    for port in ports:
+        with contextlib.suppress(OSError):
+            await port.close()
 
 
 async def _let_go_of(system: System, spare: Spare) -> None:
     """A spare that will not take over: killed, and what was staged for it removed."""
     spare.process.kill()
+    await _close_takeover_channels(spare)
     await _discard_staged(system, spare.domid, spare.staged)
     with contextlib.suppress(XenStoreError):
         await system.xs.rm(f"/local/domain/{spare.domid}")
@@ -450,11 +487,13 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             # Warm: the spare takes the name and the devices; a new spare starts behind it.
             # The dead domain's teardown goes on meanwhile: until the hypervisor has dropped
             # its mappings a frontend cannot end its grants, and tries again (a moment).
+            _signal_takeover(spare)
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
             async with trio.open_nursery() as nursery, staging:  # the name is not on a guest's path
                 nursery.start_soon(system.dom0.rename_domain, spare.domid, name)
-                await _hand_over(system, name, old, spare.domid, spare.staged)
+                await _hand_over(system, name, old, spare.domid, spare.staged, spare.standby)
+            system.nursery.start_soon(_close_takeover_channels, spare)
             with contextlib.suppress(OSError):
                 os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
             system.nursery.start_soon(start_spare, SPARE_DELAY)

@@ -38,6 +38,9 @@ class DevicePaths:
 
 
 STANDBY = "standby-"  # a frontend directory's standby links: standby-<backend domid>
+# In a standby directory: a channel the frontend opened for dom0, which the toolstack
+# notifies the moment the spare takes over (before its switch in XenStore lands).
+TAKEOVER_KEY = "takeover-event-channel"
 
 
 def standby_dir(frontend: str, backend_domid: int | str) -> str:

@@ -27,7 +27,7 @@ from ringfence.hypervisor.io.ring import FrontRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import end_access_settled
 from ringfence.xenbus.client import XenStore, gather, present
-from ringfence.xenbus.paths import standby_dir, standby_domid
+from ringfence.xenbus.paths import TAKEOVER_KEY, standby_dir, standby_domid
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
 
@@ -93,6 +93,7 @@ class BlkfrontStatistics:
     unrevoked_grants: int     # grants a previous backend still holds mapped (XSA-396)
     standby_backend: int      # the warm spare we stand by with, connected (-1: none)
     promotions: int           # takeovers that only switched to the standby link
+    signalled_takeovers: int  # of those, begun on dom0's takeover channel, before XenStore
 
 
 @dataclass(eq=False, slots=True)
@@ -136,6 +137,8 @@ class _Link:
     read_only: bool = False
     connected: bool = False   # the backend said Connected to this link's keys
     promoted: bool = False    # a standby link a takeover made the device's connection
+    # a standby link's channel for dom0 (TAKEOVER_KEY): notified when the spare takes over
+    takeover_port: Any = None
     # a standby link's keeper: its scope, and set once its handshake ended (either way)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     settled: trio.Event = field(default_factory=trio.Event)
@@ -150,6 +153,8 @@ class BlkFront:
         self._standby: _Link | None = None  # a warm spare's, while we stand by with it
         self._spare_pages: Any = None       # ring pages no link uses: a standby link's
         self.promotions = 0                 # takeovers that only switched to the standby link
+        self.signalled_takeovers = 0        # of those, begun on dom0's takeover channel
+        self._serving: trio.CancelScope | None = None  # the wait while a connection serves
         self.pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         # The pool's free pages and the NBD server's requests in flight live in C.
@@ -221,7 +226,7 @@ class BlkFront:
                                   self._queues[0].ring.size if self._queues else 0,
                                   self.max_segments, len(self._unrevoked) + len(self._unrevoked_rings),
                                   self._standby.backend_id if self._standby is not None and self._standby.connected
-                                  else -1, self.promotions)
+                                  else -1, self.promotions, self.signalled_takeovers)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -255,7 +260,9 @@ class BlkFront:
                 await self._connected.wait()
                 task_status.started()
                 started = True
-            await self._wait_backend_restart()
+            with trio.CancelScope() as self._serving:
+                await self._wait_backend_restart()
+            self._serving = None
             nursery.cancel_scope.cancel()
         await self._disconnect()
         return started
@@ -509,6 +516,7 @@ class BlkFront:
             (f"{link.path}/feature-persistent", "1" if self.persistent else "0"),
             # we stand by with a warm spare the toolstack stages for us (_keep_standby)
             (f"{link.path}/feature-standby", "1"),
+            *([(f"{link.path}/{TAKEOVER_KEY}", str(link.takeover_port.port))] if link.takeover_port else []),
             (f"{link.path}/state", str(int(XenbusState.Initialised)))]
         present(await self.xs.pipeline(  # a stale key already gone is no error
             [(W.Op.RM, W.join(f"{link.path}/{name}"), 0) for name in stale]
@@ -663,16 +671,25 @@ class BlkFront:
     async def _stand_by(self, link: _Link) -> None:
         with link.scope:
             try:
+                link.takeover_port = await self._takeover_channel()
                 named = present(await self.xs.pipeline(
                     [(W.Op.READ, W.join(f"{link.path}/{key}"), 0) for key in ("backend-id", "backend")]))
                 await self._handshake(link, *self._named_backend(link.path, *named), pool=False)
                 link.settled.set()
                 log.info("standing by", extra={"kv": {"devid": self.devid, "backend": link.backend_id}})
-                while not link.promoted and await self._backend_state(link) == XenbusState.Connected:
-                    await self._wait_for_backend_change(link, XenbusState.Connected)
+                async with trio.open_nursery() as nursery:
+                    if link.takeover_port is not None:
+                        nursery.start_soon(self._await_takeover, link)
+                    while not link.promoted and await self._backend_state(link) == XenbusState.Connected:
+                        await self._wait_for_backend_change(link, XenbusState.Connected)
+                    nursery.cancel_scope.cancel()
             except (XenStoreError, OSError, ValueError, _BackendMoved, _BackendFailed) as exc:
                 log.info("standby link ended", extra={"kv": {"devid": self.devid, "reason": str(exc)}})
         link.settled.set()
+        port, link.takeover_port = link.takeover_port, None
+        if port is not None:
+            with trio.CancelScope(shield=True):
+                await _close_port(port)
         if link.promoted:
             return  # the device's connection now (or being made on it)
         if self._standby is link:
@@ -680,6 +697,34 @@ class BlkFront:
         with trio.CancelScope(shield=True):
             await self._close_queues(link)
         await self._retire_pages(link)
+
+    async def _takeover_channel(self) -> Any:
+        """A channel for dom0 on which the toolstack says that the spare takes over; None
+        if none can be had (takeovers then wait for XenStore to say so)."""
+        try:
+            return await self.domain.events.alloc_unbound(0)
+        except OSError as exc:
+            log.warning("no takeover channel", extra={"kv": {"devid": self.devid, "error": str(exc)}})
+            return None
+
+    async def _await_takeover(self, link: _Link) -> None:
+        """The toolstack notifies ``link``'s takeover channel once it has seen the driver
+        domain we are connected to die. The device switches to the standby link at once,
+        without waiting for the toolstack's switch in XenStore (which names the spare's
+        backend, and follows). The fence stays where it was: the pool goes to the spare
+        only once the dead backend's grants have ended (_regrant), that is once the
+        hypervisor has seen its process exit. Only dom0 can bind the channel, so no other
+        domain can move us; a notification that finds us not serving (reconnecting
+        already) is left to the XenStore path."""
+        await link.takeover_port.wait()
+        if self._standby is not link or not link.connected or self._serving is None:
+            return
+        self._next_backend = (str(link.backend_id).encode(), link.backend_path.encode(), None,
+                              link.path.encode())
+        self.signalled_takeovers += 1
+        log.warning("backend went away (dom0 says: takeover); will switch and replay",
+                    extra={"kv": {"devid": self.devid, "pending": len(self.pending)}})
+        self._serving.cancel()
 
     def _promote(self, standby: _Link) -> _Link:
         """A takeover by the spare we stand by with: its link becomes the connection's (a

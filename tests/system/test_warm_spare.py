@@ -120,6 +120,10 @@ async def _exercise(runtime: str) -> None:
             assert await trio.to_thread.run_sync(lambda: _read_back(uri, f"{runtime}/out", len(data))) == data
         stats = (await system.domain_statistics())["guest1"]
         assert sum(_values(stats, "promotions")) == 1 + TAKEOVERS, stats
+        # dom0 told blkfront of the takeovers on its standby links, ahead of XenStore's
+        # switch (which can still win the race), and the switch left its state alone.
+        assert sum(_values(stats, "signalled_takeovers")) >= 1, stats
+        assert await _read(system.xs, f"{frontend}/state") == b"4"
         assert stats["devices"][f"vbd/{devid}"]["errors"] == 0, stats  # no I/O error seen
     assert not os.path.exists(f"{runtime}/control.sock")
 
