@@ -398,8 +398,15 @@ class Store:
             else:
                 continue
             owner, mode = node.perms[0]
-            node.perms = ((0 if owner == domid else owner, mode),) + tuple(
+            perms = ((0 if owner == domid else owner, mode),) + tuple(
                 p for p in node.perms[1:] if p[0] != domid)
+            if self.transactions:
+                # An open transaction keeps its view, and one that read the node fails
+                # with EAGAIN: committed, its copy would name the domain that is gone.
+                self._put(path, replace(node, perms=perms), None)
+            else:
+                self.gen += 1
+                node.perms, node.gen = perms, self.gen
             changed.append(path)
         self.owned[0] += self.owned.pop(domid, 0)
         return changed

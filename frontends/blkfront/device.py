@@ -419,6 +419,12 @@ class BlkFront:
             await self._handshake(link, backend_id, backend_path, pool=True, initialising=(
                 link.path != self.path or XenbusState.of(raw_state) != XenbusState.Initialising))
         else:
+            if any(queue.ring.unconsumed_responses() for queue in link.queues):
+                # A standby backend that answered on rings no request was ever put on: it
+                # would complete our replayed requests unseen. Given up on, as a backend
+                # that keeps our pages mapped is, until the toolstack replaces it.
+                self.bad_responses += 1
+                raise _BackendFailed(f"standby backend {link.backend_id} answered before any request")
             await self._regrant(link, link.backend_id, pool=True)
         self.connections += 1
         self._fast.attach([queue.ring.c_ring for queue in link.queues], self.connections,

@@ -4,6 +4,7 @@ driver domain keeps serving a well-behaved guest throughout."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -465,6 +466,159 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
                 await frontend_initialised()
                 assert (await report())["unrevoked"] == 0
                 assert (await report())["backend_id"] == third.domid
+        finally:
+            if guest is not None:
+                guest.kill()
+                await guest.wait()
+            xenstored.terminate()
+            await xenstored.wait()
+
+
+STANDBY_GUEST = _blkfront_guest("""
+    result = {}
+
+    async def read():
+        try:
+            result["read"] = (await front.read(0, 4096))[:4].hex()
+        except BlockIOError as exc:
+            result["read"] = exc.errno
+
+    nursery.start_soon(read)
+    stdin = trio.lowlevel.FdStream(0)
+    while await stdin.receive_some(100):  # one line: report
+        stats = front.statistics()
+        print(json.dumps({**result, "backend_id": stats.backend_id, "bad": stats.bad_responses,
+                          "in_flight": stats.in_flight, "promotions": stats.promotions,
+                          "standby": stats.standby_backend}), flush=True)
+    nursery.cancel_scope.cancel()
+""")
+
+
+@pytest.mark.parametrize("spare", ["answers_early", "never_serves"])
+async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
+    """ATTACKS A4 for a warm spare: one that answers on its standby rings before any request
+    is put on them has its answers complete nothing (the device is given up on at the
+    takeover, as for any backend that breaks the ring), and one that says Connected and
+    never serves leaves the replayed read waiting, without an error, until the toolstack
+    replaces it; the next backend then answers that read."""
+    from ringfence.hypervisor.io import blkif
+    from ringfence.testing.sim import open_agent
+    from ringfence.toolstack.devices import move_vbd, stage_device, switch_backends
+    from ringfence.toolstack.hypervisor import start_xenstored
+    from ringfence.xenbus.paths import DevicePaths
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        guest = None
+        try:
+            async with open_xenstore(xs_path) as xs, open_agent(dom0, "primary") as primary, \
+                    open_agent(dom0, "spare") as evil, open_agent(dom0, "next") as nxt:
+                guest_domid, fd = await dom0.create_domain("guest")
+                fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+                slot = f"{fe}/standby-{evil.domid}"
+
+                def paths_of(agent) -> DevicePaths:
+                    return DevicePaths("vbd", guest_domid, agent.domid, 51712)
+
+                async def offer(agent) -> None:  # a backend's InitWait, features and all
+                    be = paths_of(agent).backend
+                    await xs.write_many([(f"{be}/sectors", "2048"), (f"{be}/info", "0"),
+                                         (f"{be}/sector-size", "512"), (f"{be}/state", "2")])
+
+                async def initialised(directory: str) -> None:
+                    with trio.fail_after(20):
+                        while await xs.read_many([f"{directory}/state"]) != [b"3"]:
+                            await trio.sleep(0.05)
+
+                async def serve(agent, directory: str, *, map_ring: bool = True):
+                    ring = port = None
+                    if map_ring:
+                        ring = (await agent.ok("map", domid=guest_domid,
+                                               grefs=[int(await xs.read(f"{directory}/ring-ref"))]))["map"]
+                        port = (await agent.ok("evt_bind", domid=guest_domid,
+                                               port=int(await xs.read(f"{directory}/event-channel"))))["port"]
+                    await xs.write(f"{paths_of(agent).backend}/state", "4")
+                    return ring, port
+
+                await add_vbd(xs, backend=primary.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+                await offer(primary)
+                guest = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", STANDBY_GUEST], pass_fds=(fd,), stdin=subprocess.PIPE,
+                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
+                os.close(fd)
+                lines = b""
+
+                async def report() -> dict:
+                    nonlocal lines
+                    await guest.stdin.send_all(b"?\n")
+                    with trio.fail_after(20):
+                        while b"\n" not in lines:
+                            lines += await guest.stdout.receive_some(4096)
+                    line, lines = lines.split(b"\n", 1)
+                    return json.loads(line)
+
+                await initialised(fe)
+                await serve(primary, fe)  # connected; the read waits on its ring, unanswered
+                # The spare is staged on a standby directory and the frontend stands by with it.
+                assert await stage_device(xs, paths_of(evil), primary.domid, target="/nonexistent")
+                await offer(evil)
+                await initialised(slot)
+                ring, port = await serve(evil, slot, map_ring=spare == "answers_early")
+                with trio.fail_after(20):
+                    while (await report())["standby"] != evil.domid:
+                        await trio.sleep(0.05)
+                if spare == "answers_early":  # an answer to a request never made, and a kick
+                    await evil.ok("write", map=ring, offset=64,
+                                  data=blkif.encode_response(1, blkif.Op.READ, 0).hex())
+                    await evil.ok("write", map=ring, offset=8, data=(1).to_bytes(4, "little").hex())
+                    await evil.ok("notify", port=port)
+                    await trio.sleep(0.2)
+                    assert (await report())["in_flight"] == 1  # nothing completed meanwhile
+
+                # The primary dies; the toolstack switches the device to the spare.
+                primary.kill()
+                await switch_backends(xs, [(paths_of(primary), paths_of(evil), True)])
+                with trio.fail_after(20):
+                    while (state := await report())["promotions"] != 1:
+                        await trio.sleep(0.05)
+                if spare == "answers_early":
+                    with trio.fail_after(20):
+                        while "read" not in (state := await report()):
+                            await trio.sleep(0.05)
+                    assert state["read"] == errno.EIO and state["bad"] == 1, state
+                else:
+                    await trio.sleep(0.5)
+                    state = await report()
+                    assert "read" not in state and state["in_flight"] == 1, state
+                    assert state["backend_id"] == evil.domid and state["bad"] == 0, state
+
+                # The toolstack replaces the spare (its domain destroyed): the device connects
+                # to the next backend, which finds the read replayed on its ring
+                # (never_serves) and answers it.
+                evil.kill()
+                await move_vbd(xs, old_backend=evil.domid, new_backend=nxt.domid, frontend=guest_domid,
+                               devid=51712, target="/nonexistent")
+                await offer(nxt)
+                await initialised(fe)
+                ring, port = await serve(nxt, fe)
+                assert (await report())["backend_id"] == nxt.domid
+                if spare == "never_serves":
+                    with trio.fail_after(20):
+                        while int.from_bytes(bytes.fromhex(
+                                (await nxt.ok("read", map=ring, length=4))["data"]), "little") < 1:
+                            await trio.sleep(0.05)
+                    request = blkif.decode_request(bytes.fromhex(
+                        (await nxt.ok("read", map=ring, offset=64, length=112))["data"]))
+                    page = (await nxt.ok("map", domid=guest_domid, grefs=[request.segments[0].gref]))["map"]
+                    await nxt.ok("write", map=page, data=b"\xc0\xff\xee\x00".hex())
+                    await nxt.ok("write", map=ring, offset=64, data=blkif.encode_response(
+                        request.id, blkif.Op.READ, 0).hex())
+                    await nxt.ok("write", map=ring, offset=8, data=(1).to_bytes(4, "little").hex())
+                    await nxt.ok("notify", port=port)
+                    with trio.fail_after(20):
+                        while "read" not in (state := await report()):
+                            await trio.sleep(0.05)
+                    assert state["read"] == "c0ffee00" and state["bad"] == 0, state
         finally:
             if guest is not None:
                 guest.kill()

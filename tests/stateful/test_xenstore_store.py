@@ -87,3 +87,23 @@ class TreeMachine(RuleBasedStateMachine):
 
 TestTree = TreeMachine.TestCase
 TestTree.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_transaction_open_across_a_release_names_no_gone_domain():
+    """Found by the machine above: a transaction that read a node a released domain owned
+    fails with EAGAIN, so its copy (naming the gone domain) is never committed."""
+    store, root = Store(Quotas(nodes=12)), Caller(0)
+    store.write(root, "/t", b"")
+    store.set_perms(root, "/t", ((0, "b"),))
+    store.mkdir(Caller(3), "/t/a")
+    tx = store.start_transaction(root)
+    store.mkdir(root, "/t/a/a", tx)  # its parent's copy, owned by dom3, goes in the transaction
+    store.abort_all(3)
+    store.forget_domain(3)
+    try:
+        store.end_transaction(tx, commit=True)
+        raise AssertionError("committed")
+    except XenStoreError as exc:
+        assert exc.name == "EAGAIN"
+    assert not any(domid == 3 for node in store.nodes.values() for domid, _ in node.perms)
+    assert store.owned.get(3, 0) == 0
