@@ -18,10 +18,10 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,54 +52,80 @@ disks = ["target={dir}/bystander.img,vdev=xvda,backend=stor2"]
 DISK = 64 << 20
 
 
+# The probe's reads, in a process of its own: in the toolstack's (this one) a completion
+# was seen late, by up to a GIL switch interval, whenever the toolstack was busy, which
+# it is during a takeover. One record per read: submitted, completed (CLOCK_MONOTONIC,
+# as time.monotonic() here), failed.
+PROBE = """
+import random, socket, struct, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.settimeout(30)
+out = sys.stdout.buffer
+
+def recv(n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise SystemExit("NBD server closed the connection")
+        data += chunk
+    return data
+
+magic, opt_magic, _ = struct.unpack(">QQH", recv(18))
+if magic != 0x4E42444D41474943 or opt_magic != 0x49484156454F5054:
+    raise SystemExit("not a fixed-newstyle NBD server")
+sock.sendall(struct.pack(">I", 1))  # NBD_FLAG_C_FIXED_NEWSTYLE
+sock.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))  # NBD_OPT_EXPORT_NAME ""
+size, _ = struct.unpack(">QH", recv(10))
+recv(124)
+out.write(struct.pack("<Q", size))
+out.flush()
+handle, blocks = 0, size // 4096
+while True:
+    handle += 1
+    submitted = time.monotonic()
+    sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, random.randrange(blocks) * 4096, 4096))
+    magic, error, _ = struct.unpack(">IIQ", recv(16))
+    if magic != 0x67446698:
+        raise SystemExit("bad NBD reply")
+    recv(4096)
+    out.write(struct.pack("<ddB", submitted, time.monotonic(), error != 0))
+    out.flush()
+"""
+RECORD = struct.Struct("<ddB")
+
+
 class NbdProbe:
-    """One read at a time through NBD, completion times recorded (a thread: blocking I/O)."""
+    """One read at a time through NBD, completion times recorded: a process of its own
+    (see PROBE), whose records a thread here reads."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.sock.settimeout(30)
-        self._handshake()
+        self.process = subprocess.Popen([sys.executable, "-c", PROBE, path], stdout=subprocess.PIPE)
+        assert self.process.stdout is not None
+        (self.size,) = struct.unpack("<Q", self._read(8))
         self.completions: list[tuple[float, float]] = []  # (submitted, completed)
         self.errors = 0
         self._completed = threading.Condition()
-        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="nbd-probe", daemon=True)
 
-    def _recv(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("NBD server closed the connection")
-            data += chunk
+    def _read(self, n: int) -> bytes:
+        assert self.process.stdout is not None
+        data = self.process.stdout.read(n)
+        if len(data) < n:
+            raise ConnectionError(f"the probe stopped (status {self.process.poll()})")
         return data
 
-    def _handshake(self) -> None:
-        magic, opt_magic, _flags = struct.unpack(">QQH", self._recv(18))
-        if magic != 0x4E42444D41474943 or opt_magic != 0x49484156454F5054:
-            raise ConnectionError("not a fixed-newstyle NBD server")
-        self.sock.sendall(struct.pack(">I", 1))  # NBD_FLAG_C_FIXED_NEWSTYLE
-        self.sock.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))  # NBD_OPT_EXPORT_NAME ""
-        self.size, _ = struct.unpack(">QH", self._recv(10))
-        self._recv(124)
-
     def _loop(self) -> None:
-        handle, blocks = 0, self.size // 4096
-        while not self._stop.is_set():
-            handle += 1
-            offset = random.randrange(blocks) * 4096
-            submitted = time.monotonic()
-            self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, offset, 4096))
-            magic, error, _ = struct.unpack(">IIQ", self._recv(16))
-            if magic != 0x67446698:
-                raise ConnectionError("bad NBD reply")
-            self._recv(4096)
-            if error:
-                self.errors += 1
-            with self._completed:
-                self.completions.append((submitted, time.monotonic()))
-                self._completed.notify_all()
+        try:
+            while True:
+                submitted, completed, failed = RECORD.unpack(self._read(RECORD.size))
+                self.errors += failed
+                with self._completed:
+                    self.completions.append((submitted, completed))
+                    self._completed.notify_all()
+        except ConnectionError:
+            pass
 
     def first_completion(self, issued_after: float, done_after: float, timeout: float) -> float:
         """When the first read issued after ``issued_after`` and completed after ``done_after``
@@ -108,7 +134,12 @@ class NbdProbe:
         deadline = time.monotonic() + timeout
         with self._completed:
             while True:
-                done = [d for issued, d in self.completions[-3:] if issued > issued_after and d > done_after]
+                done = []
+                for issued, completed in reversed(self.completions):  # in the order issued
+                    if issued <= issued_after:
+                        break
+                    if completed > done_after:
+                        done.append(completed)
                 if done:
                     return min(done)
                 if not self._completed.wait(deadline - time.monotonic()):
@@ -118,9 +149,9 @@ class NbdProbe:
         self.thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.process.kill()
+        self.process.wait()
         self.thread.join(timeout=30)
-        self.sock.close()
 
 
 class FioSeries:

@@ -118,6 +118,19 @@ class XenGrantTable:
         self._mapped += len(grefs)
         return XenMappedPages(domid, grefs, readonly, address)
 
+    async def map_each(self, domid: int, grefs: Sequence[int], readonly: bool = False) -> list[XenMappedPages]:
+        """Each gref a mapping of its own (gntdev maps are ioctls: nothing to batch)."""
+        mapped: list[XenMappedPages] = []
+        try:
+            for gref in grefs:
+                mapped.append(await self.map(domid, [gref], readonly))
+        except BaseException:
+            for pages in mapped:
+                with contextlib.suppress(OSError):
+                    await self.unmap(pages)
+            raise
+        return mapped
+
     async def unmap(self, pages: XenMappedPages) -> None:
         if pages._view is None:
             return

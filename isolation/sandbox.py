@@ -152,6 +152,17 @@ class SandboxedProcess:
         self.pid = process.pid
         self.cgroup = cgroup
         self.cgroup_removed = False
+        self._program_pidfd: int | None = None
+
+    def watch_program(self) -> None:
+        """Hold a pidfd on the program the sandbox runs, where it runs under a waiter (a
+        pid namespace), so that :meth:`wait_gone` also waits for it: a waiter killed with
+        -9 is gone a moment before its program, which its death kills. Call once the
+        program runs (it is forked after the waiter starts)."""
+        pid = innermost_pid(self.pid)
+        if self._program_pidfd is None and pid != self.pid:
+            with contextlib.suppress(OSError):
+                self._program_pidfd = os.pidfd_open(pid)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -168,11 +179,21 @@ class SandboxedProcess:
         one's comes from the launcher a moment later; :meth:`wait` has it)."""
         gone = getattr(self.process, "wait_gone", None)  # a trio.Process has no such wait
         await (gone() if gone is not None else self.process.wait())
+        if self._program_pidfd is not None:  # and every process of its pid namespace
+            await trio.lowlevel.wait_readable(self._program_pidfd)
+            self._close_program_pidfd()
+
+    def _close_program_pidfd(self) -> None:
+        fd, self._program_pidfd = self._program_pidfd, None
+        if fd is not None:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
     async def aclose(self) -> None:
         """Kill what is left and remove the cgroup."""
         self.kill()
         await self.process.wait()
+        self._close_program_pidfd()
         await self._empty_cgroup()
 
     async def _empty_cgroup(self) -> None:

@@ -299,6 +299,8 @@ class Service:
                     self.status = value
 
     def _became_ready(self) -> None:
+        if self.process is not None:
+            self.process.watch_program()  # its death is the service's (wait_gone)
         if self._crashed_at is not None:
             self.last_recovery_ms = (time.monotonic() - self._crashed_at) * 1000
             self._crashed_at = None

@@ -19,7 +19,7 @@ import trio
 
 from ringfence._log import RateLimitedLog, logging_context
 from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Validator
-from ringfence.backends.blkback.fastpath import FastPath
+from ringfence.backends.blkback.fastpath import GREF_LIMIT, FastPath
 from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd, backing_path
 from ringfence.hypervisor.io import blkif
 from ringfence.hypervisor.io import xs_wire as W
@@ -40,8 +40,11 @@ VDISK_READONLY = 4
 RELEASE_TIMEOUT = 10  # seconds for giving back a device's mappings and port
 
 
-# The frontend's keys that say how its rings are laid out (read with its state).
-HEADER_KEYS = ("ring-page-order", "multi-queue-num-queues", "protocol", "feature-persistent")
+# The frontend's keys that say how its rings are laid out (read with its state), and the
+# pages it will do I/O from first, listed for a backend it stands by with (_premap).
+HEADER_KEYS = ("ring-page-order", "multi-queue-num-queues", "protocol", "feature-persistent",
+               "pool-refs")
+PREMAP_MAX = 128  # grefs of pool-refs mapped ahead, at most (ringfence's blkfront lists 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class DeviceStatistics:
     injected_errors: int
     spurious_notifications: int
     ring_keys_read_ahead: int  # connections whose ring keys came with the frontend's state
+    premapped_grants: int      # persistent grants mapped ahead, from the frontend's pool-refs
     fast_path: dict[str, Any] | None
     queues: int
     ring: dict[str, Any] | None  # the first queue's
@@ -93,6 +97,7 @@ class BlkbackDevice:
         self._layout_seen: tuple[bytes | None, bytes | None] | None = None
         self._frontend_state = XenbusState.Unknown
         self.ring_keys_read_ahead = 0
+        self.premapped = 0
 
     def statistics(self) -> DeviceStatistics:
         fast = self.fast.statistics() if self.fast else None
@@ -102,7 +107,8 @@ class BlkbackDevice:
             self.errors + (fast.io_errors if fast else 0),
             dict(self.validator.rejected) if self.validator else {},
             len(self.persistent), self.hits + served, self.maps, self.abuse, self.injected_errors,
-            self.storm.spurious, self.ring_keys_read_ahead, asdict(fast) if fast else None, len(self.rings),
+            self.storm.spurious, self.ring_keys_read_ahead, self.premapped,
+            asdict(fast) if fast else None, len(self.rings),
             asdict(self.rings[0].statistics()) if self.rings else None,
             asdict(self.vbd.statistics()) if self.vbd else None)
 
@@ -242,6 +248,8 @@ class BlkbackDevice:
                 for ring, port in zip(self.rings, ports):
                     nursery.start_soon(self._serve, ring, port, nursery.cancel_scope)
                 nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
+                if self.use_persistent and header[4] is not None:
+                    nursery.start_soon(self._premap, header[4])
                 await self._set_state(XenbusState.Connected)
                 log.info("device connected", extra={"kv": {
                     "queues": len(queues), "ring_pages": len(queues[0][0]), "persistent": self.use_persistent}})
@@ -265,6 +273,42 @@ class BlkbackDevice:
         # The frontend closed (or went away): tell it, as xen-blkback does on Closing.
         await self._set_state(XenbusState.Closing)
         await self._set_state(XenbusState.Closed)
+
+    async def _premap(self, raw_refs: bytes) -> None:
+        """Map now, as persistent grants, the pages a frontend lists in ``pool-refs`` (the
+        ones it will do I/O from first): one standing by with us (a warm spare) does, so
+        that its first requests after a takeover are served in C with nothing to map. The
+        list is copied once and checked; a page that cannot be mapped is mapped, as any,
+        when a request names it."""
+        try:
+            grefs = list(dict.fromkeys(int(word) for word in raw_refs.split()))
+            if len(grefs) > PREMAP_MAX or not all(0 <= gref < GREF_LIMIT for gref in grefs):
+                raise ValueError(f"{len(grefs)} grefs, or one out of range")
+        except ValueError as exc:
+            self.refusals.warning("pool-refs refused", reason=str(exc))
+            return
+        grefs = [gref for gref in grefs if gref not in self.persistent]
+        if not grefs or len(self.persistent) + len(grefs) > PERSISTENT_GRANTS_MAX:
+            return
+        gt = self.domain.grant_table
+        try:
+            with trio.CancelScope(shield=True):  # what it maps is kept track of below
+                mappings = await gt.map_each(self.frontend_id, grefs)
+        except OSError as exc:
+            self.refusals.warning("pool-refs not mapped", reason=str(exc))
+            return
+        surplus = []
+        for gref, mapping in zip(grefs, mappings):  # no await until each is kept track of
+            if gref in self.persistent or self.fast is None:  # mapped meanwhile, or gone
+                surplus.append(mapping)
+                continue
+            self.persistent[gref] = mapping
+            self.fast.remember(gref, mapping)
+            self.premapped += 1
+        with trio.CancelScope(shield=True):
+            for mapping in surplus:
+                with contextlib.suppress(OSError):
+                    await gt.unmap(mapping)
 
     @staticmethod
     def _ring_key_paths(fe: str, raw_order: bytes | None,
@@ -290,7 +334,7 @@ class BlkbackDevice:
         one page, ring-page-order (shared by the queues) and ring-refN for several. Every
         value is copied once, then validated. ``header``: the values of HEADER_KEYS;
         ``ring_keys``: those of the layout's ring keys if read with them, else empty."""
-        raw_order, raw_queues, raw_protocol, raw_persistent = header
+        raw_order, raw_queues, raw_protocol, raw_persistent = header[:4]
         try:
             paths, count, per_queue = self._ring_key_paths(self.frontend_path, raw_order, raw_queues)
             # every queue's keys in one round trip, unless they came with the header

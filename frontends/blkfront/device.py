@@ -40,6 +40,9 @@ POOL_PAGES = 1024         # 4 MiB in flight: a full ring (352 pages) and then so
                           # blkback's bound on persistent grants (1056)
 SEGMENTS = blkif.MAX_SEGMENTS_PER_REQUEST
 INDIRECT_SEGMENTS = 256   # 1 MiB in one request when the backend takes indirect ones
+PREMAP_PAGES = 64         # the pool's first pages, all a light load uses (the free list is a
+                          # stack that starts at page 0): granted to a standby link's backend
+                          # beforehand (``pool-refs``), which maps them while it stands by
 
 
 class BlockIOError(OSError):
@@ -130,6 +133,7 @@ class _Link:
     backend_id: int = -1
     backend_path: str = ""
     ring_grefs: list[int] = field(default_factory=list)
+    pool_grefs: list[int] = field(default_factory=list)  # a standby link's: PREMAP_PAGES of the pool
     queues: list[_Queue] = field(default_factory=list)
     loose_ports: list[Any] = field(default_factory=list)
     features: dict[str, int] = field(default_factory=dict)
@@ -155,6 +159,7 @@ class BlkFront:
         self.promotions = 0                 # takeovers that only switched to the standby link
         self.signalled_takeovers = 0        # of those, begun on dom0's takeover channel
         self._serving: trio.CancelScope | None = None  # the wait while a connection serves
+        self._old_backend_dead = False  # dom0 said so: a takeover on its channel (_regrant)
         self.pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         # The pool's free pages and the NBD server's requests in flight live in C.
@@ -338,6 +343,7 @@ class BlkFront:
     async def _connect(self) -> None:
         while True:
             known, self._next_backend = self._next_backend, None
+            old_backend_dead, self._old_backend_dead = self._old_backend_dead, False
             if known is None:
                 known = tuple(present(await self.xs.pipeline(  # type: ignore[assignment]
                     [(W.Op.READ, W.join(f"{self.path}/{key}"), 0) for key in NAMED_KEYS])))
@@ -345,7 +351,7 @@ class BlkFront:
             if link.promoted and not link.settled.is_set():
                 await link.settled.wait()  # its handshake under way: not begun again
             try:
-                return await self._try_connect(link, known)
+                return await self._try_connect(link, known, old_backend_dead)
             except (_BackendMoved, _BackendFailed) as exc:
                 await self._close_queues(link)
                 link.connected = False
@@ -410,7 +416,8 @@ class BlkFront:
             raise XenStoreError("ENOENT", f"{where}: no backend-id or backend")
         return int(raw_id), raw_backend.decode()
 
-    async def _try_connect(self, link: _Link, known: tuple[bytes | None, ...]) -> None:
+    async def _try_connect(self, link: _Link, known: tuple[bytes | None, ...],
+                           old_backend_dead: bool = False) -> None:
         raw_id, raw_backend, raw_state, _ = known
         backend_id, backend_path = self._named_backend(self.path, raw_id, raw_backend)
         if not link.connected:  # a standby link taken over connected is used as it is
@@ -425,7 +432,7 @@ class BlkFront:
                 # that keeps our pages mapped is, until the toolstack replaces it.
                 self.bad_responses += 1
                 raise _BackendFailed(f"standby backend {link.backend_id} answered before any request")
-            await self._regrant(link, link.backend_id, pool=True)
+            await self._regrant(link, link.backend_id, pool=True, old_backend_dead=old_backend_dead)
         self.connections += 1
         self._fast.attach([queue.ring.c_ring for queue in link.queues], self.connections,
                           max_segments=self.max_segments, size=self.size,
@@ -516,13 +523,14 @@ class BlkFront:
         # this backend). Removals, keys, then Initialised last, in one round trip: the daemon
         # applies them in order, so a backend that sees Initialised reads our keys only.
         stale = [name for name in mine if name.startswith(("ring-ref", "queue-")) or name in (
-            "ring-page-order", "multi-queue-num-queues", "event-channel")]
+            "ring-page-order", "multi-queue-num-queues", "event-channel", "pool-refs")]
         writes = self._queue_keys(link, order, count) + [
             (f"{link.path}/protocol", "x86_64-abi"),
             (f"{link.path}/feature-persistent", "1" if self.persistent else "0"),
             # we stand by with a warm spare the toolstack stages for us (_keep_standby)
             (f"{link.path}/feature-standby", "1"),
             *([(f"{link.path}/{TAKEOVER_KEY}", str(link.takeover_port.port))] if link.takeover_port else []),
+            *([(f"{link.path}/pool-refs", " ".join(map(str, link.pool_grefs)))] if link.pool_grefs else []),
             (f"{link.path}/state", str(int(XenbusState.Initialised)))]
         present(await self.xs.pipeline(  # a stale key already gone is no error
             [(W.Op.RM, W.join(f"{link.path}/{name}"), 0) for name in stale]
@@ -578,25 +586,47 @@ class BlkFront:
             raise _BackendFailed(f"{len(self._unrevoked)} granted pages are still mapped by "
                                  f"backend {self._pool_backend}: not reused")
 
-    async def _regrant(self, link: _Link, backend_id: int, *, pool: bool) -> None:
-        """Grant ``link``'s ring pages (and the pool, with ``pool``) to ``backend_id``,
-        where they are granted to another: the old grants end first, all or none."""
+    async def _end_grants_of_the_dead(self, grefs: list[int]) -> None:
+        with trio.CancelScope(shield=True):
+            left = await end_access_settled(self.domain.grant_table, grefs)
+        if left:  # never reused for another backend: the next change of backend fails on them
+            self._unrevoked += left
+            log.warning("grants of a dead backend still mapped", extra={"kv": {
+                "devid": self.devid, "grants": len(left)}})
+
+    async def _regrant(self, link: _Link, backend_id: int, *, pool: bool,
+                       old_backend_dead: bool = False) -> None:
+        """Grant ``link``'s ring pages to ``backend_id`` where they are granted to another:
+        the old grants end first, all or none; or beside the new connection, once dom0 has
+        said that the old backend's domain is dead (``old_backend_dead``: every process of
+        its sandbox has exited, so nothing can touch our pages through those grants any
+        more, and the hypervisor drops them as it tears the domain down). With ``pool`` the pool goes to it too (the
+        device's connection); without, a standby link's backend gets the pool's first
+        PREMAP_PAGES beside the connection's backend, to map them while it stands by (it
+        has the disk open already: the pages give it nothing it could not read or write
+        anyway), and a takeover brings those grants along."""
         rings = backend_id != link.backend_id or not link.ring_grefs
-        pool = pool and backend_id != self._pool_backend
-        old = (link.ring_grefs if rings else []) + (self._pool_grefs if pool else [])
+        moving = pool and backend_id != self._pool_backend
+        old = (link.ring_grefs + link.pool_grefs if rings else []) + (self._pool_grefs if moving else [])
         if rings:
-            link.ring_grefs = []
-        if pool:
+            link.ring_grefs, link.pool_grefs = [], []
+        if moving:
             self._pool_grefs = []
-        await self._end_grants(old)
-        gt = self.domain.grant_table
-        if pool:
-            self._pool_backend = backend_id
-            self._pool_grefs = gt.grant_access_many(backend_id, self._pool.frames)
-            self._fast.set_grefs(self._pool_grefs)
+        if old_backend_dead:
+            self._background.start_soon(self._end_grants_of_the_dead, old)
+        else:
+            await self._end_grants(old)
+        gt, frames = self.domain.grant_table, self._pool.frames
         if rings:
             link.backend_id = backend_id
             link.ring_grefs = gt.grant_access_many(backend_id, link.ring_pages.frames)
+            if not pool:
+                link.pool_grefs = gt.grant_access_many(backend_id, frames[:PREMAP_PAGES])
+        if moving:
+            early, link.pool_grefs = link.pool_grefs, []
+            self._pool_backend = backend_id
+            self._pool_grefs = early + gt.grant_access_many(backend_id, frames[len(early):])
+            self._fast.set_grefs(self._pool_grefs)
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:
@@ -714,19 +744,19 @@ class BlkFront:
             return None
 
     async def _await_takeover(self, link: _Link) -> None:
-        """The toolstack notifies ``link``'s takeover channel once it has seen the driver
-        domain we are connected to die. The device switches to the standby link at once,
-        without waiting for the toolstack's switch in XenStore (which names the spare's
-        backend, and follows). The fence stays where it was: the pool goes to the spare
-        only once the dead backend's grants have ended (_regrant), that is once the
-        hypervisor has seen its process exit. Only dom0 can bind the channel, so no other
-        domain can move us; a notification that finds us not serving (reconnecting
-        already) is left to the XenStore path."""
+        """The toolstack notifies ``link``'s takeover channel once its supervisor has seen
+        every process of the driver domain we are connected to exit. The device switches
+        to the standby link at once, without waiting for the toolstack's switch in XenStore
+        (which names the spare's backend, and follows), nor for the hypervisor to drop the
+        dead domain's mappings before the spare gets the pool (_regrant). Only dom0 can
+        bind the channel, so no other domain can move us; a notification that finds us not
+        serving (reconnecting already) is left to the XenStore path."""
         await link.takeover_port.wait()
         if self._standby is not link or not link.connected or self._serving is None:
             return
         self._next_backend = (str(link.backend_id).encode(), link.backend_path.encode(), None,
                               link.path.encode())
+        self._old_backend_dead = True
         self.signalled_takeovers += 1
         log.warning("backend went away (dom0 says: takeover); will switch and replay",
                     extra={"kv": {"devid": self.devid, "pending": len(self.pending)}})
@@ -756,8 +786,8 @@ class BlkFront:
 
     async def _retire_pages(self, link: _Link) -> None:
         # Not shielded: a device going away does not wait for a spare to let go.
-        left = await end_access_settled(self.domain.grant_table, link.ring_grefs)
-        link.ring_grefs = []
+        left = await end_access_settled(self.domain.grant_table, link.ring_grefs + link.pool_grefs)
+        link.ring_grefs, link.pool_grefs = [], []
         if left:
             self._unrevoked_rings += left  # those pages are never reused
             log.warning("ring pages still mapped by a backend: no more standby links",

@@ -311,6 +311,14 @@ class SimGrantTable:
         return int(lib.rf_grant_flags(self._base + gref))
 
     async def map(self, domid: int, grefs: Sequence[int], readonly: bool = False) -> SimMappedPages:
+        return (await self._map(domid, grefs, readonly, each=False))[0]
+
+    async def map_each(self, domid: int, grefs: Sequence[int], readonly: bool = False) -> list[SimMappedPages]:
+        """:meth:`map` of each gref as a mapping of its own (unmapped on its own), all in
+        one call to the hypervisor."""
+        return await self._map(domid, grefs, readonly, each=True)
+
+    async def _map(self, domid: int, grefs: Sequence[int], readonly: bool, *, each: bool) -> list[SimMappedPages]:
         if not 0 < len(grefs) <= P.MAX_FDS_PER_MESSAGE:
             raise ValueError(f"map {len(grefs)} pages: 1..{P.MAX_FDS_PER_MESSAGE} per call")
         flags = P.MAP_READONLY if readonly else 0
@@ -319,12 +327,19 @@ class SimGrantTable:
         results = _unpack_items(body, P.MAP_RESULT)
         handles = [handle for status, handle in results if status == GNTST.okay]
         failed = [status for status, _ in results if status != GNTST.okay]
+        pages: list[SimMappedPages] = []
         try:
             if failed:
                 self._failures += 1
                 raise GrantError(failed[0], f"map of {len(grefs)} grefs from dom{domid}")
-            pages = SimMappedPages(domid, grefs, readonly, handles, fds)
+            if each:
+                for gref, handle, fd in zip(grefs, handles, fds):
+                    pages.append(SimMappedPages(domid, [gref], readonly, [handle], [fd]))
+            else:
+                pages.append(SimMappedPages(domid, grefs, readonly, handles, fds))
         except BaseException:
+            for made in pages:
+                made._unmap()
             for fd in fds:
                 os.close(fd)
             if handles:

@@ -124,6 +124,8 @@ async def _exercise(runtime: str) -> None:
         # switch (which can still win the race), and the switch left its state alone.
         assert sum(_values(stats, "signalled_takeovers")) >= 1, stats
         assert await _read(system.xs, f"{frontend}/state") == b"4"
+        # The spare mapped the pool pages blkfront listed for it while it stood by.
+        assert sum(_values((await system.domain_statistics())["stor"], "premapped_grants")) > 0
         assert stats["devices"][f"vbd/{devid}"]["errors"] == 0, stats  # no I/O error seen
     assert not os.path.exists(f"{runtime}/control.sock")
 
