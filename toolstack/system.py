@@ -379,8 +379,9 @@ async def _bind_takeover_channels(system: System, spare: Spare) -> None:
 
 
 def _signal_takeover(spare: Spare) -> None:
-    """The spare takes over (the supervisor saw the driver domain before it exit): its
-    frontends switch to their standby links now, before the switch in XenStore lands."""
+    """The spare takes over (the supervisor saw every process of the driver domain before
+    it exit): its frontends switch to their standby links now, before the switch in
+    XenStore lands."""
     for port in spare.takeover_ports:
         port.notify()
 

@@ -285,7 +285,7 @@ class BlkbackDevice:
             if len(grefs) > PREMAP_MAX or not all(0 <= gref < GREF_LIMIT for gref in grefs):
                 raise ValueError(f"{len(grefs)} grefs, or one out of range")
         except ValueError as exc:
-            self.refusals.warning("pool-refs refused", reason=str(exc))
+            self._refuse_pool_refs(str(exc))
             return
         grefs = [gref for gref in grefs if gref not in self.persistent]
         if not grefs or len(self.persistent) + len(grefs) > PERSISTENT_GRANTS_MAX:
@@ -294,8 +294,8 @@ class BlkbackDevice:
         try:
             with trio.CancelScope(shield=True):  # what it maps is kept track of below
                 mappings = await gt.map_each(self.frontend_id, grefs)
-        except OSError as exc:
-            self.refusals.warning("pool-refs not mapped", reason=str(exc))
+        except OSError as exc:  # one is not granted to us: none is mapped ahead
+            self._refuse_pool_refs(str(exc))
             return
         surplus = []
         for gref, mapping in zip(grefs, mappings):  # no await until each is kept track of
@@ -309,6 +309,11 @@ class BlkbackDevice:
             for mapping in surplus:
                 with contextlib.suppress(OSError):
                     await gt.unmap(mapping)
+
+    def _refuse_pool_refs(self, reason: str) -> None:
+        if self.validator is not None:
+            self.validator.rejected["bad_pool_refs"] += 1
+        self.refusals.warning("pool-refs refused", reason=reason)
 
     @staticmethod
     def _ring_key_paths(fe: str, raw_order: bytes | None,

@@ -174,6 +174,75 @@ async def test_hostile_frontend_gets_errors_and_a_disconnect_others_unaffected(t
             await xenstored.wait()
 
 
+POOL_REFS = textwrap.dedent(CONNECT.replace(
+    'await xs.write(me + "/state", "3")',
+    'await xs.write(me + "/feature-persistent", "1")\n'
+    '            await xs.write(me + "/pool-refs", sys.argv[1].replace("GOOD", str(good)).replace("RING", str(gref)))\n'
+    '            await xs.write(me + "/state", "3")') + """            ring.put_requests([blkif.encode_request(Request(Op.READ, 1, 0, 1, 8, (Segment(good, 0, 7),)))])
+            ring.push_requests(port.notify_fd)
+            while not (raws := ring.take_responses()):
+                if not ring.final_check_for_responses():
+                    await port.wait()
+            print(json.dumps({"status": blkif.decode_response(raws[0])[2]}), flush=True)
+
+    trio.run(main)
+""").replace("import json, trio", "import json, sys, trio")
+
+
+async def test_hostile_pool_refs_map_nothing_and_cost_the_connection_nothing(tmp_path):
+    """ATTACKS A1/A6 for pool-refs (the pages a frontend lists for its backend to map ahead):
+    a list that is not numbers, too long, out of range, or names a page never granted is
+    refused whole and counted; the frontend is served as before; a good list is mapped
+    (here the ring's page, which no request uses: mapped ahead, not on demand)."""
+    from ringfence.toolstack.hypervisor import start_xenstored
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 << 20))
+    stats_socket = str(tmp_path / "stor-stats.sock")
+    lists = {"words": "GOOD x", "long": " ".join(str(i) for i in range(200)), "negative": "-5",
+             "range": "70000", "ungranted": "GOOD 9999", "good": "RING"}
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        try:
+            stor_domid, stor = await spawn_domain(
+                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
+                env=dict(os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
+            guests = {}
+            async with open_xenstore(xs_path) as xs:
+                for name in lists:
+                    guests[name] = await dom0.create_domain(name)
+                    await add_vbd(xs, backend=stor_domid, frontend=guests[name][0], devid=51712,
+                                  target=str(disk))
+            procs = {}
+            for name, (_, fd) in guests.items():
+                procs[name] = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", POOL_REFS, lists[name]], pass_fds=(fd,),
+                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
+                os.close(fd)
+            for name, proc in procs.items():
+                out = b""
+                with trio.fail_after(30):
+                    async for chunk in proc.stdout:
+                        out += chunk
+                assert json.loads(out) == {"status": 0}, name
+            stream = await trio.open_unix_socket(stats_socket)
+            blob = b""
+            while chunk := await stream.receive_some():
+                blob += chunk
+            vbds = json.loads(blob)["vbds"]
+            for name, (domid, _) in guests.items():
+                vbd = vbds[f"{domid}/51712"]
+                if name == "good":
+                    assert vbd["premapped_grants"] == 1 and not vbd["rejected"].get("bad_pool_refs")
+                else:
+                    assert vbd["premapped_grants"] == 0 and vbd["rejected"].get("bad_pool_refs") == 1, (name, vbd["rejected"])
+            assert stor.poll() is None
+            stor.kill()
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -356,6 +425,40 @@ async def test_a_granted_page_holds_only_the_requests_bytes(tmp_path):
         guest.kill()
 
 
+async def _offer(xs, backend: str) -> None:
+    """A backend's InitWait, features and all (an agent playing blkback)."""
+    await xs.write_many([(f"{backend}/sectors", "2048"), (f"{backend}/info", "0"),
+                         (f"{backend}/sector-size", "512"), (f"{backend}/state", "2")])
+
+
+class _ReportingGuest:
+    """A guest program (``code``, with the domain's control socket ``fd``) that prints one
+    JSON report for each line it reads."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process, self._lines = process, b""
+
+    @classmethod
+    async def start(cls, code: str, fd: int) -> "_ReportingGuest":
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", code], pass_fds=(fd,), stdin=subprocess.PIPE,
+            env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
+        os.close(fd)
+        return cls(process)
+
+    async def report(self) -> dict:
+        await self.process.stdin.send_all(b"?\n")
+        with trio.fail_after(20):
+            while b"\n" not in self._lines:
+                self._lines += await self.process.stdout.receive_some(4096)
+        line, self._lines = self._lines.split(b"\n", 1)
+        return json.loads(line)
+
+    async def aclose(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+
+
 REVOKE_GUEST = _blkfront_guest("""
     result = {}
 
@@ -400,9 +503,8 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
                 def be_of(agent) -> str:
                     return f"/local/domain/{agent.domid}/backend/vbd/{guest_domid}/51712"
 
-                async def offer(agent) -> None:  # a backend's InitWait, features and all
-                    await xs.write_many([(f"{be_of(agent)}/sectors", "2048"), (f"{be_of(agent)}/info", "0"),
-                                         (f"{be_of(agent)}/sector-size", "512"), (f"{be_of(agent)}/state", "2")])
+                async def offer(agent) -> None:
+                    await _offer(xs, be_of(agent))
 
                 async def frontend_initialised() -> None:
                     with trio.fail_after(20):
@@ -411,21 +513,8 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
 
                 await add_vbd(xs, backend=clingy.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
                 await offer(clingy)
-                guest = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", REVOKE_GUEST], pass_fds=(fd,), stdin=subprocess.PIPE,
-                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
-                os.close(fd)
-                lines = b""
-
-                async def report() -> dict:
-                    nonlocal lines
-                    await guest.stdin.send_all(b"?\n")
-                    with trio.fail_after(20):
-                        while b"\n" not in lines:
-                            lines += await guest.stdout.receive_some(4096)
-                    line, lines = lines.split(b"\n", 1)
-                    return json.loads(line)
-
+                guest = await _ReportingGuest.start(REVOKE_GUEST, fd)
+                report = guest.report
                 await frontend_initialised()
                 ring = (await clingy.ok("map", domid=guest_domid,
                                         grefs=[int(await xs.read(f"{fe}/ring-ref"))]))["map"]
@@ -468,8 +557,7 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
                 assert (await report())["backend_id"] == third.domid
         finally:
             if guest is not None:
-                guest.kill()
-                await guest.wait()
+                await guest.aclose()
             xenstored.terminate()
             await xenstored.wait()
 
@@ -520,10 +608,8 @@ async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
                 def paths_of(agent) -> DevicePaths:
                     return DevicePaths("vbd", guest_domid, agent.domid, 51712)
 
-                async def offer(agent) -> None:  # a backend's InitWait, features and all
-                    be = paths_of(agent).backend
-                    await xs.write_many([(f"{be}/sectors", "2048"), (f"{be}/info", "0"),
-                                         (f"{be}/sector-size", "512"), (f"{be}/state", "2")])
+                async def offer(agent) -> None:
+                    await _offer(xs, paths_of(agent).backend)
 
                 async def initialised(directory: str) -> None:
                     with trio.fail_after(20):
@@ -542,21 +628,8 @@ async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
 
                 await add_vbd(xs, backend=primary.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
                 await offer(primary)
-                guest = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", STANDBY_GUEST], pass_fds=(fd,), stdin=subprocess.PIPE,
-                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
-                os.close(fd)
-                lines = b""
-
-                async def report() -> dict:
-                    nonlocal lines
-                    await guest.stdin.send_all(b"?\n")
-                    with trio.fail_after(20):
-                        while b"\n" not in lines:
-                            lines += await guest.stdout.receive_some(4096)
-                    line, lines = lines.split(b"\n", 1)
-                    return json.loads(line)
-
+                guest = await _ReportingGuest.start(STANDBY_GUEST, fd)
+                report = guest.report
                 await initialised(fe)
                 await serve(primary, fe)  # connected; the read waits on its ring, unanswered
                 # The spare is staged on a standby directory and the frontend stands by with it.
@@ -621,8 +694,7 @@ async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
                     assert state["read"] == "c0ffee00" and state["bad"] == 0, state
         finally:
             if guest is not None:
-                guest.kill()
-                await guest.wait()
+                await guest.aclose()
             xenstored.terminate()
             await xenstored.wait()
 
