@@ -180,7 +180,13 @@ class SandboxedProcess:
         gone = getattr(self.process, "wait_gone", None)  # a trio.Process has no such wait
         await (gone() if gone is not None else self.process.wait())
         if self._program_pidfd is not None:  # and every process of its pid namespace
-            await trio.lowlevel.wait_readable(self._program_pidfd)
+            if not self.cgroup_removed:
+                self.cgroup.kill_all()  # the waiter's death kills it; a waiter that died alone too
+            with trio.move_on_after(1) as slow:
+                await trio.lowlevel.wait_readable(self._program_pidfd)
+            if slow.cancelled_caught:  # in the kernel (a disk that does not answer): wait on
+                log.warning("sandbox program still exiting", extra={"kv": {"sandbox": self.spec.name}})
+                await trio.lowlevel.wait_readable(self._program_pidfd)
             self._close_program_pidfd()
 
     def _close_program_pidfd(self) -> None:

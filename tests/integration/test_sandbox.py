@@ -73,8 +73,6 @@ async def test_driver_domain_cannot_reach_a_guest(tmp_path, launcher):
         # the guest's global pid: the child of the waiter
         children = open(f"/proc/{guest.pid}/task/{guest.pid}/children").read().split()
         guest_pid = int(children[0])
-        result = await trio.run_process(
-            [sys.executable, "-c", "import subprocess,sys; sys.exit(0)"], capture_stdout=True)
         driver = await spawn_sandboxed(SandboxSpec("driver1", nofile=512),
                                        [sys.executable, "-c", PROBE, str(guest_pid)],
                                        stdout=subprocess.PIPE, launcher=launcher)
@@ -134,3 +132,33 @@ async def test_pids_limit_holds(launcher):
         pytest.skip("no writable pids cgroup here")
     assert out.startswith(b"limited"), out
     assert stats.pids_max == 20
+
+
+async def test_wait_gone_waits_for_the_program_under_the_waiter(launcher):
+    """A sandbox with a pid namespace runs its program under a waiter; once the program is
+    watched, wait_gone returns only when it is gone too (the supervisor's word that a dead
+    driver domain touches nothing more), however the waiter died."""
+    import signal
+    program = PRELUDE + "import time\nprint('up', flush=True)\ntime.sleep(60)\n"
+    box = await spawn_sandboxed(SandboxSpec("gone1"), [sys.executable, "-c", program],
+                                stdout=subprocess.PIPE, launcher=launcher)
+    try:
+        with trio.fail_after(30):
+            assert await box.process.stdout.receive_some(100) == b"up\n"
+        from ringfence.isolation.sandbox import innermost_pid
+        inner = innermost_pid(box.pid)
+        assert inner != box.pid
+        box.watch_program()
+        pidfd = os.pidfd_open(inner)
+        os.kill(box.pid, signal.SIGKILL)  # the waiter alone
+        with trio.fail_after(30):
+            await box.wait_gone()
+        assert _readable(pidfd)  # the program has exited
+        os.close(pidfd)
+    finally:
+        await box.aclose()
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
