@@ -596,15 +596,16 @@ class BlkFront:
 
     async def _regrant(self, link: _Link, backend_id: int, *, pool: bool,
                        old_backend_dead: bool = False) -> None:
-        """Grant ``link``'s ring pages to ``backend_id`` where they are granted to another:
-        the old grants end first, all or none; or beside the new connection, once dom0 has
+        """Grant ``link``'s ring pages to ``backend_id`` where they are granted to another.
+        With ``pool`` the pool goes to it too (the device's connection); without, a standby
+        link's backend gets the pool's first PREMAP_PAGES beside the connection's backend,
+        to map them while it stands by (it has the disk open already: the pages give it
+        nothing it could not read or write anyway), and a takeover brings those along.
+
+        The old grants end first, all or none; or beside the new connection once dom0 has
         said that the old backend's domain is dead (``old_backend_dead``: every process of
         its sandbox has exited, so nothing can touch our pages through those grants any
-        more, and the hypervisor drops them as it tears the domain down). With ``pool`` the pool goes to it too (the
-        device's connection); without, a standby link's backend gets the pool's first
-        PREMAP_PAGES beside the connection's backend, to map them while it stands by (it
-        has the disk open already: the pages give it nothing it could not read or write
-        anyway), and a takeover brings those grants along."""
+        more, and the hypervisor drops them as it tears the domain down)."""
         rings = backend_id != link.backend_id or not link.ring_grefs
         moving = pool and backend_id != self._pool_backend
         old = (link.ring_grefs + link.pool_grefs if rings else []) + (self._pool_grefs if moving else [])
