@@ -243,6 +243,67 @@ async def test_hostile_pool_refs_map_nothing_and_cost_the_connection_nothing(tmp
             await xenstored.wait()
 
 
+RECONNECT = textwrap.dedent(CONNECT + """            async def backend_says(state):
+                async with xs.watch(backend + "/state") as ev:
+                    async for _ in ev:
+                        if await xs.read(backend + "/state") == state:
+                            return
+
+            # Closed, then the same layout again: the backend reads our ring keys with the
+            # state that says they are there.
+            await xs.write(me + "/state", "5")
+            await backend_says(b"6")
+            await xs.write(me + "/state", "1")
+            await backend_says(b"2")
+            port = await dom.events.alloc_unbound(be_id)  # a channel is made anew each time
+            await xs.write_many([(me + "/ring-ref", str(gref)), (me + "/event-channel", str(port.port)),
+                                 (me + "/state", "3")])
+            await backend_says(b"4")
+            print(json.dumps({"reconnected": True}), flush=True)
+
+    trio.run(main)
+""")
+
+
+async def test_a_frontend_that_reconnects_has_its_ring_keys_read_ahead(tmp_path):
+    """blkback reads a returning frontend's ring keys with the state that says they are
+    there, when the layout is the one it saw before (one round trip fewer); the keys are
+    checked as ever."""
+    from ringfence.toolstack.hypervisor import start_xenstored
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 << 20))
+    stats_socket = str(tmp_path / "stor-stats.sock")
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        try:
+            stor_domid, stor = await spawn_domain(
+                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
+                env=dict(os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
+            guest_domid, fd = await dom0.create_domain("guest")
+            async with open_xenstore(xs_path) as xs:
+                await add_vbd(xs, backend=stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
+            guest = await trio.lowlevel.open_process(
+                [sys.executable, "-c", RECONNECT], pass_fds=(fd,),
+                env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
+            os.close(fd)
+            out = b""
+            with trio.fail_after(30):
+                async for chunk in guest.stdout:
+                    out += chunk
+            assert json.loads(out) == {"reconnected": True}
+            stream = await trio.open_unix_socket(stats_socket)
+            blob = b""
+            while chunk := await stream.receive_some():
+                blob += chunk
+            vbd = json.loads(blob)["vbds"][f"{guest_domid}/51712"]
+            assert vbd["connections"] == 2 and vbd["ring_keys_read_ahead"] == 1, vbd
+            stor.kill()
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
