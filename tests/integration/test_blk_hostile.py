@@ -10,10 +10,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
 
+from ringfence._statsock import fetch_statistics
 from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
@@ -123,55 +127,149 @@ GOOD = _blkfront_guest("""
 """)
 
 
+async def _start_program(code: str, fd: int, *args: str, stdin: Any = None,
+                         stdout: Any = subprocess.PIPE) -> trio.Process:
+    """``code`` run as the process of the domain whose control socket is ``fd`` (which
+    this process then closes)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", code, *args], pass_fds=(fd,), stdin=stdin, stdout=stdout,
+        env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)))
+    os.close(fd)
+    return process
+
+
+async def _output(process: trio.Process, timeout: float = 30) -> bytes:
+    """All a program prints, once it is done."""
+    out = b""
+    with trio.fail_after(timeout):
+        async for chunk in process.stdout:
+            out += chunk
+    return out
+
+
+@dataclass
+class _BlkbackHost:
+    dom0: Any
+    xs_path: str
+    stor_domid: int
+    stor: trio.Process
+    stats_socket: str
+
+
+@contextlib.asynccontextmanager
+async def _blkback_host(tmp_path, env: dict[str, str] | None = None) -> AsyncIterator[_BlkbackHost]:
+    """A hypervisor, xenstored and a storage driver domain running blkback (its statistics
+    on a socket, ``env`` its environment), killed at the end."""
+    from ringfence.toolstack.hypervisor import start_xenstored
+    stats_socket = str(tmp_path / "stor-stats.sock")
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        stor = None
+        try:
+            stor_domid, stor = await spawn_domain(
+                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
+                env=dict(env or os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
+            yield _BlkbackHost(dom0, xs_path, stor_domid, stor, stats_socket)
+        finally:
+            if stor is not None:
+                stor.kill()
+            xenstored.terminate()
+            await xenstored.wait()
+
+
+async def _vbd_statistics(host: _BlkbackHost, frontend: int) -> dict[str, Any]:
+    return (await fetch_statistics(host.stats_socket))["vbds"][f"{frontend}/51712"]
+
+
+@contextlib.asynccontextmanager
+async def _agents_and_a_guest(tmp_path, *names: str) -> AsyncIterator[tuple[Any, list[Any], int, int]]:
+    """A hypervisor, xenstored, scriptable agent domains ``names`` (to play backends) and a
+    guest domain: yields a XenStore client, the agents, the guest's domid and its control
+    socket's fd."""
+    from ringfence.testing.sim import open_agent
+    from ringfence.toolstack.hypervisor import start_xenstored
+    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
+        xs_path = str(tmp_path / "xs.sock")
+        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+        try:
+            async with open_xenstore(xs_path) as xs, contextlib.AsyncExitStack() as stack:
+                agents = [await stack.enter_async_context(open_agent(dom0, name)) for name in names]
+                guest_domid, fd = await dom0.create_domain("guest")
+                yield xs, agents, guest_domid, fd
+        finally:
+            xenstored.terminate()
+            await xenstored.wait()
+
+
+async def _initialised(xs, directory: str) -> None:
+    """Until the frontend directory says Initialised."""
+    with trio.fail_after(20):
+        while await xs.read_many([f"{directory}/state"]) != [b"3"]:
+            await trio.sleep(0.05)
+
+
+async def _connect_agent(xs, agent, guest_domid: int, directory: str, backend: str, *,
+                         map_ring: bool = True) -> tuple[int | None, int | None]:
+    """An agent playing blkback maps the ring and binds the channel ``directory`` names
+    (unless not ``map_ring``), then says Connected in ``backend``: its ring and port."""
+    ring = port = None
+    if map_ring:
+        ring = (await agent.ok("map", domid=guest_domid,
+                               grefs=[int(await xs.read(f"{directory}/ring-ref"))]))["map"]
+        port = (await agent.ok("evt_bind", domid=guest_domid,
+                               port=int(await xs.read(f"{directory}/event-channel"))))["port"]
+    await xs.write(f"{backend}/state", "4")
+    return ring, port
+
+
+async def _requests_on_ring(agent, ring: int, count: int) -> None:
+    """Until the frontend has put ``count`` requests on the ring."""
+    with trio.fail_after(20):
+        while int.from_bytes(bytes.fromhex(
+                (await agent.ok("read", map=ring, length=4))["data"]), "little") < count:
+            await trio.sleep(0.05)
+
+
+async def _answer(agent, ring: int, port: int, responses: list[bytes]) -> None:
+    """Responses in the first slots, the producer index after them, and a kick."""
+    for index, response in enumerate(responses):
+        await agent.ok("write", map=ring, offset=64 + index * 112, data=response.hex())
+    await agent.ok("write", map=ring, offset=8, data=len(responses).to_bytes(4, "little").hex())
+    await agent.ok("notify", port=port)
+
+
 async def test_hostile_frontend_gets_errors_and_a_disconnect_others_unaffected(tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 << 20))
     other = tmp_path / "other.img"
     other.write_bytes(bytes(4 << 20))
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ringfence", "xenstored", "--socket", xs_path, "--hypervisor", hv_path],
-            stderr=subprocess.DEVNULL)
-        try:
-            with trio.fail_after(20):
-                while not os.path.exists(xs_path):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.2)
-            stor_domid, stor = await spawn_domain(
-                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL)
-            evil_domid, evil_fd = await dom0.create_domain("evil")
-            good_domid, good_fd = await dom0.create_domain("good")
-            async with open_xenstore(xs_path) as xs:
-                await add_vbd(xs, backend=stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
-                await add_vbd(xs, backend=stor_domid, frontend=good_domid, devid=51712, target=str(other))
-            procs = {}
-            for name, code, fd in (("evil", HOSTILE, evil_fd), ("good", GOOD, good_fd)):
-                env = dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd))
-                with open(tmp_path / f"{name}.out", "wb") as out:
-                    procs[name] = await trio.lowlevel.open_process(
-                        [sys.executable, "-c", code], pass_fds=(fd,), env=env, stdout=out)
-                os.close(fd)
-            with trio.fail_after(60):
-                for proc in procs.values():
-                    await proc.wait()
-            results = {name: [json.loads(line) for line in (tmp_path / f"{name}.out").read_text().splitlines()]
-                       for name in procs}
-            answers = {int(k): v for k, v in results["evil"][0]["answers"].items()}
-            for rid in range(1, 9):
-                assert answers[rid] in (-1, -2), (rid, answers)
-            assert answers[6] == -2  # unknown operation: EOPNOTSUPP
-            assert answers[9] == 0
-            # every response, refusals and the one served by the C fast path, has its
-            # padding zeroed: nothing of the backend's memory goes to the frontend (A3)
-            assert results["evil"][0]["padding"] == ["0000000000"]
-            assert results["evil"][1] == {"disconnected": True}
-            assert results["good"] == [{"ok": True}]
-            assert stor.poll() is None  # the driver domain is still running
-            stor.kill()
-        finally:
-            xenstored.terminate()
-            await xenstored.wait()
+    async with _blkback_host(tmp_path) as host:
+        evil_domid, evil_fd = await host.dom0.create_domain("evil")
+        good_domid, good_fd = await host.dom0.create_domain("good")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vbd(xs, backend=host.stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
+            await add_vbd(xs, backend=host.stor_domid, frontend=good_domid, devid=51712, target=str(other))
+        procs = {}
+        for name, code, fd in (("evil", HOSTILE, evil_fd), ("good", GOOD, good_fd)):
+            with open(tmp_path / f"{name}.out", "wb") as out:
+                procs[name] = await _start_program(code, fd, stdout=out)
+        with trio.fail_after(60):
+            for proc in procs.values():
+                await proc.wait()
+        results = {name: [json.loads(line) for line in (tmp_path / f"{name}.out").read_text().splitlines()]
+                   for name in procs}
+        answers = {int(k): v for k, v in results["evil"][0]["answers"].items()}
+        for rid in range(1, 9):
+            assert answers[rid] in (-1, -2), (rid, answers)
+        assert answers[6] == -2  # unknown operation: EOPNOTSUPP
+        assert answers[9] == 0
+        # every response, refusals and the one served by the C fast path, has its
+        # padding zeroed: nothing of the backend's memory goes to the frontend (A3)
+        assert results["evil"][0]["padding"] == ["0000000000"]
+        assert results["evil"][1] == {"disconnected": True}
+        assert results["good"] == [{"ok": True}]
+        assert host.stor.poll() is None  # the driver domain is still running
 
 
 POOL_REFS = textwrap.dedent(CONNECT.replace(
@@ -194,53 +292,27 @@ async def test_hostile_pool_refs_map_nothing_and_cost_the_connection_nothing(tmp
     a list that is not numbers, too long, out of range, or names a page never granted is
     refused whole and counted; the frontend is served as before; a good list is mapped
     (here the ring's page, which no request uses: mapped ahead, not on demand)."""
-    from ringfence.toolstack.hypervisor import start_xenstored
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 << 20))
-    stats_socket = str(tmp_path / "stor-stats.sock")
     lists = {"words": "GOOD x", "long": " ".join(str(i) for i in range(200)), "negative": "-5",
              "range": "70000", "ungranted": "GOOD 9999", "good": "RING"}
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        try:
-            stor_domid, stor = await spawn_domain(
-                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
-                env=dict(os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
-            guests = {}
-            async with open_xenstore(xs_path) as xs:
-                for name in lists:
-                    guests[name] = await dom0.create_domain(name)
-                    await add_vbd(xs, backend=stor_domid, frontend=guests[name][0], devid=51712,
-                                  target=str(disk))
-            procs = {}
-            for name, (_, fd) in guests.items():
-                procs[name] = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", POOL_REFS, lists[name]], pass_fds=(fd,),
-                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
-                os.close(fd)
-            for name, proc in procs.items():
-                out = b""
-                with trio.fail_after(30):
-                    async for chunk in proc.stdout:
-                        out += chunk
-                assert json.loads(out) == {"status": 0}, name
-            stream = await trio.open_unix_socket(stats_socket)
-            blob = b""
-            while chunk := await stream.receive_some():
-                blob += chunk
-            vbds = json.loads(blob)["vbds"]
-            for name, (domid, _) in guests.items():
-                vbd = vbds[f"{domid}/51712"]
-                if name == "good":
-                    assert vbd["premapped_grants"] == 1 and not vbd["rejected"].get("bad_pool_refs")
-                else:
-                    assert vbd["premapped_grants"] == 0 and vbd["rejected"].get("bad_pool_refs") == 1, (name, vbd["rejected"])
-            assert stor.poll() is None
-            stor.kill()
-        finally:
-            xenstored.terminate()
-            await xenstored.wait()
+    async with _blkback_host(tmp_path) as host:
+        guests = {}
+        async with open_xenstore(host.xs_path) as xs:
+            for name in lists:
+                guests[name] = await host.dom0.create_domain(name)
+                await add_vbd(xs, backend=host.stor_domid, frontend=guests[name][0], devid=51712,
+                              target=str(disk))
+        procs = {name: await _start_program(POOL_REFS, fd, lists[name]) for name, (_, fd) in guests.items()}
+        for name, proc in procs.items():
+            assert json.loads(await _output(proc)) == {"status": 0}, name
+        for name, (domid, _) in guests.items():
+            vbd = await _vbd_statistics(host, domid)
+            if name == "good":
+                assert vbd["premapped_grants"] == 1 and not vbd["rejected"].get("bad_pool_refs")
+            else:
+                assert vbd["premapped_grants"] == 0 and vbd["rejected"].get("bad_pool_refs") == 1, (name, vbd["rejected"])
+        assert host.stor.poll() is None
 
 
 RECONNECT = textwrap.dedent(CONNECT + """            async def backend_says(state):
@@ -269,39 +341,16 @@ async def test_a_frontend_that_reconnects_has_its_ring_keys_read_ahead(tmp_path)
     """blkback reads a returning frontend's ring keys with the state that says they are
     there, when the layout is the one it saw before (one round trip fewer); the keys are
     checked as ever."""
-    from ringfence.toolstack.hypervisor import start_xenstored
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 << 20))
-    stats_socket = str(tmp_path / "stor-stats.sock")
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        try:
-            stor_domid, stor = await spawn_domain(
-                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
-                env=dict(os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
-            guest_domid, fd = await dom0.create_domain("guest")
-            async with open_xenstore(xs_path) as xs:
-                await add_vbd(xs, backend=stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
-            guest = await trio.lowlevel.open_process(
-                [sys.executable, "-c", RECONNECT], pass_fds=(fd,),
-                env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
-            os.close(fd)
-            out = b""
-            with trio.fail_after(30):
-                async for chunk in guest.stdout:
-                    out += chunk
-            assert json.loads(out) == {"reconnected": True}
-            stream = await trio.open_unix_socket(stats_socket)
-            blob = b""
-            while chunk := await stream.receive_some():
-                blob += chunk
-            vbd = json.loads(blob)["vbds"][f"{guest_domid}/51712"]
-            assert vbd["connections"] == 2 and vbd["ring_keys_read_ahead"] == 1, vbd
-            stor.kill()
-        finally:
-            xenstored.terminate()
-            await xenstored.wait()
+    async with _blkback_host(tmp_path) as host:
+        guest_domid, fd = await host.dom0.create_domain("guest")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vbd(xs, backend=host.stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
+        guest = await _start_program(RECONNECT, fd)
+        assert json.loads(await _output(guest)) == {"reconnected": True}
+        vbd = await _vbd_statistics(host, guest_domid)
+        assert vbd["connections"] == 2 and vbd["ring_keys_read_ahead"] == 1, vbd
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -312,61 +361,40 @@ def _cpu_seconds(pid: int) -> float:
 
 async def test_a_notification_storm_costs_blkback_little_cpu_and_others_nothing(tmp_path):
     """ATTACKS A13 (XSA-332): a frontend notifying in a tight loop without requests."""
-    from ringfence.toolstack.hypervisor import start_xenstored
     from ringfence.testing.streams import LineReader
     disk, other = tmp_path / "disk.img", tmp_path / "other.img"
     disk.write_bytes(bytes(4 << 20))
     other.write_bytes(bytes(4 << 20))
-    stats_socket = str(tmp_path / "stor-stats.sock")
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
+    async with _blkback_host(tmp_path) as host:
         procs = []
         try:
-            stor_domid, stor = await spawn_domain(
-                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], stderr=subprocess.DEVNULL,
-                env=dict(os.environ, RINGFENCE_STATS_SOCKET=stats_socket))
-            procs.append(stor)
-            evil_domid, evil_fd = await dom0.create_domain("evil")
-            good_domid, good_fd = await dom0.create_domain("good")
-            async with open_xenstore(xs_path) as xs:
-                await add_vbd(xs, backend=stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
-                await add_vbd(xs, backend=stor_domid, frontend=good_domid, devid=51712, target=str(other))
-            evil = await trio.lowlevel.open_process(
-                [sys.executable, "-c", STORM, "4"], pass_fds=(evil_fd,),
-                env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(evil_fd)), stdout=subprocess.PIPE)
+            evil_domid, evil_fd = await host.dom0.create_domain("evil")
+            good_domid, good_fd = await host.dom0.create_domain("good")
+            async with open_xenstore(host.xs_path) as xs:
+                await add_vbd(xs, backend=host.stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
+                await add_vbd(xs, backend=host.stor_domid, frontend=good_domid, devid=51712, target=str(other))
+            evil = await _start_program(STORM, evil_fd, "4")
             procs.append(evil)
-            os.close(evil_fd)
             lines = LineReader(evil.stdout)
             with trio.fail_after(30):
                 assert json.loads(await lines.next()) == {"connected": True}
-            cpu_before, started = _cpu_seconds(stor.pid), trio.current_time()
+            cpu_before, started = _cpu_seconds(host.stor.pid), trio.current_time()
             with open(tmp_path / "good.out", "wb") as out:
-                good = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", GOOD], pass_fds=(good_fd,),
-                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(good_fd)), stdout=out)
+                good = await _start_program(GOOD, good_fd, stdout=out)
             procs.append(good)
-            os.close(good_fd)
             with trio.fail_after(60):
                 sent = json.loads(await lines.next())["notified"]
-                cpu = (_cpu_seconds(stor.pid) - cpu_before) / (trio.current_time() - started)
+                cpu = (_cpu_seconds(host.stor.pid) - cpu_before) / (trio.current_time() - started)
                 assert await good.wait() == 0
             assert json.loads((tmp_path / "good.out").read_text()) == {"ok": True}
             assert sent > 100_000
             # The storm's device backs off: blkback stays far below a core (it was 100 %).
             assert cpu < 0.25, f"blkback used {cpu:.0%} of a core during the storm"
-            stream = await trio.open_unix_socket(stats_socket)
-            blob = b""
-            while chunk := await stream.receive_some():
-                blob += chunk
-            stats = json.loads(blob)
-            vbd = stats["vbds"][f"{evil_domid}/51712"]
+            vbd = await _vbd_statistics(host, evil_domid)
             assert vbd["spurious_notifications"] > 0 and vbd["state"] == "Connected"
         finally:
             for proc in procs:
                 proc.kill()
-            xenstored.terminate()
-            await xenstored.wait()
 
 
 HOSTILE_BACKEND_GUEST = _blkfront_guest("""
@@ -390,42 +418,19 @@ async def _guest_with_hostile_backend(tmp_path, guest_code: str, requests: int):
     """A guest running blkfront (``guest_code``) whose backend is a scriptable agent: yields
     once the guest has put ``requests`` requests on its ring, with what the agent needs to
     read and answer them."""
-    from ringfence.testing.sim import open_agent
-    from ringfence.toolstack.hypervisor import start_xenstored
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        try:
-            async with open_xenstore(xs_path) as xs, open_agent(dom0, "evil-backend") as backend:
-                guest_domid, fd = await dom0.create_domain("guest")
-                await add_vbd(xs, backend=backend.domid, frontend=guest_domid, devid=51712,
-                              target="/nonexistent")
-                be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
-                fe = f"/local/domain/{guest_domid}/device/vbd/51712"
-                await xs.write_many([(f"{be}/sectors", "2048"), (f"{be}/info", "0"),
-                                     (f"{be}/sector-size", "512"),
-                                     (f"{be}/feature-max-indirect-segments", "256"),
-                                     (f"{be}/state", "2")])
-                guest = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", guest_code], pass_fds=(fd,),
-                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
-                os.close(fd)
-                with trio.fail_after(20):
-                    while not await xs.exists(f"{fe}/state") or await xs.read(f"{fe}/state") != b"3":
-                        await trio.sleep(0.05)
-                ring_ref = int(await xs.read(f"{fe}/ring-ref"))
-                evtchn = int(await xs.read(f"{fe}/event-channel"))
-                ring = (await backend.ok("map", domid=guest_domid, grefs=[ring_ref]))["map"]
-                port = (await backend.ok("evt_bind", domid=guest_domid, port=evtchn))["port"]
-                await xs.write(f"{be}/state", "4")
-                with trio.fail_after(20):  # the requests are on the ring
-                    while int.from_bytes(bytes.fromhex(
-                            (await backend.ok("read", map=ring, length=4))["data"]), "little") < requests:
-                        await trio.sleep(0.05)
-                yield backend, guest, guest_domid, ring, port
-        finally:
-            xenstored.terminate()
-            await xenstored.wait()
+    async with _agents_and_a_guest(tmp_path, "evil-backend") as (xs, (backend,), guest_domid, fd):
+        await add_vbd(xs, backend=backend.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        await xs.write_many([(f"{be}/sectors", "2048"), (f"{be}/info", "0"),
+                             (f"{be}/sector-size", "512"),
+                             (f"{be}/feature-max-indirect-segments", "256"),
+                             (f"{be}/state", "2")])
+        guest = await _start_program(guest_code, fd)
+        await _initialised(xs, fe)
+        ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
+        await _requests_on_ring(backend, ring, requests)
+        yield backend, guest, guest_domid, ring, port
 
 
 async def _ring_request(backend, ring: int, index: int):
@@ -443,14 +448,9 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
         first = await _ring_request(backend, ring, 0)
         wrong_op = blkif.encode_response(first.id, blkif.Op.WRITE, 0)    # a read's id
         never_issued = blkif.encode_response(first.id + 1000, blkif.Op.READ, 0)
-        await backend.ok("write", map=ring, offset=64, data=wrong_op.hex())
-        await backend.ok("write", map=ring, offset=64 + 112, data=never_issued.hex())
-        await backend.ok("write", map=ring, offset=8, data=(2).to_bytes(4, "little").hex())
-        await backend.ok("notify", port=port)
-        out = b""
+        await _answer(backend, ring, port, [wrong_op, never_issued])
+        out = await _output(guest)
         with trio.fail_after(30):
-            async for chunk in guest.stdout:
-                out += chunk
             await guest.wait()
         assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
 
@@ -501,11 +501,7 @@ class _ReportingGuest:
 
     @classmethod
     async def start(cls, code: str, fd: int) -> "_ReportingGuest":
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-c", code], pass_fds=(fd,), stdin=subprocess.PIPE,
-            env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=subprocess.PIPE)
-        os.close(fd)
-        return cls(process)
+        return cls(await _start_program(code, fd, stdin=subprocess.PIPE))
 
     async def report(self) -> dict:
         await self.process.stdin.send_all(b"?\n")
@@ -520,24 +516,30 @@ class _ReportingGuest:
         await self.process.wait()
 
 
-REVOKE_GUEST = _blkfront_guest("""
-    result = {}
+def _reading_guest(report: dict[str, str]) -> str:
+    """A guest whose blkfront reads its disk's first page once and reports, for each line
+    it reads, how that read ended (the first bytes read, or its errno) once it has, and
+    the statistics ``report`` names (key in the report: BlkfrontStatistics attribute)."""
+    return _blkfront_guest("""
+        result = {}
 
-    async def read():
-        try:
-            await front.read(0, 4096)
-            result["read"] = "ok"
-        except BlockIOError as exc:
-            result["read"] = exc.errno
+        async def read():
+            try:
+                result["read"] = (await front.read(0, 4096))[:4].hex()
+            except BlockIOError as exc:
+                result["read"] = exc.errno
 
-    nursery.start_soon(read)
-    stdin = trio.lowlevel.FdStream(0)
-    while await stdin.receive_some(100):  # one line: report
-        stats = front.statistics()
-        print(json.dumps({**result, "unrevoked": stats.unrevoked_grants,
-                          "backend_id": stats.backend_id}), flush=True)
-    nursery.cancel_scope.cancel()
-""")
+        nursery.start_soon(read)
+        stdin = trio.lowlevel.FdStream(0)
+        while await stdin.receive_some(100):  # one line: report
+            stats = front.statistics()
+            print(json.dumps({**result, **{key: getattr(stats, name) for key, name in REPORT.items()}}),
+                  flush=True)
+        nursery.cancel_scope.cancel()
+    """.replace("REPORT", repr(report)))
+
+
+REVOKE_GUEST = _reading_guest({"unrevoked": "unrevoked_grants", "backend_id": "backend_id"})
 
 
 @pytest.mark.parametrize("lets_go", ["never", "during_teardown"])
@@ -547,100 +549,58 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
     grants: the pages are not granted to the new backend nor reused, the device fails its
     I/O (as Linux's blkfront disables it), the refused grants are counted, and they are
     retried, and the device works again, once the toolstack replaces the backend later."""
-    from ringfence.hypervisor.io import blkif
-    from ringfence.testing.sim import open_agent
     from ringfence.toolstack.devices import move_vbd
-    from ringfence.toolstack.hypervisor import start_xenstored
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        guest = None
+    async with _agents_and_a_guest(tmp_path, "clingy", "next", "third") as (
+            xs, (clingy, nxt, third), guest_domid, fd):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+
+        def be_of(agent) -> str:
+            return f"/local/domain/{agent.domid}/backend/vbd/{guest_domid}/51712"
+
+        await add_vbd(xs, backend=clingy.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await _offer(xs, be_of(clingy))
+        guest = await _ReportingGuest.start(REVOKE_GUEST, fd)
         try:
-            async with open_xenstore(xs_path) as xs, open_agent(dom0, "clingy") as clingy, \
-                    open_agent(dom0, "next") as nxt, open_agent(dom0, "third") as third:
-                guest_domid, fd = await dom0.create_domain("guest")
-                fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+            await _initialised(xs, fe)
+            ring, _ = await _connect_agent(xs, clingy, guest_domid, fe, be_of(clingy))
+            await _requests_on_ring(clingy, ring, 1)  # the read is on the ring: map its data page too
+            request = await _ring_request(clingy, ring, 0)
+            data = (await clingy.ok("map", domid=guest_domid, grefs=[request.segments[0].gref]))["map"]
 
-                def be_of(agent) -> str:
-                    return f"/local/domain/{agent.domid}/backend/vbd/{guest_domid}/51712"
-
-                async def offer(agent) -> None:
-                    await _offer(xs, be_of(agent))
-
-                async def frontend_initialised() -> None:
-                    with trio.fail_after(20):
-                        while await xs.read_many([f"{fe}/state"]) != [b"3"]:
-                            await trio.sleep(0.05)
-
-                await add_vbd(xs, backend=clingy.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
-                await offer(clingy)
-                guest = await _ReportingGuest.start(REVOKE_GUEST, fd)
-                report = guest.report
-                await frontend_initialised()
-                ring = (await clingy.ok("map", domid=guest_domid,
-                                        grefs=[int(await xs.read(f"{fe}/ring-ref"))]))["map"]
-                await clingy.ok("evt_bind", domid=guest_domid, port=int(await xs.read(f"{fe}/event-channel")))
-                await xs.write(f"{be_of(clingy)}/state", "4")
-                with trio.fail_after(20):  # the read is on the ring: map its data page too
-                    while int.from_bytes(bytes.fromhex(
-                            (await clingy.ok("read", map=ring, length=4))["data"]), "little") < 1:
-                        await trio.sleep(0.05)
-                request = blkif.decode_request(bytes.fromhex(
-                    (await clingy.ok("read", map=ring, offset=64, length=112))["data"]))
-                data = (await clingy.ok("map", domid=guest_domid, grefs=[request.segments[0].gref]))["map"]
-
-                # the toolstack moves the device while the old backend still holds both pages
-                await move_vbd(xs, old_backend=clingy.domid, new_backend=nxt.domid, frontend=guest_domid,
-                               devid=51712, target="/nonexistent")
-                if lets_go == "during_teardown":
-                    # as a backend that just died does once the hypervisor has torn its domain
-                    # down: no failure, the pages go to the next backend, the read waits for it
-                    await trio.sleep(0.3)
-                    await clingy.ok("unmap", map=ring)
-                    await clingy.ok("unmap", map=data)
-                    await offer(nxt)
-                    await frontend_initialised()
-                    assert await report() == {"unrevoked": 0, "backend_id": nxt.domid}
-                    return
-                with trio.fail_after(20):
-                    while "read" not in (state := await report()):
-                        await trio.sleep(0.05)
-                assert state == {"read": 5, "unrevoked": 2, "backend_id": clingy.domid}
-
-                # the old backend lets go; the toolstack replaces the backend once more
+            # the toolstack moves the device while the old backend still holds both pages
+            await move_vbd(xs, old_backend=clingy.domid, new_backend=nxt.domid, frontend=guest_domid,
+                           devid=51712, target="/nonexistent")
+            if lets_go == "during_teardown":
+                # as a backend that just died does once the hypervisor has torn its domain
+                # down: no failure, the pages go to the next backend, the read waits for it
+                await trio.sleep(0.3)
                 await clingy.ok("unmap", map=ring)
                 await clingy.ok("unmap", map=data)
-                await move_vbd(xs, old_backend=nxt.domid, new_backend=third.domid, frontend=guest_domid,
-                               devid=51712, target="/nonexistent")
-                await offer(third)
-                await frontend_initialised()
-                assert (await report())["unrevoked"] == 0
-                assert (await report())["backend_id"] == third.domid
+                await _offer(xs, be_of(nxt))
+                await _initialised(xs, fe)
+                assert await guest.report() == {"unrevoked": 0, "backend_id": nxt.domid}
+                return
+            with trio.fail_after(20):
+                while "read" not in (state := await guest.report()):
+                    await trio.sleep(0.05)
+            assert state == {"read": 5, "unrevoked": 2, "backend_id": clingy.domid}
+
+            # the old backend lets go; the toolstack replaces the backend once more
+            await clingy.ok("unmap", map=ring)
+            await clingy.ok("unmap", map=data)
+            await move_vbd(xs, old_backend=nxt.domid, new_backend=third.domid, frontend=guest_domid,
+                           devid=51712, target="/nonexistent")
+            await _offer(xs, be_of(third))
+            await _initialised(xs, fe)
+            assert (await guest.report())["unrevoked"] == 0
+            assert (await guest.report())["backend_id"] == third.domid
         finally:
-            if guest is not None:
-                await guest.aclose()
-            xenstored.terminate()
-            await xenstored.wait()
+            await guest.aclose()
 
 
-STANDBY_GUEST = _blkfront_guest("""
-    result = {}
-
-    async def read():
-        try:
-            result["read"] = (await front.read(0, 4096))[:4].hex()
-        except BlockIOError as exc:
-            result["read"] = exc.errno
-
-    nursery.start_soon(read)
-    stdin = trio.lowlevel.FdStream(0)
-    while await stdin.receive_some(100):  # one line: report
-        stats = front.statistics()
-        print(json.dumps({**result, "backend_id": stats.backend_id, "bad": stats.bad_responses,
-                          "in_flight": stats.in_flight, "promotions": stats.promotions,
-                          "standby": stats.standby_backend}), flush=True)
-    nursery.cancel_scope.cancel()
-""")
+STANDBY_GUEST = _reading_guest({"backend_id": "backend_id", "bad": "bad_responses",
+                                "in_flight": "in_flight", "promotions": "promotions",
+                                "standby": "standby_backend"})
 
 
 @pytest.mark.parametrize("spare", ["answers_early", "never_serves"])
@@ -651,113 +611,76 @@ async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
     never serves leaves the replayed read waiting, without an error, until the toolstack
     replaces it; the next backend then answers that read."""
     from ringfence.hypervisor.io import blkif
-    from ringfence.testing.sim import open_agent
     from ringfence.toolstack.devices import move_vbd, stage_device, switch_backends
-    from ringfence.toolstack.hypervisor import start_xenstored
     from ringfence.xenbus.paths import DevicePaths
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        guest = None
+    async with _agents_and_a_guest(tmp_path, "primary", "spare", "next") as (
+            xs, (primary, evil, nxt), guest_domid, fd):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        slot = f"{fe}/standby-{evil.domid}"
+
+        def paths_of(agent) -> DevicePaths:
+            return DevicePaths("vbd", guest_domid, agent.domid, 51712)
+
+        await add_vbd(xs, backend=primary.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await _offer(xs, paths_of(primary).backend)
+        guest = await _ReportingGuest.start(STANDBY_GUEST, fd)
         try:
-            async with open_xenstore(xs_path) as xs, open_agent(dom0, "primary") as primary, \
-                    open_agent(dom0, "spare") as evil, open_agent(dom0, "next") as nxt:
-                guest_domid, fd = await dom0.create_domain("guest")
-                fe = f"/local/domain/{guest_domid}/device/vbd/51712"
-                slot = f"{fe}/standby-{evil.domid}"
+            await _initialised(xs, fe)
+            # connected; the read waits on its ring, unanswered
+            await _connect_agent(xs, primary, guest_domid, fe, paths_of(primary).backend)
+            # The spare is staged on a standby directory and the frontend stands by with it.
+            assert await stage_device(xs, paths_of(evil), primary.domid, target="/nonexistent")
+            await _offer(xs, paths_of(evil).backend)
+            await _initialised(xs, slot)
+            ring, port = await _connect_agent(xs, evil, guest_domid, slot, paths_of(evil).backend,
+                                              map_ring=spare == "answers_early")
+            with trio.fail_after(20):
+                while (await guest.report())["standby"] != evil.domid:
+                    await trio.sleep(0.05)
+            if spare == "answers_early":  # an answer to a request never made, and a kick
+                await _answer(evil, ring, port, [blkif.encode_response(1, blkif.Op.READ, 0)])
+                await trio.sleep(0.2)
+                assert (await guest.report())["in_flight"] == 1  # nothing completed meanwhile
 
-                def paths_of(agent) -> DevicePaths:
-                    return DevicePaths("vbd", guest_domid, agent.domid, 51712)
-
-                async def offer(agent) -> None:
-                    await _offer(xs, paths_of(agent).backend)
-
-                async def initialised(directory: str) -> None:
-                    with trio.fail_after(20):
-                        while await xs.read_many([f"{directory}/state"]) != [b"3"]:
-                            await trio.sleep(0.05)
-
-                async def serve(agent, directory: str, *, map_ring: bool = True):
-                    ring = port = None
-                    if map_ring:
-                        ring = (await agent.ok("map", domid=guest_domid,
-                                               grefs=[int(await xs.read(f"{directory}/ring-ref"))]))["map"]
-                        port = (await agent.ok("evt_bind", domid=guest_domid,
-                                               port=int(await xs.read(f"{directory}/event-channel"))))["port"]
-                    await xs.write(f"{paths_of(agent).backend}/state", "4")
-                    return ring, port
-
-                await add_vbd(xs, backend=primary.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
-                await offer(primary)
-                guest = await _ReportingGuest.start(STANDBY_GUEST, fd)
-                report = guest.report
-                await initialised(fe)
-                await serve(primary, fe)  # connected; the read waits on its ring, unanswered
-                # The spare is staged on a standby directory and the frontend stands by with it.
-                assert await stage_device(xs, paths_of(evil), primary.domid, target="/nonexistent")
-                await offer(evil)
-                await initialised(slot)
-                ring, port = await serve(evil, slot, map_ring=spare == "answers_early")
+            # The primary dies; the toolstack switches the device to the spare.
+            primary.kill()
+            await switch_backends(xs, [(paths_of(primary), paths_of(evil), True)])
+            with trio.fail_after(20):
+                while (state := await guest.report())["promotions"] != 1:
+                    await trio.sleep(0.05)
+            if spare == "answers_early":
                 with trio.fail_after(20):
-                    while (await report())["standby"] != evil.domid:
+                    while "read" not in (state := await guest.report()):
                         await trio.sleep(0.05)
-                if spare == "answers_early":  # an answer to a request never made, and a kick
-                    await evil.ok("write", map=ring, offset=64,
-                                  data=blkif.encode_response(1, blkif.Op.READ, 0).hex())
-                    await evil.ok("write", map=ring, offset=8, data=(1).to_bytes(4, "little").hex())
-                    await evil.ok("notify", port=port)
-                    await trio.sleep(0.2)
-                    assert (await report())["in_flight"] == 1  # nothing completed meanwhile
+                assert state["read"] == errno.EIO and state["bad"] == 1, state
+            else:
+                await trio.sleep(0.5)
+                state = await guest.report()
+                assert "read" not in state and state["in_flight"] == 1, state
+                assert state["backend_id"] == evil.domid and state["bad"] == 0, state
 
-                # The primary dies; the toolstack switches the device to the spare.
-                primary.kill()
-                await switch_backends(xs, [(paths_of(primary), paths_of(evil), True)])
+            # The toolstack replaces the spare (its domain destroyed): the device connects
+            # to the next backend, which finds the read replayed on its ring
+            # (never_serves) and answers it.
+            evil.kill()
+            await move_vbd(xs, old_backend=evil.domid, new_backend=nxt.domid, frontend=guest_domid,
+                           devid=51712, target="/nonexistent")
+            await _offer(xs, paths_of(nxt).backend)
+            await _initialised(xs, fe)
+            ring, port = await _connect_agent(xs, nxt, guest_domid, fe, paths_of(nxt).backend)
+            assert (await guest.report())["backend_id"] == nxt.domid
+            if spare == "never_serves":
+                await _requests_on_ring(nxt, ring, 1)
+                request = await _ring_request(nxt, ring, 0)
+                page = (await nxt.ok("map", domid=guest_domid, grefs=[request.segments[0].gref]))["map"]
+                await nxt.ok("write", map=page, data=b"\xc0\xff\xee\x00".hex())
+                await _answer(nxt, ring, port, [blkif.encode_response(request.id, blkif.Op.READ, 0)])
                 with trio.fail_after(20):
-                    while (state := await report())["promotions"] != 1:
+                    while "read" not in (state := await guest.report()):
                         await trio.sleep(0.05)
-                if spare == "answers_early":
-                    with trio.fail_after(20):
-                        while "read" not in (state := await report()):
-                            await trio.sleep(0.05)
-                    assert state["read"] == errno.EIO and state["bad"] == 1, state
-                else:
-                    await trio.sleep(0.5)
-                    state = await report()
-                    assert "read" not in state and state["in_flight"] == 1, state
-                    assert state["backend_id"] == evil.domid and state["bad"] == 0, state
-
-                # The toolstack replaces the spare (its domain destroyed): the device connects
-                # to the next backend, which finds the read replayed on its ring
-                # (never_serves) and answers it.
-                evil.kill()
-                await move_vbd(xs, old_backend=evil.domid, new_backend=nxt.domid, frontend=guest_domid,
-                               devid=51712, target="/nonexistent")
-                await offer(nxt)
-                await initialised(fe)
-                ring, port = await serve(nxt, fe)
-                assert (await report())["backend_id"] == nxt.domid
-                if spare == "never_serves":
-                    with trio.fail_after(20):
-                        while int.from_bytes(bytes.fromhex(
-                                (await nxt.ok("read", map=ring, length=4))["data"]), "little") < 1:
-                            await trio.sleep(0.05)
-                    request = blkif.decode_request(bytes.fromhex(
-                        (await nxt.ok("read", map=ring, offset=64, length=112))["data"]))
-                    page = (await nxt.ok("map", domid=guest_domid, grefs=[request.segments[0].gref]))["map"]
-                    await nxt.ok("write", map=page, data=b"\xc0\xff\xee\x00".hex())
-                    await nxt.ok("write", map=ring, offset=64, data=blkif.encode_response(
-                        request.id, blkif.Op.READ, 0).hex())
-                    await nxt.ok("write", map=ring, offset=8, data=(1).to_bytes(4, "little").hex())
-                    await nxt.ok("notify", port=port)
-                    with trio.fail_after(20):
-                        while "read" not in (state := await report()):
-                            await trio.sleep(0.05)
-                    assert state["read"] == "c0ffee00" and state["bad"] == 0, state
+                assert state["read"] == "c0ffee00" and state["bad"] == 0, state
         finally:
-            if guest is not None:
-                await guest.aclose()
-            xenstored.terminate()
-            await xenstored.wait()
+            await guest.aclose()
 
 
 CANARY = textwrap.dedent(CONNECT + """            import dataclasses, sys
@@ -815,32 +738,18 @@ async def test_no_backend_memory_reaches_shared_pages(tmp_path):
     byte may appear, and reads return exactly what was written."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 << 20))
-    async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
-        from ringfence.toolstack.hypervisor import start_xenstored
-        xs_path = str(tmp_path / "xs.sock")
-        xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
-        try:
-            # glibc fills what malloc gives with 0x5A and what free takes with 0xA5 (no
-            # thread cache, which would skip that), and Python allocates through malloc
-            env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_PERTURB_="165",
-                       GLIBC_TUNABLES="glibc.malloc.perturb=165:glibc.malloc.tcache_count=0")
-            stor_domid, stor = await spawn_domain(
-                dom0, "stor", [sys.executable, "-m", "ringfence", "blkback"], env=env,
-                stderr=subprocess.DEVNULL)
-            front_domid, fd = await dom0.create_domain("front")
-            async with open_xenstore(xs_path) as xs:
-                await add_vbd(xs, backend=stor_domid, frontend=front_domid, devid=51712, target=str(disk))
-            out = tmp_path / "front.out"
-            with open(out, "wb") as sink:
-                front = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", CANARY, "150"], pass_fds=(fd,),
-                    env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)), stdout=sink)
-            os.close(fd)
-            with trio.fail_after(120):
-                assert await front.wait() == 0
-            assert json.loads(out.read_text()) == {"answered": 150 * 12, "canary_bytes": 0}
-            assert stor.poll() is None
-            stor.kill()
-        finally:
-            xenstored.terminate()
-            await xenstored.wait()
+    # glibc fills what malloc gives with 0x5A and what free takes with 0xA5 (no thread
+    # cache, which would skip that), and Python allocates through malloc
+    env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_PERTURB_="165",
+               GLIBC_TUNABLES="glibc.malloc.perturb=165:glibc.malloc.tcache_count=0")
+    async with _blkback_host(tmp_path, env) as host:
+        front_domid, fd = await host.dom0.create_domain("front")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vbd(xs, backend=host.stor_domid, frontend=front_domid, devid=51712, target=str(disk))
+        out = tmp_path / "front.out"
+        with open(out, "wb") as sink:
+            front = await _start_program(CANARY, fd, "150", stdout=sink)
+        with trio.fail_after(120):
+            assert await front.wait() == 0
+        assert json.loads(out.read_text()) == {"answered": 150 * 12, "canary_bytes": 0}
+        assert host.stor.poll() is None
