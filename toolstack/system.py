@@ -486,8 +486,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         spare = system.spares.pop(name, None) if started_once else None
         if spare is not None and spare.process.process.poll() is None:
             # Warm: the spare takes the name and the devices; a new spare starts behind it.
-            # The dead domain's teardown goes on meanwhile: until the hypervisor has dropped
-            # its mappings a frontend cannot end its grants, and tries again (a moment).
+            # The frontends standing by with it hear it first; the dead domain's teardown
+            # goes on meanwhile (a frontend that hears of it only through XenStore ends its
+            # grants once the hypervisor has dropped its mappings, trying again meanwhile).
             _signal_takeover(spare)
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
