@@ -74,11 +74,12 @@ class RingStream(trio.abc.Stream):
     def _push(self) -> None:
         try:
             while self._backlog:
-                sent = self.ring.put(self._backlog)
+                sent, wake = self.ring.put(self._backlog)
                 if not sent:
                     return
                 del self._backlog[:sent]
-                self.doorbell.port.notify()
+                if wake:
+                    self.doorbell.port.notify()
         except RingProtocolError:
             self.ended = RingError.RINGIDX
 
@@ -96,12 +97,13 @@ class RingStream(trio.abc.Stream):
             if self._over():
                 return b""
             try:
-                data = self.ring.get()
+                data, wake = self.ring.get()
             except RingProtocolError:
                 self.ended = RingError.RINGIDX
                 return b""
             if data:
-                self.doorbell.port.notify()  # room for the producer
+                if wake:
+                    self.doorbell.port.notify()  # room for a producer that found the ring full
                 return data
             self._push()
             if self.ended is None:

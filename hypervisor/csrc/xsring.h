@@ -19,10 +19,12 @@ typedef struct rf_xs_intf {
 
 /* Append up to len bytes to the request (rsp = 0) or response (rsp = 1) ring. Returns the
  * bytes written (0 when full) or -EPROTO when the indices say more than a ring's worth is
- * outstanding (the other side is broken or hostile). */
-int rf_xs_put(rf_xs_intf *intf, int rsp, const uint8_t *data, uint32_t len);
-/* Take up to max bytes from a ring: the count, or -EPROTO as above. */
-int rf_xs_get(rf_xs_intf *intf, int rsp, uint8_t *out, uint32_t max);
+ * outstanding (the other side is broken or hostile). *wake: whether to notify the consumer
+ * (it had taken everything before). */
+int rf_xs_put(rf_xs_intf *intf, int rsp, const uint8_t *data, uint32_t len, int *wake);
+/* Take up to max bytes from a ring: the count, or -EPROTO as above. *wake: whether to
+ * notify the producer (it had filled the ring, and may be waiting for room). */
+int rf_xs_get(rf_xs_intf *intf, int rsp, uint8_t *out, uint32_t max, int *wake);
 /* Bytes waiting in a ring, or -EPROTO. */
 int rf_xs_pending(const rf_xs_intf *intf, int rsp);
 #endif

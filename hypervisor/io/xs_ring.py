@@ -5,8 +5,11 @@ checks are the C core's (``hypervisor/csrc/xsring.c``); waiting and notifying ar
 caller's.
 
     ring = XsRing(page, guest=True)
-    sent = ring.put(message)        # bytes that fitted; notify the other end if > 0
-    data = ring.get()               # bytes that were waiting; notify if any
+    sent, wake = ring.put(message)  # bytes that fitted; notify the other end if wake
+    data, wake = ring.get()         # bytes that were waiting; notify the other end if wake
+
+``wake`` is Linux's rule: a consumer is notified only if it had taken everything before, a
+producer only if it had filled the ring (``xsring.c`` says why nothing is lost).
 """
 from __future__ import annotations
 
@@ -66,23 +69,24 @@ class XsRing:
         self._intf = ffi.cast("rf_xs_intf *", self._shared)
         self._out, self._in = (0, 1) if guest else (1, 0)
         self._scratch = ffi.new("uint8_t[]", RING_SIZE)
+        self._wake = ffi.new("int *")
         self.bytes_sent = self.bytes_received = 0
 
-    def put(self, data: bytes | bytearray | memoryview) -> int:
-        """Append what fits of ``data``; returns how many bytes."""
-        n: int = lib.rf_xs_put(self._intf, self._out, ffi.from_buffer(data), len(data))
+    def put(self, data: bytes | bytearray | memoryview) -> tuple[int, bool]:
+        """Append what fits of ``data``; returns how many bytes, and whether to notify."""
+        n: int = lib.rf_xs_put(self._intf, self._out, ffi.from_buffer(data), len(data), self._wake)
         if n < 0:
             raise RingProtocolError("the other end's consumer index is out of range")
         self.bytes_sent += n
-        return n
+        return n, bool(self._wake[0])
 
-    def get(self) -> bytes:
-        """Take what is waiting (b"" if nothing)."""
-        n: int = lib.rf_xs_get(self._intf, self._in, self._scratch, RING_SIZE)
+    def get(self) -> tuple[bytes, bool]:
+        """Take what is waiting (b"" if nothing), and whether to notify."""
+        n: int = lib.rf_xs_get(self._intf, self._in, self._scratch, RING_SIZE, self._wake)
         if n < 0:
             raise RingProtocolError("the other end's producer index is out of range")
         self.bytes_received += n
-        return ffi.buffer(self._scratch, n)[:]
+        return ffi.buffer(self._scratch, n)[:], bool(self._wake[0])
 
     def readable(self) -> bool:
         return bool(lib.rf_xs_pending(self._intf, self._in))  # -EPROTO too: get() says so

@@ -38,13 +38,17 @@ def test_both_rings_behave_as_byte_queues(start, steps):
         writer, reader = (guest, daemon) if guest_writes else (daemon, guest)
         queue = queues[guest_writes]
         if is_put:
-            sent = writer.put(data)
+            sent, wake = writer.put(data)
             assert sent == min(len(data), RING_SIZE - len(queue))
+            # the reader is told only when it had taken everything (it may be asleep)
+            assert wake == (sent > 0 and not queue)
             queue += data[:sent]
             assert writer.writable() == (len(queue) < RING_SIZE)
         else:
-            got = reader.get()
+            got, wake = reader.get()
             assert got == bytes(queue)
+            # the writer is told only when it had filled the ring (it may wait for room)
+            assert wake == (len(queue) == RING_SIZE)
             queue.clear()
             assert not reader.readable()
 
@@ -66,5 +70,5 @@ def test_reset_empties_both_rings_and_reconnects():
     daemon.error = RingError.COMM
     daemon.reset()
     assert (daemon.connection, daemon.error, daemon.server_features) == (Connection.CONNECTED, 0, 3)
-    assert guest.get() == b"" and daemon.get() == b""
+    assert guest.get()[0] == b"" and daemon.get()[0] == b""
     assert daemon.statistics().bytes_sent == 5
