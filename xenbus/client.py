@@ -55,6 +55,7 @@ class XenStore:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[_Replies, int]] = {}  # req_id -> (its batch, index)
         self._watches: dict[bytes, trio.MemorySendChannel[tuple[str, bytes]]] = {}
+        self._skip_initial: set[bytes] = set()  # tokens whose initial event is not delivered (watch_and)
         self._tokens = itertools.count(1)
         self._closed = False
         self._outbox: list[bytes] = []
@@ -114,7 +115,9 @@ class XenStore:
                         args = msg.args()
                         if len(args) >= 2:
                             channel = self._watches.get(args[1])
-                            if channel is not None:
+                            if args[1] in self._skip_initial:
+                                self._skip_initial.discard(args[1])
+                            elif channel is not None:
                                 self.watch_events += 1
                                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                                     channel.send_nowait((args[0].decode(), args[1]))
@@ -294,16 +297,38 @@ class XenStore:
     async def watch(self, path: str, token: str | None = None) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
         """Watch ``path`` and its children; yields (path, token) events, starting with the
         initial one every watch gets."""
+        async with self._watching(path, token, []) as (events, _):
+            yield events
+
+    @contextlib.asynccontextmanager
+    async def watch_and(self, path: str, requests: list[tuple[int, bytes, int]], token: str | None = None
+                        ) -> AsyncIterator[tuple[trio.MemoryReceiveChannel[tuple[str, bytes]], list[bytes | XenStoreError]]]:
+        """:meth:`watch`, with ``requests`` (as for :meth:`pipeline`) in the same write right
+        after the registration; yields the events and those requests' results. The daemon
+        handles them after the registration, so they are as new as the initial event, which
+        is therefore not delivered: a watcher that reads what it watches reads it once, in
+        the registration's round trip."""
+        async with self._watching(path, token, requests) as watching:
+            yield watching
+
+    @contextlib.asynccontextmanager
+    async def _watching(self, path: str, token: str | None, requests: list[tuple[int, bytes, int]]
+                        ) -> AsyncIterator[tuple[trio.MemoryReceiveChannel[tuple[str, bytes]], list[bytes | XenStoreError]]]:
         raw_token = (token or f"rf-{next(self._tokens)}").encode()
         send, receive = trio.open_memory_channel[tuple[str, bytes]](4096)
         self._watches[raw_token] = send
+        if requests:
+            self._skip_initial.add(raw_token)
         try:
-            await self.request(Op.WATCH, W.join(path, raw_token))
+            registered, *results = await self.pipeline([(Op.WATCH, W.join(path, raw_token), 0), *requests])
+            if isinstance(registered, XenStoreError):
+                raise registered
             self._watch_paths[raw_token] = path
-            yield receive
+            yield receive, results
         finally:
             self._watches.pop(raw_token, None)
             self._watch_paths.pop(raw_token, None)
+            self._skip_initial.discard(raw_token)
             with trio.CancelScope(shield=True):
                 # Not waited for: its events are dropped from now on, and whoever leaves a
                 # watch to go on (a frontend reconnecting) should not wait a round trip.

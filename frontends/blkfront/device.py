@@ -300,8 +300,9 @@ class BlkFront:
         registration, not one per state waited for), until that state is one of ``wanted``;
         returns the results of the requests ``also``, sent with each read of the state (what
         the caller reads next costs no round trip of its own). ``first``: the replies to
-        :meth:`_state_and` ``(also)`` read beside the watch's registration, judged before
-        any event (a backend waiting already is not waited for)."""
+        :meth:`_state_and` ``(also)`` read with the watch's registration
+        (:meth:`~ringfence.xenbus.client.XenStore.watch_and`), judged before any event (a
+        backend waiting already is not waited for)."""
         also = also or []
         replies = first
         while True:
@@ -458,13 +459,14 @@ class BlkFront:
                 link.loose_ports = await self._alloc_channels(link, max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
 
             # The backend's keys and our own directory come with the state that says they
-            # are there, read beside the watch's registration (a warm spare waits for us
+            # are there, read with the watch's registration (a warm spare waits for us
             # already): a reconnection after a crash waits on each round trip.
             also = [(W.Op.READ, W.join(f"{link.backend_path}/{k}"), 0) for k in FEATURE_KEYS
                     ] + [(W.Op.DIRECTORY, W.join(link.path), 0)]
-            _, backend_states, first, _ = await gather([
-                make_channels(), stack.enter_async_context(self.xs.watch(f"{link.backend_path}/state")),
-                self.xs.pipeline(self._state_and(link, also)), self.xs.pipeline(writes)])
+            _, (backend_states, first), _ = await gather([
+                make_channels(), stack.enter_async_context(
+                    self.xs.watch_and(f"{link.backend_path}/state", self._state_and(link, also))),
+                self.xs.pipeline(writes)])
             replies = await self._wait_for_backend(link, (XenbusState.InitWait,), backend_states, also, first)
             await self._initialise(link, replies)
             log.debug("initialised; waiting for backend to connect")

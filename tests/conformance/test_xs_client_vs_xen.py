@@ -9,7 +9,8 @@ import sys
 import pytest
 import trio
 
-from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.hypervisor.io import xs_wire as W
+from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.testing.peers import open_peer_xenstored, peer_xenstored
 from ringfence.xenbus.client import open_xenstore
 
@@ -47,6 +48,11 @@ async def exercise(xs) -> list:
         seen.append(await events.receive())
         await xs.rm("/t/b")
         seen.append(await events.receive())
+    # registered with a read: the read stands for the initial event, which is not delivered
+    async with xs.watch_and("/t", [(Op.READ, W.join("/t/a"), 0)], "tok2") as (events, first):
+        seen.append(first)
+        await xs.write("/t/after", b"5")
+        seen.append(await events.receive())  # the write's, not the registration's
     async for tx in xs.transaction():
         async with tx:
             await tx.write("/t/tx", b"in")
@@ -75,6 +81,7 @@ async def test_client_against_xen_and_ours_agree(tmp_path):
                 mine = await exercise(xs)
         assert mine == theirs
         assert theirs[0] == ["a", "b"] and theirs[-1] == 32
+        assert [b"3"] in theirs and ("/t/after", b"tok2") in theirs  # watch_and's read and event
     finally:
         ours.terminate()
         await ours.wait()
