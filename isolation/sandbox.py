@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -60,6 +61,7 @@ class SandboxStatistics:
     pids_max: int | None
 
 
+@functools.cache  # asked at every sandbox's start; where we run does not change
 def _own_cgroup(controller: str) -> str:
     """Our cgroup path in a v1 hierarchy (or v2 with controller '')."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -226,8 +228,13 @@ def _hidden_interpreter_paths() -> dict[str, list[str]]:
     A domain drops to an unprivileged uid after exec; if the interpreter lives in, say,
     /root/.pyenv, it must still be able to import from there.
     """
-    needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix,
-                                            *sys.path) if p and os.path.isdir(p)}
+    return {cover: list(paths) for cover, paths in _covers(
+        (sys.base_prefix, sys.prefix, sys.exec_prefix, *sys.path)).items()}
+
+
+@functools.lru_cache(maxsize=4)  # asked at every sandbox's start (a stat of each ancestor)
+def _covers(interpreter_paths: tuple[str, ...]) -> dict[str, list[str]]:
+    needed = {os.path.realpath(p) for p in interpreter_paths if p and os.path.isdir(p)}
     covers: dict[str, list[str]] = {}
     for path in sorted(needed):
         parts = Path(path).parts
