@@ -44,10 +44,14 @@ log = logging.getLogger(__name__)
 # (a driver domain's relaunch then costs milliseconds, not an interpreter's start-up).
 DOMAIN_MODULES = ("ringfence.cli", "ringfence.xenbus.platforms", "ringfence.hypervisor.sim.client",
                   "ringfence.xenbus.sim", "ringfence.backends.blkback.cli",
-                  "ringfence.backends.blkback.xenbus", "ringfence.backends.netback.cli",
-                  "ringfence.backends.netback.xenbus", "ringfence.toolstack.guest",
-                  "ringfence.frontends.blkfront.device", "ringfence.frontends.blkfront.nbd",
-                  "ringfence.frontends.netfront.device")
+                  "ringfence.backends.blkback.xenbus", "ringfence.toolstack.guest",
+                  "ringfence.frontends.blkfront.device", "ringfence.frontends.blkfront.nbd")
+# Domains with network devices (netback's driver domains, netfront's guests) fork from a
+# launcher of their own: both bring pyroute2 (12 MB of heap, 240 modules), which every
+# other domain would otherwise carry, and pay for when it forks and when it dies (a killed
+# domain's exit, on a takeover's path, is mostly tearing down its address space).
+NET_DOMAIN_MODULES = (*DOMAIN_MODULES, "ringfence.backends.netback.cli", "ringfence.backends.netback.xenbus",
+                      "ringfence.frontends.netfront.device")
 
 
 @dataclass
@@ -79,7 +83,12 @@ class System:
     nursery: Any = None
     xs: Any = None   # the toolstack's own XenStore connection
     launcher: Any = None  # isolation.launcher.Launcher, or None: domains exec'd
+    net_launcher: Any = None  # for domains with network devices (NET_DOMAIN_MODULES), if any
     control_statistics: dict[str, int] = field(default_factory=dict)
+
+    def launcher_for(self, driver: str) -> Any:
+        """The launcher a driver domain forks from: the network one's for a vif backend."""
+        return self.net_launcher if self.driver_kinds.get(driver) == "vif" else self.launcher
 
     def spare_ready(self, name: str) -> bool:
         """A warm spare stands by for ``name``, has finished starting (it serves its
@@ -140,7 +149,8 @@ class System:
                 "domains": await self.domain_statistics(),
                 "recoveries": [{"driver": name, "ms": round(ms, 1)} for name, ms in self.recoveries],
                 "control": dict(self.control_statistics),
-                "launcher": asdict(self.launcher.statistics()) if self.launcher else None}
+                "launcher": asdict(self.launcher.statistics()) if self.launcher else None,
+                "net_launcher": asdict(self.net_launcher.statistics()) if self.net_launcher else None}
 
 
 def _sandbox(name: str, sandboxed: bool, **limits: Any) -> SandboxSpec | None:
@@ -158,8 +168,13 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
     (the default: at once, backoff doubling, 10 starts per minute); ``warm_spares``
     overrides the config's ``spare`` key for every driver domain."""
     os.makedirs(runtime_dir, exist_ok=True)
-    # The launcher imports the domain programs while the hypervisor and xenstored start.
+    guests = [d for d in config.domains if d.kind == "guest"]
+    driver_kinds = {spec.name: "vif" if any(v.backend == spec.name for g in guests for v in g.vifs)
+                    else "vbd" for spec in config.domains if spec.kind == "driver"}
+    # The launchers import the domain programs while the hypervisor and xenstored start.
     async with open_launcher(DOMAIN_MODULES) as launcher, \
+            (open_launcher(NET_DOMAIN_MODULES) if "vif" in driver_kinds.values()
+             else contextlib.nullcontext()) as net_launcher, \
             open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
         xs_path = os.path.join(runtime_dir, "xenstored.sock")
         state_dir = os.path.join(runtime_dir, "xenstore-state")
@@ -189,15 +204,11 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
             with trio.fail_after(30):
                 await xenstored.wait_ready()
             system = System(config, runtime_dir, dom0, xs_path, supervisor,
-                            sandboxed=sandboxed, quiet=quiet, launcher=launcher)
+                            sandboxed=sandboxed, quiet=quiet, launcher=launcher,
+                            net_launcher=net_launcher, driver_kinds=driver_kinds)
             system.xenstored = xenstored
             system.nursery = nursery
             system.xs = await nursery_xs(nursery, xs_path)
-            guests = [d for d in config.domains if d.kind == "guest"]
-            for spec in config.domains:
-                if spec.kind == "driver":
-                    serves_vif = any(v.backend == spec.name for g in guests for v in g.vifs)
-                    system.driver_kinds[spec.name] = "vif" if serves_vif else "vbd"
             # Guests exist first (their domids go into the vbds), start last.
             for spec in guests:
                 domid, fd = await dom0.create_domain(spec.name)
@@ -437,7 +448,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), "RINGFENCE_START_IDLE": "1",
                                       STATS_SOCKET_ENV: os.path.join(os.path.dirname(stats), "spare.sock")})
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
-                                            launcher=system.launcher, **kwargs)
+                                            launcher=system.launcher_for(name), **kwargs)
         except BaseException:
             with contextlib.suppress(OSError):
                 await system.dom0.destroy_domain(domid)
@@ -511,7 +522,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             system.nursery.start_soon(start_spare)
         env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: stats})
         return Launch(program, pass_fds=(fd,), env=env, teardown=teardown_of(domid, fd), kwargs=kwargs,
-                      launcher=system.launcher)
+                      launcher=system.launcher_for(name))
 
     service = Service(name, prepare, sandbox, policy or RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
@@ -585,7 +596,7 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
         spec = (_sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
                 or SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0))
         boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
-                                      launcher=system.launcher, **kwargs)
+                                      launcher=system.net_launcher if guest.vifs else system.launcher, **kwargs)
         guest.process = boxed.process
     os.close(fd)
     with trio.fail_after(60):
