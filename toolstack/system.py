@@ -362,21 +362,24 @@ async def _wait_frontends(system: System, name: str) -> None:
                                    if paths.kind == "vbd"], FRONTEND_TIMEOUT)
 
 
-async def _wait_standing_by(system: System, spare: Spare) -> None:
+async def _wait_standing_by(system: System, spare: Spare, active: int | None) -> None:
     """Until the frontends stand by with the spare: the backends staged for it on a
     standby link say Connected. A frontend that does not in time costs only a slower
-    takeover."""
+    takeover. ``active``: the driver domain the spare would take over from."""
     await _wait_connected(system, [DevicePaths(kind, frontend, spare.domid, devid).backend
                                    for kind, frontend, devid in list(spare.standby)], STANDBY_TIMEOUT)
-    await _bind_takeover_channels(system, spare)
+    await _bind_takeover_channels(system, spare, active)
     spare.standing_by = True
 
 
-async def _bind_takeover_channels(system: System, spare: Spare) -> None:
+async def _bind_takeover_channels(system: System, spare: Spare, active: int | None) -> None:
     """Bind the channels the frontends opened for dom0 on their standby links to the spare
-    (TAKEOVER_KEY), so that a takeover tells them at once (:func:`_signal_takeover`). The
-    port numbers are the guests' word: one that cannot be bound costs only that device the
-    wait for XenStore's switch."""
+    (TAKEOVER_KEY), so that a takeover tells them at once, and have the hypervisor notify
+    them itself the moment the ``active`` driver domain's process has exited
+    (``notify_on_death``): the frontends switch without waiting for the supervisor to wake
+    and hear of it (:func:`_signal_takeover` tells them again then, for a hypervisor that
+    could not). The port numbers are the guests' word: one that cannot be bound costs only
+    that device the wait for XenStore's switch."""
     slots = [DevicePaths(kind, frontend, spare.domid, devid) for kind, frontend, devid in sorted(spare.standby)]
     raws = await system.xs.read_many([f"{paths.standby}/{TAKEOVER_KEY}" for paths in slots])
     for paths, raw in zip(slots, raws):
@@ -387,12 +390,18 @@ async def _bind_takeover_channels(system: System, spare: Spare) -> None:
             spare.takeover_ports.append(await system.dom0.events.bind_interdomain(paths.frontend_domid, port))
         except (ValueError, OSError) as exc:
             log.info("no takeover channel", extra={"kv": {"device": paths.standby, "error": str(exc)}})
+            continue
+        if active is not None:
+            try:
+                await system.dom0.notify_on_death(active, spare.takeover_ports[-1].port)
+            except OSError as exc:  # gone already: the supervisor's signal it is
+                log.info("no death notice", extra={"kv": {"device": paths.standby, "error": str(exc)}})
 
 
 def _signal_takeover(spare: Spare) -> None:
     """The spare takes over (the supervisor saw every process of the driver domain before
     it exit): its frontends switch to their standby links now, before the switch in
-    XenStore lands."""
+    XenStore lands (most heard it from the hypervisor already: one more is harmless)."""
     for port in spare.takeover_ports:
         port.notify()
 
@@ -468,7 +477,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
                 await trio.sleep(0.05)
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
-        await _wait_standing_by(system, spare)
+        await _wait_standing_by(system, spare, system.driver_domids.get(name))
 
     async def replace_if_dead(spare: Spare) -> None:
         """A spare that dies before it takes over: what was staged for it goes (the

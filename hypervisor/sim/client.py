@@ -554,6 +554,14 @@ class Dom0:
     async def destroy_domain(self, domid: int) -> None:
         await self.connection.checked(Op.DESTROY_DOMAIN, P.U16.pack(domid), "destroy")
 
+    async def notify_on_death(self, domid: int, port: int) -> None:
+        """Have the hypervisor notify our bound ``port`` the moment ``domid``'s process has
+        exited (every process of its sandbox, as its pid 1), before it tears the domain
+        down: once, and not when we destroy the domain ourselves (its process may still
+        run then). For a warm spare's takeover channels: the frontends switch without
+        waiting for the toolstack to hear of the death."""
+        await self.connection.checked(Op.NOTIFY_ON_DEATH, P.DEATH_NOTICE.pack(domid, port), "notify_on_death")
+
     async def rename_domain(self, domid: int, name: str) -> None:
         await self.connection.checked(Op.RENAME_DOMAIN, P.U16.pack(domid) + name.encode(), "rename")
 

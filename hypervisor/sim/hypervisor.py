@@ -71,6 +71,7 @@ class HypervisorStatistics:
     copies: int
     copy_bytes: int
     channels_bound: int
+    death_notices: int  # dom0's ports notified of a domain's death (NOTIFY_ON_DEATH)
     grant_errors: dict[str, int]
 
 
@@ -169,6 +170,8 @@ class Hypervisor:
         self._subscribers: list[trio.MemorySendChannel[tuple[bytes, int]]] = []
         self._store: trio.MemorySendChannel[tuple[bytes, int]] | None = None
         self._unbound_held = 0
+        # domid -> (dom0 connection, its port): notified when that domain's process exits
+        self._death_notices: dict[int, set[tuple[Domain, int]]] = {}
         self._counters: Counter[str] = Counter()
         self._grant_errors: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
@@ -181,7 +184,7 @@ class Hypervisor:
             domains_destroyed=c["destroyed"], connections=c["connections"],
             protocol_errors=c["protocol_errors"], maps=c["maps"], unmaps=c["unmaps"],
             copies=c["copies"], copy_bytes=c["copy_bytes"], channels_bound=c["bound"],
-            grant_errors=dict(self._grant_errors))
+            death_notices=c["death_notices"], grant_errors=dict(self._grant_errors))
 
     def _grant_error(self, status: int) -> int:
         self._grant_errors[GNTST(status).name] += 1
@@ -216,6 +219,8 @@ class Hypervisor:
                 nursery.cancel_scope.cancel()
                 self._release_mappings(dom0)
                 self._close_all_ports(dom0)
+                for notices in self._death_notices.values():
+                    notices.difference_update([n for n in notices if n[0] is dom0])
                 conn.close()
 
     async def _serve_domain(self, domain: Domain, conn: trio.socket.SocketType) -> None:
@@ -358,6 +363,18 @@ class Hypervisor:
                     return P.reply(msg, -errno.EEXIST), []
                 log.info("domain renamed", extra={"kv": {"domid": domid, "old": target.name, "new": name}})
                 target.name = name
+                return P.reply(msg, 0), []
+            if op == Op.NOTIFY_ON_DEATH:
+                watched, port = P.decode_death_notice(msg.payload)
+                if watched not in self.domains or watched == 0:
+                    return P.reply(msg, -errno.ESRCH), []
+                channel = domain.ports.get(port)
+                if channel is None or not channel.binder:
+                    return P.reply(msg, -errno.EINVAL), []
+                notices = self._death_notices.setdefault(watched, set())
+                if len(notices) >= self.limits.ports:
+                    return P.reply(msg, -errno.ENOSPC), []
+                notices.add((domain, port))
                 return P.reply(msg, 0), []
             if op == Op.LIST_DOMAINS:
                 P.decode_empty(msg.payload, "list")
@@ -529,7 +546,19 @@ class Hypervisor:
             await trio.lowlevel.wait_readable(domain.pidfd)
         except trio.ClosedResourceError:
             return  # destroyed by other means first
+        # Nothing of the domain runs any more (its process was its sandbox's pid 1, whose
+        # exit waits for every other): the ports dom0 named hear of it first.
+        self._send_death_notices(domain)
         self.destroy(domain, reason="domain process exited")
+
+    def _send_death_notices(self, domain: Domain) -> None:
+        for dom0, port in self._death_notices.pop(domain.domid, ()):
+            channel = dom0.ports.get(port)
+            owner = self.domains.get(channel.remote) if channel is not None and channel.binder else None
+            theirs = owner.ports.get(channel.peer_port) if owner is not None and channel is not None else None
+            if theirs is not None and theirs.bound_by is dom0 and theirs.bound is not None:
+                os.eventfd_write(theirs.bound[1], 1)  # what the owner waits on: as dom0's notify
+                self._counters["death_notices"] += 1
 
     def destroy(self, domain: Domain, *, reason: str) -> None:
         if self.domains.get(domain.domid) is not domain or domain.state == "dying":
@@ -540,6 +569,7 @@ class Hypervisor:
         self._release_mappings(domain)
         self._close_all_ports(domain)
         del self.domains[domain.domid]
+        self._death_notices.pop(domain.domid, None)  # destroyed, not dead by itself: none sent
         if domain.cancel_scope is not None:
             domain.cancel_scope.cancel()
         self._free(domain)

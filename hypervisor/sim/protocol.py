@@ -44,6 +44,7 @@ class Op(enum.IntEnum):
     SUBSCRIBE = 23
     STORE_REGISTER = 24   # this dom0 connection is xenstored: receive domains' connections
     RENAME_DOMAIN = 25    # as libxl_domain_rename: a warm spare takes its predecessor's name
+    NOTIFY_ON_DEATH = 26  # notify one of dom0's bound ports when a domain's process has exited
 
 
 class EventKind(enum.IntEnum):
@@ -85,6 +86,7 @@ MAP_ITEM = struct.Struct("<HHI")             # granter domid, flags, gref
 MAP_RESULT = struct.Struct("<iI")            # status, handle
 COPY_ITEM = struct.Struct("<BBHHHIIQQII")    # see CopySegment
 EVT_BIND = struct.Struct("<HI")              # remote domid, remote port
+DEATH_NOTICE = struct.Struct("<HI")          # domid watched, dom0's local port to notify
 PORT = struct.Struct("<I")
 EVENT_BODY = struct.Struct("<HH")            # kind, domid
 STORE_RING_BODY = struct.Struct("<IB")       # port, 1 if announced again to a new xenstored
@@ -212,6 +214,11 @@ def decode_domid(payload: bytes, what: str) -> int:
 
 def decode_bind(payload: bytes) -> tuple[int, int]:
     domid, port = _exact(payload, EVT_BIND, "bind")
+    return domid, port
+
+
+def decode_death_notice(payload: bytes) -> tuple[int, int]:
+    domid, port = _exact(payload, DEATH_NOTICE, "notify_on_death")
     return domid, port
 
 

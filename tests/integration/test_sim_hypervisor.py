@@ -275,3 +275,31 @@ async def test_rename_domain_is_dom0s_and_names_stay_unique(hv):
             await hv.rename_domain(spare.domid, "taken")
         with pytest.raises(OSError):
             await hv.rename_domain(0x7FEE, "ghost")
+
+
+async def test_death_notices_tell_dom0s_port_once_the_process_is_gone(hv):
+    """NOTIFY_ON_DEATH: a port dom0 bound (a warm spare's takeover channel) is notified when
+    the watched domain's process exits, at once and once; not when dom0 destroys the domain
+    itself (its process may still run then), and never for a port that is not dom0's."""
+    async with open_agent(hv, "guest") as guest, open_agent(hv, "victim") as victim, \
+            open_agent(hv, "destroyed") as destroyed:
+        ports = []
+        for _ in range(2):
+            port = (await guest.ok("evt_alloc", remote=0))["port"]
+            ports.append((port, await hv.events.bind_interdomain(guest.domid, port)))
+        (first, bound), (second, other) = ports
+        await hv.notify_on_death(victim.domid, bound.port)
+        await hv.notify_on_death(destroyed.domid, other.port)
+        with pytest.raises(OSError):  # no such domain
+            await hv.notify_on_death(4000, bound.port)
+        with pytest.raises(OSError):  # not a port of dom0's that is bound
+            await hv.notify_on_death(victim.domid, 999)
+        victim.kill()
+        with trio.fail_after(5):
+            await victim.process.wait()
+        assert (await guest.ok("wait", port=first))["count"] == 1
+        await hv.destroy_domain(destroyed.domid)
+        with trio.fail_after(5):
+            await destroyed.process.wait()
+        assert (await guest.ok("wait", port=second, timeout=0.3))["count"] == 0
+        assert (await hv.statistics())["hypervisor"]["death_notices"] == 1
