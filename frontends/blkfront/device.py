@@ -43,6 +43,7 @@ INDIRECT_SEGMENTS = 256   # 1 MiB in one request when the backend takes indirect
 PREMAP_PAGES = 64         # the pool's first pages, all a light load uses (the free list is a
                           # stack that starts at page 0): granted to a standby link's backend
                           # beforehand (``pool-refs``), which maps them while it stands by
+CLEANUP_DELAY_MAX = 0.05  # seconds a takeover's clean-up waits for the replay, at most
 
 
 class BlockIOError(OSError):
@@ -251,6 +252,11 @@ class BlkFront:
     async def _connect_and_serve(self, started: bool, task_status: trio.TaskStatus[None]) -> bool:
         """One connection: made, served until the backend starts over, taken down."""
         await self._connect()
+        # What fits of the fast path's unanswered requests goes on the new rings now, before
+        # the tasks below start (the backend serves us already): the read a guest waits on
+        # is not queued behind their start-up. _replay does the rest.
+        self._fast.replay()
+        self.kick(self._fast.notify_mask)
         old_ports, self._ports_to_close = self._ports_to_close, []
         self._background.start_soon(_close_ports, old_ports)
         async with trio.open_nursery() as nursery:
@@ -558,8 +564,9 @@ class BlkFront:
         return keys
 
     async def _replay(self) -> None:
-        """Everything not answered by the previous backend goes again, in order, before
-        anything new: then the device counts as connected."""
+        """Everything not answered by the previous backend goes again before anything new
+        (Python's requests in order; the fast path's went first, what fitted): then the
+        device counts as connected."""
         if self.pending:
             self.replayed += len(self.pending)
             log.info("replaying requests", extra={"kv": {"count": len(self.pending)}})
@@ -590,6 +597,7 @@ class BlkFront:
 
     async def _end_grants_of_the_dead(self, grefs: list[int]) -> None:
         with trio.CancelScope(shield=True):
+            await self._after_replay()
             left = await end_access_settled(self.domain.grant_table, grefs)
         if left:  # never reused for another backend: the next change of backend fails on them
             self._unrevoked += left
@@ -783,9 +791,16 @@ class BlkFront:
         self._ports_to_close += [queue.port for queue in link.queues] + [
             port for port in link.loose_ports if not isinstance(port, OSError)]
         link.queues, link.loose_ports = [], []
+        await self._after_replay()
         if link.path != self.path:
             await self._remove_quietly(link.path)
         await self._retire_pages(link)
+
+    async def _after_replay(self) -> None:
+        """Until the connection being made has replayed (or for a moment at most): the
+        clean-up after a takeover waits, so that the replay does not wait behind it."""
+        with trio.move_on_after(CLEANUP_DELAY_MAX):
+            await self._connected.wait()
 
     async def _retire_pages(self, link: _Link) -> None:
         # Not shielded: a device going away does not wait for a spare to let go.
