@@ -1,0 +1,25 @@
+"""``bench recovery``'s bystander figures: which of fio's intervals count for a block, and
+throughput as I/Os over time."""
+from __future__ import annotations
+
+from ringfence.bench.recovery import FioSeries, _iops
+
+
+def _series(samples: list[tuple[float, int, int]]) -> FioSeries:
+    fio = object.__new__(FioSeries)  # no fio process: only its reports
+    fio.samples = samples
+    return fio
+
+
+def test_only_intervals_wholly_inside_a_block_count():
+    # (came at, total ios, fio's runtime in ms), cumulative: one report every half second
+    fio = _series([(0.0, 0, 0), (0.5, 100, 500), (1.0, 300, 1000), (1.5, 350, 1500), (2.0, 400, 2000)])
+    assert fio.intervals_within([(0.4, 1.6)]) == [(200, 500), (50, 500)]
+    assert fio.intervals_within([(0.0, 0.9), (1.5, 2.0)]) == [(100, 500), (50, 500)]
+    assert fio.intervals_within([(0.6, 0.9)]) == []
+
+
+def test_throughput_counts_every_interval_not_the_median():
+    # a stall in one interval of three: the median would not see it, I/Os over time do
+    intervals = [(1000, 500), (1000, 500), (100, 500)]
+    assert _iops(intervals) == 2100 * 1000 / 1500
