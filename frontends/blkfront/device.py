@@ -755,13 +755,15 @@ class BlkFront:
             return None
 
     async def _await_takeover(self, link: _Link) -> None:
-        """The toolstack notifies ``link``'s takeover channel once its supervisor has seen
-        every process of the driver domain we are connected to exit. The device switches
-        to the standby link at once, without waiting for the toolstack's switch in XenStore
-        (which names the spare's backend, and follows), nor for the hypervisor to drop the
-        dead domain's mappings before the spare gets the pool (_regrant). Only dom0 can
-        bind the channel, so no other domain can move us; a notification that finds us not
-        serving (reconnecting already) is left to the XenStore path."""
+        """``link``'s takeover channel is notified once every process of the driver domain
+        we are connected to has exited: by the hypervisor the moment it sees it (a death
+        notice dom0 asked for), and by the toolstack once its supervisor has. The device
+        switches to the standby link at once, without waiting for the toolstack's switch in
+        XenStore (which names the spare's backend, and follows), nor for the hypervisor to
+        drop the dead domain's mappings before the spare gets the pool (_regrant). Only dom0
+        can bind the channel, so no other domain can move us; a notification that finds us
+        not serving (reconnecting already) is left to the XenStore path. The second of the
+        two is never read: the link has switched, and its keeper closes the channel."""
         await link.takeover_port.wait()
         if self._standby is not link or not link.connected or self._serving is None:
             return

@@ -554,8 +554,10 @@ class Hypervisor:
     def _send_death_notices(self, domain: Domain) -> None:
         for dom0, port in self._death_notices.pop(domain.domid, ()):
             channel = dom0.ports.get(port)
-            owner = self.domains.get(channel.remote) if channel is not None and channel.binder else None
-            theirs = owner.ports.get(channel.peer_port) if owner is not None and channel is not None else None
+            if channel is None or not channel.binder:
+                continue  # closed meanwhile
+            owner = self.domains.get(channel.remote)
+            theirs = owner.ports.get(channel.peer_port) if owner is not None else None
             if theirs is not None and theirs.bound_by is dom0 and theirs.bound is not None:
                 os.eventfd_write(theirs.bound[1], 1)  # what the owner waits on: as dom0's notify
                 self._counters["death_notices"] += 1
