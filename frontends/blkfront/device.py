@@ -806,12 +806,17 @@ class BlkFront:
 
     async def _retire_pages(self, link: _Link) -> None:
         # Not shielded: a device going away does not wait for a spare to let go.
+        pool = set(link.pool_grefs)
         left = await end_access_settled(self.domain.grant_table, link.ring_grefs + link.pool_grefs)
         link.ring_grefs, link.pool_grefs = [], []
         if left:
-            self._unrevoked_rings += left  # those pages are never reused
-            log.warning("ring pages still mapped by a backend: no more standby links",
-                        extra={"kv": {"devid": self.devid, "grants": len(left)}})
+            # The ring pages are never reused. The pool's first pages go on serving I/O:
+            # what a backend that keeps them mapped could see or change there, it can in
+            # the disk it has open already.
+            self._unrevoked_rings += left
+            log.warning("pages still mapped by a backend: no more standby links", extra={"kv": {
+                "devid": self.devid, "ring_grants": sum(g not in pool for g in left),
+                "pool_grants": sum(g in pool for g in left)}})
             return
         self._spare_pages = link.ring_pages
         await self._consider_standby()  # a spare named meanwhile
