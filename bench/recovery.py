@@ -6,7 +6,7 @@ minimal NBD client, so that nothing but the I/O path is timed) while ``stor`` is
 with -9 again and again: each kill's recovery time is kill → the first read completed
 after it (the supervisor relaunches the domain, the backend runs the handshake, blkfront
 reconnects and replays). Meanwhile fio reads the bystander's disk, reporting twice a second.
-The kills come in blocks of a few seconds, with blocks without kills in between; the
+The kills come in short blocks, with blocks without kills in between; the
 bystander's IOPS inside blocks of kills (every I/O over all their time), against its IOPS
 inside blocks without (the probe running throughout), shows containment. The budgets
 are the goals' (p99 at most 200 ms cold, 20 ms with a warm spare; bystander at least
@@ -209,7 +209,10 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-BLOCK = 3.0  # seconds of kills, then as many without, and again
+# Seconds of kills, then as many without, and again: shorter than the host's own swings
+# (the bystander alone runs at a third more or less for several seconds at a time, with
+# the same CPU time), so that they fall on both kinds of block alike.
+BLOCK = 1.5
 WARM_UP = 6.0  # seconds of fio before the first block
 
 
@@ -274,7 +277,7 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None]) -> 
             # own drift (whole seconds at a third less, seen with no kill at all) then falls
             # on both alike. A block of kills ends once the last kill's recovery (and, warm,
             # its new spare's start-up) is over, so that a block without has none of it.
-            progress(f"{label}: {kills} kills in blocks of {BLOCK:.0f} s, between blocks without; "
+            progress(f"{label}: {kills} kills in blocks of {BLOCK:g} s, between blocks without; "
                      "fio 4 KiB randread qd8 on the bystander throughout")
             # Connected, and past the first seconds of a fresh system, slower for a while
             # (seen at a third of the rate for up to 4 s): not counted.
