@@ -559,6 +559,12 @@ async def _mark_failed(system: System, name: str, reason: str) -> None:
     if domid is None or system.xs is None:
         return
     log.error("devices marked failed", extra={"kv": {"driver": name, "reason": reason}})
+    spare = system.spares.pop(name, None)
+    if spare is not None:
+        # The frontends standing by with it switched to it when the hypervisor saw the
+        # death that hit the limit: it goes too, so that they fail over to the devices
+        # marked failed here rather than run on a driver domain nobody supervises.
+        await _let_go_of(system, spare)
     base = f"/local/domain/{domid}/backend"
     for guest in system.guests.values():
         devices = [("vbd", d.devid) for d in guest.disks if d.backend == name]

@@ -27,7 +27,10 @@ disks = ["target={dir}/g.img,vdev=xvda,backend=stor"]
 """
 
 
-async def test_devices_of_a_failed_driver_domain_fail_their_io():
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm-spare"])
+async def test_devices_of_a_failed_driver_domain_fail_their_io(warm):
+    """With a warm spare, the death that hits the limit has already switched the guest to
+    the spare standing by (the hypervisor's notice): the spare goes too, and the I/O fails."""
     runtime = f"/run/ringfence-limit-{os.getpid()}"
     os.makedirs(runtime, exist_ok=True)
     try:
@@ -37,12 +40,13 @@ async def test_devices_of_a_failed_driver_domain_fail_their_io():
             f.write(CONFIG.format(dir=runtime))
         policy = RestartPolicy(initial_delay=0.0, burst=2, interval=60.0)
         async with open_system(load(f"{runtime}/host.toml", runtime), runtime,
-                               driver_policy=policy) as system:
+                               driver_policy=policy, warm_spares=warm) as system:
             uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
             service = system.drivers["stor"]
             service.kill()
             with trio.fail_after(30):
-                while service.state.value != "ready" or service.starts < 2:
+                while service.state.value != "ready" or service.starts < 2 or (
+                        warm and not system.spare_ready("stor")):
                     await trio.sleep(0.02)
             service.kill()  # the third start would exceed 2 per minute
             with trio.fail_after(30):
@@ -61,5 +65,6 @@ async def test_devices_of_a_failed_driver_domain_fail_their_io():
             assert result.returncode != 0  # an I/O error, promptly: not a hang
             stats = (await system.statistics())["domains"]["guest1"]["devices"]["vbd/51712"]
             assert stats["errors"] >= 1
+            assert "stor" not in system.spares
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
