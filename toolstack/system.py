@@ -86,9 +86,10 @@ class System:
     net_launcher: Any = None  # for domains with network devices (NET_DOMAIN_MODULES), if any
     control_statistics: dict[str, int] = field(default_factory=dict)
 
-    def launcher_for(self, driver: str) -> Any:
-        """The launcher a driver domain forks from: the network one's for a vif backend."""
-        return self.net_launcher if self.driver_kinds.get(driver) == "vif" else self.launcher
+    def launcher_for(self, networked: bool) -> Any:
+        """The launcher a domain forks from: the network one's for a domain with network
+        devices (a vif backend, a guest with vifs)."""
+        return self.net_launcher if networked else self.launcher
 
     def spare_ready(self, name: str) -> bool:
         """A warm spare stands by for ``name``, has finished starting (it serves its
@@ -457,7 +458,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), "RINGFENCE_START_IDLE": "1",
                                       STATS_SOCKET_ENV: os.path.join(os.path.dirname(stats), "spare.sock")})
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
-                                            launcher=system.launcher_for(name), **kwargs)
+                                            launcher=system.launcher_for(serves_net), **kwargs)
         except BaseException:
             with contextlib.suppress(OSError):
                 await system.dom0.destroy_domain(domid)
@@ -531,7 +532,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             system.nursery.start_soon(start_spare)
         env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: stats})
         return Launch(program, pass_fds=(fd,), env=env, teardown=teardown_of(domid, fd), kwargs=kwargs,
-                      launcher=system.launcher_for(name))
+                      launcher=system.launcher_for(serves_net))
 
     service = Service(name, prepare, sandbox, policy or RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
@@ -611,7 +612,7 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
         spec = (_sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
                 or SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0))
         boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
-                                      launcher=system.net_launcher if guest.vifs else system.launcher, **kwargs)
+                                      launcher=system.launcher_for(bool(guest.vifs)), **kwargs)
         guest.process = boxed.process
     os.close(fd)
     with trio.fail_after(60):

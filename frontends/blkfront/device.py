@@ -746,8 +746,9 @@ class BlkFront:
         await self._retire_pages(link)
 
     async def _takeover_channel(self) -> Any:
-        """A channel for dom0 on which the toolstack says that the spare takes over; None
-        if none can be had (takeovers then wait for XenStore to say so)."""
+        """A channel for dom0 on which dom0 (the hypervisor, then the toolstack) says that
+        the spare takes over; None if none can be had (takeovers then wait for XenStore to
+        say so)."""
         try:
             return await self.domain.events.alloc_unbound(0)
         except OSError as exc:
