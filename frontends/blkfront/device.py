@@ -155,6 +155,7 @@ class BlkFront:
         self.persistent = persistent
         self.path = f"/local/domain/{domain.domid}/device/vbd/{devid}"
         self._link: _Link | None = None     # the connection's (run() makes it)
+        self._attached: _Link | None = None  # the link whose rings the fast path uses
         self._standby: _Link | None = None  # a warm spare's, while we stand by with it
         self._spare_pages: Any = None       # ring pages no link uses: a standby link's
         self.promotions = 0                 # takeovers that only switched to the standby link
@@ -263,7 +264,7 @@ class BlkFront:
             # Responses flow while the replay fills the ring: more requests may be pending
             # than the ring has slots.
             for queue in self._queues:
-                nursery.start_soon(self._receive_responses, queue, nursery.cancel_scope)
+                nursery.start_soon(self._receive_responses, self._active, queue, nursery.cancel_scope)
             # The backend serves us already: the replay does not wait for this write.
             nursery.start_soon(self._write_state, XenbusState.Connected)
             nursery.start_soon(self._replay)
@@ -432,18 +433,35 @@ class BlkFront:
             # Initialising, unless a takeover wrote it already (switch_backends)
             await self._handshake(link, backend_id, backend_path, pool=True, initialising=(
                 link.path != self.path or XenbusState.of(raw_state) != XenbusState.Initialising))
+        elif self._attached is link:
+            return  # switched on dom0's word already (_switch_now)
         else:
-            if any(queue.ring.unconsumed_responses() for queue in link.queues):
+            if self._answered_unasked(link):
                 # A standby backend that answered on rings no request was ever put on: it
                 # would complete our replayed requests unseen. Given up on, as a backend
                 # that keeps our pages mapped is, until the toolstack replaces it.
                 self.bad_responses += 1
                 raise _BackendFailed(f"standby backend {link.backend_id} answered before any request")
             await self._regrant(link, link.backend_id, pool=True, old_backend_dead=old_backend_dead)
+        self._attach(link)
+
+    @staticmethod
+    def _answered_unasked(link: _Link) -> bool:
+        return any(queue.ring.unconsumed_responses() for queue in link.queues)
+
+    def _attach(self, link: _Link) -> None:
+        """The fast path puts requests on ``link``'s rings from now on, as a new connection
+        (what it had on others' rings is replayed)."""
         self.connections += 1
+        self._attached = link
         self._fast.attach([queue.ring.c_ring for queue in link.queues], self.connections,
                           max_segments=self.max_segments, size=self.size,
                           read_only=self.read_only, handle=self.devid & 0xFFFF)
+
+    def _detach(self, link: _Link) -> None:
+        if self._attached is link:
+            self._attached = None
+            self._fast.detach()
 
     async def _handshake(self, link: _Link, backend_id: int, backend_path: str, *,
                          pool: bool, initialising: bool = True) -> None:
@@ -616,6 +634,22 @@ class BlkFront:
         said that the old backend's domain is dead (``old_backend_dead``: every process of
         its sandbox has exited, so nothing can touch our pages through those grants any
         more, and the hypervisor drops them as it tears the domain down)."""
+        if old_backend_dead:
+            self._regrant_after_death(link, backend_id, pool=pool)
+            return
+        rings, moving, old = self._grants_to_end(link, backend_id, pool)
+        await self._end_grants(old)
+        self._grant(link, backend_id, rings=rings, moving=moving, pool=pool)
+
+    def _regrant_after_death(self, link: _Link, backend_id: int, *, pool: bool) -> None:
+        """:meth:`_regrant` once dom0 said the old backend is dead: no wait."""
+        rings, moving, old = self._grants_to_end(link, backend_id, pool)
+        self._background.start_soon(self._end_grants_of_the_dead, old)
+        self._grant(link, backend_id, rings=rings, moving=moving, pool=pool)
+
+    def _grants_to_end(self, link: _Link, backend_id: int, pool: bool) -> tuple[bool, bool, list[int]]:
+        """Whether the ring pages and the pool go to another backend, and the grants that
+        end then (forgotten here)."""
         rings = backend_id != link.backend_id or not link.ring_grefs
         moving = pool and backend_id != self._pool_backend
         old = (link.ring_grefs + link.pool_grefs if rings else []) + (self._pool_grefs if moving else [])
@@ -623,10 +657,9 @@ class BlkFront:
             link.ring_grefs, link.pool_grefs = [], []
         if moving:
             self._pool_grefs = []
-        if old_backend_dead:
-            self._background.start_soon(self._end_grants_of_the_dead, old)
-        else:
-            await self._end_grants(old)
+        return rings, moving, old
+
+    def _grant(self, link: _Link, backend_id: int, *, rings: bool, moving: bool, pool: bool) -> None:
         gt, frames = self.domain.grant_table, self._pool.frames
         if rings:
             link.backend_id = backend_id
@@ -666,7 +699,7 @@ class BlkFront:
         link = self._active
         queues, link.queues = link.queues, []
         link.connected = False
-        self._fast.detach()
+        self._detach(link)  # not the link a takeover switched to already
         # The old channels close once the next connection is made, not before it nor beside
         # it (the hypervisor answers a domain's calls in order: the new channels would wait).
         self._ports_to_close += [queue.port for queue in queues]
@@ -674,8 +707,7 @@ class BlkFront:
 
     async def _close_queues(self, link: _Link) -> None:
         queues, link.queues = link.queues, []
-        if link is self._link:
-            self._fast.detach()
+        self._detach(link)
         await gather([_close_port(queue.port) for queue in queues])
         await self._close_loose_ports(link)
 
@@ -774,7 +806,23 @@ class BlkFront:
         self.signalled_takeovers += 1
         log.warning("backend went away (dom0 says: takeover); will switch and replay",
                     extra={"kv": {"devid": self.devid, "pending": len(self.pending)}})
+        self._switch_now(link)
         self._serving.cancel()
+
+    def _switch_now(self, link: _Link) -> None:
+        """On dom0's word, before anything else runs: the fast path puts its unanswered
+        requests (what fits) on the spare's rings and kicks them, so that the spare serves
+        them while this connection is taken down and ``link`` promoted (_connect then finds
+        it switched to). Python's own requests wait for that and are replayed by _replay.
+        Under load, that Python is what a takeover's first read waited for."""
+        if self._answered_unasked(link):
+            return  # _try_connect gives the spare up
+        if self._connected.is_set():
+            self._connected = trio.Event()  # Python's requests go on no ring until _replay
+        self._regrant_after_death(link, link.backend_id, pool=True)
+        self._attach(link)
+        self._fast.replay()
+        self.kick(self._fast.notify_mask)
 
     def _promote(self, standby: _Link) -> _Link:
         """A takeover by the spare we stand by with: its link becomes the connection's (a
@@ -832,9 +880,9 @@ class BlkFront:
                 return queue
         return None
 
-    async def _receive_responses(self, queue: _Queue, scope: trio.CancelScope) -> None:
+    async def _receive_responses(self, link: _Link, queue: _Queue, scope: trio.CancelScope) -> None:
         ring, port, fast = queue.ring, queue.port, self._fast
-        while True:
+        while self._attached is link:  # after a switch (_switch_now) queue.index names another ring
             try:
                 responses = fast.complete(queue.index)  # the NBD server's are answered in C
             except RingOverflow:
@@ -1059,9 +1107,10 @@ class BlkFront:
 
     def kick(self, queue_mask: int) -> None:
         """Send an event on each queue whose ring the fast path just pushed requests on."""
-        for queue in self._queues:
-            if queue_mask >> queue.index & 1:
-                queue.port.notify()
+        if self._attached is not None:
+            for queue in self._attached.queues:
+                if queue_mask >> queue.index & 1:
+                    queue.port.notify()
 
     async def wait_room(self) -> None:
         """Until a fast request may have room: a connection, free pages and ring slots."""
