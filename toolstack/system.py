@@ -257,7 +257,10 @@ async def nursery_xs(nursery: trio.Nursery, path: str) -> Any:
 
 
 SPARE_DELAY = 0.5  # after a takeover, the next spare starts once recovery has had the CPUs
-SPARE_START_TIMEOUT = 30.0  # seconds a spare may take to come up at SCHED_IDLE
+SPARE_START_TIMEOUT = 30.0  # seconds a spare may take to come up
+# Seconds a spare starts at SCHED_IDLE: on a host whose CPUs are busy it would get none
+# (seen at 8 s and more with fio on both cores), so it goes on at normal priority then.
+SPARE_IDLE_GRACE = 2.0
 STANDBY_TIMEOUT = 5.0  # seconds the frontends may take to stand by with a spare
 FRONTEND_TIMEOUT = 10.0  # seconds a spare's staging waits for the frontends to connect
 
@@ -472,10 +475,14 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             await _stage(system, name, spare)
         # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it
         # runs at normal priority, so that the frontends' standby links to it connect now,
-        # not when it takes over.
+        # not when it takes over. So it does too if it is not up after SPARE_IDLE_GRACE
+        # (again at each look: its program makes itself idle when it starts).
+        began = trio.current_time()
         with trio.move_on_after(SPARE_START_TIMEOUT):
             while not os.path.exists(os.path.join(os.path.dirname(stats), "spare.sock")):
                 await trio.sleep(0.05)
+                if trio.current_time() - began > SPARE_IDLE_GRACE and process.process.poll() is None:
+                    _normal_priority(innermost_pid(process.pid))
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
         await _wait_standing_by(system, spare, system.driver_domids.get(name))
@@ -514,7 +521,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
             async with trio.open_nursery() as nursery, staging:  # the name is not on a guest's path
-                nursery.start_soon(system.dom0.rename_domain, spare.domid, name)
+                nursery.start_soon(_rename_taking_over, system, spare, name)
                 await _hand_over(system, name, old, spare.domid, spare.staged, spare.standby)
             system.nursery.start_soon(_close_takeover_channels, spare)
             with contextlib.suppress(OSError):
@@ -625,6 +632,15 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
 def guest_pid(guest: Guest) -> int:
     """The guest's own process (inside its namespaces), for nsenter."""
     return innermost_pid(guest.process.pid)
+
+
+async def _rename_taking_over(system: System, spare: Spare, name: str) -> None:
+    try:
+        await system.dom0.rename_domain(spare.domid, name)
+    except OSError as exc:
+        # It died as it took over: the supervisor, which has it now, restarts it cold.
+        log.warning("spare gone as it took over", extra={"kv": {"driver": name, "spare": spare.domid,
+                                                                "error": str(exc)}})
 
 
 def _normal_priority(pid: int) -> None:
