@@ -644,7 +644,7 @@ async def _rename_taking_over(system: System, spare: Spare, name: str) -> None:
 
 
 def _normal_priority(pid: int) -> None:
-    """Every thread of a spare that takes over runs at normal priority again."""
+    """Every thread of a spare runs at normal priority again (it started at SCHED_IDLE)."""
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):

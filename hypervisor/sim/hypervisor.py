@@ -556,9 +556,8 @@ class Hypervisor:
             channel = dom0.ports.get(port)
             if channel is None or not channel.binder:
                 continue  # closed meanwhile
-            owner = self.domains.get(channel.remote)
-            theirs = owner.ports.get(channel.peer_port) if owner is not None else None
-            if theirs is not None and theirs.bound_by is dom0 and theirs.bound is not None:
+            theirs = self._owner_end(dom0, channel)
+            if theirs is not None and theirs.bound is not None:
                 os.eventfd_write(theirs.bound[1], 1)  # what the owner waits on: as dom0's notify
                 self._counters["death_notices"] += 1
 
@@ -865,11 +864,19 @@ class Hypervisor:
             channel.bound = None
         channel.bound_by = None
 
-    def _unbind(self, binder: Domain, channel: _Channel) -> None:
-        """The binder's end is gone: the owner's end is unbound again, for the same remote."""
+    def _owner_end(self, binder: Domain, channel: _Channel) -> _Channel | None:
+        """The owner's end of the channel ``binder`` bound (``channel``, the binder's end), if
+        it is still bound to it."""
         owner = self.domains.get(channel.remote)
         theirs = owner.ports.get(channel.peer_port) if owner is not None else None
         if theirs is None or theirs.bound_by is not binder or theirs.peer_port != channel.port:
+            return None
+        return theirs
+
+    def _unbind(self, binder: Domain, channel: _Channel) -> None:
+        """The binder's end is gone: the owner's end is unbound again, for the same remote."""
+        theirs = self._owner_end(binder, channel)
+        if theirs is None:
             return
         theirs.held, theirs.bound, theirs.bound_by, theirs.peer_port = theirs.bound, None, None, 0
         self._unbound_held += 1
