@@ -21,6 +21,7 @@ from ringfence._statsock import fetch_statistics
 from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
+from ringfence.xenbus.paths import TAKEOVER_KEY
 
 CONNECT = """
     import json, trio
@@ -183,10 +184,10 @@ async def _vbd_statistics(host: _BlkbackHost, frontend: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _agents_and_a_guest(tmp_path, *names: str) -> AsyncIterator[tuple[Any, list[Any], int, int]]:
+async def _agents_and_a_guest(tmp_path, *names: str) -> AsyncIterator[tuple[Any, list[Any], int, int, Any]]:
     """A hypervisor, xenstored, scriptable agent domains ``names`` (to play backends) and a
-    guest domain: yields a XenStore client, the agents, the guest's domid and its control
-    socket's fd."""
+    guest domain: yields a XenStore client, the agents, the guest's domid, its control
+    socket's fd and dom0 (to play the toolstack's event channels)."""
     from ringfence.testing.sim import open_agent
     from ringfence.toolstack.hypervisor import start_xenstored
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
@@ -196,7 +197,7 @@ async def _agents_and_a_guest(tmp_path, *names: str) -> AsyncIterator[tuple[Any,
             async with open_xenstore(xs_path) as xs, contextlib.AsyncExitStack() as stack:
                 agents = [await stack.enter_async_context(open_agent(dom0, name)) for name in names]
                 guest_domid, fd = await dom0.create_domain("guest")
-                yield xs, agents, guest_domid, fd
+                yield xs, agents, guest_domid, fd, dom0
         finally:
             xenstored.terminate()
             await xenstored.wait()
@@ -418,7 +419,7 @@ async def _guest_with_hostile_backend(tmp_path, guest_code: str, requests: int):
     """A guest running blkfront (``guest_code``) whose backend is a scriptable agent: yields
     once the guest has put ``requests`` requests on its ring, with what the agent needs to
     read and answer them."""
-    async with _agents_and_a_guest(tmp_path, "evil-backend") as (xs, (backend,), guest_domid, fd):
+    async with _agents_and_a_guest(tmp_path, "evil-backend") as (xs, (backend,), guest_domid, fd, _):
         await add_vbd(xs, backend=backend.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
         be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
         fe = f"/local/domain/{guest_domid}/device/vbd/51712"
@@ -551,7 +552,7 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
     retried, and the device works again, once the toolstack replaces the backend later."""
     from ringfence.toolstack.devices import move_vbd
     async with _agents_and_a_guest(tmp_path, "clingy", "next", "third") as (
-            xs, (clingy, nxt, third), guest_domid, fd):
+            xs, (clingy, nxt, third), guest_domid, fd, _):
         fe = f"/local/domain/{guest_domid}/device/vbd/51712"
 
         def be_of(agent) -> str:
@@ -600,21 +601,24 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
 
 STANDBY_GUEST = _reading_guest({"backend_id": "backend_id", "bad": "bad_responses",
                                 "in_flight": "in_flight", "promotions": "promotions",
-                                "standby": "standby_backend"})
+                                "standby": "standby_backend", "signalled": "signalled_takeovers"})
 
 
+@pytest.mark.parametrize("told", ["xenstore", "channel"])
 @pytest.mark.parametrize("spare", ["answers_early", "never_serves"])
-async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
+async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare, told):
     """ATTACKS A4 for a warm spare: one that answers on its standby rings before any request
     is put on them has its answers complete nothing (the device is given up on at the
     takeover, as for any backend that breaks the ring), and one that says Connected and
     never serves leaves the replayed read waiting, without an error, until the toolstack
-    replaces it; the next backend then answers that read."""
+    replaces it; the next backend then answers that read. Alike whether the frontend hears
+    of the takeover from XenStore's switch or first on its takeover channel (dom0's word:
+    it then switches in the wake-up itself)."""
     from ringfence.hypervisor.io import blkif
     from ringfence.toolstack.devices import move_vbd, stage_device, switch_backends
     from ringfence.xenbus.paths import DevicePaths
     async with _agents_and_a_guest(tmp_path, "primary", "spare", "next") as (
-            xs, (primary, evil, nxt), guest_domid, fd):
+            xs, (primary, evil, nxt), guest_domid, fd, dom0):
         fe = f"/local/domain/{guest_domid}/device/vbd/51712"
         slot = f"{fe}/standby-{evil.domid}"
 
@@ -642,8 +646,16 @@ async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare):
                 await trio.sleep(0.2)
                 assert (await guest.report())["in_flight"] == 1  # nothing completed meanwhile
 
-            # The primary dies; the toolstack switches the device to the spare.
+            # The primary dies; the toolstack (told first on the takeover channel, as the
+            # hypervisor's death notice does) switches the device to the spare.
             primary.kill()
+            if told == "channel":
+                raw = await xs.read(f"{slot}/{TAKEOVER_KEY}")
+                channel = await dom0.events.bind_interdomain(guest_domid, int(raw))
+                channel.notify()
+                with trio.fail_after(20):
+                    while (await guest.report())["signalled"] != 1:
+                        await trio.sleep(0.05)
             await switch_backends(xs, [(paths_of(primary), paths_of(evil), True)])
             with trio.fail_after(20):
                 while (state := await guest.report())["promotions"] != 1:
