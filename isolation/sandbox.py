@@ -47,6 +47,10 @@ class SandboxSpec:
     core_dumps: bool = False
     uid: int | None = None  # as root: the unprivileged uid to drop to (None: 100000 + hash)
     rlimits: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+    # The cgroup goes in ringfence/<group>/<name> (ringfence/<name> without a group): one
+    # group per system, so that two systems on a host that both have a "stor" never share
+    # (and kill) each other's.
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +78,30 @@ def _own_cgroup(controller: str) -> str:
 class Cgroup:
     """A per-sandbox cgroup: v2 where the unified hierarchy has the controllers, else v1."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, group: str = "") -> None:
         self.name = name
+        self.group = group
         self.dirs: dict[str, Path] = {}
         unified = CGROUP_ROOT / "cgroup.controllers"
         self.v2 = unified.exists()
+        below = Path("ringfence", group, name)
         if self.v2:
-            self.dirs[""] = CGROUP_ROOT / _own_cgroup("") / "ringfence" / name
+            self.dirs[""] = CGROUP_ROOT / _own_cgroup("") / below
         else:
             for controller in ("memory", "pids"):
                 base = CGROUP_ROOT / controller
                 if base.is_dir():
-                    self.dirs[controller] = base / _own_cgroup(controller) / "ringfence" / name
+                    self.dirs[controller] = base / _own_cgroup(controller) / below
 
     def create(self, memory_max: int | None, pids_max: int | None) -> None:
         for controller, path in list(self.dirs.items()):
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 if self.v2:
-                    with contextlib.suppress(OSError):
-                        (path.parent / "cgroup.subtree_control").write_text("+memory +pids")
+                    # v2 hands a controller down only where every parent below ours enables it.
+                    for parent in reversed(path.parents[:2 if self.group else 1]):
+                        with contextlib.suppress(OSError):
+                            (parent / "cgroup.subtree_control").write_text("+memory +pids")
                     if memory_max is not None:
                         (path / "memory.max").write_text(str(memory_max))
                     if pids_max is not None:
@@ -144,6 +152,13 @@ class Cgroup:
         for path in self.dirs.values():
             with contextlib.suppress(OSError):
                 path.rmdir()
+                if self.group:  # the system's group goes with its last sandbox
+                    path.parent.rmdir()
+
+
+def group_cgroups(group: str) -> list[Path]:
+    """The cgroup directories of a group that exist, in each hierarchy: what a system left."""
+    return [path.parent for path in Cgroup("-", group).dirs.values() if path.parent.exists()]
 
 
 class SandboxedProcess:
@@ -308,7 +323,7 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
         what |= NAMESPACE_FLAGS[ns]
     if rootless:
         what |= lib.RF_SANDBOX_USER
-    cgroup = Cgroup(spec.name)
+    cgroup = Cgroup(spec.name, spec.group)
     cgroup.create(spec.memory_max, spec.pids_max)
     limits = {resource.RLIMIT_NOFILE: (spec.nofile, spec.nofile),
               resource.RLIMIT_CORE: (0, 0) if not spec.core_dumps else (-1, -1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -154,11 +155,19 @@ class System:
                 "net_launcher": asdict(self.net_launcher.statistics()) if self.net_launcher else None}
 
 
-def _sandbox(name: str, sandboxed: bool, **limits: Any) -> SandboxSpec | None:
+def cgroup_group(runtime_dir: str) -> str:
+    """The cgroup directory a system's sandboxes go in: the same for every start of a system
+    (a new start finds a killed one's leftovers), another for another system on the host.
+    Its runtime directory's name, for whoever lists the cgroups, and a digest of its path."""
+    path = os.path.realpath(runtime_dir)
+    return f"{os.path.basename(path)[:64]}.{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+
+
+def _sandbox(name: str, sandboxed: bool, group: str, **limits: Any) -> SandboxSpec | None:
     if not sandboxed or os.geteuid() != 0:
         return None
     # Domains need the runtime directory (NBD sockets) visible: /run is shared, /tmp is not.
-    return SandboxSpec(name, **limits)
+    return SandboxSpec(name, group=group, **limits)
 
 
 @contextlib.asynccontextmanager
@@ -198,7 +207,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                               kwargs={"stderr": subprocess.DEVNULL} if quiet else {})
 
             xenstored = Service("xenstored", prepare_xenstored,
-                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0),
+                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0,
+                                            group=cgroup_group(runtime_dir)),
                                 RestartPolicy(initial_delay=0.01),
                                 runtime_dir=os.path.join(runtime_dir, "notify"))
             await supervisor.add(xenstored)
@@ -435,8 +445,10 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
     kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
     # A network driver domain creates TAPs and a bridge in its own network namespace: it
     # keeps root there (as a Linux driver domain is root in its own VM).
-    sandbox = (_sandbox(name, sandboxed, uid=0 if serves_net else None)
-               or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset()))
+    group = cgroup_group(system.runtime_dir)
+    sandbox = (_sandbox(name, sandboxed, group, uid=0 if serves_net else None)
+               or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset(),
+                              group=group))
     uid = sandbox.uid if sandbox.uid is not None else sandbox_uid(name)
     stats = system.stats_socket(name, uid)
     staging = trio.Lock()  # a takeover waits for the staging of its spare's devices
@@ -616,8 +628,9 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
         kwargs: dict[str, Any] = {"stdout": out}
         if quiet:
             kwargs["stderr"] = subprocess.DEVNULL
-        spec = (_sandbox(guest.name, sandboxed, uid=0 if needs_root else None)
-                or SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0))
+        group = cgroup_group(system.runtime_dir)
+        spec = (_sandbox(guest.name, sandboxed, group, uid=0 if needs_root else None)
+                or SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0, group=group))
         boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
                                       launcher=system.launcher_for(bool(guest.vifs)), **kwargs)
         guest.process = boxed.process

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from ringfence.isolation.launcher import open_launcher
-from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec, group_cgroups, spawn_sandboxed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these checks run as root")
 
@@ -162,3 +162,27 @@ async def test_wait_gone_waits_for_the_program_under_the_waiter(launcher):
 def _readable(fd: int) -> bool:
     import select
     return bool(select.select([fd], [], [], 0)[0])
+
+
+async def test_two_systems_with_a_domain_of_the_same_name_keep_their_own_cgroups():
+    """Two systems on one host both have a "stor": each system's cgroups are its own, so that
+    killing (or tearing down) one system's never touches the other's."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    first = await spawn_sandboxed(SandboxSpec("stor", group="first.1"), sleeper)
+    second = await spawn_sandboxed(SandboxSpec("stor", group="second.2"), sleeper)
+    try:
+        if not first.cgroup.dirs:
+            pytest.skip("no writable cgroup here")
+        assert first.cgroup.dirs != second.cgroup.dirs
+        first.kill()
+        with trio.fail_after(10):
+            await first.wait()
+        await trio.sleep(0.1)
+        assert second.process.poll() is None and second.cgroup.live_processes() >= 1
+        await first.aclose()
+        assert group_cgroups("first.1") == []  # the group went with its last sandbox
+        assert group_cgroups("second.2") != []
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert group_cgroups("second.2") == []
