@@ -532,12 +532,13 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             _signal_takeover(spare)
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
+            # Its statistics are the domain's from now: the guests' I/O may be on it already.
+            with contextlib.suppress(OSError):
+                os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
             async with trio.open_nursery() as nursery, staging:  # the name is not on a guest's path
                 nursery.start_soon(_rename_taking_over, system, spare, name)
                 await _hand_over(system, name, old, spare.domid, spare.staged, spare.standby)
             system.nursery.start_soon(_close_takeover_channels, spare)
-            with contextlib.suppress(OSError):
-                os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
             system.nursery.start_soon(start_spare, SPARE_DELAY)
             return Launch(program, teardown=teardown_of(spare.domid), adopt=spare.process)
         await service.wait_torn_down()

@@ -109,6 +109,7 @@ async def _exercise(runtime: str) -> None:
             with trio.fail_after(30):
                 while not system.spare_ready("stor"):
                     await trio.sleep(0.05)
+            taking_over = system.spares["stor"]
             data = os.urandom(4 << 20)
             with open(f"{runtime}/in", "wb") as f:
                 f.write(data)
@@ -118,6 +119,11 @@ async def _exercise(runtime: str) -> None:
                 await trio.sleep(0.01 * (round_ + 1))  # mid-write
                 system.drivers["stor"].kill()
             assert await trio.to_thread.run_sync(lambda: _read_back(uri, f"{runtime}/out", len(data))) == data
+            # The guest may be served before the toolstack has seen the death (blkfront
+            # switches on dom0's word): the statistics below are the spare's once it has.
+            with trio.fail_after(30):
+                while system.drivers["stor"].process is not taking_over.process:
+                    await trio.sleep(0.01)
         stats = (await system.domain_statistics())["guest1"]
         assert sum(_values(stats, "promotions")) == 1 + TAKEOVERS, stats
         # dom0 told blkfront of the takeovers on its standby links, ahead of XenStore's
