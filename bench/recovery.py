@@ -296,14 +296,16 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None],
                 crashes = service.crashes
                 killed = time.monotonic()
                 service.kill()
+                # SIGKILL has gone to every process of the domain's cgroup when kill()
+                # returns: none of them runs another instruction of its own, so a read
+                # issued from now on is the next domain's to serve. (Not "completed once
+                # the supervisor has seen the death": a warm takeover does not wait for
+                # the supervisor, whose wake-up on a busy host came up to 50 ms late.)
+                signalled = time.monotonic()
                 with trio.fail_after(30):
-                    # The first read issued after the kill that completes once the
-                    # supervisor has seen the death (SIGKILL takes a moment to reach every
-                    # process of the sandbox: one may still answer meanwhile). Both waits
-                    # sleep until woken: no polling beside the recovery.
+                    # Both waits sleep until woken: no polling beside the recovery.
                     await service.wait_for(lambda s: s.crashes != crashes)
-                    dead = time.monotonic()
-                first = await trio.to_thread.run_sync(probe.first_completion, killed, dead, 30.0)
+                first = await trio.to_thread.run_sync(probe.first_completion, signalled, signalled, 30.0)
                 recoveries.append((first - killed) * 1000)
                 progress(f"{label}: kill {len(recoveries)}/{kills}: first read after {recoveries[-1]:.1f} ms")
 
