@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,7 +161,10 @@ def cgroup_group(runtime_dir: str) -> str:
     (a new start finds a killed one's leftovers), another for another system on the host.
     Its runtime directory's name, for whoever lists the cgroups, and a digest of its path."""
     path = os.path.realpath(runtime_dir)
-    return f"{os.path.basename(path)[:64]}.{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    # Only plain characters of the name: a cgroup's name must not start with "cgroup." nor
+    # hold a newline, and the digest tells systems apart anyway.
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(path))[:64] or "root"
+    return f"{name}.{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
 def _sandbox(name: str, sandboxed: bool, group: str, **limits: Any) -> SandboxSpec | None:
