@@ -98,8 +98,7 @@ class System:
         statistics socket once connected to XenStore and watching its backend directory)
         and has the devices of ``name`` staged, the frontends standing by with it."""
         spare = self.spares.get(name)
-        return spare is not None and spare.staging_done and spare.standing_by and os.path.exists(
-            os.path.join(self.runtime_dir, "stats", name, "spare.sock"))
+        return spare is not None and spare.staging_done and spare.standing_by and os.path.exists(spare.stats)
 
     def stats_socket(self, name: str, uid: int | None) -> str:
         """Where domain ``name`` answers statistics requests: a directory of its own user."""
@@ -288,6 +287,7 @@ class Spare:
     domid: int
     name: str
     process: Any
+    stats: str  # its statistics socket while it stands by: the domain's once it takes over
     staged: set[tuple[str, int, int]] = field(default_factory=set)
     staging_done: bool = False
     standby: set[tuple[str, int, int]] = field(default_factory=set)  # staged on a standby link
@@ -474,8 +474,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         try:
             # Its own cgroup (the active one's goes with the active one), the same user.
             spec = dataclasses.replace(sandbox, name=spare_name, uid=uid)
+            spare_stats = os.path.join(os.path.dirname(stats), f"spare{generation}.sock")
             env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), "RINGFENCE_START_IDLE": "1",
-                                      STATS_SOCKET_ENV: os.path.join(os.path.dirname(stats), "spare.sock")})
+                                      STATS_SOCKET_ENV: spare_stats})
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
                                             launcher=system.launcher_for(serves_net), **kwargs)
         except BaseException:
@@ -484,24 +485,37 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             raise
         finally:
             os.close(fd)
-        spare = system.spares[name] = Spare(domid, spare_name, process)
+        spare = system.spares[name] = Spare(domid, spare_name, process, spare_stats)
         system.nursery.start_soon(replace_if_dead, spare)
+
+        def standing() -> bool:
+            """Still the spare: one that took over before it was ready (a crash while it
+            started) has its devices handed over whole, and is the active domain now."""
+            return system.spares.get(name) is spare
+
         await _wait_frontends(system, name)
         async with staging:
-            await _stage(system, name, spare)
+            if standing():
+                await _stage(system, name, spare)
         # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it
         # runs at normal priority, so that the frontends' standby links to it connect now,
         # not when it takes over. So it does too if it is not up after SPARE_IDLE_GRACE
         # (again at each look: its program makes itself idle when it starts).
         began = trio.current_time()
         with trio.move_on_after(SPARE_START_TIMEOUT):
-            while not os.path.exists(os.path.join(os.path.dirname(stats), "spare.sock")):
+            while not os.path.exists(spare.stats):
                 await trio.sleep(0.05)
                 if trio.current_time() - began > SPARE_IDLE_GRACE and process.process.poll() is None:
                     _normal_priority(innermost_pid(process.pid))
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
+        if not standing():
+            with contextlib.suppress(OSError):  # up only now: its statistics are the domain's
+                os.replace(spare.stats, stats)
+            return
         await _wait_standing_by(system, spare, system.driver_domids.get(name))
+        if not standing():  # it took over while the frontends stood by: no channels kept
+            await _close_takeover_channels(spare)
 
     async def replace_if_dead(spare: Spare) -> None:
         """A spare that dies before it takes over: what was staged for it goes (the
@@ -537,8 +551,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             _normal_priority(innermost_pid(spare.process.pid))
             system.driver_domids[name] = spare.domid
             # Its statistics are the domain's from now: the guests' I/O may be on it already.
+            # (A spare not up yet gets its socket renamed by start_spare once it is.)
             with contextlib.suppress(OSError):
-                os.replace(os.path.join(os.path.dirname(stats), "spare.sock"), stats)
+                os.replace(spare.stats, stats)
             async with trio.open_nursery() as nursery, staging:  # the name is not on a guest's path
                 nursery.start_soon(_rename_taking_over, system, spare, name)
                 await _hand_over(system, name, old, spare.domid, spare.staged, spare.standby)
