@@ -338,6 +338,9 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None],
             if not during or not alone:
                 raise RuntimeError("fio reported no whole interval inside a block")
             progress(f"{label}: bystander iops without kills {_rates(alone)}, during the kills {_rates(during)}")
+            progress(f"{label}: bystander ratio {_iops(during) / _iops(alone):.3f} "
+                     f"± {_ratio_error(during, alone):.3f} (one standard error, from "
+                     f"{len(during)} and {len(alone)} intervals)")
             await trio.to_thread.run_sync(probe.stop)
             if probe.errors:
                 raise RuntimeError(f"the victim saw {probe.errors} I/O errors across the kills")
@@ -356,6 +359,17 @@ def _iops(intervals: list[tuple[int, int]]) -> float:
 
 def _rates(intervals: list[tuple[int, int]]) -> list[int]:
     return [round(ios * 1000 / ms) for ios, ms in intervals]
+
+
+def _ratio_error(during: list[tuple[int, int]], alone: list[tuple[int, int]]) -> float:
+    """The standard error of during/alone, from the spread of the intervals' rates (the
+    host's own noise: a run's ratio is good to about this much)."""
+    def relative_error(intervals: list[tuple[int, int]]) -> float:
+        rates = [ios / ms for ios, ms in intervals]
+        if len(rates) < 2:
+            return float("inf")
+        return statistics.stdev(rates) / len(rates) ** 0.5 / statistics.fmean(rates)
+    return _iops(during) / _iops(alone) * (relative_error(during) ** 2 + relative_error(alone) ** 2) ** 0.5
 
 
 async def _run(quick: bool, progress: Callable[[str], None]) -> list[Metric]:

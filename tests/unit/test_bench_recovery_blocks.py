@@ -2,7 +2,7 @@
 throughput as I/Os over time."""
 from __future__ import annotations
 
-from ringfence.bench.recovery import FioSeries, _iops
+from ringfence.bench.recovery import FioSeries, _iops, _ratio_error
 
 
 def _series(samples: list[tuple[float, int, int]]) -> FioSeries:
@@ -23,3 +23,13 @@ def test_throughput_counts_every_interval_not_the_median():
     # a stall in one interval of three: the median would not see it, I/Os over time do
     intervals = [(1000, 500), (1000, 500), (100, 500)]
     assert _iops(intervals) == 2100 * 1000 / 1500
+
+
+def test_the_ratio_error_shrinks_with_more_intervals_and_less_spread():
+    noisy = [(900, 500), (1100, 500)] * 4
+    steady = [(1000, 500)] * 8
+    assert _ratio_error(steady, steady) == 0.0
+    few, many = _ratio_error(noisy[:2], steady), _ratio_error(noisy * 4, steady)
+    assert 0 < many < few
+    assert abs(few - 0.1) < 1e-9  # rates 1.8 and 2.2: stdev 0.28, over sqrt(2) and the mean 2.0
+    assert _ratio_error(noisy[:1], steady) == float("inf")  # one interval says nothing
