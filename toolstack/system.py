@@ -293,6 +293,7 @@ class Spare:
     standby: set[tuple[str, int, int]] = field(default_factory=set)  # staged on a standby link
     standing_by: bool = False  # the frontends' standby links to it are up (or given up on)
     takeover_ports: list[Any] = field(default_factory=list)  # dom0's ends, on those links
+    took_over: bool = False
 
 
 def _devices_of(system: System, name: str) -> list[tuple[DevicePaths, dict[str, Any]]]:
@@ -510,8 +511,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
         if not standing():
-            with contextlib.suppress(OSError):  # up only now: its statistics are the domain's
-                os.replace(spare.stats, stats)
+            if spare.took_over:  # up only now: its statistics are the domain's
+                with contextlib.suppress(OSError):
+                    os.replace(spare.stats, stats)
             return
         await _wait_standing_by(system, spare, system.driver_domids.get(name))
         if not standing():  # it took over while the frontends stood by: no channels kept
@@ -549,6 +551,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             # grants once the hypervisor has dropped its mappings, trying again meanwhile).
             _signal_takeover(spare)
             _normal_priority(innermost_pid(spare.process.pid))
+            spare.took_over = True
             system.driver_domids[name] = spare.domid
             # Its statistics are the domain's from now: the guests' I/O may be on it already.
             # (A spare not up yet gets its socket renamed by start_spare once it is.)
