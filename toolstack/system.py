@@ -406,13 +406,15 @@ async def _bind_takeover_channels(system: System, spare: Spare, active: int | No
             port = int(raw or b"")
             if not 0 < port < 1 << 17:  # Xen's event channel ABI has at most 2^17 ports
                 raise ValueError(f"port {port} out of range")
-            spare.takeover_ports.append(await system.dom0.events.bind_interdomain(paths.frontend_domid, port))
+            bound = await system.dom0.events.bind_interdomain(paths.frontend_domid, port)
         except (ValueError, OSError) as exc:
             log.info("no takeover channel", extra={"kv": {"device": paths.standby, "error": str(exc)}})
             continue
+        # (A takeover meanwhile closes the ports bound so far; start_spare closes the rest.)
+        spare.takeover_ports.append(bound)
         if active is not None:
             try:
-                await system.dom0.notify_on_death(active, spare.takeover_ports[-1].port)
+                await system.dom0.notify_on_death(active, bound.port)
             except OSError as exc:  # gone already: the supervisor's signal it is
                 log.info("no death notice", extra={"kv": {"device": paths.standby, "error": str(exc)}})
 

@@ -185,6 +185,7 @@ class BlkFront:
         self.connections = self.requests = self.replayed = self.errors = self.bad_responses = 0
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
         self.failed: str | None = None  # why the backend is given up on, while it is
+        self._disk_sectors = 0  # the size a backend last gave: the disk's, between backends
         self.bytes_read = self.bytes_written = 0
         # Run after each batch of responses (the NBD server sends the batch's replies at once).
         self.after_responses: set[Callable[[], None]] = set()
@@ -204,7 +205,9 @@ class BlkFront:
 
     @property
     def sectors(self) -> int:
-        return self._link.sectors if self._link is not None else 0
+        # A takeover can make a link the device's before that link has read its backend's
+        # size (the NBD server must not see the disk shrink to nothing meanwhile).
+        return (self._link.sectors if self._link is not None else 0) or self._disk_sectors
 
     @property
     def read_only(self) -> bool:
@@ -516,7 +519,7 @@ class BlkFront:
         mine = W.strings(listing or b"")
         if values["sectors"] is None:
             raise XenStoreError("ENOENT", f"{link.backend_path}/sectors")
-        link.sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
+        link.sectors = self._disk_sectors = int(values.pop("sectors"))  # type: ignore[arg-type]
         link.read_only = int(values.pop("info") or b"0") & 4 != 0
         link.features = {key: int(value or b"0") for key, value in values.items()}
         order = max(0, min(RING_PAGE_ORDER, link.features["max-ring-page-order"]))

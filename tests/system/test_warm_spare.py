@@ -228,6 +228,12 @@ async def test_a_crash_while_the_spare_starts():
             assert (await system.domain_statistics())["stor"]["domid"] == first_spare.domid
             backend = f"/local/domain/{first_spare.domid}/backend/vbd/{guest.domid}/{guest.disks[0].devid}"
             assert await _read(system.xs, f"{backend}/state") == b"4"
+            # the guest stands by with the next spare, as after any takeover
+            device = f"vbd/{guest.disks[0].devid}"
+            with trio.fail_after(10):
+                while (await system.domain_statistics())["guest1"]["devices"][device]["standby_backend"] \
+                        != system.spares["stor"].domid:
+                    await trio.sleep(0.05)
             # and the next takeover, from a spare that stood by, is as usual
             system.drivers["stor"].kill()
             data = os.urandom(1 << 20)
