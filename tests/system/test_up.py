@@ -52,7 +52,7 @@ def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
         source.write_bytes(data)
         subprocess.run(["nbdcopy", str(source), uris["guest1"]], check=True, timeout=60)
         subprocess.run(["nbdcopy", str(source), uris["guest2"]], check=True, timeout=60)
-        blkback = _pids(f"ringfence blkback")
+        blkback = _pids("ringfence blkback")
         assert blkback
         for pid in blkback:
             os.kill(pid, signal.SIGKILL)  # the storage driver domain crashes
