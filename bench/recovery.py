@@ -323,7 +323,10 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None],
             without: list[tuple[float, float]] = []
             while True:
                 began = time.monotonic()
-                await trio.sleep(BLOCK)
+                # As long as the block of kills before it (which runs on until the last
+                # recovery is over): both kinds get the same time, and the ratio's error
+                # is not set by the shorter one.
+                await trio.sleep(with_kills[-1][1] - with_kills[-1][0] if with_kills else BLOCK)
                 without.append((began, time.monotonic()))
                 if len(recoveries) == kills:
                     break
