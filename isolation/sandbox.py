@@ -75,23 +75,23 @@ def _own_cgroup(controller: str) -> str:
     return ""
 
 
+def _ringfence_dirs() -> dict[str, Path]:
+    """Where our sandboxes' cgroups go, by controller: below ours, in the unified hierarchy
+    (controller '') where there is one, else in v1's memory and pids hierarchies."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return {"": CGROUP_ROOT / _own_cgroup("") / "ringfence"}
+    return {controller: CGROUP_ROOT / controller / _own_cgroup(controller) / "ringfence"
+            for controller in ("memory", "pids") if (CGROUP_ROOT / controller).is_dir()}
+
+
 class Cgroup:
     """A per-sandbox cgroup: v2 where the unified hierarchy has the controllers, else v1."""
 
     def __init__(self, name: str, group: str = "") -> None:
         self.name = name
         self.group = group
-        self.dirs: dict[str, Path] = {}
-        unified = CGROUP_ROOT / "cgroup.controllers"
-        self.v2 = unified.exists()
-        below = Path("ringfence", group, name)
-        if self.v2:
-            self.dirs[""] = CGROUP_ROOT / _own_cgroup("") / below
-        else:
-            for controller in ("memory", "pids"):
-                base = CGROUP_ROOT / controller
-                if base.is_dir():
-                    self.dirs[controller] = base / _own_cgroup(controller) / below
+        self.dirs = {controller: base / group / name for controller, base in _ringfence_dirs().items()}
+        self.v2 = "" in self.dirs
 
     def create(self, memory_max: int | None, pids_max: int | None) -> None:
         for controller, path in list(self.dirs.items()):
@@ -158,7 +158,7 @@ class Cgroup:
 
 def group_cgroups(group: str) -> list[Path]:
     """The cgroup directories of a group that exist, in each hierarchy: what a system left."""
-    return [path.parent for path in Cgroup("-", group).dirs.values() if path.parent.exists()]
+    return [base / group for base in _ringfence_dirs().values() if (base / group).exists()]
 
 
 class SandboxedProcess:

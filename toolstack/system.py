@@ -84,6 +84,7 @@ class System:
     spares: dict[str, Any] = field(default_factory=dict)   # driver name -> Spare
     nursery: Any = None
     xs: Any = None   # the toolstack's own XenStore connection
+    cgroup_group: str = ""  # its sandboxes' (cgroup_group(runtime_dir))
     launcher: Any = None  # isolation.launcher.Launcher, or None: domains exec'd
     net_launcher: Any = None  # for domains with network devices (NET_DOMAIN_MODULES), if any
     control_statistics: dict[str, int] = field(default_factory=dict)
@@ -209,16 +210,16 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                 return Launch(xs_argv, env=dict(os.environ, **{STATS_SOCKET_ENV: xs_stats}),
                               kwargs={"stderr": subprocess.DEVNULL} if quiet else {})
 
+            group = cgroup_group(runtime_dir)
             xenstored = Service("xenstored", prepare_xenstored,
-                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0,
-                                            group=cgroup_group(runtime_dir)),
+                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0, group=group),
                                 RestartPolicy(initial_delay=0.01),
                                 runtime_dir=os.path.join(runtime_dir, "notify"))
             await supervisor.add(xenstored)
             with trio.fail_after(30):
                 await xenstored.wait_ready()
             system = System(config, runtime_dir, dom0, xs_path, supervisor,
-                            sandboxed=sandboxed, quiet=quiet, launcher=launcher,
+                            sandboxed=sandboxed, quiet=quiet, cgroup_group=group, launcher=launcher,
                             net_launcher=net_launcher, driver_kinds=driver_kinds)
             system.xenstored = xenstored
             system.nursery = nursery
@@ -452,7 +453,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
     kwargs = {"stderr": subprocess.DEVNULL} if quiet else {}
     # A network driver domain creates TAPs and a bridge in its own network namespace: it
     # keeps root there (as a Linux driver domain is root in its own VM).
-    group = cgroup_group(system.runtime_dir)
+    group = system.cgroup_group
     sandbox = (_sandbox(name, sandboxed, group, uid=0 if serves_net else None)
                or SandboxSpec(name, namespaces=frozenset({"net"}) if serves_net else frozenset(),
                               group=group))
@@ -653,7 +654,7 @@ async def _start_guest(system: System, guest: Guest, sandboxed: bool, quiet: boo
         kwargs: dict[str, Any] = {"stdout": out}
         if quiet:
             kwargs["stderr"] = subprocess.DEVNULL
-        group = cgroup_group(system.runtime_dir)
+        group = system.cgroup_group
         spec = (_sandbox(guest.name, sandboxed, group, uid=0 if needs_root else None)
                 or SandboxSpec(guest.name, namespaces=frozenset({"net"}), uid=0, group=group))
         boxed = await spawn_sandboxed(spec, argv, pass_fds=(fd,), env=env,
