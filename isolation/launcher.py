@@ -190,6 +190,12 @@ def serve(sock: socket.socket, preload: Sequence[str]) -> None:
             imported.append(name)
         except Exception as exc:  # a missing optional part: its domains start slower
             print(f"launcher: cannot preload {name}: {exc}", file=sys.stderr)
+    for name in imported:
+        # What every child would otherwise do for itself, done once (ringfence.cli builds
+        # its command-line parsers).
+        prepare = getattr(sys.modules[name], "prepare_launcher", None)
+        if prepare is not None:
+            prepare()
     # What the imports made is never garbage: the children's collections need not walk it
     # (shorter pauses), and leaving it untouched keeps its pages shared with the launcher.
     gc.freeze()
