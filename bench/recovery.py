@@ -344,6 +344,10 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None],
             progress(f"{label}: bystander ratio {_iops(during) / _iops(alone):.3f} "
                      f"± {_ratio_error(during, alone):.3f} (one standard error, from "
                      f"{len(during)} and {len(alone)} intervals)")
+            seconds_with_kills = sum(end - start for start, end in with_kills)
+            progress(f"{label}: each kill cost the bystander "
+                     f"{_cost_per_kill(during, alone, seconds_with_kills, len(recoveries)):.0f} ms "
+                     "of its I/O time")
             await trio.to_thread.run_sync(probe.stop)
             if probe.errors:
                 raise RuntimeError(f"the victim saw {probe.errors} I/O errors across the kills")
@@ -362,6 +366,14 @@ def _iops(intervals: list[tuple[int, int]]) -> float:
 
 def _rates(intervals: list[tuple[int, int]]) -> list[int]:
     return [round(ios * 1000 / ms) for ios, ms in intervals]
+
+
+def _cost_per_kill(during: list[tuple[int, int]], alone: list[tuple[int, int]],
+                   seconds_with_kills: float, kills: int) -> float:
+    """What each kill cost the bystander, in ms of its own I/O time: the I/Os it did not
+    do in the blocks of kills, at its rate without. Unlike the ratio, it does not depend
+    on how often the kills come."""
+    return (1 - _iops(during) / _iops(alone)) * seconds_with_kills * 1000 / max(kills, 1)
 
 
 def _ratio_error(during: list[tuple[int, int]], alone: list[tuple[int, int]]) -> float:

@@ -2,7 +2,7 @@
 throughput as I/Os over time."""
 from __future__ import annotations
 
-from ringfence.bench.recovery import FioSeries, _iops, _ratio_error
+from ringfence.bench.recovery import FioSeries, _cost_per_kill, _iops, _ratio_error
 
 
 def _series(samples: list[tuple[float, int, int]]) -> FioSeries:
@@ -33,3 +33,11 @@ def test_the_ratio_error_shrinks_with_more_intervals_and_less_spread():
     assert 0 < many < few
     assert abs(few - 0.1) < 1e-9  # rates 1.8 and 2.2: stdev 0.28, over sqrt(2) and the mean 2.0
     assert _ratio_error(noisy[:1], steady) == float("inf")  # one interval says nothing
+
+
+def test_a_kills_cost_is_the_io_time_it_took_from_the_bystander():
+    alone = [(1000, 500)] * 4                  # 2000 iops
+    during = [(1000, 500), (800, 500)] * 2     # 1800 iops: 10 % less
+    # 10 % of 6 s of kills is 600 ms of the bystander's I/O time, over 10 kills
+    assert abs(_cost_per_kill(during, alone, 6.0, 10) - 60.0) < 1e-9
+    assert _cost_per_kill(alone, alone, 6.0, 10) == 0.0
