@@ -26,7 +26,8 @@ import trio
 
 from ringfence._statsock import STATS_SOCKET_ENV, fetch_statistics
 from ringfence.errors import CommandError
-from ringfence.hypervisor.io.xs_wire import XenStoreError
+from ringfence.hypervisor.io import xs_wire as W
+from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.launcher import open_launcher
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
@@ -36,7 +37,7 @@ from ringfence.toolstack.control import control_path, serve_control
 from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_backends
 from ringfence.toolstack.hotplug import check_image
 from ringfence.toolstack.hypervisor import open_hypervisor
-from ringfence.xenbus.client import open_xenstore
+from ringfence.xenbus.client import open_xenstore, present
 from ringfence.xenbus.paths import TAKEOVER_KEY, DevicePaths
 from ringfence.xenbus.state import XenbusState
 
@@ -368,11 +369,19 @@ async def _stage(system: System, name: str, spare: Spare) -> None:
 
 
 async def _wait_connected(system: System, directories: list[str], timeout: float) -> None:
-    """Until each of these device halves says Connected (or is gone), ``timeout`` at most."""
+    """Until each of these device halves says Connected (or is gone), ``timeout`` at most.
+    Woken by a watch on each state, not polling: a spare starts on CPUs the running
+    domains use, and every wake-up of ours costs them."""
     with trio.move_on_after(timeout):
         for directory in directories:
-            while (await system.xs.read_many([f"{directory}/state"]))[0] not in (b"4", None):
-                await trio.sleep(0.02)
+            read = [(Op.READ, W.join(f"{directory}/state"), 0)]
+            async with system.xs.watch_and(f"{directory}/state", read) as (events, replies):
+                while present(replies)[0] not in (b"4", None):
+                    try:
+                        await events.receive()
+                    except trio.EndOfChannel:  # the watch is gone: so is what it watched
+                        break
+                    replies = await system.xs.pipeline(read)
 
 
 async def _wait_frontends(system: System, name: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from ringfence.toolstack import hotplug
+from ringfence.toolstack import system as system_module
 from ringfence.toolstack.config import load
 from ringfence.toolstack.system import open_system
 
@@ -197,14 +198,23 @@ def _values(tree, key: str) -> list:
     return []
 
 
-async def test_a_crash_while_the_spare_starts():
+async def test_a_crash_while_the_spare_starts(monkeypatch):
     """The driver domain dies before its spare has even started (the system just came up):
     the spare takes over with its devices handed over whole, and its start-up, which goes on
     behind, must not stage those devices for it as for a spare (that wrote the now active
     backend's state back to InitWait: the guest took its backend for gone and its I/O hung
     until the next crash). The guest's I/O goes on, the domain's statistics are the new
-    one's, and a next spare stands by. (Whether the staging would have come after the
-    takeover is a race: without the fix, about one run in four hung here.)"""
+    one's, and a next spare stands by. The first spare's start-up is held before its
+    staging until the takeover is over: left to itself, which comes first is a race (the
+    spare was ready before the system was, in one run of two)."""
+    takeover_over = trio.Event()
+    wait_frontends = system_module._wait_frontends
+
+    async def after_the_takeover(system, name):
+        await takeover_over.wait()
+        await wait_frontends(system, name)
+
+    monkeypatch.setattr(system_module, "_wait_frontends", after_the_takeover)
     with _host("spare-early") as runtime:
         with open(f"{runtime}/host.toml", "w") as f:  # one disk: its frontend connects at once
             f.write(CONFIG.format(dir=runtime).replace(', "target={dir}/h.img,vdev=xvdb,backend=stor"'.format(dir=runtime), ""))
@@ -223,6 +233,7 @@ async def test_a_crash_while_the_spare_starts():
                     await trio.sleep(0.01)
                 while "domid" not in (await system.domain_statistics())["stor"]:
                     await trio.sleep(0.05)  # its socket renamed once it is up
+                takeover_over.set()
                 while not system.spare_ready("stor"):
                     await trio.sleep(0.05)
             assert (await system.domain_statistics())["stor"]["domid"] == first_spare.domid
