@@ -276,8 +276,8 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None],
                 ready): what a kill costs ends there."""
                 with trio.move_on_after(SETTLE_TIMEOUT):
                     await service.wait_ready()
-                    while warm and not system.spare_ready("stor"):
-                        await trio.sleep(0.02)
+                    if warm:
+                        await system.wait_spare_ready("stor")
                     return
                 spare = system.spares.get("stor")
                 raise RuntimeError(

@@ -89,6 +89,8 @@ class System:
     launcher: Any = None  # isolation.launcher.Launcher, or None: domains exec'd
     net_launcher: Any = None  # for domains with network devices (NET_DOMAIN_MODULES), if any
     control_statistics: dict[str, int] = field(default_factory=dict)
+    # Set, and replaced by a new one, whenever a spare has come to stand by.
+    spare_news: trio.Event = field(default_factory=trio.Event)
 
     def launcher_for(self, networked: bool) -> Any:
         """The launcher a domain forks from: the network one's for a domain with network
@@ -101,6 +103,19 @@ class System:
         and has the devices of ``name`` staged, the frontends standing by with it."""
         spare = self.spares.get(name)
         return spare is not None and spare.staging_done and spare.standing_by and os.path.exists(spare.stats)
+
+    async def wait_spare_ready(self, name: str) -> None:
+        """Until :meth:`spare_ready`, woken when a spare comes to stand by (no polling:
+        whoever waits for a spare between crashes does not cost the running domains)."""
+        while True:
+            news = self.spare_news
+            if self.spare_ready(name):
+                return
+            await news.wait()
+
+    def _spare_stands_by(self) -> None:
+        news, self.spare_news = self.spare_news, trio.Event()
+        news.set()
 
     def stats_socket(self, name: str, uid: int | None) -> str:
         """Where domain ``name`` answers statistics requests: a directory of its own user."""
@@ -399,6 +414,7 @@ async def _wait_standing_by(system: System, spare: Spare, active: int | None) ->
                                    for kind, frontend, devid in list(spare.standby)], STANDBY_TIMEOUT)
     await _bind_takeover_channels(system, spare, active)
     spare.standing_by = True
+    system._spare_stands_by()
 
 
 async def _bind_takeover_channels(system: System, spare: Spare, active: int | None) -> None:
