@@ -394,8 +394,8 @@ async def _wait_connected(system: System, directories: list[str], timeout: float
                 while present(replies)[0] not in (b"4", None):
                     try:
                         await events.receive()
-                    except trio.EndOfChannel:  # the watch is gone: so is what it watched
-                        break
+                    except trio.EndOfChannel:  # the connection is gone for good (as blkfront)
+                        raise XenStoreError("EIO", "watch ended") from None
                     replies = await system.xs.pipeline(read)
 
 
