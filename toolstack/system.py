@@ -502,10 +502,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         domid, fd = await system.dom0.create_domain(spare_name)
         try:
             # Its own cgroup (the active one's goes with the active one), the same user.
-            spec = dataclasses.replace(sandbox, name=spare_name, uid=uid)
+            spec = dataclasses.replace(sandbox, name=spare_name, uid=uid, start_idle=True)
             spare_stats = os.path.join(os.path.dirname(stats), f"spare{generation}.sock")
-            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), "RINGFENCE_START_IDLE": "1",
-                                      STATS_SOCKET_ENV: spare_stats})
+            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: spare_stats})
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
                                             launcher=system.launcher_for(serves_net), **kwargs)
         except BaseException:
@@ -528,8 +527,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
                 await _stage(system, name, spare)
         # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it
         # runs at normal priority, so that the frontends' standby links to it connect now,
-        # not when it takes over. So it does too if it is not up after SPARE_IDLE_GRACE
-        # (again at each look: its program makes itself idle when it starts).
+        # not when it takes over. So it does too if it is not up after SPARE_IDLE_GRACE.
         began = trio.current_time()
         with trio.move_on_after(SPARE_START_TIMEOUT):
             while not os.path.exists(spare.stats):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from ringfence.isolation.sandbox import innermost_pid
 from ringfence.toolstack import hotplug
 from ringfence.toolstack import system as system_module
 from ringfence.toolstack.config import load
@@ -233,6 +234,10 @@ async def test_a_crash_while_the_spare_starts(monkeypatch):
                     await trio.sleep(0.01)
                 while "domid" not in (await system.domain_statistics())["stor"]:
                     await trio.sleep(0.05)  # its socket renamed once it is up
+                # serving at normal priority: its start at SCHED_IDLE did not outlast the takeover
+                program = innermost_pid(first_spare.process.pid)
+                assert {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{program}/task")} \
+                    == {os.SCHED_OTHER}
                 takeover_over.set()
                 while not system.spare_ready("stor"):
                     await trio.sleep(0.05)
