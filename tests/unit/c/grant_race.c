@@ -2,8 +2,8 @@
  * process pins it for a hostile backend's map, in parallel on two CPUs, ROUNDS times, with
  * the grant-table code the sim hypervisor and the frontends run (hypervisor/csrc/grant.c).
  *
- * Granter, each round: grant the page (the entry's frame carries the round number), wait a
- * little, try to end access once. Ended: the page counts as reused from then on (in the
+ * Granter, each round: grant the page (the entry's frame carries the round number), wait
+ * for the racer's next pin attempt, wait a little more, try to end access once. Ended: the page counts as reused from then on (in the
  * frontends it would go to new I/O). Refused (pinned): a refused revoke, counted; the granter
  * keeps trying until the pin goes (a frontend would leak the page instead).
  * Hypervisor, in a loop: pin the entry; while pinned, the round it pinned must not have been
@@ -38,6 +38,7 @@ struct shared {
     rf_grant_entry_v1 entry;
     volatile uint32_t ended_round;   /* the last round whose access was ended */
     volatile uint32_t stop;
+    volatile uint64_t attempts;   /* the racer's pin attempts so far */
     volatile uint64_t pins, violations;
 };
 
@@ -76,6 +77,7 @@ int main(int argc, char **argv)
         unsigned seed = 2;
         while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
             uint32_t round;
+            __atomic_add_fetch(&s->attempts, 1, __ATOMIC_RELEASE);
             if (rf_grant_pin(&s->entry, backend, rand_r(&seed) & 1, &round) != 0)
                 continue;
             s->pins++;
@@ -94,6 +96,11 @@ int main(int argc, char **argv)
     uint64_t refused = 0;
     for (uint32_t round = 1; round <= rounds; round++) {
         rf_grant_set(&s->entry, backend, round, rand_r(&seed) & 1);
+        /* Each round is raced, not only those the host ran both processes for: 10^5 rounds
+         * take some 30 ms, and a racer not on its CPU then would see none of them. */
+        uint64_t attempts = __atomic_load_n(&s->attempts, __ATOMIC_ACQUIRE);
+        while (__atomic_load_n(&s->attempts, __ATOMIC_ACQUIRE) == attempts)
+            ;
         pause_for(rand_r(&seed) % 400);
         if (!end_access(&s->entry)) {
             refused++;
