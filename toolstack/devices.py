@@ -35,7 +35,10 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
     """Both halves of a device, with their permissions, in one transaction: a driver domain
     watching its directory never sees a node it may not read yet. ``replaces``: the backend
     directory of a driver domain that died, removed in the same transaction (the frontend
-    then sees its new backend and the old one gone at once, and keeps its own state).
+    then sees its new backend and the old one gone at once); the frontend's state goes back
+    to Initialising with it, as in switch_backends: its Connected was the dead backend's,
+    and a new backend up already (a warm spare handed the device whole) would act on it,
+    with keys it may not read, before the frontend says otherwise.
     Four round trips in all: a handover after a crash waits on this.
 
     ``staged_beside``: the domid of the driver domain serving the device now; the backend
@@ -82,8 +85,9 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                 [standby] + [f"{standby}/{key}" for key in ("backend", "backend-id", "state")]
                 if standby is not None else [])]
             requests = [(Op.SET_PERMS, W.join(path, *p), tx.id) for path, p in perms]
-            if isinstance(fe_state, XenStoreError) and staged_beside is None:
-                # a new frontend starts Initialising; a live one keeps its own state
+            if (isinstance(fe_state, XenStoreError) or replaces is not None) and staged_beside is None:
+                # a new frontend starts Initialising; a live one keeps its own state, unless
+                # that was with a backend now dead
                 requests.append((Op.WRITE, W.write_payload(f"{fe}/state", str(int(XenbusState.Initialising))), tx.id))
                 requests.append((Op.SET_PERMS, W.join(f"{fe}/state", f"n{frontend}", *readers), tx.id))
             if replaces is not None:

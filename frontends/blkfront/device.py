@@ -72,6 +72,17 @@ class _BackendMoved(Exception):
     """The backend we were connecting to was replaced (see _wait_for_backend)."""
 
 
+class _BackendRefused(_BackendMoved):
+    """The backend closed after its InitWait, on our keys: it acted on a Connected of ours
+    left from its predecessor (keys it may not read), or judged ours bad. The handshake
+    starts over from Initialising, which a closed backend waits for."""
+
+
+# Seconds before the next handshake after the n-th refusal in a row (the first is at once):
+# a backend that refuses every time gets one try a second at most.
+REFUSED_DELAY, REFUSED_DELAY_MAX = 0.01, 1.0
+
+
 class _BackendFailed(Exception):
     """The toolstack gave up on the backend (its driver domain hit its start limit)."""
 
@@ -98,6 +109,7 @@ class BlkfrontStatistics:
     standby_backend: int      # the warm spare we stand by with, connected (-1: none)
     promotions: int           # takeovers that only switched to the standby link
     signalled_takeovers: int  # of those, begun on dom0's takeover channel, before XenStore
+    refused_handshakes: int   # backends that closed on our keys (the handshake started over)
 
 
 @dataclass(eq=False, slots=True)
@@ -160,6 +172,7 @@ class BlkFront:
         self._spare_pages: Any = None       # ring pages no link uses: a standby link's
         self.promotions = 0                 # takeovers that only switched to the standby link
         self.signalled_takeovers = 0        # of those, begun on dom0's takeover channel
+        self.refused_handshakes = 0
         self._serving: trio.CancelScope | None = None  # the wait while a connection serves
         self._old_backend_dead = False  # dom0 said so: a takeover on its channel (_regrant)
         self.pending: dict[int, _Pending] = {}
@@ -236,7 +249,8 @@ class BlkFront:
                                   self._queues[0].ring.size if self._queues else 0,
                                   self.max_segments, len(self._unrevoked) + len(self._unrevoked_rings),
                                   self._standby.backend_id if self._standby is not None and self._standby.connected
-                                  else -1, self.promotions, self.signalled_takeovers)
+                                  else -1, self.promotions, self.signalled_takeovers,
+                                  self.refused_handshakes)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -335,6 +349,8 @@ class BlkFront:
                 error = await self._read_or(f"{link.backend_path}/hotplug-error", b"")
                 if error:
                     raise _BackendFailed(error.decode(errors="replace"))
+                if XenbusState.Connected in wanted:  # closed since its InitWait, on our keys
+                    raise _BackendRefused
 
     async def _wait_for_backend_change(self, link: _Link, seen: XenbusState) -> None:
         async with self.xs.watch(f"{link.backend_path}/state") as events:
@@ -352,6 +368,7 @@ class BlkFront:
             return False
 
     async def _connect(self) -> None:
+        refusals = 0
         while True:
             known, self._next_backend = self._next_backend, None
             old_backend_dead, self._old_backend_dead = self._old_backend_dead, False
@@ -366,6 +383,13 @@ class BlkFront:
             except (_BackendMoved, _BackendFailed) as exc:
                 await self._close_queues(link)
                 link.connected = False
+                if isinstance(exc, _BackendRefused):
+                    refusals += 1
+                    self.refused_handshakes += 1
+                    log.warning("backend closed during the handshake; starting it over", extra={
+                        "kv": {"devid": self.devid, "backend": link.backend_id, "in_a_row": refusals}})
+                    await trio.sleep(min(REFUSED_DELAY_MAX, REFUSED_DELAY * 2 ** refusals) if refusals > 1 else 0)
+                    continue
                 if isinstance(exc, _BackendMoved):
                     log.info("backend moved while connecting; following it")
                     continue

@@ -38,6 +38,15 @@ class _BackendMoved(Exception):
     pass
 
 
+class _BackendRefused(_BackendMoved):
+    """The backend closed after its InitWait, on our keys (a Connected of ours left from its
+    predecessor, or keys it judged bad): the handshake starts over from Initialising."""
+
+
+# Seconds before the next handshake after the n-th refusal in a row (the first is at once).
+REFUSED_DELAY, REFUSED_DELAY_MAX = 0.01, 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class NetfrontStatistics:
     devid: int
@@ -49,6 +58,7 @@ class NetfrontStatistics:
     bad_responses: int
     spurious_notifications: int
     unrevoked_grants: int  # grants a previous backend still holds mapped (XSA-396)
+    refused_handshakes: int  # backends that closed on our keys (the handshake started over)
 
 
 class NetFront:
@@ -63,6 +73,7 @@ class NetFront:
         self.storm = NotificationStorm()  # a rogue backend notifying in a loop (XSA-391)
         self.all_grefs: list[int] = []  # granted to the backend of now
         self.unrevoked: list[int] = []  # grants a previous backend would not give back
+        self.refused_handshakes = 0
 
     def statistics(self) -> NetfrontStatistics:
         pump = self._pump
@@ -73,7 +84,7 @@ class NetFront:
                                   self.rx_dropped + (pump.rx_dropped if pump else 0),
                                   self.bad_responses + (pump.bad_responses if pump else 0),
                                   self.storm.spurious + (pump.spurious if pump else 0),
-                                  len(self.unrevoked))
+                                  len(self.unrevoked), self.refused_handshakes)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring eth0 up, connect, and reconnect whenever the backend starts over: the
@@ -129,9 +140,16 @@ class NetFront:
             os.close(tap_fd)  # the interface goes with its last fd (detach, guest exit)
 
     async def _connect(self) -> tuple[str, FrontRing, FrontRing, Any]:
+        refusals = 0
         while True:
             try:
                 return await self._try_connect()
+            except _BackendRefused:
+                refusals += 1
+                self.refused_handshakes += 1
+                log.warning("backend closed during the handshake; starting it over", extra={
+                    "kv": {"devid": self.devid, "backend": self.backend_id, "in_a_row": refusals}})
+                await trio.sleep(min(REFUSED_DELAY_MAX, REFUSED_DELAY * 2 ** refusals) if refusals > 1 else 0)
             except _BackendMoved:
                 log.info("backend moved while connecting; following it")
 
@@ -224,8 +242,11 @@ class NetFront:
         async with self.xs.watch(f"{backend}/state") as events:
             async for _ in events:
                 try:
-                    if XenbusState(int(await self.xs.read(f"{backend}/state"))) in wanted:
+                    state = XenbusState(int(await self.xs.read(f"{backend}/state")))
+                    if state in wanted:
                         return
+                    if state == XenbusState.Closed and XenbusState.Connected in wanted:
+                        raise _BackendRefused  # closed since its InitWait, on our keys
                 except (XenStoreError, ValueError):
                     # gone: if the toolstack pointed us at a successor, follow it
                     try:

@@ -599,6 +599,50 @@ async def test_pages_an_old_backend_keeps_mapped_are_never_reused(tmp_path, lets
             await guest.aclose()
 
 
+REFUSED_GUEST = _reading_guest({"refused": "refused_handshakes", "backend_id": "backend_id"})
+
+
+async def test_a_backend_that_closes_on_the_keys_gets_a_new_handshake(tmp_path):
+    """A backend that goes from InitWait to Closed once the frontend has written its keys
+    (as one does that read a stale Connected of the frontend's, whose keys it may not read,
+    after a takeover) is not waited on for ever: blkfront starts the handshake over from
+    Initialising, which a closed backend waits for, and connects on the second one."""
+    async with _agents_and_a_guest(tmp_path, "refuser") as (xs, (refuser,), guest_domid, fd, _):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        be = f"/local/domain/{refuser.domid}/backend/vbd/{guest_domid}/51712"
+        await add_vbd(xs, backend=refuser.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await _offer(xs, be)
+        guest = await _ReportingGuest.start(REFUSED_GUEST, fd)
+        try:
+            await _initialised(xs, fe)
+            await xs.write_many([(f"{be}/state", "5"), (f"{be}/state", "6")])
+            with trio.fail_after(20):
+                while await xs.read_many([f"{fe}/state"]) != [b"1"]:
+                    await trio.sleep(0.05)
+            await _offer(xs, be)
+            await _initialised(xs, fe)
+            ring, _ = await _connect_agent(xs, refuser, guest_domid, fe, be)
+            await _requests_on_ring(refuser, ring, 1)  # the guest's read, on the new rings
+            assert await guest.report() == {"refused": 1, "backend_id": refuser.domid}
+        finally:
+            await guest.aclose()
+
+
+async def test_a_device_handed_to_a_new_backend_starts_over_from_initialising(tmp_path):
+    """After a crash the toolstack writes the device for the next backend and resets the
+    frontend's state in the same transaction: the Connected it had said was the dead
+    backend's, and a backend already up (a warm spare handed the device whole) must not act
+    on it and on keys it may not read."""
+    from ringfence.toolstack.devices import move_vbd
+    async with _agents_and_a_guest(tmp_path, "dead", "next") as (xs, (dead, nxt), guest_domid, _, _):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        await add_vbd(xs, backend=dead.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await xs.write(f"{fe}/state", "4")  # as the frontend said to the backend that died
+        await move_vbd(xs, old_backend=dead.domid, new_backend=nxt.domid, frontend=guest_domid,
+                       devid=51712, target="/nonexistent")
+        assert await xs.read_many([f"{fe}/state", f"{fe}/backend-id"]) == [b"1", str(nxt.domid).encode()]
+
+
 STANDBY_GUEST = _reading_guest({"backend_id": "backend_id", "bad": "bad_responses",
                                 "in_flight": "in_flight", "promotions": "promotions",
                                 "standby": "standby_backend", "signalled": "signalled_takeovers"})

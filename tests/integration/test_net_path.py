@@ -2,10 +2,12 @@
 in its own network namespace, on one bridge in the driver domain; real ping both ways."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -353,70 +355,105 @@ async def test_a_notification_storm_costs_netback_little_cpu_and_others_nothing(
         assert await evil.wait() == 0
 
 
-async def test_pages_an_old_network_backend_keeps_mapped_are_never_reused(tmp_path):
-    """ATTACKS A6 (XSA-396) for netfront: a backend maps both ring pages and never lets go;
-    when the vif moves, netfront's try-end-access fails for them, so it grants nothing to
-    the new backend (it stays Initialising, whatever that backend offers) and logs it. Once
-    the old backend lets go and the toolstack moves the vif again, it connects."""
+class _NetfrontAndAgents:
+    """A guest running netfront on vif 0, first served by ``agents[0]``, and agent domains
+    that play netback (:func:`_netfront_and_agents`)."""
+    MAC = "02:00:00:00:00:0a"
+
+    def __init__(self, xs, agents, domid: int, log) -> None:
+        self.xs, self.agents, self.domid, self.log = xs, agents, domid, log
+        self.fe = f"/local/domain/{domid}/device/vif/0"
+
+    def be_of(self, agent) -> str:
+        return f"/local/domain/{agent.domid}/backend/vif/{self.domid}/0"
+
+    async def offer(self, agent) -> None:
+        """InitWait, with the features netback offers."""
+        await self.xs.write_many([(f"{self.be_of(agent)}/feature-sg", "1"),
+                                  (f"{self.be_of(agent)}/feature-rx-copy", "1"),
+                                  (f"{self.be_of(agent)}/state", "2")])
+
+    async def frontend_state(self) -> bytes | None:
+        return (await self.xs.read_many([f"{self.fe}/state"]))[0]
+
+    async def frontend_says(self, state: bytes) -> None:
+        with trio.fail_after(30):
+            while await self.frontend_state() != state:
+                await trio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _netfront_and_agents(tmp_path, *names: str) -> AsyncIterator[_NetfrontAndAgents]:
     from ringfence.testing.sim import open_agent
-    from ringfence.toolstack.devices import move_vif
     from ringfence.toolstack.hypervisor import start_xenstored
     async with open_hypervisor(tmp_path, quiet=True) as (hv_path, dom0):
         xs_path = str(tmp_path / "xs.sock")
         xenstored = await start_xenstored(xs_path, hypervisor=hv_path)
         box = None
         try:
-            async with open_xenstore(xs_path) as xs, open_agent(dom0, "clingy") as clingy, \
-                    open_agent(dom0, "next") as nxt, open_agent(dom0, "third") as third:
+            async with open_xenstore(xs_path) as xs, contextlib.AsyncExitStack() as stack:
+                agents = [await stack.enter_async_context(open_agent(dom0, name)) for name in names]
                 domid, fd = await dom0.create_domain("guest")
-                fe = f"/local/domain/{domid}/device/vif/0"
-                mac = "02:00:00:00:00:0a"
-
-                def be_of(agent) -> str:
-                    return f"/local/domain/{agent.domid}/backend/vif/{domid}/0"
-
-                async def offer(agent) -> None:  # InitWait with the features netback offers
-                    await xs.write_many([(f"{be_of(agent)}/feature-sg", "1"),
-                                         (f"{be_of(agent)}/feature-rx-copy", "1"),
-                                         (f"{be_of(agent)}/state", "2")])
-
-                async def frontend_state() -> bytes | None:
-                    return (await xs.read_many([f"{fe}/state"]))[0]
-
-                await add_vif(xs, backend=clingy.domid, frontend=domid, devid=0, mac=mac)
-                await offer(clingy)
-                log = tmp_path / "guest.err"
-                with open(log, "wb") as err:
+                net = _NetfrontAndAgents(xs, agents, domid, tmp_path / "guest.err")
+                await add_vif(xs, backend=agents[0].domid, frontend=domid, devid=0, mac=net.MAC)
+                await net.offer(agents[0])
+                with open(net.log, "wb") as err:
                     box = await spawn_sandboxed(
                         SandboxSpec("guest", uid=0),
                         [sys.executable, "-m", "ringfence", "netfront", "--ip", "10.66.0.1/24"],
                         pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}),
                         stdout=subprocess.DEVNULL, stderr=err)
                 os.close(fd)
-                with trio.fail_after(30):
-                    while await frontend_state() != b"4":
-                        await trio.sleep(0.05)
-                refs = [int(await xs.read(f"{fe}/{key}")) for key in ("tx-ring-ref", "rx-ring-ref")]
-                rings = (await clingy.ok("map", domid=domid, grefs=refs))["map"]
-
-                await move_vif(xs, old_backend=clingy.domid, new_backend=nxt.domid, frontend=domid,
-                               devid=0, mac=mac)
-                await offer(nxt)
-                with trio.fail_after(30):
-                    while b"still mapped by the previous backend" not in log.read_bytes():
-                        await trio.sleep(0.05)
-                await trio.sleep(1)
-                assert await frontend_state() == b"1"  # nothing granted to the new backend
-
-                await clingy.ok("unmap", map=rings)
-                await move_vif(xs, old_backend=nxt.domid, new_backend=third.domid, frontend=domid,
-                               devid=0, mac=mac)
-                await offer(third)
-                with trio.fail_after(30):
-                    while await frontend_state() != b"4":
-                        await trio.sleep(0.05)
+                yield net
         finally:
             if box is not None:
                 await box.aclose()
             xenstored.terminate()
             await xenstored.wait()
+
+
+async def test_pages_an_old_network_backend_keeps_mapped_are_never_reused(tmp_path):
+    """ATTACKS A6 (XSA-396) for netfront: a backend maps both ring pages and never lets go;
+    when the vif moves, netfront's try-end-access fails for them, so it grants nothing to
+    the new backend (it stays Initialising, whatever that backend offers) and logs it. Once
+    the old backend lets go and the toolstack moves the vif again, it connects."""
+    from ringfence.toolstack.devices import move_vif
+    async with _netfront_and_agents(tmp_path, "clingy", "next", "third") as net:
+        (clingy, nxt, third), xs, domid = net.agents, net.xs, net.domid
+        await net.frontend_says(b"4")
+        refs = [int(await xs.read(f"{net.fe}/{key}")) for key in ("tx-ring-ref", "rx-ring-ref")]
+        rings = (await clingy.ok("map", domid=domid, grefs=refs))["map"]
+
+        await move_vif(xs, old_backend=clingy.domid, new_backend=nxt.domid, frontend=domid,
+                       devid=0, mac=net.MAC)
+        await net.offer(nxt)
+        with trio.fail_after(30):
+            while b"still mapped by the previous backend" not in net.log.read_bytes():
+                await trio.sleep(0.05)
+        await trio.sleep(1)
+        assert await net.frontend_state() == b"1"  # nothing granted to the new backend
+
+        await clingy.ok("unmap", map=rings)
+        await move_vif(xs, old_backend=nxt.domid, new_backend=third.domid, frontend=domid,
+                       devid=0, mac=net.MAC)
+        await net.offer(third)
+        await net.frontend_says(b"4")
+
+
+async def test_a_network_backend_that_closes_on_the_keys_gets_a_new_handshake(tmp_path):
+    """A backend that goes from InitWait to Closed once netfront has written its keys and
+    Connected (as one does that acted on a stale Connected after a takeover) is not waited
+    on for ever: netfront starts over from Initialising, which a closed backend waits for,
+    and connects on the next handshake."""
+    async with _netfront_and_agents(tmp_path, "refuser") as net:
+        (refuser,), xs = net.agents, net.xs
+        await net.frontend_says(b"4")
+        await xs.write_many([(f"{net.be_of(refuser)}/state", "5"), (f"{net.be_of(refuser)}/state", "6")])
+        await net.frontend_says(b"1")
+        await net.offer(refuser)
+        await net.frontend_says(b"4")
+        await xs.write(f"{net.be_of(refuser)}/state", "4")
+        with trio.fail_after(30):
+            while b"vif connected" not in net.log.read_bytes():
+                await trio.sleep(0.05)
+        assert b"backend closed during the handshake" in net.log.read_bytes()
