@@ -388,7 +388,7 @@ class BlkFront:
                     self.refused_handshakes += 1
                     log.warning("backend closed during the handshake; starting it over", extra={
                         "kv": {"devid": self.devid, "backend": link.backend_id, "in_a_row": refusals}})
-                    await trio.sleep(min(REFUSED_DELAY_MAX, REFUSED_DELAY * 2 ** refusals) if refusals > 1 else 0)
+                    await trio.sleep(min(REFUSED_DELAY_MAX, REFUSED_DELAY * 2 ** (refusals - 1)) if refusals > 1 else 0)
                     continue
                 if isinstance(exc, _BackendMoved):
                     log.info("backend moved while connecting; following it")
