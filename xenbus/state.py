@@ -34,6 +34,13 @@ class XenbusState(enum.IntEnum):
             return cls.Unknown
 
 
+def refused_handshake_delay(refusals: int) -> float:
+    """Seconds a frontend waits before its next handshake after the ``refusals``-th in a row
+    that the backend closed on, after its InitWait: the first at once, then 20 ms doubling to
+    1 s (a backend that refuses every time gets a try a second)."""
+    return 0.0 if refusals <= 1 else min(1.0, 0.01 * 2 ** (refusals - 1))
+
+
 class Role(enum.Enum):
     BACKEND = "backend"
     FRONTEND = "frontend"

@@ -28,7 +28,7 @@ from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import end_access_settled
 from ringfence.xenbus.client import XenStore, gather, present
 from ringfence.xenbus.paths import TAKEOVER_KEY, standby_dir, standby_domid
-from ringfence.xenbus.state import XenbusState
+from ringfence.xenbus.state import XenbusState, refused_handshake_delay
 from ringfence.xenbus.storm import NotificationStorm
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,6 @@ class _BackendRefused(_BackendMoved):
     """The backend closed after its InitWait, on our keys: it acted on a Connected of ours
     left from its predecessor (keys it may not read), or judged ours bad. The handshake
     starts over from Initialising, which a closed backend waits for."""
-
-
-# Seconds before the next handshake after the n-th refusal in a row (the first is at once):
-# a backend that refuses every time gets one try a second at most.
-REFUSED_DELAY, REFUSED_DELAY_MAX = 0.01, 1.0
 
 
 class _BackendFailed(Exception):
@@ -388,7 +383,7 @@ class BlkFront:
                     self.refused_handshakes += 1
                     log.warning("backend closed during the handshake; starting it over", extra={
                         "kv": {"devid": self.devid, "backend": link.backend_id, "in_a_row": refusals}})
-                    await trio.sleep(min(REFUSED_DELAY_MAX, REFUSED_DELAY * 2 ** (refusals - 1)) if refusals > 1 else 0)
+                    await trio.sleep(refused_handshake_delay(refusals))
                     continue
                 if isinstance(exc, _BackendMoved):
                     log.info("backend moved while connecting; following it")

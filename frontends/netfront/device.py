@@ -25,7 +25,7 @@ from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.hypervisor.platform import end_access_settled
 from ringfence.isolation import netlink
 from ringfence.xenbus.client import XenStore
-from ringfence.xenbus.state import XenbusState
+from ringfence.xenbus.state import XenbusState, refused_handshake_delay
 from ringfence.xenbus.storm import NotificationStorm
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,6 @@ class _BackendRefused(_BackendMoved):
     """The backend closed after its InitWait, on our keys (a Connected of ours left from its
     predecessor, or keys it judged bad): the handshake starts over from Initialising."""
 
-
-# Seconds before the next handshake after the n-th refusal in a row (the first is at once).
-REFUSED_DELAY, REFUSED_DELAY_MAX = 0.01, 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +146,7 @@ class NetFront:
                 self.refused_handshakes += 1
                 log.warning("backend closed during the handshake; starting it over", extra={
                     "kv": {"devid": self.devid, "backend": self.backend_id, "in_a_row": refusals}})
-                await trio.sleep(min(REFUSED_DELAY_MAX, REFUSED_DELAY * 2 ** (refusals - 1)) if refusals > 1 else 0)
+                await trio.sleep(refused_handshake_delay(refusals))
             except _BackendMoved:
                 log.info("backend moved while connecting; following it")
 

@@ -8,7 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from ringfence.xenbus.paths import DevicePaths, parse_backend_path, parse_frontend_path
 from ringfence.xenbus.state import (ALLOWED, Action, IllegalTransition, Role, XenbusMachine,
-                                    XenbusState as S)
+                                    XenbusState as S, refused_handshake_delay)
 
 import pytest
 
@@ -46,6 +46,23 @@ def test_restarted_backend_makes_the_frontend_reconnect():
     converge(new_back, front)
     assert (new_back.state, front.state) == (S.Connected, S.Connected)
     assert front.connections == 2
+
+
+def test_a_backend_that_refuses_the_handshake_gets_another_one():
+    """The frontend's Initialised met by a backend that closes (it read a stale Connected, or
+    judged the keys bad): the frontend starts over from Initialising, and the pair connects.
+    The drivers wait refused_handshake_delay between the tries: the first at once, then
+    growing, never past a second."""
+    back, front = XenbusMachine(Role.BACKEND), XenbusMachine(Role.FRONTEND)
+    back.start(); front.start()
+    front.on_peer(back.state)
+    assert front.state == S.Initialised
+    back.apply(back.close())
+    back.move(S.Closed)
+    converge(back, front)
+    assert (back.state, front.state) == (S.Connected, S.Connected)
+    delays = [refused_handshake_delay(n) for n in range(1, 12)]
+    assert delays[:3] == [0.0, 0.02, 0.04] and delays == sorted(delays) and delays[-1] == 1.0
 
 
 def test_illegal_moves_are_refused():
