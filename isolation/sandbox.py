@@ -376,9 +376,12 @@ async def _reap(boxed: SandboxedProcess) -> None:
 
 
 def innermost_pid(pid: int) -> int:
-    """The program a sandbox runs: with a pid namespace it runs under a waiter (``pid``),
-    as that waiter's only child."""
+    """The program a sandbox runs: with a pid namespace, an exec'd one runs under a waiter
+    (``pid``), as that waiter's only child; one the launcher forked is ``pid`` itself, pid 1
+    of its own namespace (which its own children share)."""
     try:
+        if os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino:
+            return pid
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = f.read().split()
         return int(children[0]) if children else pid

@@ -31,12 +31,16 @@ static int write_file(const char *path, const char *text)
 /* Called in the child between fork and exec. With a new pid namespace the caller forks once
  * more: the new process is pid 1 of the namespace and goes on to exec; the first child
  * stays behind as a waiter that relays the exit status, so that whoever started it (and
- * watches it through a pidfd) sees the domain's life and death. Returns 0 or -errno. */
+ * watches it through a pidfd) sees the domain's life and death. A caller born pid 1 of a
+ * new pid namespace (forked after rf_pid_namespace_for_children: the launcher's children)
+ * needs neither: it is the namespace's init, and its parent watches it. Returns 0 or
+ * -errno. */
 int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gid)
 {
     int flags = 0;
+    int born_init = (what & RF_SANDBOX_PID) && getpid() == 1;
     if (what & RF_SANDBOX_USER) flags |= CLONE_NEWUSER;
-    if (what & RF_SANDBOX_PID) flags |= CLONE_NEWPID;
+    if ((what & RF_SANDBOX_PID) && !born_init) flags |= CLONE_NEWPID;
     if (what & RF_SANDBOX_MOUNT) flags |= CLONE_NEWNS;
     if (what & RF_SANDBOX_NET) flags |= CLONE_NEWNET;
     if (what & RF_SANDBOX_IPC) flags |= CLONE_NEWIPC;
@@ -53,7 +57,7 @@ int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gi
         if (err)
             return err;
     }
-    if (what & RF_SANDBOX_PID) {
+    if ((what & RF_SANDBOX_PID) && !born_init) {
         pid_t child = fork();
         if (child < 0)
             return -errno;
@@ -152,6 +156,11 @@ int rf_sandbox_expose(const char *cover, const char *const *paths, int n)
     return err;
 }
 
+int rf_pid_namespace_for_children(void)
+{
+    return unshare(CLONE_NEWPID) < 0 ? -errno : 0;
+}
+
 int rf_setns(int fd, int nstype)
 {
     return setns(fd, nstype) < 0 ? -errno : 0;
@@ -193,7 +202,8 @@ int rf_die_with_parent(int parent_pid)
      * instead of lingering as orphans that hold the runtime directory. */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
         return -errno;
-    if (getppid() != parent_pid)
+    /* pid 1 of a new pid namespace sees no parent (getppid() is 0): its caller checks */
+    if (getpid() != 1 && getppid() != parent_pid)
         return -ESRCH; /* the parent died before we asked */
     return 0;
 }

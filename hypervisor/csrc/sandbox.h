@@ -10,6 +10,8 @@
 #define RF_SANDBOX_USER 32
 int rf_sandbox_enter(int what, const char *hostname, int outer_uid, int outer_gid);
 int rf_sandbox_expose(const char *cover, const char *const *paths, int n);
+/* The next child forked is pid 1 of a new pid namespace (undo: rf_setns to our own). */
+int rf_pid_namespace_for_children(void);
 int rf_setns(int fd, int nstype);
 /* PR_SET_PDEATHSIG(SIGKILL); -ESRCH if the parent is already gone */
 int rf_die_with_parent(int parent_pid);

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from ringfence.isolation.launcher import open_launcher
-from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes are made as root here")
 
@@ -108,7 +108,7 @@ async def test_children_die_with_the_launcher():
     async with open_launcher() as launcher:
         box = await spawn_sandboxed(SandboxSpec("lnch-h"), [PY, "-c", "import time; time.sleep(60)"],
                                     launcher=launcher)
-        inner = int(open(f"/proc/{box.pid}/task/{box.pid}/children").read().split()[0])
+        inner = innermost_pid(box.pid)
         # ps and pgrep see the domain's command line, not the launcher's
         cmdline = open(f"/proc/{inner}/cmdline", "rb").read()
         assert cmdline.rstrip(b"\0").split(b"\0") == [PY.encode(), b"-c", b"import time; time.sleep(60)"]

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from ringfence.isolation.launcher import open_launcher
-from ringfence.isolation.sandbox import SandboxSpec, group_cgroups, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec, group_cgroups, innermost_pid, spawn_sandboxed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these checks run as root")
 
@@ -70,9 +70,7 @@ async def test_driver_domain_cannot_reach_a_guest(tmp_path, launcher):
                 line += await guest.process.stdout.receive_some(100)
         guest_inner_pid = int(line)
         assert guest_inner_pid == 1  # pid 1 of its own namespace
-        # the guest's global pid: the child of the waiter
-        children = open(f"/proc/{guest.pid}/task/{guest.pid}/children").read().split()
-        guest_pid = int(children[0])
+        guest_pid = innermost_pid(guest.pid)  # its global pid
         driver = await spawn_sandboxed(SandboxSpec("driver1", nofile=512),
                                        [sys.executable, "-c", PROBE, str(guest_pid)],
                                        stdout=subprocess.PIPE, launcher=launcher)
@@ -134,18 +132,17 @@ async def test_pids_limit_holds(launcher):
     assert stats.pids_max == 20
 
 
-async def test_wait_gone_waits_for_the_program_under_the_waiter(launcher):
-    """A sandbox with a pid namespace runs its program under a waiter; once the program is
-    watched, wait_gone returns only when it is gone too (the supervisor's word that a dead
-    driver domain touches nothing more), however the waiter died."""
+async def test_wait_gone_waits_for_the_program_under_the_waiter():
+    """An exec'd sandbox with a pid namespace runs its program under a waiter; once the
+    program is watched, wait_gone returns only when it is gone too (the supervisor's word
+    that a dead driver domain touches nothing more), however the waiter died."""
     import signal
     program = PRELUDE + "import time\nprint('up', flush=True)\ntime.sleep(60)\n"
     box = await spawn_sandboxed(SandboxSpec("gone1"), [sys.executable, "-c", program],
-                                stdout=subprocess.PIPE, launcher=launcher)
+                                stdout=subprocess.PIPE)
     try:
         with trio.fail_after(30):
             assert await box.process.stdout.receive_some(100) == b"up\n"
-        from ringfence.isolation.sandbox import innermost_pid
         inner = innermost_pid(box.pid)
         assert inner != box.pid
         box.watch_program()
@@ -157,6 +154,32 @@ async def test_wait_gone_waits_for_the_program_under_the_waiter(launcher):
         os.close(pidfd)
     finally:
         await box.aclose()
+
+
+async def test_a_forked_domain_is_pid_1_of_its_namespace_with_no_waiter():
+    """The launcher forks a domain straight into a pid namespace of its own: its program is
+    the launcher's child and pid 1 there, with no waiter between (one process fewer per
+    start). It is seen, signalled and waited for as a waiter would be: SIGTERM ends it
+    (the namespace's init gets only the signals it handles, so it handles this one)."""
+    import signal
+    program = PRELUDE + "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n"
+    async with open_launcher(["ringfence.isolation.sandbox"]) as launcher:
+        box = await spawn_sandboxed(SandboxSpec("born1"), [sys.executable, "-c", program],
+                                    stdout=subprocess.PIPE, launcher=launcher)
+        try:
+            with trio.fail_after(30):
+                assert await box.process.stdout.receive_some(100) == b"1\n"
+            status = dict(line.split(":", 1) for line in open(f"/proc/{box.pid}/status"))
+            assert status["NSpid"].split() == [str(box.pid), "1"]
+            assert int(status["PPid"]) == launcher.process.pid
+            assert innermost_pid(box.pid) == box.pid
+            box.watch_program()
+            os.kill(box.pid, signal.SIGTERM)
+            with trio.fail_after(30):
+                await box.wait_gone()
+                assert await box.wait() == 128 + signal.SIGTERM
+        finally:
+            await box.aclose()
 
 
 def _readable(fd: int) -> bool:

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-from ringfence.isolation.sandbox import SandboxSpec, spawn_sandboxed
+from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
 from ringfence.testing.streams import LineReader
 from ringfence.testing.xen_standin import build_standin, spawn_xen_domain
 from ringfence.toolstack.devices import add_vbd, add_vif
@@ -164,11 +164,6 @@ def _in_netns(pid: int, *argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
-def _inner_pid(waiter: int) -> int:
-    with open(f"/proc/{waiter}/task/{waiter}/children") as f:
-        return int(f.read().split()[0])
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and TAP")
 async def test_netback_on_the_xen_platform_carries_two_sim_guests_pings(tmp_path):
     boxes = []
@@ -193,8 +188,8 @@ async def test_netback_on_the_xen_platform_carries_two_sim_guests_pings(tmp_path
                     while b"netfront ready" not in (tmp_path / f"g{n}.out").read_bytes():
                         assert box.process.poll() is None, f"g{n} exited"
                         await trio.sleep(0.05)
-                pids[n] = _inner_pid(box.pid)
-            _assert_uses_the_standin(_inner_pid(net.pid))
+                pids[n] = innermost_pid(box.pid)
+            _assert_uses_the_standin(innermost_pid(net.pid))
 
             def pings() -> None:
                 one = _in_netns(pids[1], "ping", "-c", "3", "-W", "5", "10.78.0.2")

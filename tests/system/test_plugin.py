@@ -52,3 +52,23 @@ async def test_xenstored_crash_is_survived_by_every_domain(ringfence_system, tmp
 
     await trio.to_thread.run_sync(io)
     assert any(name == "stor" for name, _ in system.recoveries)
+
+
+async def test_the_hang_fault_stops_the_domains_program(ringfence_system):
+    """``hang`` stops the driver domain's program itself (what serves the guests), which
+    its watchdog then misses, not a waiter standing outside its pid namespace."""
+    import signal
+    from ringfence.isolation.sandbox import innermost_pid
+    from ringfence.testing.plugin import ringfence_fault
+    program = innermost_pid(ringfence_system.drivers["stor"].process.pid)
+    await ringfence_fault(ringfence_system, "hang", "stor")
+    def state() -> str:
+        with open(f"/proc/{program}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    try:
+        with trio.fail_after(10):  # stopped once it takes the signal
+            while state() != "T":
+                await trio.sleep(0.01)
+    finally:
+        os.kill(program, signal.SIGCONT)

@@ -60,7 +60,9 @@ async def ringfence_fault(system: Any, kind: str, domain: str) -> None:
     if kind == "kill":
         service.kill()
     elif kind == "hang" and service.process is not None:
-        os.kill(service.process.pid, signal.SIGSTOP)
+        # the program, not an exec'd domain's waiter (which serves nothing)
+        from ringfence.isolation.sandbox import innermost_pid
+        os.kill(innermost_pid(service.process.pid), signal.SIGSTOP)
     else:
         raise ValueError(f"unknown fault {kind!r}")
 
