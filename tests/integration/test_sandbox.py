@@ -59,16 +59,25 @@ async def launcher(request):
         yield forker
 
 
+async def _line(stream) -> bytes:
+    """What a program printed up to its first newline (or all it wrote, if it ended first):
+    one line may come in more than one read."""
+    out = b""
+    while b"\n" not in out:
+        chunk = await stream.receive_some(100)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 async def test_driver_domain_cannot_reach_a_guest(tmp_path, launcher):
     leak_r, leak_w = os.pipe()  # an fd that must not be inherited
     guest = await spawn_sandboxed(SandboxSpec("guest1"), [sys.executable, "-c", GUEST],
                                   stdout=subprocess.PIPE, launcher=launcher)
     try:
-        line = b""
         with trio.fail_after(20):
-            while not line.endswith(b"\n"):
-                line += await guest.process.stdout.receive_some(100)
-        guest_inner_pid = int(line)
+            guest_inner_pid = int(await _line(guest.process.stdout))
         assert guest_inner_pid == 1  # pid 1 of its own namespace
         guest_pid = innermost_pid(guest.pid)  # its global pid
         driver = await spawn_sandboxed(SandboxSpec("driver1", nofile=512),
@@ -117,13 +126,8 @@ async def test_pids_limit_holds(launcher):
     """)
     box = await spawn_sandboxed(SandboxSpec("bomb1", pids_max=20), [sys.executable, "-c", bomb],
                                 stdout=subprocess.PIPE, launcher=launcher)
-    out = b""
     with trio.fail_after(30):
-        while b"\n" not in out:
-            chunk = await box.process.stdout.receive_some(100)
-            if not chunk:
-                break
-            out += chunk
+        out = await _line(box.process.stdout)
     stats = box.statistics()
     await box.aclose()
     if not box.cgroup.dirs.get("pids") and not box.cgroup.v2:
@@ -142,7 +146,7 @@ async def test_wait_gone_waits_for_the_program_under_the_waiter():
                                 stdout=subprocess.PIPE)
     try:
         with trio.fail_after(30):
-            assert await box.process.stdout.receive_some(100) == b"up\n"
+            assert await _line(box.process.stdout) == b"up\n"
         inner = innermost_pid(box.pid)
         assert inner != box.pid
         box.watch_program()
@@ -168,7 +172,7 @@ async def test_a_forked_domain_is_pid_1_of_its_namespace_with_no_waiter():
                                     stdout=subprocess.PIPE, launcher=launcher)
         try:
             with trio.fail_after(30):
-                assert await box.process.stdout.receive_some(100) == b"1\n"
+                assert await _line(box.process.stdout) == b"1\n"
             status = dict(line.split(":", 1) for line in open(f"/proc/{box.pid}/status"))
             assert status["NSpid"].split() == [str(box.pid), "1"]
             assert int(status["PPid"]) == launcher.process.pid
