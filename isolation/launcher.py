@@ -124,8 +124,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def _child(request: dict[str, Any], fds: list[int], status_fd: int, parent: int,
-           parent_pidfd: int | None) -> None:
+def _child(request: dict[str, Any], entry: SandboxEntry, fds: list[int], status_fd: int,
+           parent: int, parent_pidfd: int | None) -> None:
     """In the fork: enter the sandbox, report success or why not, run the program.
     ``parent_pidfd``: the launcher's, for a child born in a pid namespace of its own."""
     try:
@@ -141,7 +141,7 @@ def _child(request: dict[str, Any], fds: list[int], status_fd: int, parent: int,
             # The namespace's init gets only the signals it handles, and there is no waiter
             # to die of a SIGTERM for it: ``kill PID`` ends the domain as it would a waiter.
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        SandboxEntry.from_json(request["sandbox"]).enter()
+        entry.enter()
         os.environ.clear()
         os.environ.update(request["env"])
     except BaseException as exc:
@@ -152,7 +152,8 @@ def _child(request: dict[str, Any], fds: list[int], status_fd: int, parent: int,
     _run_python(request["argv"][1:])
 
 
-def _validate(request: Any, fds: list[int]) -> dict[str, Any]:
+def _validate(request: Any, fds: list[int]) -> tuple[dict[str, Any], SandboxEntry]:
+    """The request, and its sandbox read once, here: the fork decides by it too (_spawn)."""
     if not isinstance(request, dict):
         raise ValueError("a request is a JSON object")
     argv, targets, env = request.get("argv"), request.get("fds"), request.get("env")
@@ -168,7 +169,11 @@ def _validate(request: Any, fds: list[int]) -> dict[str, Any]:
         raise ValueError("env must map names to strings")
     if not isinstance(request.get("sandbox"), dict):
         raise ValueError("sandbox missing")
-    return request
+    try:
+        entry = SandboxEntry.from_json(request["sandbox"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"sandbox malformed: {exc!r}") from None
+    return request, entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +192,8 @@ class _Births:
             return None
 
 
-def _spawn(request: dict[str, Any], fds: list[int], births: _Births | None) -> tuple[int, int]:
+def _spawn(request: dict[str, Any], entry: SandboxEntry, fds: list[int],
+           births: _Births | None) -> tuple[int, int]:
     """Fork a child for ``request``; returns its pid and a pidfd, once it has entered its
     sandbox (raises with the child's reason when it could not).
 
@@ -199,15 +205,13 @@ def _spawn(request: dict[str, Any], fds: list[int], births: _Births | None) -> t
     makes its waiter."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
-    what = request["sandbox"].get("what")
-    born_init = (births is not None and isinstance(what, int)
-                 and what & lib.RF_SANDBOX_PID and not what & lib.RF_SANDBOX_USER
-                 and lib.rf_pid_namespace_for_children() == 0)
+    born_init = (births is not None and entry.what & lib.RF_SANDBOX_PID
+                 and not entry.what & lib.RF_SANDBOX_USER and lib.rf_pid_namespace_for_children() == 0)
     try:
         pid = os.fork()
         if pid == 0:
             os.close(status_r)
-            _child(request, fds, status_w, parent, births.launcher if born_init else None)  # no return
+            _child(request, entry, fds, status_w, parent, births.launcher if born_init else None)  # no return
     finally:
         os.close(status_w)
         if born_init and lib.rf_setns(births.own_pid_namespace, 0) < 0:
@@ -262,7 +266,7 @@ def serve(sock: socket.socket, preload: Sequence[str]) -> None:
             if not data:
                 return
             try:
-                pid, pidfd = _spawn(_validate(json.loads(data), fds), fds, births)
+                pid, pidfd = _spawn(*_validate(json.loads(data), fds), fds, births)
             except (ValueError, OSError) as exc:
                 _send(sock, {"error": str(exc)})
             else:

@@ -79,7 +79,10 @@ async def test_bad_requests_get_an_error_and_the_launcher_goes_on():
                json.dumps({**good, "fds": [0, 1]}).encode(),            # fewer targets than fds
                json.dumps({**good, "fds": [0, 0, 2]}).encode(),         # the same target twice
                json.dumps({**good, "env": {"A=B": "c"}}).encode(),
-               json.dumps(good).encode()]                               # no sandbox to enter
+               json.dumps(good).encode(),                               # no sandbox to enter
+               json.dumps({**good, "sandbox": {                         # a malformed one
+                   "what": 1, "hostname": "h", "outer_uid": 0, "outer_gid": 0, "procs_files": [],
+                   "limits": [[7]], "expose": [], "idle": False}}).encode()]
         try:
             for message in bad:
                 async with launcher._lock:
