@@ -43,7 +43,6 @@ class _BackendRefused(_BackendMoved):
     predecessor, or keys it judged bad): the handshake starts over from Initialising."""
 
 
-
 @dataclass(frozen=True, slots=True)
 class NetfrontStatistics:
     devid: int
