@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from ringfence._unixsock import bound_unix
 from ringfence.isolation.sandbox import SandboxedProcess, SandboxSpec, sandbox_uid, spawn_sandboxed
 
 log = logging.getLogger(__name__)
@@ -226,10 +227,10 @@ class Service:
         path = os.path.join(self.runtime_dir, f"{self.name}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify: trio.socket.SocketType | None = None
         started: SandboxedProcess | None = None
         try:
-            await notify.bind(path)
+            notify = bound_unix(path, socket.SOCK_DGRAM)
             notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             if os.geteuid() == 0:
                 uid = self.sandbox.uid if self.sandbox.uid is not None else sandbox_uid(self.sandbox.name)
@@ -263,7 +264,8 @@ class Service:
                 self.crashes += 1
                 self._crashed_at = time.monotonic()
         finally:
-            notify.close()
+            if notify is not None:
+                notify.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             if started is not None:

@@ -12,23 +12,34 @@ import socket
 import trio
 
 
+def bound_unix(path: str, kind: int = socket.SOCK_STREAM) -> trio.socket.SocketType:
+    """A Unix socket bound to ``path``, bound right here: trio's ``bind`` goes through a
+    worker thread (a thread start for each new domain, a wake-up each time), and nothing
+    else may run meanwhile while the caller holds a umask. Our paths are on a local
+    filesystem (/run), where bind does not block."""
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
 async def listen_unix(path: str, *, backlog: int = 64, private: bool = True,
                       kind: int = socket.SOCK_STREAM) -> trio.socket.SocketType:
     """A listening socket at ``path`` (mode 0600 when ``private``), replacing whatever was
     there."""
-    sock = trio.socket.socket(socket.AF_UNIX, kind)
     staging = f"{path}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging)
     old_umask = os.umask(0o077) if private else None
     try:
-        await sock.bind(staging)
-    except BaseException:
-        sock.close()
-        raise
+        sock = bound_unix(staging, kind)
     finally:
         if old_umask is not None:
             os.umask(old_umask)
     sock.listen(backlog)
     os.rename(staging, path)
+    await trio.lowlevel.checkpoint()
     return sock
