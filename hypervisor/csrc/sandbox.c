@@ -11,6 +11,7 @@
 #include <linux/if.h>
 #include <linux/if_tun.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <stdlib.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -164,6 +165,26 @@ int rf_pid_namespace_for_children(void)
 int rf_setns(int fd, int nstype)
 {
     return setns(fd, nstype) < 0 ? -errno : 0;
+}
+
+/* Remount the filesystem mounted at target with the superblock options data, keeping the
+ * mount's own flags: a remount sets nosuid, nodev, noexec, ro and the atime flags from its
+ * flags argument, and dropping them from a cgroup hierarchy would loosen it. */
+int rf_remount(const char *target, const char *data)
+{
+    static const struct { unsigned long st, ms; } kept[] = {
+        {ST_RDONLY, MS_RDONLY}, {ST_NOSUID, MS_NOSUID}, {ST_NODEV, MS_NODEV},
+        {ST_NOEXEC, MS_NOEXEC}, {ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME},
+        {ST_RELATIME, MS_RELATIME},
+    };
+    struct statvfs st;
+    if (statvfs(target, &st) < 0)
+        return -errno;
+    unsigned long flags = MS_REMOUNT;
+    for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++)
+        if (st.f_flag & kept[i].st)
+            flags |= kept[i].ms;
+    return mount(NULL, target, NULL, flags, data) < 0 ? -errno : 0;
 }
 
 /* Open (creating if needed) a TAP device in the caller's network namespace. With vnet_hdr

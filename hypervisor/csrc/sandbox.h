@@ -13,6 +13,8 @@ int rf_sandbox_expose(const char *cover, const char *const *paths, int n);
 /* The next child forked is pid 1 of a new pid namespace (undo: rf_setns to our own). */
 int rf_pid_namespace_for_children(void);
 int rf_setns(int fd, int nstype);
+/* Remount the filesystem at target with superblock options data, its mount flags kept. */
+int rf_remount(const char *target, const char *data);
 /* PR_SET_PDEATHSIG(SIGKILL); -ESRCH if the parent is already gone */
 int rf_die_with_parent(int parent_pid);
 int rf_tap_open(const char *name, int vnet_hdr, int multi_queue, char *actual_name);
