@@ -316,22 +316,30 @@ class Service:
         return False
 
     async def _watchdog(self) -> None:
+        """Kill a run that is not ready within ready_timeout or, with a watchdog interval,
+        that goes that long without WATCHDOG=1. Asleep until the next deadline: a toolstack
+        that polled each service four times a second woke for nothing on busy cores."""
         assert self.process is not None
-        interval = self.policy.watchdog
-        deadline = time.monotonic() + self.policy.ready_timeout
-        while True:
-            await trio.sleep(min(interval or 1.0, 0.5) / 2)
-            now = time.monotonic()
-            if self.state == State.STARTING and now > deadline:
-                reason = "not ready in time"
-            elif interval and self.state == State.READY and now - self._last_ping > interval:
-                reason = "missed watchdog"
-            else:
-                continue
-            self.watchdog_kills += 1
-            log.warning("killing service", extra={"kv": {"service": self.name, "reason": reason}})
-            self.process.kill()
+        with trio.move_on_after(self.policy.ready_timeout):
+            await self.wait_for(lambda s: s.state != State.STARTING)
+        if self.state == State.STARTING:
+            self._watchdog_kill("not ready in time")
             return
+        interval = self.policy.watchdog
+        if not interval:
+            return  # the notifications are still read (_monitor)
+        while True:
+            late = time.monotonic() - self._last_ping - interval
+            if self.state == State.READY and late > 0:
+                self._watchdog_kill("missed watchdog")
+                return
+            await trio.sleep(-late if late < 0 else interval)
+
+    def _watchdog_kill(self, reason: str) -> None:
+        assert self.process is not None
+        self.watchdog_kills += 1
+        log.warning("killing service", extra={"kv": {"service": self.name, "reason": reason}})
+        self.process.kill()
 
     async def stop(self) -> None:
         self._stop = True

@@ -20,6 +20,8 @@ SERVICE = textwrap.dedent("""
     from ringfence._sdnotify import Notifier
     mode = sys.argv[1]
     n = Notifier()
+    if mode == "mute":  # never says it is ready
+        time.sleep(60)
     n.notify(READY=1, STATUS=f"serving mode={mode}")
     start = time.monotonic()
     while True:
@@ -64,6 +66,18 @@ async def test_hung_service_is_killed_by_the_watchdog_and_restarted(tmp_path):
     async with trio.open_nursery() as nursery:
         sup = await nursery.start(Supervisor().run)
         svc = await sup.add(service("hanger", "hang", tmp_path, watchdog=0.5, burst=2))
+        with trio.fail_after(30):
+            while svc.state != State.FAILED:
+                await trio.sleep(0.05)
+        assert svc.watchdog_kills == 2 and svc.starts == 2, (svc.last_exit, svc.statistics())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_service_never_ready_is_killed_at_its_ready_timeout(tmp_path):
+    async with trio.open_nursery() as nursery:
+        sup = await nursery.start(Supervisor().run)
+        svc = await sup.add(service("mute", "mute", tmp_path, ready_timeout=0.5, burst=2,
+                                    watchdog=None))
         with trio.fail_after(30):
             while svc.state != State.FAILED:
                 await trio.sleep(0.05)
