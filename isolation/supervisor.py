@@ -230,11 +230,7 @@ class Service:
         notify: trio.socket.SocketType | None = None
         started: SandboxedProcess | None = None
         try:
-            notify = bound_unix(path, socket.SOCK_DGRAM)
-            notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            if os.geteuid() == 0:
-                uid = self.sandbox.uid if self.sandbox.uid is not None else sandbox_uid(self.sandbox.name)
-                os.chown(path, uid, -1)
+            notify = notify_socket(path, self.sandbox)
             env = dict(launch.env if launch.env is not None else os.environ)
             env["NOTIFY_SOCKET"] = path
             if self.policy.watchdog:
@@ -286,13 +282,9 @@ class Service:
                 nursery.start_soon(self._watchdog)
 
     async def _read_notifications(self, sock: trio.socket.SocketType) -> None:
-        ancbuf = socket.CMSG_SPACE(CREDS.size)
         while True:
-            data, ancdata, _, _ = await sock.recvmsg(4096, ancbuf)
-            if not self._from_our_process(ancdata):
-                continue  # only the service's own processes may speak for it
-            for line in data.decode(errors="replace").splitlines():
-                key, _, value = line.partition("=")
+            assert self.process is not None
+            for key, value in await receive_notification(sock, self.process.pid):
                 if key == "READY" and value == "1":
                     self._became_ready()
                 elif key == "WATCHDOG" and value == "1":
@@ -307,13 +299,6 @@ class Service:
             self.last_recovery_ms = (time.monotonic() - self._crashed_at) * 1000
             self._crashed_at = None
         self._set_state(State.READY)
-
-    def _from_our_process(self, ancdata: list[tuple[int, int, bytes]]) -> bool:
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = CREDS.unpack_from(cdata)[0]
-                return self.process is not None and pid in _descendants(self.process.pid)
-        return False
 
     async def _watchdog(self) -> None:
         """Kill a run that is not ready within ready_timeout or, with a watchdog interval,
@@ -350,6 +335,32 @@ class Service:
         """Kill the current run (fault injection): the service restarts as after a crash."""
         if self.process is not None:
             self.process.kill()
+
+
+def notify_socket(path: str, sandbox: SandboxSpec) -> trio.socket.SocketType:
+    """A socket at ``path`` for sd_notify messages (NOTIFY_SOCKET) from ``sandbox``'s
+    processes, with their credentials attached (receive_notification)."""
+    sock = bound_unix(path, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if os.geteuid() == 0:
+            os.chown(path, sandbox.uid if sandbox.uid is not None else sandbox_uid(sandbox.name), -1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def receive_notification(sock: trio.socket.SocketType, pid: int) -> list[tuple[str, str]]:
+    """The next sd_notify message (KEY=value lines) sent by process ``pid`` or one of its
+    descendants: only a service's own processes may speak for it."""
+    while True:
+        data, ancdata, _, _ = await sock.recvmsg(4096, socket.CMSG_SPACE(CREDS.size))
+        sender = next((CREDS.unpack_from(cdata)[0] for level, kind, cdata in ancdata
+                       if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+        if sender is not None and sender in _descendants(pid):
+            return [(key, value) for key, _, value in
+                    (line.partition("=") for line in data.decode(errors="replace").splitlines())]
 
 
 def _descendants(pid: int) -> set[int]:

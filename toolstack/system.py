@@ -31,7 +31,8 @@ from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.launcher import open_launcher
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
-from ringfence.isolation.supervisor import Launch, RestartPolicy, Service, Supervisor
+from ringfence.isolation.supervisor import (Launch, RestartPolicy, Service, Supervisor,
+                                            notify_socket, receive_notification)
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.control import control_path, serve_control
 from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_backends
@@ -358,6 +359,19 @@ async def _hand_over(system: System, name: str, old: int | None, domid: int,
     await _discard_staged(system, domid, staged)
 
 
+async def _until_ready(sock: Any, pid: int) -> None:
+    """Until the process ``pid`` (or one of its own) says READY=1 on ``sock``."""
+    while ("READY", "1") not in await receive_notification(sock, pid):
+        pass
+
+
+def _close_notify_socket(sock: Any, path: str) -> None:
+    if sock is not None:
+        sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 async def _discard_staged(system: System, spare: int, staged: set[tuple[str, int, int]]) -> None:
     """The frontends' standby directories made for a spare that will not take over."""
     for kind, frontend, devid in staged:
@@ -500,14 +514,23 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         generation += 1
         spare_name = f"{name}.spare{generation}"
         domid, fd = await system.dom0.create_domain(spare_name)
+        # Its own cgroup (the active one's goes with the active one), the same user.
+        spec = dataclasses.replace(sandbox, name=spare_name, uid=uid, start_idle=True)
+        # And its own notify socket: its READY=1 says it is up the moment it is (and none of
+        # its messages go to whoever started the toolstack, systemd say).
+        notify_dir = os.path.join(system.runtime_dir, "notify")
+        os.makedirs(notify_dir, mode=0o755, exist_ok=True)
+        notify_path = os.path.join(notify_dir, f"{spare_name}.sock")
+        notify = None
         try:
-            # Its own cgroup (the active one's goes with the active one), the same user.
-            spec = dataclasses.replace(sandbox, name=spare_name, uid=uid, start_idle=True)
+            notify = notify_socket(notify_path, spec)
             spare_stats = os.path.join(os.path.dirname(stats), f"spare{generation}.sock")
-            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: spare_stats})
+            env = dict(os.environ, **{DOMAIN_FD_ENV: str(fd), STATS_SOCKET_ENV: spare_stats,
+                                      "NOTIFY_SOCKET": notify_path})
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
                                             launcher=system.launcher_for(serves_net), **kwargs)
         except BaseException:
+            _close_notify_socket(notify, notify_path)
             with contextlib.suppress(OSError):
                 await system.dom0.destroy_domain(domid)
             raise
@@ -528,12 +551,16 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it
         # runs at normal priority, so that the frontends' standby links to it connect now,
         # not when it takes over. So it does too if it is not up after SPARE_IDLE_GRACE.
-        began = trio.current_time()
-        with trio.move_on_after(SPARE_START_TIMEOUT):
-            while not os.path.exists(spare.stats):
-                await trio.sleep(0.05)
-                if trio.current_time() - began > SPARE_IDLE_GRACE and process.process.poll() is None:
-                    _normal_priority(innermost_pid(process.pid))
+        try:
+            with trio.move_on_after(SPARE_START_TIMEOUT):
+                with trio.move_on_after(SPARE_IDLE_GRACE) as grace:
+                    await _until_ready(notify, process.pid)
+                if grace.cancelled_caught:
+                    if process.process.poll() is None:
+                        _normal_priority(innermost_pid(process.pid))
+                    await _until_ready(notify, process.pid)
+        finally:
+            _close_notify_socket(notify, notify_path)
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
         if not standing():
