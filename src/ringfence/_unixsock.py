@@ -13,10 +13,10 @@ import trio
 
 
 def bound_unix(path: str, kind: int = socket.SOCK_STREAM) -> trio.socket.SocketType:
-    """A Unix socket bound to ``path``, bound right here: trio's ``bind`` goes through a
-    worker thread (a thread start for each new domain, a wake-up each time), and nothing
-    else may run meanwhile while the caller holds a umask. Our paths are on a local
-    filesystem (/run), where bind does not block."""
+    """A Unix socket bound to ``path`` right here. trio's ``bind`` goes through a worker
+    thread: a thread started in each new domain, a wake-up each time, and other tasks run
+    meanwhile, which must not happen while the caller has the umask changed. Our paths
+    are on a local filesystem (/run), where bind does not block."""
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
