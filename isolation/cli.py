@@ -45,8 +45,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="the window of --burst, in seconds (default 60)")
     parser.add_argument("--runtime-dir", default="/run/ringfence-supervise", metavar="DIR",
                         help="its sd_notify sockets (default /run/ringfence-supervise)")
+    add_favordynmods_argument(parser)
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     parser.set_defaults(func=run_command)
+
+
+def add_favordynmods_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--favordynmods", action="store_true",
+                        help="remount a cgroup hierarchy with favordynmods (Linux 6.0+, as "
+                        "root): a domain then joins its cgroup at once instead of waiting "
+                        "5-12 ms for an RCU grace period, about a fifth of a cold recovery; "
+                        "host-wide, and forks and exits cost a little more")
+
+
+def apply_favordynmods(args: argparse.Namespace) -> None:
+    """--favordynmods: done and logged, or a warning (the sandboxes start all the same,
+    each a grace period slower)."""
+    if not args.favordynmods:
+        return
+    from ringfence.isolation.sandbox import favor_cgroup_moves
+    try:
+        remounted = favor_cgroup_moves()
+    except OSError as exc:
+        log.warning("cgroup moves not favoured", extra={"kv": {"error": str(exc)}})
+    else:
+        log.info("cgroup moves favoured", extra={"kv": {"remounted": remounted or "already"}})
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -55,6 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError("a command is needed: ringfence supervise [OPTIONS] -- COMMAND [ARGS...]")
     if args.burst < 1 or args.interval <= 0 or (args.watchdog is not None and args.watchdog <= 0):
         raise UsageError("--burst must be >= 1, --interval and --watchdog > 0")
+    apply_favordynmods(args)
     return trio.run(_supervise, args, argv)
 
 

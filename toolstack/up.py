@@ -9,6 +9,7 @@ import signal
 import trio
 
 from ringfence._sdnotify import Notifier
+from ringfence.isolation.cli import add_favordynmods_argument, apply_favordynmods
 from ringfence.toolstack.config import ensure_disk_images, load
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
                         help=f"sockets and state (default {DEFAULT_RUNTIME}); not under /tmp")
     parser.add_argument("--no-sandbox", action="store_true", help="run domains unsandboxed")
-    parser.add_argument("--favordynmods", action="store_true",
-                        help="remount a cgroup hierarchy with favordynmods (Linux 6.0+, as "
-                        "root): a domain then joins its cgroup at once instead of waiting "
-                        "5-12 ms for an RCU grace period, about a fifth of a cold recovery; "
-                        "host-wide, and forks and exits cost a little more")
+    add_favordynmods_argument(parser)
     parser.set_defaults(func=run_command)
 
 
@@ -46,14 +43,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = load(args.config, os.path.join(args.runtime_dir, "disks"))
     if args.config is None:
         ensure_disk_images(config)
-    if args.favordynmods:
-        from ringfence.isolation.sandbox import favor_cgroup_moves
-        try:
-            remounted = favor_cgroup_moves()
-        except OSError as exc:  # domains still start, each a grace period slower
-            log.warning("cgroup moves not favoured", extra={"kv": {"error": str(exc)}})
-        else:
-            log.info("cgroup moves favoured", extra={"kv": {"remounted": remounted or "already"}})
+    apply_favordynmods(args)
     trio.run(_up, config, args)
     return 0
 
