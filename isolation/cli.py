@@ -55,7 +55,8 @@ def add_favordynmods_argument(parser: argparse.ArgumentParser) -> None:
                         help="remount a cgroup hierarchy with favordynmods (Linux 6.0+, as "
                         "root): a domain then joins its cgroup at once instead of waiting "
                         "5-12 ms for an RCU grace period, about a fifth of a cold recovery; "
-                        "host-wide, and forks and exits cost a little more")
+                        "host-wide (since Linux 6.18 until the host reboots, whatever the "
+                        "mount option says later), and forks and exits cost a little more")
 
 
 def apply_favordynmods(args: argparse.Namespace) -> None:

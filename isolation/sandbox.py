@@ -170,6 +170,8 @@ def group_cgroups(group: str) -> list[Path]:
 # few milliseconds, that waits for an RCU grace period: 5-12 ms on these machines, a fifth
 # of a cold recovery. ``favordynmods`` (Linux 6.0) keeps the lock ready for writers, at the
 # price of a little more work in every fork and exit; one hierarchy with it is enough.
+# Since Linux 6.18 it also moves cgroup.procs writes to a lock of each thread group, and
+# that choice stays until the host reboots, whatever the mount option says later.
 FAVORDYNMODS = "favordynmods"
 
 
