@@ -239,11 +239,12 @@ class Dom0Engine:
             server.counters["connections"] += 1
 
     def request(self, engine_id: int, data: bytes) -> None:
+        """Requests the engine could not answer: whole messages back to back (it framed
+        them, and checked their lengths), handled in order as one batch."""
         conn = self.connections.get(engine_id)
         if conn is None:
             return
-        type_, req_id, tx_id, _ = W.HEADER.unpack_from(data)
-        self.server.handle_batch(conn, [W.Message(type_, req_id, tx_id, data[W.HEADER.size:])])
+        self.server.handle_batch(conn, W.MessageReader().feed(data))
 
     def closed(self, engine_id: int, reason: int) -> None:
         server = self.server

@@ -925,10 +925,26 @@ long rf_xsd_adopt(rf_xsd *x, uint32_t conn, uint32_t tx_id, uint8_t *out, size_t
     return rc;
 }
 
-/* Frame and serve the input buffered on c until it runs out or output backs up. */
+/* Hand the daemon a run of messages, contiguous in c's input, in one callback (one trip
+ * into Python and through its lock, not one per message: a toolstack's transaction is a
+ * pipeline of some 40 requests the engine cannot answer). */
+static void forward(rf_xsd *x, struct conn *c, const uint8_t *first, size_t len, unsigned count)
+{
+    if (!count)
+        return;
+    pthread_mutex_lock(&x->lock);
+    x->stats.forwarded += count;
+    pthread_mutex_unlock(&x->lock);
+    rf_xsd_on_request(x->ctx, c->id, first, len);
+}
+
+/* Frame and serve the input buffered on c until it runs out or output backs up. Once one
+ * message goes to the daemon, the rest of the run goes with it, answered or not: the
+ * engine must not answer a read ahead of a write the daemon has not made yet. */
 static void serve_input(rf_xsd *x, struct conn *c)
 {
-    unsigned since_send = 0;
+    unsigned since_send = 0, pending = 0;
+    size_t pending_from = 0, pending_len = 0;
     for (;;) {
         size_t avail = c->in.len - c->in_off;
         if (avail < HEADER)
@@ -936,6 +952,8 @@ static void serve_input(rf_xsd *x, struct conn *c)
         const uint8_t *m = c->in.data + c->in_off;
         uint32_t len = get32(m + 12);
         if (len > PAYLOAD_MAX) {
+            forward(x, c, c->in.data + pending_from, pending_len, pending);
+            pending = 0;
             pthread_mutex_lock(&x->lock);
             x->stats.protocol_violations++;
             mark_closing(c, RF_XSD_CLOSED_VIOLATION);
@@ -944,15 +962,18 @@ static void serve_input(rf_xsd *x, struct conn *c)
         }
         if (avail < HEADER + (size_t)len)
             break;
-        if (!answer_read(x, c, m, len) && !answer_write(x, c, m, len) &&
-            !answer_transaction(x, c, m, len)) {
-            pthread_mutex_lock(&x->lock);
-            x->stats.forwarded++;
-            pthread_mutex_unlock(&x->lock);
-            rf_xsd_on_request(x->ctx, c->id, m, HEADER + (size_t)len);
+        if (pending || (!answer_read(x, c, m, len) && !answer_write(x, c, m, len) &&
+                        !answer_transaction(x, c, m, len))) {
+            if (!pending++) {
+                pending_from = c->in_off;
+                pending_len = 0;
+            }
+            pending_len += HEADER + (size_t)len;
         }
         c->in_off += HEADER + (size_t)len;
         if (++since_send == REPLY_CHUNK) {
+            forward(x, c, c->in.data + pending_from, pending_len, pending);
+            pending = 0;
             since_send = 0;
             send_all_queued(x, c);
         }
@@ -962,6 +983,7 @@ static void serve_input(rf_xsd *x, struct conn *c)
         if (stop)
             break;
     }
+    forward(x, c, c->in.data + pending_from, pending_len, pending);
     if (c->in_off == c->in.len)
         c->in.len = c->in_off = 0;
 }

@@ -76,6 +76,7 @@ void rf_xsd_statistics(rf_xsd *xsd, rf_xsd_stats *out);
 
 /* Callbacks into Python (defined by cffi from xsd.cdef). */
 void rf_xsd_on_open(void *ctx, uint32_t conn);
+/* One or more whole messages, back to back. */
 void rf_xsd_on_request(void *ctx, uint32_t conn, const uint8_t *message, size_t len);
 void rf_xsd_on_close(void *ctx, uint32_t conn, int reason);
 #endif

@@ -55,6 +55,30 @@ async def test_reads_and_writes_made_in_c_are_the_tree_everyone_sees(tmp_path):
             assert xsd.server.statistics().requests >= 8
 
 
+async def test_a_pipeline_handed_to_the_daemon_is_answered_in_order(tmp_path):
+    """Requests the engine cannot answer go to the daemon a run at a time (one callback,
+    not one each). A read the engine could answer, behind one of them in the same
+    pipeline, goes with the run, so it sees the write before it."""
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0:
+            await dom0.write("/pipe/old", b"0")  # exists: the engine could read it
+            before = xsd.server.engine.statistics()
+            replies = await dom0.pipeline(
+                [(Op.WRITE, W.write_payload(f"/pipe/new{i}", str(i)), 0) for i in range(6)]
+                + [(Op.READ, W.join("/pipe/new5"), 0), (Op.WRITE, W.write_payload("/pipe/old", "1"), 0),
+                   (Op.READ, W.join("/pipe/old"), 0), (Op.DIRECTORY, W.join("/pipe"), 0)])
+            assert replies[:6] == [b"OK\0"] * 6
+            assert replies[6:9] == [b"5", b"OK\0", b"1"]
+            assert sorted(W.strings(replies[9])) == sorted(["old", *(f"new{i}" for i in range(6))])
+            after = xsd.server.engine.statistics()
+            # The first eight went as one run (a run ends where the engine sends a chunk of
+            # replies); what came after them the engine may answer itself.
+            forwarded = after.forwarded - before.forwarded
+            assert forwarded >= 8 and forwarded + after.fast_reads - before.fast_reads == 10
+            assert await dom0.read("/pipe/old") == b"1"  # and the engine's copy has it
+
+
 async def test_watches_fire_once_whoever_serves_the_write(tmp_path):
     path = str(tmp_path / "xs.sock")
     async with in_process_xenstored(path) as xsd:
