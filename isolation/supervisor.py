@@ -225,8 +225,6 @@ class Service:
             # A new process joins the same cgroup: the old one's must be empty first.
             await self._clear(leftover)
         path = os.path.join(self.runtime_dir, f"{self.name}.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         notify: trio.socket.SocketType | None = None
         started: SandboxedProcess | None = None
         try:
@@ -260,10 +258,7 @@ class Service:
                 self.crashes += 1
                 self._crashed_at = time.monotonic()
         finally:
-            if notify is not None:
-                notify.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            close_notify_socket(notify, path)
             if started is not None:
                 started.kill()
                 # Cleared before the next start, or beside it when a spare takes over.
@@ -339,7 +334,10 @@ class Service:
 
 def notify_socket(path: str, sandbox: SandboxSpec) -> trio.socket.SocketType:
     """A socket at ``path`` for sd_notify messages (NOTIFY_SOCKET) from ``sandbox``'s
-    processes, with their credentials attached (receive_notification)."""
+    processes, with their credentials attached (receive_notification). Whatever was at
+    ``path`` goes: one left by a toolstack that was killed would make the bind fail."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     sock = bound_unix(path, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -349,6 +347,14 @@ def notify_socket(path: str, sandbox: SandboxSpec) -> trio.socket.SocketType:
         sock.close()
         raise
     return sock
+
+
+def close_notify_socket(sock: trio.socket.SocketType | None, path: str) -> None:
+    """:func:`notify_socket`'s socket (None: never made) and its path go."""
+    if sock is not None:
+        sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def receive_notification(sock: trio.socket.SocketType, pid: int) -> list[tuple[str, str]]:

@@ -32,7 +32,8 @@ from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.launcher import open_launcher
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
 from ringfence.isolation.supervisor import (Launch, RestartPolicy, Service, Supervisor,
-                                            notify_socket, receive_notification)
+                                            close_notify_socket, notify_socket,
+                                            receive_notification)
 from ringfence.toolstack.config import Config, DiskSpec, DomainSpec, VifSpec
 from ringfence.toolstack.control import control_path, serve_control
 from ringfence.toolstack.devices import add_vbd, add_vif, stage_device, switch_backends
@@ -365,13 +366,6 @@ async def _until_ready(sock: Any, pid: int) -> None:
         pass
 
 
-def _close_notify_socket(sock: Any, path: str) -> None:
-    if sock is not None:
-        sock.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 async def _discard_staged(system: System, spare: int, staged: set[tuple[str, int, int]]) -> None:
     """The frontends' standby directories made for a spare that will not take over."""
     for kind, frontend, devid in staged:
@@ -530,7 +524,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             process = await spawn_sandboxed(spec, program, pass_fds=(fd,), env=env,
                                             launcher=system.launcher_for(serves_net), **kwargs)
         except BaseException:
-            _close_notify_socket(notify, notify_path)
+            close_notify_socket(notify, notify_path)
             with contextlib.suppress(OSError):
                 await system.dom0.destroy_domain(domid)
             raise
@@ -560,7 +554,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
                         _normal_priority(innermost_pid(process.pid))
                     await _until_ready(notify, process.pid)
         finally:
-            _close_notify_socket(notify, notify_path)
+            close_notify_socket(notify, notify_path)
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
         if not standing():

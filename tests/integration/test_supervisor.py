@@ -133,3 +133,21 @@ def test_supervise_command_stops_cleanly_on_sigterm(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     assert subprocess.run(["pgrep", "-f", "sleep 301.25"], capture_output=True).returncode == 1
+
+
+async def test_a_notify_socket_replaces_one_left_behind(tmp_path):
+    """A toolstack killed with its domains leaves their notify sockets (a spare's among
+    them) in the runtime directory: the next one's bind must not fail on them."""
+    import socket
+
+    from ringfence.isolation.supervisor import close_notify_socket, notify_socket
+    path = str(tmp_path / "stor.spare1.sock")
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    left.bind(path)
+    left.close()  # the file stays
+    sock = notify_socket(path, SandboxSpec("stor.spare1"))
+    try:
+        assert os.path.exists(path)
+    finally:
+        close_notify_socket(sock, path)
+    assert not os.path.exists(path)
