@@ -79,6 +79,28 @@ async def test_a_pipeline_handed_to_the_daemon_is_answered_in_order(tmp_path):
             assert await dom0.read("/pipe/old") == b"1"  # and the engine's copy has it
 
 
+async def test_a_run_handed_to_the_daemon_is_made_before_a_violation_behind_it(tmp_path):
+    """Requests waiting to go to the daemon as a run are handed over (and made) before the
+    engine closes the connection on an oversized message behind them, in the same write.
+    (Their replies go with the connection, as they always did.)"""
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0:
+            before = xsd.server.statistics().protocol_violations
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            sock.sendall(W.encode(Op.WRITE, 1, 0, W.write_payload("/run/a", "1"))
+                         + W.encode(Op.WRITE, 2, 0, W.write_payload("/run/b", "2"))
+                         + struct.pack("<IIII", Op.READ, 3, 0, 5000))
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while await trio.to_thread.run_sync(sock.recv, 65536):
+                    pass  # until the engine closes it
+            sock.close()
+            assert xsd.server.statistics().protocol_violations == before + 1
+            assert await dom0.read("/run/a") == b"1" and await dom0.read("/run/b") == b"2"
+
+
 async def test_watches_fire_once_whoever_serves_the_write(tmp_path):
     path = str(tmp_path / "xs.sock")
     async with in_process_xenstored(path) as xsd:
