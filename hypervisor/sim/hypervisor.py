@@ -95,7 +95,7 @@ class _Page:
 
 @dataclass(slots=True)
 class _Mapping:
-    granter: int
+    granter: Domain  # the domain itself: its domid may come back as another's
     gref: int
     readonly: bool
     inode: tuple[int, int]
@@ -601,7 +601,7 @@ class Hypervisor:
     def _release_mappings(self, mapper: Domain) -> None:
         """The mapper is gone: its mappings went with its process, so drop their pins."""
         for mapping in mapper.maptrack.values():
-            self._unpin(mapping.granter, mapping.gref, mapping.readonly)
+            self._unpin_mapping(mapping)
         mapper.maptrack.clear()
 
     # ---- pages ------------------------------------------------------------------------
@@ -662,6 +662,13 @@ class Hypervisor:
         counts[1] += 0 if readonly else 1
         return GNTST.okay, granter, frame[0]
 
+    def _unpin_mapping(self, mapping: _Mapping) -> None:
+        if self._granter_alive(mapping):
+            self._unpin(mapping.granter.domid, mapping.gref, mapping.readonly)
+
+    def _granter_alive(self, mapping: _Mapping) -> bool:
+        return self.domains.get(mapping.granter.domid) is mapping.granter
+
     def _unpin(self, granter_id: int, gref: int, readonly: bool) -> None:
         granter = self.domains.get(granter_id)
         if granter is None or gref not in granter.pins:
@@ -698,26 +705,30 @@ class Hypervisor:
                 continue
             handle = mapper.next_handle
             mapper.next_handle += 1
-            mapper.maptrack[handle] = _Mapping(granter_id, gref, readonly, _file_id(fd))
+            mapper.maptrack[handle] = _Mapping(granter, gref, readonly, _file_id(fd))
             fds.append(fd)
             results.append((GNTST.okay, handle))
             self._counters["maps"] += 1
         return P.reply(msg, 0, P.pack_items(P.MAP_RESULT, results)), fds
 
     def _unmap(self, mapper: Domain, msg: P.Message, handles: list[int]) -> bytes:
-        reachable = _reachable_inodes(mapper.pid) if handles else set()
+        # Whether a page is still in reach matters only while its granter lives and could
+        # reuse it: a dead domain's pages go to no one (and a mapper unmapping the rings of
+        # a domain just destroyed, as xenstored does, is spared the scan of its files).
+        pinned = any(self._granter_alive(m) for m in map(mapper.maptrack.get, handles) if m is not None)
+        reachable = _reachable_inodes(mapper.pid) if pinned else set()
         results = []
         for handle in handles:
-            mapping = mapper.maptrack.get(handle)
+            mapping = mapper.maptrack.get(handle)  # again: a handle may come twice
             if mapping is None:
                 results.append((self._grant_error(GNTST.bad_handle),))
-            elif mapping.inode in reachable:
+            elif mapping.inode in reachable and self._granter_alive(mapping):
                 # Still mapped or still open: dropping the pin would let the granter reuse
                 # a page this domain can still touch.
                 results.append((self._grant_error(GNTST.general_error),))
             else:
                 del mapper.maptrack[handle]
-                self._unpin(mapping.granter, mapping.gref, mapping.readonly)
+                self._unpin_mapping(mapping)
                 self._counters["unmaps"] += 1
                 results.append((GNTST.okay,))
         return P.reply(msg, 0, P.pack_items(P.STATUS, results))

@@ -118,6 +118,29 @@ async def test_unmap_refused_while_the_page_is_still_reachable(hv):
         assert (await granter.ok("end", gref=gref))["ended"] is False
 
 
+async def test_an_unmap_is_refused_while_mapped_until_the_granter_is_gone(hv):
+    async with open_agent(hv, "m") as mapper:
+        async with open_agent(hv, "g") as granter:
+            pages = await granter.ok("alloc", count=1)
+            gref = (await granter.ok("grant", to=mapper.domid, frame=pages["frames"][0]))["gref"]
+            mapped = await mapper.ok("map", domid=granter.domid, grefs=[gref])
+            # Still mapped in the mapper: the pin stays, so the granter cannot reuse the page.
+            result = await mapper.ok("unmap_handles", map=mapped["map"])
+            assert result["statuses"] == [GNTST.general_error]
+            assert (await granter.ok("end", gref=gref))["ended"] is False
+            granter_domid = granter.domid
+            granter.kill()
+            await granter.process.wait()
+        with trio.fail_after(5):
+            while any(d["domid"] == granter_domid for d in await hv.list_domains()):
+                await trio.sleep(0.02)
+        # The granter is gone and its page goes to no one: the handle is released although
+        # the page is still mapped, and once only (the same handle twice in one call).
+        result = await mapper.ok("unmap_handles", map=mapped["map"], repeat=2)
+        assert result["statuses"] == [GNTST.okay, GNTST.bad_handle]
+        assert (await hv.statistics())["hypervisor"]["unmaps"] >= 1
+
+
 async def test_mapper_death_releases_its_pins(hv):
     async with open_agent(hv, "g") as granter:
         async with open_agent(hv, "m") as mapper:

@@ -96,6 +96,15 @@ class Agent:
         await self.domain.grant_table.unmap(self.maps.pop(map))
         return {}
 
+    async def do_unmap_handles(self, map: int, repeat: int = 1) -> dict[str, Any]:
+        """Ask the hypervisor to unmap a map's handles (each ``repeat`` times in one call)
+        while this process keeps the pages mapped: a buggy or hostile domain's unmap."""
+        handles = [h for h in self.maps[map].handles for _ in range(repeat)]
+        _, body, _ = await self.domain.connection.call(
+            P.Op.GNT_UNMAP, P.pack_items(P.COUNT, [(h,) for h in handles]))
+        (count,) = P.COUNT.unpack_from(body)
+        return {"statuses": [P.STATUS.unpack_from(body, 4 + i * P.STATUS.size)[0] for i in range(count)]}
+
     async def do_map_raw(self, domid: int, gref: int, readonly: bool) -> dict[str, Any]:
         """Map through the wire protocol and try to turn the fd into a writable mapping."""
         conn = self.domain.connection
