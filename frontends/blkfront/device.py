@@ -319,9 +319,10 @@ class BlkFront:
         registration, not one per state waited for), until that state is one of ``wanted``;
         returns the results of the requests ``also``, sent with each read of the state (what
         the caller reads next costs no round trip of its own). ``first``: the replies to
-        :meth:`_state_and` ``(also)`` read with the watch's registration
+        :meth:`_state_and` read with the watch's registration
         (:meth:`~ringfence.xenbus.client.XenStore.watch_and`), judged before any event (a
-        backend waiting already is not waited for)."""
+        backend waiting already is not waited for); without ``also``'s, which are then read
+        with the state once it is wanted."""
         also = also or []
         replies = first
         while True:
@@ -334,6 +335,9 @@ class BlkFront:
             raw, *results = replies
             replies = None
             state = XenbusState.of(raw)
+            if state in wanted and len(results) < len(also):
+                replies = await self.xs.pipeline(self._state_and(link, also))
+                continue
             if state in wanted:
                 return results
             if state == XenbusState.Unknown and await self._backend_moved(link):
@@ -505,13 +509,14 @@ class BlkFront:
                 link.loose_ports = await self._alloc_channels(link, max(1, min(MAX_QUEUES, os.cpu_count() or 1)))
 
             # The backend's keys and our own directory come with the state that says they
-            # are there, read with the watch's registration (a warm spare waits for us
-            # already): a reconnection after a crash waits on each round trip.
+            # are there: a reconnection after a crash waits on each round trip. Not with
+            # the watch's registration: the backend we are sent to after a crash, or a warm
+            # spare just started, is starting up then and has none of them yet.
             also = [(W.Op.READ, W.join(f"{link.backend_path}/{k}"), 0) for k in FEATURE_KEYS
                     ] + [(W.Op.DIRECTORY, W.join(link.path), 0)]
             _, (backend_states, first), _ = await gather([
                 make_channels(), stack.enter_async_context(
-                    self.xs.watch_and(f"{link.backend_path}/state", self._state_and(link, also))),
+                    self.xs.watch_and(f"{link.backend_path}/state", self._state_and(link, []))),
                 self.xs.pipeline(writes)])
             replies = await self._wait_for_backend(link, (XenbusState.InitWait,), backend_states, also, first)
             await self._initialise(link, replies)
