@@ -130,9 +130,16 @@ class BlkbackDevice:
                 await self._publish_features()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._follow_fault_injection)
-                    async with self.xs.watch(f"{self.frontend_path}/state") as events:
-                        async for _ in events:
-                            if not await self._frontend_changed():
+                    # One watch of the frontend's state for the device's life: while a
+                    # connection is served, its events are the connection's to judge
+                    # (_watch_for_close), and once it ends the state is judged again at
+                    # once (the event that ended it was taken).
+                    async with self.xs.watch(f"{self.frontend_path}/state") as frontend_states:
+                        async for _ in frontend_states:
+                            verdict = await self._frontend_changed(frontend_states)
+                            while verdict == "again":
+                                verdict = await self._frontend_changed(frontend_states)
+                            if verdict == "gone":
                                 break
                     nursery.cancel_scope.cancel()
             finally:
@@ -169,8 +176,10 @@ class BlkbackDevice:
         self.state = XenbusState.InitWait
         log.info("device waiting for frontend", extra={"kv": {"sectors": vbd.sectors}})
 
-    async def _frontend_changed(self) -> bool:
-        """React to the frontend's state; False when the device is gone."""
+    async def _frontend_changed(self, frontend_states: Any) -> str:
+        """React to the frontend's state: "gone" when the device is gone, "again" when a
+        connection (which took ``frontend_states``' events while it lasted) has ended, else
+        "wait"."""
         # The keys a connection starts from come with the state (a reconnection after a
         # crash waits on each round trip). ``backend`` is read before ``state``, the reverse
         # of the order a takeover writes them in: a frontend seen naming us has its stale
@@ -194,16 +203,16 @@ class BlkbackDevice:
         if guess != (header[0], header[1]) or None in ring_keys:
             ring_keys = []  # guessed wrong: read once the layout is known
         if raw_backend is not None and raw_backend != self.path.encode():
-            return True  # staged for a warm spare: the frontend is another backend's yet
+            return "wait"  # staged for a warm spare: the frontend is another backend's yet
         if fe in (XenbusState.Initialised, XenbusState.Connected) and self.state == XenbusState.InitWait:
             try:
-                await self._connect_and_serve(header, ring_keys)
+                await self._connect_and_serve(header, ring_keys, frontend_states)
             except _Disconnect as exc:
                 self.abuse += exc.abuse
                 log.warning("frontend disconnected", extra={"kv": {"reason": str(exc)}})
                 await self._set_state(XenbusState.Closing)
                 await self._set_state(XenbusState.Closed)
-            return True
+            return "again"
         if fe == XenbusState.Initialising and self.state == XenbusState.Closed:
             await self._publish_features()  # the frontend reconnects
         elif fe in (XenbusState.Closing, XenbusState.Closed) and self.state not in (
@@ -211,10 +220,11 @@ class BlkbackDevice:
             await self._set_state(XenbusState.Closing)
             await self._set_state(XenbusState.Closed)
         elif fe == XenbusState.Unknown and self.state != XenbusState.InitWait:
-            return False
-        return True
+            return "gone"
+        return "wait"
 
-    async def _connect_and_serve(self, header: list[bytes | None], ring_keys: list[bytes | None]) -> None:
+    async def _connect_and_serve(self, header: list[bytes | None], ring_keys: list[bytes | None],
+                                 frontend_states: Any) -> None:
         queues = await self._frontend_queues(header, ring_keys)
         mappings: list[Any] = []
         ports: list[Any] = []
@@ -247,7 +257,7 @@ class BlkbackDevice:
                 # at once is answered without waiting for this side's round trip.
                 for ring, port in zip(self.rings, ports):
                     nursery.start_soon(self._serve, ring, port, nursery.cancel_scope)
-                nursery.start_soon(self._watch_for_close, nursery.cancel_scope)
+                nursery.start_soon(self._watch_for_close, frontend_states, nursery.cancel_scope)
                 if self.use_persistent and header[4] is not None:
                     nursery.start_soon(self._premap, header[4])
                 await self._set_state(XenbusState.Connected)
@@ -362,19 +372,20 @@ class BlkbackDevice:
         self.use_persistent = raw_persistent == b"1"
         return queues
 
-    async def _watch_for_close(self, scope: trio.CancelScope) -> None:
-        async with self.xs.watch(f"{self.frontend_path}/state") as events:
-            async for _ in events:
-                try:
-                    fe = int(await self.xs.read(f"{self.frontend_path}/state"))
-                except (XenStoreError, ValueError):
-                    fe = XenbusState.Unknown
-                if fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown,
-                          XenbusState.Initialising):
-                    # Closing and Closed are written once the ring is unmapped, outside
-                    # this (now cancelled) scope.
-                    scope.cancel()
-                    return
+    async def _watch_for_close(self, frontend_states: Any, scope: trio.CancelScope) -> None:
+        """Until the frontend leaves the connection (``frontend_states``: the events of the
+        device's watch of its state)."""
+        async for _ in frontend_states:
+            try:
+                fe = int(await self.xs.read(f"{self.frontend_path}/state"))
+            except (XenStoreError, ValueError):
+                fe = XenbusState.Unknown
+            if fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown,
+                      XenbusState.Initialising):
+                # Closing and Closed are written once the ring is unmapped, outside
+                # this (now cancelled) scope.
+                scope.cancel()
+                return
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:
