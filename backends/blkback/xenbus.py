@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -176,7 +176,7 @@ class BlkbackDevice:
         self.state = XenbusState.InitWait
         log.info("device waiting for frontend", extra={"kv": {"sectors": vbd.sectors}})
 
-    async def _frontend_changed(self, frontend_states: Any) -> str:
+    async def _frontend_changed(self, frontend_states: Any) -> Literal["gone", "again", "wait"]:
         """React to the frontend's state: "gone" when the device is gone, "again" when a
         connection (which took ``frontend_states``' events while it lasted) has ended, else
         "wait"."""
