@@ -89,6 +89,16 @@ async def test_readonly_grant_gives_no_way_to_write(hv):
         assert result["ok"] is False and "TypeError" in result["error"]
 
 
+async def _destroyed(hv, agent) -> int:
+    """Kill ``agent``'s domain and wait until the hypervisor has destroyed it; its domid."""
+    agent.kill()
+    await agent.process.wait()
+    with trio.fail_after(5):
+        while any(d["domid"] == agent.domid for d in await hv.list_domains()):
+            await trio.sleep(0.02)
+    return agent.domid
+
+
 async def test_map_after_end_of_access_and_after_granter_died(hv):
     async with open_agent(hv, "m") as mapper:
         async with open_agent(hv, "g") as granter:
@@ -98,12 +108,7 @@ async def test_map_after_end_of_access_and_after_granter_died(hv):
             assert (await granter.ok("end", gref=g1))["ended"]
             result = await mapper.call("map", domid=granter.domid, grefs=[g1])
             assert result["gntst"] == GNTST.general_error
-            granter_domid = granter.domid
-            granter.kill()
-            await granter.process.wait()
-        with trio.fail_after(5):
-            while any(d["domid"] == granter_domid for d in await hv.list_domains()):
-                await trio.sleep(0.02)
+            granter_domid = await _destroyed(hv, granter)
         result = await mapper.call("map", domid=granter_domid, grefs=[g2])
         assert result["gntst"] == GNTST.bad_domain
 
@@ -128,12 +133,7 @@ async def test_an_unmap_is_refused_while_mapped_until_the_granter_is_gone(hv):
             result = await mapper.ok("unmap_handles", map=mapped["map"])
             assert result["statuses"] == [GNTST.general_error]
             assert (await granter.ok("end", gref=gref))["ended"] is False
-            granter_domid = granter.domid
-            granter.kill()
-            await granter.process.wait()
-        with trio.fail_after(5):
-            while any(d["domid"] == granter_domid for d in await hv.list_domains()):
-                await trio.sleep(0.02)
+            granter_domid = await _destroyed(hv, granter)
         # The granter is gone and its page goes to no one: the handle is released although
         # the page is still mapped, and once only (the same handle twice in one call).
         result = await mapper.ok("unmap_handles", map=mapped["map"], repeat=2)
