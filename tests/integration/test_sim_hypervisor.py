@@ -133,7 +133,7 @@ async def test_an_unmap_is_refused_while_mapped_until_the_granter_is_gone(hv):
             result = await mapper.ok("unmap_handles", map=mapped["map"])
             assert result["statuses"] == [GNTST.general_error]
             assert (await granter.ok("end", gref=gref))["ended"] is False
-            granter_domid = await _destroyed(hv, granter)
+            await _destroyed(hv, granter)
         # The granter is gone and its page goes to no one: the handle is released although
         # the page is still mapped, and once only (the same handle twice in one call).
         result = await mapper.ok("unmap_handles", map=mapped["map"], repeat=2)
