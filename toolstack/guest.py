@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import asdict
@@ -73,12 +74,12 @@ class GuestDevices:
                             for (kind, devid), front in sorted(self.frontends.items())}}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery, self.xs.watch(self.base) as events:
+        # A device is there while its 'backend' pointer is (see _present): the keys below a
+        # device, most of them our frontends' own writes, are sifted out by the client.
+        async with trio.open_nursery() as nursery, self.xs.watch(
+                self.base, relevant=functools.partial(can_change_devices, self.base, key="backend")) as events:
             first = True
-            async for path, _ in events:
-                # a device is there while its 'backend' pointer is (see _present)
-                if not first and not can_change_devices(self.base, path, "backend"):
-                    continue  # a key below a device (most are our frontends' own writes)
+            async for _ in events:
                 # The reconcile reads the directory as it is now: what else is queued is in it.
                 with contextlib.suppress(trio.WouldBlock):
                     while True:

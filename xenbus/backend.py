@@ -4,6 +4,7 @@ writes, started once the directory is complete and cancelled when the toolstack 
 it (detach, or its guest destroyed)."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,7 +29,10 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
     devices: dict[tuple[int, int], Device] = {}
     scopes: dict[tuple[int, int], trio.CancelScope] = {}
     failures: dict[tuple[int, int], int] = {}
-    async with trio.open_nursery() as nursery, xs.watch(base) as events:
+    # The keys below a device, most of them the backend's own writes, are sifted out by
+    # the client (no task switch here for each).
+    async with trio.open_nursery() as nursery, xs.watch(
+            base, relevant=functools.partial(can_change_devices, base, key=complete_key)) as events:
         task_status.started(devices)
         def start(key: tuple[int, int], path: str) -> None:
             if key not in devices:
@@ -37,8 +41,6 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                 nursery.start_soon(_run, devices, scopes, failures, key)
 
         async for path, _ in events:
-            if not can_change_devices(base, path, complete_key):
-                continue  # a key below a device: most are the backend's own writes
             # A toolstack writes a device as a burst of nodes: one scan answers them all.
             changed = [path]
             while True:

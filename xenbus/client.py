@@ -56,6 +56,7 @@ class XenStore:
         self._pending: dict[int, tuple[_Replies, int]] = {}  # req_id -> (its batch, index)
         self._watches: dict[bytes, trio.MemorySendChannel[tuple[str, bytes]]] = {}
         self._skip_initial: set[bytes] = set()  # tokens whose initial event is not delivered (watch_and)
+        self._relevant: dict[bytes, Callable[[str], bool]] = {}  # tokens whose events are sifted here
         self._tokens = itertools.count(1)
         self._closed = False
         self._outbox: list[bytes] = []
@@ -119,8 +120,11 @@ class XenStore:
                                 self._skip_initial.discard(args[1])
                             elif channel is not None:
                                 self.watch_events += 1
-                                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                                    channel.send_nowait((args[0].decode(), args[1]))
+                                path = args[0].decode()
+                                relevant = self._relevant.get(args[1])
+                                if relevant is None or relevant(path):
+                                    with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                                        channel.send_nowait((path, args[1]))
                         continue
                     entry = self._pending.pop(msg.req_id, None)
                     self._sent.pop(msg.req_id, None)
@@ -294,10 +298,13 @@ class XenStore:
 
     # ---- watches ---------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def watch(self, path: str, token: str | None = None) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
+    async def watch(self, path: str, token: str | None = None, *,
+                    relevant: Callable[[str], bool] | None = None) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
         """Watch ``path`` and its children; yields (path, token) events, starting with the
-        initial one every watch gets."""
-        async with self._watching(path, token, []) as (events, _):
+        initial one every watch gets. With ``relevant``, only the events at paths it accepts
+        (the initial one must be): a watch of a whole subtree, most of whose events are
+        its own domain's writes below what it looks for, costs no task switch for those."""
+        async with self._watching(path, token, [], relevant) as (events, _):
             yield events
 
     @contextlib.asynccontextmanager
@@ -312,11 +319,14 @@ class XenStore:
             yield watching
 
     @contextlib.asynccontextmanager
-    async def _watching(self, path: str, token: str | None, requests: list[tuple[int, bytes, int]]
+    async def _watching(self, path: str, token: str | None, requests: list[tuple[int, bytes, int]],
+                        relevant: Callable[[str], bool] | None = None
                         ) -> AsyncIterator[tuple[trio.MemoryReceiveChannel[tuple[str, bytes]], list[bytes | XenStoreError]]]:
         raw_token = (token or f"rf-{next(self._tokens)}").encode()
         send, receive = trio.open_memory_channel[tuple[str, bytes]](4096)
         self._watches[raw_token] = send
+        if relevant is not None:
+            self._relevant[raw_token] = relevant
         if requests:
             self._skip_initial.add(raw_token)
         try:
@@ -328,6 +338,7 @@ class XenStore:
         finally:
             self._watches.pop(raw_token, None)
             self._watch_paths.pop(raw_token, None)
+            self._relevant.pop(raw_token, None)
             self._skip_initial.discard(raw_token)
             with trio.CancelScope(shield=True):
                 # Not waited for: its events are dropped from now on, and whoever leaves a

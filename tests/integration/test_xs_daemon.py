@@ -74,6 +74,21 @@ async def test_xen_test_xenstore_passes(daemon):
     await trio.to_thread.run_sync(run)
 
 
+async def test_a_sifted_watch_delivers_only_the_events_it_asked_for(daemon):
+    async with open_xenstore(daemon) as xs:
+        def shallow(path: str) -> bool:  # /d and its children, not their keys
+            return path.count("/") <= 2
+        async with xs.watch("/d", "tok", relevant=shallow) as events:
+            assert await events.receive() == ("/d", b"tok")
+            for path in ("/d/a/x", "/d/b", "/d/a/y", "/d/c"):
+                await xs.write(path, b"1")
+            assert await events.receive() == ("/d/b", b"tok")
+            assert await events.receive() == ("/d/c", b"tok")
+            with pytest.raises(trio.WouldBlock):  # /d/c came after /d/a/y: nothing left
+                events.receive_nowait()
+        assert xs.statistics().watch_events == 5  # every event came; two went no further
+
+
 async def test_client_operations_transactions_and_watches(daemon):
     async with open_xenstore(daemon) as xs:
         await xs.write("/a/b/c", b"v\0with-nul")
