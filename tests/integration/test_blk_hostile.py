@@ -338,6 +338,33 @@ RECONNECT = textwrap.dedent(CONNECT + """            async def backend_says(stat
 """)
 
 
+# Straight from Connected to Initialising (a guest resumed, or restarted its driver), with
+# no Closing between: one event, which ends the connection.
+RESTART_AT_ONCE = RECONNECT.replace("""
+        await xs.write(me + "/state", "5")
+        await backend_says(b"6")
+        await xs.write(me + "/state", "1")
+""", """
+        await xs.write(me + "/state", "1")
+""")
+
+
+async def test_a_frontend_that_restarts_at_once_is_served_again(tmp_path):
+    """blkback watches the frontend's state once for a device's life; the event that ends a
+    connection is the connection's, and the state is judged again right after it, so a
+    frontend back in Initialising with no event after gets InitWait all the same."""
+    assert RESTART_AT_ONCE != RECONNECT
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 << 20))
+    async with _blkback_host(tmp_path) as host:
+        guest_domid, fd = await host.dom0.create_domain("guest")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vbd(xs, backend=host.stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
+        guest = await _start_program(RESTART_AT_ONCE, fd)
+        assert json.loads(await _output(guest)) == {"reconnected": True}
+        assert (await _vbd_statistics(host, guest_domid))["connections"] == 2
+
+
 async def test_a_frontend_that_reconnects_has_its_ring_keys_read_ahead(tmp_path):
     """blkback reads a returning frontend's ring keys with the state that says they are
     there, when the layout is the one it saw before (one round trip fewer); the keys are
