@@ -121,29 +121,40 @@ class NetbackVif:
             ("feature-ipv6-csum-offload", 1), ("feature-rx-notify", 1),
             ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1))])
         await self._set_state(XenbusState.InitWait)
-        async with self.xs.watch(f"{self.frontend_path}/state") as events:
-            async for _ in events:
-                try:
-                    # backend before state: see blkback's _frontend_changed
-                    raw_backend, raw_state = await self.xs.read_many(
-                        [f"{self.frontend_path}/backend", f"{self.frontend_path}/state"])
-                except XenStoreError:
-                    raw_state = raw_backend = None
-                if raw_backend is not None and raw_backend != self.path.encode():
-                    continue  # staged for a warm spare: the frontend is another backend's yet
-                try:
-                    fe = int(raw_state or b"")
-                except ValueError:
-                    fe = 0
-                if fe in (3, 4) and self.state == XenbusState.InitWait:
-                    try:
-                        await self._connect_and_serve()
-                    except _Disconnect as exc:
-                        log.warning("vif disconnected", extra={"kv": {"vif": self.tap_name, "reason": str(exc)}})
-                    await self._set_state(XenbusState.Closing)
-                    await self._set_state(XenbusState.Closed)
-                elif fe == 1 and self.state == XenbusState.Closed:
-                    await self._set_state(XenbusState.InitWait)
+        # One watch of the frontend's state for the vif's life, as blkback's: a connection
+        # takes its events while it lasts (_watch_close), and once it ends the state is
+        # judged again at once (the event that ended it was taken).
+        async with self.xs.watch(f"{self.frontend_path}/state") as frontend_states:
+            async for _ in frontend_states:
+                while await self._frontend_changed(frontend_states):
+                    pass
+
+    async def _frontend_changed(self, frontend_states: Any) -> bool:
+        """React to the frontend's state; True when a connection (which took
+        ``frontend_states``' events while it lasted) has ended."""
+        try:
+            # backend before state: see blkback's _frontend_changed
+            raw_backend, raw_state = await self.xs.read_many(
+                [f"{self.frontend_path}/backend", f"{self.frontend_path}/state"])
+        except XenStoreError:
+            raw_state = raw_backend = None
+        if raw_backend is not None and raw_backend != self.path.encode():
+            return False  # staged for a warm spare: the frontend is another backend's yet
+        try:
+            fe = int(raw_state or b"")
+        except ValueError:
+            fe = 0
+        if fe in (3, 4) and self.state == XenbusState.InitWait:
+            try:
+                await self._connect_and_serve(frontend_states)
+            except _Disconnect as exc:
+                log.warning("vif disconnected", extra={"kv": {"vif": self.tap_name, "reason": str(exc)}})
+            await self._set_state(XenbusState.Closing)
+            await self._set_state(XenbusState.Closed)
+            return True
+        if fe == 1 and self.state == XenbusState.Closed:
+            await self._set_state(XenbusState.InitWait)
+        return False
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:
@@ -151,7 +162,7 @@ class NetbackVif:
         except XenStoreError:
             return default
 
-    async def _connect_and_serve(self) -> None:
+    async def _connect_and_serve(self, frontend_states: Any) -> None:
         fe = self.frontend_path
         # The frontend's keys in one round trip, each copied once and validated.
         raw = await self.xs.read_many([f"{fe}/{key}" for key in (
@@ -219,7 +230,7 @@ class NetbackVif:
                 else:
                     nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
                     nursery.start_soon(self._tap_to_guest, rx, port, tap_fd)
-                nursery.start_soon(self._watch_close, nursery.cancel_scope)
+                nursery.start_soon(self._watch_close, frontend_states, nursery.cancel_scope)
             if self._abuse:
                 raise _Disconnect(self._abuse)
         finally:
@@ -248,16 +259,17 @@ class NetbackVif:
                 if port is not None:
                     await port.close()
 
-    async def _watch_close(self, scope: trio.CancelScope) -> None:
-        async with self.xs.watch(f"{self.frontend_path}/state") as events:
-            async for _ in events:
-                try:
-                    fe = int(await self.xs.read(f"{self.frontend_path}/state"))
-                except (XenStoreError, ValueError):
-                    fe = 0
-                if fe not in (3, 4):
-                    scope.cancel()
-                    return
+    async def _watch_close(self, frontend_states: Any, scope: trio.CancelScope) -> None:
+        """Until the frontend leaves the connection (``frontend_states``: the events of the
+        vif's watch of its state)."""
+        async for _ in frontend_states:
+            try:
+                fe = int(await self.xs.read(f"{self.frontend_path}/state"))
+            except (XenStoreError, ValueError):
+                fe = 0
+            if fe not in (3, 4):
+                scope.cancel()
+                return
 
     def _broke_protocol(self, reason: str, scope: trio.CancelScope) -> None:
         self._abuse = reason.replace("_", " ")
