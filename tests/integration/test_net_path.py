@@ -314,6 +314,45 @@ trio.run(main)
 """
 
 
+# A netfront that goes from Connected straight to Initialising (one event, the one that
+# ends the connection), then connects again.
+RESTARTING_NETFRONT = """
+import json, trio
+from ringfence.hypervisor.sim.client import open_domain
+from ringfence.xenbus.sim import open_domain_xenstore
+from ringfence.testing.rawvif import RawVif
+
+async def main():
+    async with open_domain() as dom, open_domain_xenstore(dom) as xs:
+        vif = await RawVif.open(dom, xs)
+        _, _, port = await vif.connect()
+        await xs.write(vif.path + "/state", "1")
+        await port.close()
+        await vif.connect()
+        print(json.dumps({"reconnected": True}), flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_a_netfront_that_restarts_at_once_is_served_again(tmp_path):
+    """netback watches the frontend's state once for a vif's life: the event that ends a
+    connection is the connection's, and the state is judged again right after it."""
+    async with open_net_host(str(tmp_path)) as host:
+        domid, fd = await host.dom0.create_domain("restarting")
+        async with open_xenstore(host.xs_path) as xs:
+            await add_vif(xs, backend=host.net_domid, frontend=domid, devid=0, mac="02:00:00:00:00:77")
+        guest = await trio.lowlevel.open_process(
+            [sys.executable, "-c", RESTARTING_NETFRONT], pass_fds=(fd,),
+            env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=subprocess.PIPE)
+        os.close(fd)
+        out = b""
+        with trio.fail_after(30):
+            async for chunk in guest.stdout:
+                out += chunk
+        assert json.loads(out) == {"reconnected": True}
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
