@@ -30,9 +30,12 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
     scopes: dict[tuple[int, int], trio.CancelScope] = {}
     failures: dict[tuple[int, int], int] = {}
     # The keys below a device, most of them the backend's own writes, are sifted out by
-    # the client (no task switch here for each).
-    async with trio.open_nursery() as nursery, xs.watch(
-            base, relevant=functools.partial(can_change_devices, base, key=complete_key)) as events:
+    # the client (no task switch here for each). The first scan's listing comes with the
+    # watch's registration: a relaunched driver domain handed its devices waits on each
+    # round trip.
+    async with trio.open_nursery() as nursery, xs.watch_and(
+            base, [(Op.DIRECTORY, W.join(base), 0)],
+            relevant=functools.partial(can_change_devices, base, key=complete_key)) as (events, (listing,)):
         task_status.started(devices)
         def start(key: tuple[int, int], path: str) -> None:
             if key not in devices:
@@ -40,6 +43,15 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                 scopes[key] = trio.CancelScope()
                 nursery.start_soon(_run, devices, scopes, failures, key)
 
+        def scanned(found: list[tuple[tuple[int, int], str]]) -> None:
+            """Start the devices a scan found, stop those it did not."""
+            for key, device_path in found:
+                start(key, device_path)
+            present = {key for key, _ in found}
+            for key in [k for k in devices if k not in present]:
+                scopes[key].cancel()
+
+        scanned(await _complete_devices(xs, base, complete_key, listing))
         async for path, _ in events:
             # A toolstack writes a device as a burst of nodes: one scan answers them all.
             changed = [path]
@@ -62,12 +74,7 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                 for (key, device_path), mark in zip(fresh.items(), marks):
                     if not isinstance(mark, XenStoreError):
                         start(key, device_path)
-            present = set()
-            for key, device_path in await _complete_devices(xs, base, complete_key):
-                present.add(key)
-                start(key, device_path)
-            for key in [k for k in devices if k not in present]:
-                scopes[key].cancel()
+            scanned(await _complete_devices(xs, base, complete_key))
 
 
 def _written(base: str, path: str, complete_key: str) -> tuple[tuple[int, int] | None, str]:
@@ -78,10 +85,15 @@ def _written(base: str, path: str, complete_key: str) -> tuple[tuple[int, int] |
     return None, ""
 
 
-async def _complete_devices(xs: XenStore, base: str, complete_key: str) -> list[tuple[tuple[int, int], str]]:
+async def _complete_devices(xs: XenStore, base: str, complete_key: str,
+                            listing: bytes | XenStoreError | None = None) -> list[tuple[tuple[int, int], str]]:
     """The device directories under ``base`` that hold ``complete_key``: three round trips
-    whatever their number (each level's requests go together)."""
-    frontends = await _children(xs, base)
+    whatever their number (each level's requests go together), two given ``base``'s
+    ``listing``."""
+    if listing is None:
+        frontends = await _children(xs, base)
+    else:
+        frontends = [] if isinstance(listing, XenStoreError) else [c for c in W.strings(listing) if c.isdigit()]
     listings = await xs.pipeline([(Op.DIRECTORY, W.join(f"{base}/{fe}"), 0) for fe in frontends])
     candidates = [((int(fe), int(devid)), f"{base}/{fe}/{devid}")
                   for fe, listing in zip(frontends, listings) if not isinstance(listing, XenStoreError)

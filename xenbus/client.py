@@ -308,14 +308,15 @@ class XenStore:
             yield events
 
     @contextlib.asynccontextmanager
-    async def watch_and(self, path: str, requests: list[tuple[int, bytes, int]], token: str | None = None
+    async def watch_and(self, path: str, requests: list[tuple[int, bytes, int]], token: str | None = None, *,
+                        relevant: Callable[[str], bool] | None = None
                         ) -> AsyncIterator[tuple[trio.MemoryReceiveChannel[tuple[str, bytes]], list[bytes | XenStoreError]]]:
         """:meth:`watch`, with ``requests`` (as for :meth:`pipeline`) in the same write right
         after the registration; yields the events and those requests' results. The daemon
         handles them after the registration, so they are as new as the initial event, which
         is therefore not delivered: a watcher that reads what it watches reads it once, in
-        the registration's round trip."""
-        async with self._watching(path, token, requests) as watching:
+        the registration's round trip. ``relevant``: as for :meth:`watch`."""
+        async with self._watching(path, token, requests, relevant) as watching:
             yield watching
 
     @contextlib.asynccontextmanager
