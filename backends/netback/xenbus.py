@@ -113,8 +113,11 @@ class NetbackVif:
         await self.xs.write(f"{self.path}/state", str(int(state)))
 
     async def run(self) -> None:
-        self.frontend_path = (await self.xs.read(f"{self.path}/frontend")).decode()
-        self.bridge = (await self._read_or(f"{self.path}/bridge", b"xenbr0")).decode()
+        raw_frontend, raw_bridge = await self.xs.read_many([f"{self.path}/frontend", f"{self.path}/bridge"])
+        if raw_frontend is None:
+            return  # removed meanwhile
+        self.frontend_path = raw_frontend.decode()
+        self.bridge = (raw_bridge or b"xenbr0").decode()
         await self.xs.write_many([(f"{self.path}/{key}", str(value)) for key, value in (
             ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
             ("feature-gso-tcpv4", 1), ("feature-gso-tcpv6", 1),
