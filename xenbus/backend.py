@@ -15,6 +15,7 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.paths import can_change_devices
+from ringfence.xenbus.state import XenbusState
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,22 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                     if not isinstance(mark, XenStoreError):
                         start(key, device_path)
             scanned(await _complete_devices(xs, base, complete_key))
+
+
+async def watch_for_close(xs: XenStore, frontend_path: str, frontend_states: Any,
+                          scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` (a connection being served) once the frontend leaves it: its state
+    is no longer Initialised or Connected (closing, closed, gone, starting over, or
+    anything else it may write). ``frontend_states``: the events of the device's watch of
+    that state, which the connection takes while it lasts."""
+    async for _ in frontend_states:
+        try:
+            state = int(await xs.read(f"{frontend_path}/state"))
+        except (XenStoreError, ValueError):
+            state = XenbusState.Unknown
+        if state not in (XenbusState.Initialised, XenbusState.Connected):
+            scope.cancel()
+            return
 
 
 def _written(base: str, path: str, complete_key: str) -> tuple[tuple[int, int] | None, str]:

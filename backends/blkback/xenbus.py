@@ -26,7 +26,7 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.backend import serve_devices
+from ringfence.xenbus.backend import serve_devices, watch_for_close
 from ringfence.xenbus.client import XenStore, gather
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -132,7 +132,7 @@ class BlkbackDevice:
                     nursery.start_soon(self._follow_fault_injection)
                     # One watch of the frontend's state for the device's life: while a
                     # connection is served, its events are the connection's to judge
-                    # (_watch_for_close), and once it ends the state is judged again at
+                    # (watch_for_close), and once it ends the state is judged again at
                     # once (the event that ended it was taken).
                     async with self.xs.watch(f"{self.frontend_path}/state") as frontend_states:
                         async for _ in frontend_states:
@@ -178,8 +178,8 @@ class BlkbackDevice:
 
     async def _frontend_changed(self, frontend_states: Any) -> Literal["gone", "again", "wait"]:
         """React to the frontend's state: "gone" when the device is gone, "again" when a
-        connection (which took ``frontend_states``' events while it lasted) has ended, else
-        "wait"."""
+        connection (which took ``frontend_states``' events while it lasted:
+        :func:`~ringfence.xenbus.backend.watch_for_close`) has ended, else "wait"."""
         # The keys a connection starts from come with the state (a reconnection after a
         # crash waits on each round trip). ``backend`` is read before ``state``, the reverse
         # of the order a takeover writes them in: a frontend seen naming us has its stale
@@ -257,7 +257,10 @@ class BlkbackDevice:
                 # at once is answered without waiting for this side's round trip.
                 for ring, port in zip(self.rings, ports):
                     nursery.start_soon(self._serve, ring, port, nursery.cancel_scope)
-                nursery.start_soon(self._watch_for_close, frontend_states, nursery.cancel_scope)
+                # Closing and Closed are written once the rings are unmapped, outside this
+                # (then cancelled) scope.
+                nursery.start_soon(watch_for_close, self.xs, self.frontend_path, frontend_states,
+                                   nursery.cancel_scope)
                 if self.use_persistent and header[4] is not None:
                     nursery.start_soon(self._premap, header[4])
                 await self._set_state(XenbusState.Connected)
@@ -371,21 +374,6 @@ class BlkbackDevice:
             raise _Disconnect(f"unsupported protocol {protocol}", 1)
         self.use_persistent = raw_persistent == b"1"
         return queues
-
-    async def _watch_for_close(self, frontend_states: Any, scope: trio.CancelScope) -> None:
-        """Until the frontend leaves the connection (``frontend_states``: the events of the
-        device's watch of its state)."""
-        async for _ in frontend_states:
-            try:
-                fe = int(await self.xs.read(f"{self.frontend_path}/state"))
-            except (XenStoreError, ValueError):
-                fe = XenbusState.Unknown
-            if fe in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown,
-                      XenbusState.Initialising):
-                # Closing and Closed are written once the ring is unmapped, outside
-                # this (now cancelled) scope.
-                scope.cancel()
-                return
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:

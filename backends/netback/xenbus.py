@@ -35,7 +35,7 @@ from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_O
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink, udev
-from ringfence.xenbus.backend import serve_devices
+from ringfence.xenbus.backend import serve_devices, watch_for_close
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -125,7 +125,7 @@ class NetbackVif:
             ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1))])
         await self._set_state(XenbusState.InitWait)
         # One watch of the frontend's state for the vif's life, as blkback's: a connection
-        # takes its events while it lasts (_watch_close), and once it ends the state is
+        # takes its events while it lasts (watch_for_close), and once it ends the state is
         # judged again at once (the event that ended it was taken).
         async with self.xs.watch(f"{self.frontend_path}/state") as frontend_states:
             async for _ in frontend_states:
@@ -233,7 +233,8 @@ class NetbackVif:
                 else:
                     nursery.start_soon(self._serve_rings, tx, rx, port, tap_fd, nursery.cancel_scope)
                     nursery.start_soon(self._tap_to_guest, rx, port, tap_fd)
-                nursery.start_soon(self._watch_close, frontend_states, nursery.cancel_scope)
+                nursery.start_soon(watch_for_close, self.xs, self.frontend_path, frontend_states,
+                                   nursery.cancel_scope)
             if self._abuse:
                 raise _Disconnect(self._abuse)
         finally:
@@ -261,18 +262,6 @@ class NetbackVif:
                         await gt.unmap(mapping)
                 if port is not None:
                     await port.close()
-
-    async def _watch_close(self, frontend_states: Any, scope: trio.CancelScope) -> None:
-        """Until the frontend leaves the connection (``frontend_states``: the events of the
-        vif's watch of its state)."""
-        async for _ in frontend_states:
-            try:
-                fe = int(await self.xs.read(f"{self.frontend_path}/state"))
-            except (XenStoreError, ValueError):
-                fe = 0
-            if fe not in (3, 4):
-                scope.cancel()
-                return
 
     def _broke_protocol(self, reason: str, scope: trio.CancelScope) -> None:
         self._abuse = reason.replace("_", " ")

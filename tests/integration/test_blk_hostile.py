@@ -349,36 +349,34 @@ RESTART_AT_ONCE = RECONNECT.replace("""
 """)
 
 
-async def test_a_frontend_that_restarts_at_once_is_served_again(tmp_path):
-    """blkback watches the frontend's state once for a device's life; the event that ends a
-    connection is the connection's, and the state is judged again right after it, so a
-    frontend back in Initialising with no event after gets InitWait all the same."""
-    assert RESTART_AT_ONCE != RECONNECT
+async def _reconnected(tmp_path, program: str) -> dict[str, Any]:
+    """blkback's statistics of a vbd whose frontend ran ``program`` (which connects, leaves,
+    connects again and says so)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 << 20))
     async with _blkback_host(tmp_path) as host:
         guest_domid, fd = await host.dom0.create_domain("guest")
         async with open_xenstore(host.xs_path) as xs:
             await add_vbd(xs, backend=host.stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
-        guest = await _start_program(RESTART_AT_ONCE, fd)
+        guest = await _start_program(program, fd)
         assert json.loads(await _output(guest)) == {"reconnected": True}
-        assert (await _vbd_statistics(host, guest_domid))["connections"] == 2
+        return await _vbd_statistics(host, guest_domid)
+
+
+async def test_a_frontend_that_restarts_at_once_is_served_again(tmp_path):
+    """blkback watches the frontend's state once for a device's life; the event that ends a
+    connection is the connection's, and the state is judged again right after it, so a
+    frontend back in Initialising with no event after gets InitWait all the same."""
+    assert RESTART_AT_ONCE != RECONNECT
+    assert (await _reconnected(tmp_path, RESTART_AT_ONCE))["connections"] == 2
 
 
 async def test_a_frontend_that_reconnects_has_its_ring_keys_read_ahead(tmp_path):
     """blkback reads a returning frontend's ring keys with the state that says they are
     there, when the layout is the one it saw before (one round trip fewer); the keys are
     checked as ever."""
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(4 << 20))
-    async with _blkback_host(tmp_path) as host:
-        guest_domid, fd = await host.dom0.create_domain("guest")
-        async with open_xenstore(host.xs_path) as xs:
-            await add_vbd(xs, backend=host.stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
-        guest = await _start_program(RECONNECT, fd)
-        assert json.loads(await _output(guest)) == {"reconnected": True}
-        vbd = await _vbd_statistics(host, guest_domid)
-        assert vbd["connections"] == 2 and vbd["ring_keys_read_ahead"] == 1, vbd
+    vbd = await _reconnected(tmp_path, RECONNECT)
+    assert vbd["connections"] == 2 and vbd["ring_keys_read_ahead"] == 1, vbd
 
 
 def _cpu_seconds(pid: int) -> float:
