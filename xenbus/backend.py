@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import trio
 
@@ -76,6 +76,26 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                     if not isinstance(mark, XenStoreError):
                         start(key, device_path)
             scanned(await _complete_devices(xs, base, complete_key))
+
+
+# What a backend's judge of its frontend's state says (follow_frontend).
+Verdict = Literal["gone", "again", "wait"]
+
+
+async def follow_frontend(xs: XenStore, frontend_path: str,
+                          judge: Callable[[Any], Awaitable[Verdict]]) -> None:
+    """One watch of the frontend's state for a device's life: ``judge(frontend_states)``
+    after each event, until it says "gone". A connection it serves takes the watch's
+    events while it lasts (:func:`watch_for_close`), so once it says "again" (a connection
+    has ended) it is asked again at once: the event that ended the connection was taken,
+    and the frontend may wait for us, with none to come."""
+    async with xs.watch(f"{frontend_path}/state") as frontend_states:
+        async for _ in frontend_states:
+            verdict = await judge(frontend_states)
+            while verdict == "again":
+                verdict = await judge(frontend_states)
+            if verdict == "gone":
+                return
 
 
 async def watch_for_close(xs: XenStore, frontend_path: str, frontend_states: Any,

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
@@ -26,7 +26,7 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.backend import serve_devices, watch_for_close
+from ringfence.xenbus.backend import Verdict, follow_frontend, serve_devices, watch_for_close
 from ringfence.xenbus.client import XenStore, gather
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -130,17 +130,7 @@ class BlkbackDevice:
                 await self._publish_features()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._follow_fault_injection)
-                    # One watch of the frontend's state for the device's life: while a
-                    # connection is served, its events are the connection's to judge
-                    # (watch_for_close), and once it ends the state is judged again at
-                    # once (the event that ended it was taken).
-                    async with self.xs.watch(f"{self.frontend_path}/state") as frontend_states:
-                        async for _ in frontend_states:
-                            verdict = await self._frontend_changed(frontend_states)
-                            while verdict == "again":
-                                verdict = await self._frontend_changed(frontend_states)
-                            if verdict == "gone":
-                                break
+                    await follow_frontend(self.xs, self.frontend_path, self._frontend_changed)
                     nursery.cancel_scope.cancel()
             finally:
                 self.vbd.close()
@@ -176,10 +166,10 @@ class BlkbackDevice:
         self.state = XenbusState.InitWait
         log.info("device waiting for frontend", extra={"kv": {"sectors": vbd.sectors}})
 
-    async def _frontend_changed(self, frontend_states: Any) -> Literal["gone", "again", "wait"]:
-        """React to the frontend's state: "gone" when the device is gone, "again" when a
-        connection (which took ``frontend_states``' events while it lasted:
-        :func:`~ringfence.xenbus.backend.watch_for_close`) has ended, else "wait"."""
+    async def _frontend_changed(self, frontend_states: Any) -> Verdict:
+        """React to the frontend's state (:func:`~ringfence.xenbus.backend.follow_frontend`):
+        "gone" when the device is gone, "again" when a connection (which took
+        ``frontend_states``' events while it lasted) has ended, else "wait"."""
         # The keys a connection starts from come with the state (a reconnection after a
         # crash waits on each round trip). ``backend`` is read before ``state``, the reverse
         # of the order a takeover writes them in: a frontend seen naming us has its stale

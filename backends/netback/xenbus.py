@@ -35,7 +35,7 @@ from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_O
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink, udev
-from ringfence.xenbus.backend import serve_devices, watch_for_close
+from ringfence.xenbus.backend import Verdict, follow_frontend, serve_devices, watch_for_close
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -124,17 +124,12 @@ class NetbackVif:
             ("feature-ipv6-csum-offload", 1), ("feature-rx-notify", 1),
             ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1))])
         await self._set_state(XenbusState.InitWait)
-        # One watch of the frontend's state for the vif's life, as blkback's: a connection
-        # takes its events while it lasts (watch_for_close), and once it ends the state is
-        # judged again at once (the event that ended it was taken).
-        async with self.xs.watch(f"{self.frontend_path}/state") as frontend_states:
-            async for _ in frontend_states:
-                while await self._frontend_changed(frontend_states):
-                    pass
+        await follow_frontend(self.xs, self.frontend_path, self._frontend_changed)
 
-    async def _frontend_changed(self, frontend_states: Any) -> bool:
-        """React to the frontend's state; True when a connection (which took
-        ``frontend_states``' events while it lasted) has ended."""
+    async def _frontend_changed(self, frontend_states: Any) -> Verdict:
+        """React to the frontend's state (:func:`~ringfence.xenbus.backend.follow_frontend`):
+        "again" when a connection (which took ``frontend_states``' events while it lasted)
+        has ended, else "wait" (the toolstack's removal of the vif ends it)."""
         try:
             # backend before state: see blkback's _frontend_changed
             raw_backend, raw_state = await self.xs.read_many(
@@ -142,7 +137,7 @@ class NetbackVif:
         except XenStoreError:
             raw_state = raw_backend = None
         if raw_backend is not None and raw_backend != self.path.encode():
-            return False  # staged for a warm spare: the frontend is another backend's yet
+            return "wait"  # staged for a warm spare: the frontend is another backend's yet
         try:
             fe = int(raw_state or b"")
         except ValueError:
@@ -154,10 +149,10 @@ class NetbackVif:
                 log.warning("vif disconnected", extra={"kv": {"vif": self.tap_name, "reason": str(exc)}})
             await self._set_state(XenbusState.Closing)
             await self._set_state(XenbusState.Closed)
-            return True
+            return "again"
         if fe == 1 and self.state == XenbusState.Closed:
             await self._set_state(XenbusState.InitWait)
-        return False
+        return "wait"
 
     async def _read_or(self, path: str, default: bytes) -> bytes:
         try:
