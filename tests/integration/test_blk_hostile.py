@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from ringfence._statsock import fetch_statistics
+from ringfence.testing.sim import program_output, start_domain_program
 from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
@@ -128,26 +129,6 @@ GOOD = _blkfront_guest("""
 """)
 
 
-async def _start_program(code: str, fd: int, *args: str, stdin: Any = None,
-                         stdout: Any = subprocess.PIPE) -> trio.Process:
-    """``code`` run as the process of the domain whose control socket is ``fd`` (which
-    this process then closes)."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-c", code, *args], pass_fds=(fd,), stdin=stdin, stdout=stdout,
-        env=dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd)))
-    os.close(fd)
-    return process
-
-
-async def _output(process: trio.Process, timeout: float = 30) -> bytes:
-    """All a program prints, once it is done."""
-    out = b""
-    with trio.fail_after(timeout):
-        async for chunk in process.stdout:
-            out += chunk
-    return out
-
-
 @dataclass
 class _BlkbackHost:
     dom0: Any
@@ -254,7 +235,7 @@ async def test_hostile_frontend_gets_errors_and_a_disconnect_others_unaffected(t
         procs = {}
         for name, code, fd in (("evil", HOSTILE, evil_fd), ("good", GOOD, good_fd)):
             with open(tmp_path / f"{name}.out", "wb") as out:
-                procs[name] = await _start_program(code, fd, stdout=out)
+                procs[name] = await start_domain_program(code, fd, stdout=out)
         with trio.fail_after(60):
             for proc in procs.values():
                 await proc.wait()
@@ -304,9 +285,9 @@ async def test_hostile_pool_refs_map_nothing_and_cost_the_connection_nothing(tmp
                 guests[name] = await host.dom0.create_domain(name)
                 await add_vbd(xs, backend=host.stor_domid, frontend=guests[name][0], devid=51712,
                               target=str(disk))
-        procs = {name: await _start_program(POOL_REFS, fd, lists[name]) for name, (_, fd) in guests.items()}
+        procs = {name: await start_domain_program(POOL_REFS, fd, lists[name]) for name, (_, fd) in guests.items()}
         for name, proc in procs.items():
-            assert json.loads(await _output(proc)) == {"status": 0}, name
+            assert json.loads(await program_output(proc)) == {"status": 0}, name
         for name, (domid, _) in guests.items():
             vbd = await _vbd_statistics(host, domid)
             if name == "good":
@@ -358,8 +339,8 @@ async def _reconnected(tmp_path, program: str) -> dict[str, Any]:
         guest_domid, fd = await host.dom0.create_domain("guest")
         async with open_xenstore(host.xs_path) as xs:
             await add_vbd(xs, backend=host.stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
-        guest = await _start_program(program, fd)
-        assert json.loads(await _output(guest)) == {"reconnected": True}
+        guest = await start_domain_program(program, fd)
+        assert json.loads(await program_output(guest)) == {"reconnected": True}
         return await _vbd_statistics(host, guest_domid)
 
 
@@ -399,14 +380,14 @@ async def test_a_notification_storm_costs_blkback_little_cpu_and_others_nothing(
             async with open_xenstore(host.xs_path) as xs:
                 await add_vbd(xs, backend=host.stor_domid, frontend=evil_domid, devid=51712, target=str(disk))
                 await add_vbd(xs, backend=host.stor_domid, frontend=good_domid, devid=51712, target=str(other))
-            evil = await _start_program(STORM, evil_fd, "4")
+            evil = await start_domain_program(STORM, evil_fd, "4")
             procs.append(evil)
             lines = LineReader(evil.stdout)
             with trio.fail_after(30):
                 assert json.loads(await lines.next()) == {"connected": True}
             cpu_before, started = _cpu_seconds(host.stor.pid), trio.current_time()
             with open(tmp_path / "good.out", "wb") as out:
-                good = await _start_program(GOOD, good_fd, stdout=out)
+                good = await start_domain_program(GOOD, good_fd, stdout=out)
             procs.append(good)
             with trio.fail_after(60):
                 sent = json.loads(await lines.next())["notified"]
@@ -452,7 +433,7 @@ async def _guest_with_hostile_backend(tmp_path, guest_code: str, requests: int):
                              (f"{be}/sector-size", "512"),
                              (f"{be}/feature-max-indirect-segments", "256"),
                              (f"{be}/state", "2")])
-        guest = await _start_program(guest_code, fd)
+        guest = await start_domain_program(guest_code, fd)
         await _initialised(xs, fe)
         ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
         await _requests_on_ring(backend, ring, requests)
@@ -475,7 +456,7 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
         wrong_op = blkif.encode_response(first.id, blkif.Op.WRITE, 0)    # a read's id
         never_issued = blkif.encode_response(first.id + 1000, blkif.Op.READ, 0)
         await _answer(backend, ring, port, [wrong_op, never_issued])
-        out = await _output(guest)
+        out = await program_output(guest)
         with trio.fail_after(30):
             await guest.wait()
         assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
@@ -527,7 +508,7 @@ class _ReportingGuest:
 
     @classmethod
     async def start(cls, code: str, fd: int) -> "_ReportingGuest":
-        return cls(await _start_program(code, fd, stdin=subprocess.PIPE))
+        return cls(await start_domain_program(code, fd, stdin=subprocess.PIPE))
 
     async def report(self) -> dict:
         await self.process.stdin.send_all(b"?\n")
@@ -829,7 +810,7 @@ async def test_no_backend_memory_reaches_shared_pages(tmp_path):
             await add_vbd(xs, backend=host.stor_domid, frontend=front_domid, devid=51712, target=str(disk))
         out = tmp_path / "front.out"
         with open(out, "wb") as sink:
-            front = await _start_program(CANARY, fd, "150", stdout=sink)
+            front = await start_domain_program(CANARY, fd, "150", stdout=sink)
         with trio.fail_after(120):
             assert await front.wait() == 0
         assert json.loads(out.read_text()) == {"answered": 150 * 12, "canary_bytes": 0}

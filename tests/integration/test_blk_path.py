@@ -10,6 +10,7 @@ import textwrap
 
 import trio
 
+from ringfence.testing.sim import program_output, start_domain_program
 from ringfence.toolstack.devices import add_vbd
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain, start_xenstored
 from ringfence.xenbus.client import open_xenstore
@@ -64,14 +65,9 @@ async def test_guest_writes_reach_the_backing_file_through_a_driver_domain(tmp_p
             async with open_xenstore(xs_path) as xs:
                 await add_vbd(xs, backend=stor_domid, frontend=guest_domid, devid=51712,
                               target=str(disk))
-            env = dict(os.environ, RINGFENCE_DOMAIN_FD=str(fd))
-            guest = await trio.lowlevel.open_process([sys.executable, "-c", GUEST, "7"],
-                                                     pass_fds=(fd,), env=env, stdout=subprocess.PIPE)
-            os.close(fd)
-            out = b""
+            guest = await start_domain_program(GUEST, fd, "7")
             with trio.fail_after(90):
-                async for chunk in guest.stdout:
-                    out += chunk
+                out = await program_output(guest, timeout=90)
                 assert await guest.wait() == 0
             result = json.loads(out)
             assert result["size"] == 4 << 20

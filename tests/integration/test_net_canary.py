@@ -15,8 +15,7 @@ import sys
 import pytest
 import trio
 
-from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
-from ringfence.testing.sim import open_net_host
+from ringfence.testing.sim import open_net_host, start_domain_program
 from ringfence.toolstack.devices import add_vif
 from ringfence.xenbus.client import open_xenstore
 
@@ -115,10 +114,8 @@ async def test_no_netback_memory_reaches_shared_pages(tmp_path):
                           mac="02:00:00:00:00:77")
         found = tmp_path / "scanner.out"
         with open(found, "wb") as sink:
-            scanner = await trio.lowlevel.open_process(
-                [sys.executable, "-c", SCANNER, "300", str(PAYLOAD), SENDER_MAC.hex()],
-                pass_fds=(fd,), env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=sink)
-        os.close(fd)
+            scanner = await start_domain_program(SCANNER, fd, "300", str(PAYLOAD), SENDER_MAC.hex(),
+                                                 stdout=sink)
         with trio.fail_after(30):
             while b"ready" not in found.read_bytes():
                 assert scanner.poll() is None

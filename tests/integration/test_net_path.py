@@ -14,7 +14,7 @@ import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
-from ringfence.testing.sim import open_net_host
+from ringfence.testing.sim import open_net_host, program_output, start_domain_program
 from ringfence.toolstack.devices import add_vif
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 from ringfence.xenbus.client import open_xenstore
@@ -245,11 +245,7 @@ async def test_hostile_netfront_gets_errors_and_a_disconnect_others_keep_pinging
         async with open_xenstore(xs_path) as xs:
             await add_vif(xs, backend=net_domid, frontend=evil_domid, devid=0, mac="02:00:00:00:00:66")
         with open(tmp_path / "evil.out", "wb") as out:
-            evil = await trio.lowlevel.open_process(
-                [sys.executable, "-c", HOSTILE_NETFRONT], pass_fds=(fd,),
-                env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=out,
-                stdin=subprocess.PIPE)
-        os.close(fd)
+            evil = await start_domain_program(HOSTILE_NETFRONT, fd, stdout=out, stdin=subprocess.PIPE)
         with trio.fail_after(60):
             while b"stalling" not in (tmp_path / "evil.out").read_bytes():
                 assert evil.poll() is None
@@ -342,15 +338,8 @@ async def test_a_netfront_that_restarts_at_once_is_served_again(tmp_path):
         domid, fd = await host.dom0.create_domain("restarting")
         async with open_xenstore(host.xs_path) as xs:
             await add_vif(xs, backend=host.net_domid, frontend=domid, devid=0, mac="02:00:00:00:00:77")
-        guest = await trio.lowlevel.open_process(
-            [sys.executable, "-c", RESTARTING_NETFRONT], pass_fds=(fd,),
-            env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=subprocess.PIPE)
-        os.close(fd)
-        out = b""
-        with trio.fail_after(30):
-            async for chunk in guest.stdout:
-                out += chunk
-        assert json.loads(out) == {"reconnected": True}
+        guest = await start_domain_program(RESTARTING_NETFRONT, fd)
+        assert json.loads(await program_output(guest)) == {"reconnected": True}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -373,10 +362,7 @@ async def test_a_notification_storm_costs_netback_little_cpu_and_others_nothing(
         async with open_xenstore(host.xs_path) as xs:
             await add_vif(xs, backend=host.net_domid, frontend=evil_domid, devid=0,
                           mac="02:00:00:00:00:66")
-        evil = await trio.lowlevel.open_process(
-            [sys.executable, "-c", NOTIFICATION_STORM, "4"], pass_fds=(fd,),
-            env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=subprocess.PIPE)
-        os.close(fd)
+        evil = await start_domain_program(NOTIFICATION_STORM, fd, "4")
         lines = LineReader(evil.stdout)
         with trio.fail_after(30):
             assert json.loads(await lines.next()) == {"connected": True}

@@ -22,6 +22,7 @@ import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV
 from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
+from ringfence.testing.sim import program_output, start_domain_program
 from ringfence.testing.streams import LineReader
 from ringfence.testing.xen_standin import build_standin, spawn_xen_domain
 from ringfence.toolstack.devices import add_vbd, add_vif
@@ -133,14 +134,9 @@ async def test_blkback_on_the_xen_platform_serves_a_sim_guest(tmp_path, persiste
         _assert_uses_the_standin(stor.pid)
         guest_domid, fd = await host.dom0.create_domain("guest")
         await add_vbd(host.xs, backend=stor_domid, frontend=guest_domid, devid=51712, target=str(disk))
-        guest = await trio.lowlevel.open_process(
-            [sys.executable, "-c", GUEST, "1" if persistent else "0"], pass_fds=(fd,),
-            env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}), stdout=subprocess.PIPE)
-        os.close(fd)
-        out = b""
+        guest = await start_domain_program(GUEST, fd, "1" if persistent else "0")
         with trio.fail_after(60):
-            async for chunk in guest.stdout:
-                out += chunk
+            out = await program_output(guest, timeout=60)
             assert await guest.wait() == 0, out
         result = json.loads(out)
         assert result["size"] == 4 << 20

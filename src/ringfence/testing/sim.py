@@ -6,7 +6,9 @@ control socket; ``open_agent(dom0, name)`` does that for the scriptable
 :mod:`ringfence.testing.domain_agent`; ``open_net_host`` runs a hypervisor, xenstored and a
 network driver domain, and ``start_netfront_guest`` a sandboxed guest whose eth0 is one of
 its vifs; ``relaunch_storage_domain`` kills a storage
-driver domain with -9 and hands its disk to a new one, as the supervisor would.
+driver domain with -9 and hands its disk to a new one, as the supervisor would;
+``start_domain_program`` runs a test's own ``python -c`` program as a domain created with
+``dom0.create_domain``, and ``program_output`` is all it prints.
 """
 from __future__ import annotations
 
@@ -21,11 +23,32 @@ from typing import Any
 
 import trio
 
-from ringfence.hypervisor.sim.client import Dom0
+from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 
 __all__ = ["AgentDomain", "NetHost", "NetfrontGuest", "open_agent", "open_hypervisor",
-           "open_net_host", "relaunch_storage_domain", "spawn_domain", "start_netfront_guest"]
+           "open_net_host", "program_output", "relaunch_storage_domain", "spawn_domain",
+           "start_domain_program", "start_netfront_guest"]
+
+
+async def start_domain_program(code: str, fd: int, *args: str, stdin: Any = None,
+                               stdout: Any = subprocess.PIPE) -> trio.Process:
+    """``python -c code args`` as the process of the domain whose control socket is ``fd``
+    (as ``dom0.create_domain`` gives it; closed here once the process has it)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", code, *args], pass_fds=(fd,), stdin=stdin, stdout=stdout,
+        env=dict(os.environ, **{DOMAIN_FD_ENV: str(fd)}))
+    os.close(fd)
+    return process
+
+
+async def program_output(process: trio.Process, timeout: float = 30) -> bytes:
+    """All a program started with ``stdout=PIPE`` prints, once it is done."""
+    out = b""
+    with trio.fail_after(timeout):
+        async for chunk in process.stdout:
+            out += chunk
+    return out
 
 
 class AgentDomain:
