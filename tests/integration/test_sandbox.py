@@ -215,6 +215,38 @@ async def test_two_systems_with_a_domain_of_the_same_name_keep_their_own_cgroups
     assert group_cgroups("second.2") == []
 
 
+def test_a_killed_process_runs_its_exit_at_a_real_time_priority():
+    """hasten_exit gives each thread of a process real-time priority, so that a killed
+    domain's exit does not queue behind the host's other work; without CAP_SYS_NICE it
+    changes nothing and raises nothing."""
+    import signal
+    from ringfence.isolation.sandbox import hasten_exit
+    threads = ("import threading, time\n"
+               "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+               "print('up', flush=True)\ntime.sleep(60)\n")
+    program = subprocess.Popen([sys.executable, "-c", threads], stdout=subprocess.PIPE)
+    try:
+        assert program.stdout.readline() == b"up\n"
+        os.kill(program.pid, signal.SIGSTOP)  # as dying: it runs none of its own code
+        tids = [int(t) for t in os.listdir(f"/proc/{program.pid}/task")]
+        assert len(tids) == 2
+        unprivileged = os.fork()
+        if unprivileged == 0:  # pragma: no cover (the child)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            hasten_exit(program.pid)  # refused: EPERM, not raised
+            os._exit(0)
+        assert os.waitpid(unprivileged, 0)[1] == 0
+        assert [os.sched_getscheduler(t) for t in tids] == [os.SCHED_OTHER] * 2
+        hasten_exit(program.pid)
+        assert [os.sched_getscheduler(t) for t in tids] == [os.SCHED_FIFO] * 2
+        hasten_exit(0x3FFFFFFF)  # no such process: nothing to do
+    finally:
+        program.kill()
+        program.wait(timeout=30)
+
+
 def _join_time(cgroup) -> float:
     """Seconds a new process takes to move itself into ``cgroup``."""
     r, w = os.pipe()
