@@ -831,9 +831,9 @@ class BlkFront:
                               link.path.encode())
         self._old_backend_dead = True
         self.signalled_takeovers += 1
-        log.warning("backend went away (dom0 says: takeover); will switch and replay",
+        self._switch_now(link)  # the log line after it: the replay does not wait for a write
+        log.warning("backend went away (dom0 says: takeover); switching and replaying",
                     extra={"kv": {"devid": self.devid, "pending": len(self.pending)}})
-        self._switch_now(link)
         self._serving.cancel()
 
     def _switch_now(self, link: _Link) -> None:
