@@ -232,11 +232,15 @@ def test_a_killed_process_runs_its_exit_at_a_real_time_priority():
         assert len(tids) == 2
         unprivileged = os.fork()
         if unprivileged == 0:  # pragma: no cover (the child)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            hasten_exit(program.pid)  # refused: EPERM, not raised
-            os._exit(0)
+            code = 1  # whatever goes wrong here must not go on as a second pytest
+            try:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                hasten_exit(program.pid)  # refused: EPERM, not raised
+                code = 0
+            finally:
+                os._exit(code)
         assert os.waitpid(unprivileged, 0)[1] == 0
         assert [os.sched_getscheduler(t) for t in tids] == [os.SCHED_OTHER] * 2
         hasten_exit(program.pid)
