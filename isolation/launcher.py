@@ -426,7 +426,16 @@ class Launcher:
                     self.broken = True
                     reply = {}
                 else:
-                    reply = await self._replies.receive()
+                    # The launcher answers every request (or exits, and _lost answers): a
+                    # reply this caller left behind, cancelled, would be the next caller's.
+                    with trio.CancelScope(shield=True):
+                        reply = await self._replies.receive()
+                    try:
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                    except BaseException:
+                        if reply.get("child") is not None:
+                            reply["child"].kill()  # started for no one: it goes at once
+                        raise
         except BaseException:
             for stream in streams.values():
                 await trio.aclose_forcefully(stream)
@@ -479,7 +488,8 @@ class Launcher:
         one's wait ends once its process has."""
         self.broken = True
         self._ready.set()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        # For a request waiting on its reply; with none waiting, the next finds it broken.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             self._replies_in.send_nowait({"error": "the launcher exited"})
         for child in list(self._children.values()):
             # Polled, not waited on through trio: the child's own wait() may be waiting on

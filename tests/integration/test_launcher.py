@@ -131,3 +131,30 @@ async def test_exec_only_when_asked(monkeypatch):
     monkeypatch.setenv("RINGFENCE_LAUNCHER", "exec")
     async with open_launcher(["json"]) as launcher:
         assert launcher is None
+
+
+async def test_a_start_cancelled_while_waiting_for_its_reply_leaves_none_behind():
+    """A start cancelled between its request and the launcher's reply (a spare whose start
+    a takeover ends) must not leave the reply to the next start, which would get the
+    other's child as its own; the child started for no one is killed."""
+    marker = "import sys; print(sys.argv[1], flush=True)"
+    async with open_launcher(["ringfence.isolation.sandbox"]) as launcher:
+        cancelled = 0
+        for attempt in range(40):
+            spec = SandboxSpec(f"lnch-race{attempt}", namespaces=frozenset())
+            with trio.move_on_after(0.0005 * (1 + attempt % 8)) as scope:
+                box = await spawn_sandboxed(spec, [PY, "-c", marker, f"cancelled{attempt}"],
+                                            launcher=launcher, stdout=subprocess.PIPE)
+            if not scope.cancelled_caught:
+                await box.aclose()
+                continue
+            cancelled += 1
+            box = await spawn_sandboxed(SandboxSpec(f"lnch-next{attempt}", namespaces=frozenset()),
+                                        [PY, "-c", marker, f"next{attempt}"],
+                                        launcher=launcher, stdout=subprocess.PIPE)
+            assert await _output(box) == f"next{attempt}\n".encode()
+            await box.aclose()
+        assert cancelled, "no start was cancelled while it waited"
+        with trio.fail_after(10):
+            while launcher.statistics().running:  # the children started for no one are gone
+                await trio.sleep(0.01)
