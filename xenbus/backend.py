@@ -128,13 +128,11 @@ async def _complete_devices(xs: XenStore, base: str, complete_key: str,
     whatever their number (each level's requests go together), two given ``base``'s
     ``listing``."""
     if listing is None:
-        frontends = await _children(xs, base)
-    else:
-        frontends = [] if isinstance(listing, XenStoreError) else [c for c in W.strings(listing) if c.isdigit()]
+        (listing,) = await xs.pipeline([(Op.DIRECTORY, W.join(base), 0)])
+    frontends = _numbered(listing)
     listings = await xs.pipeline([(Op.DIRECTORY, W.join(f"{base}/{fe}"), 0) for fe in frontends])
     candidates = [((int(fe), int(devid)), f"{base}/{fe}/{devid}")
-                  for fe, listing in zip(frontends, listings) if not isinstance(listing, XenStoreError)
-                  for devid in W.strings(listing) if devid.isdigit()]
+                  for fe, listing in zip(frontends, listings) for devid in _numbered(listing)]
     marks = await xs.pipeline([(Op.READ, W.join(f"{path}/{complete_key}"), 0) for _, path in candidates])
     return [candidate for candidate, mark in zip(candidates, marks) if not isinstance(mark, XenStoreError)]
 
@@ -160,9 +158,7 @@ async def _run(devices: dict[tuple[int, int], Any], scopes: dict[tuple[int, int]
         scopes.pop(key, None)
 
 
-async def _children(xs: XenStore, path: str) -> list[str]:
-    try:
-        return [c for c in await xs.directory(path) if c.isdigit()]
-    except XenStoreError:
-        return []
+def _numbered(listing: bytes | XenStoreError) -> list[str]:
+    """The numbered children a DIRECTORY reply names (none if it failed)."""
+    return [] if isinstance(listing, XenStoreError) else [c for c in W.strings(listing) if c.isdigit()]
 
