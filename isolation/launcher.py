@@ -434,7 +434,11 @@ class Launcher:
                         await trio.lowlevel.checkpoint_if_cancelled()
                     except BaseException:
                         if reply.get("child") is not None:
-                            reply["child"].kill()  # started for no one: it goes at once
+                            # Started for no one: it goes, before the caller removes its
+                            # cgroup (which the kernel refuses while a process is in it).
+                            reply["child"].kill()
+                            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                                await reply["child"].wait_gone()
                         raise
         except BaseException:
             for stream in streams.values():

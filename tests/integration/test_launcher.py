@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from ringfence.isolation.launcher import open_launcher
-from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, spawn_sandboxed
+from ringfence.isolation.sandbox import Cgroup, SandboxSpec, innermost_pid, spawn_sandboxed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes are made as root here")
 
@@ -158,3 +158,6 @@ async def test_a_start_cancelled_while_waiting_for_its_reply_leaves_none_behind(
         with trio.fail_after(10):
             while launcher.statistics().running:  # the children started for no one are gone
                 await trio.sleep(0.01)
+        # and so are their cgroups: gone before the cancelled start removed them
+        assert not any(Cgroup(f"lnch-race{attempt}").live_processes() or any(
+            path.exists() for path in Cgroup(f"lnch-race{attempt}").dirs.values()) for attempt in range(40))
