@@ -546,6 +546,46 @@ def _reading_guest(report: dict[str, str]) -> str:
     """.replace("REPORT", repr(report)))
 
 
+OVERFLOW_GUEST = _reading_guest({"bad": "bad_responses", "in_flight": "in_flight",
+                                 "connections": "connections"})
+
+
+async def test_a_backend_that_overflows_the_ring_loses_its_connection(tmp_path):
+    """ATTACKS A4: a backend that publishes more responses than there were requests (its
+    producer index far past ours) completes nothing with them: blkfront counts it, ends
+    that connection and makes a new one, on which the read is replayed and answered."""
+    from ringfence.hypervisor.io import blkif
+    async with _agents_and_a_guest(tmp_path, "overflower") as (xs, (backend,), guest_domid, fd, _):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
+        await add_vbd(xs, backend=backend.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await _offer(xs, be)
+        guest = await _ReportingGuest.start(OVERFLOW_GUEST, fd)
+        try:
+            await _initialised(xs, fe)
+            ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
+            await _requests_on_ring(backend, ring, 1)
+            await backend.ok("write", map=ring, offset=8, data=(1000).to_bytes(4, "little").hex())
+            await backend.ok("notify", port=port)
+            with trio.fail_after(20):  # a new handshake: Initialising again
+                while await xs.read_many([f"{fe}/state"]) != [b"1"]:
+                    await trio.sleep(0.05)
+            assert await guest.report() == {"bad": 1, "in_flight": 1, "connections": 1}
+
+            await _offer(xs, be)
+            await _initialised(xs, fe)
+            ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
+            await _requests_on_ring(backend, ring, 1)  # the read, replayed on the new ring
+            request = await _ring_request(backend, ring, 0)
+            await _answer(backend, ring, port, [blkif.encode_response(request.id, blkif.Op.READ, 0)])
+            with trio.fail_after(20):
+                while "read" not in (report := await guest.report()):
+                    await trio.sleep(0.05)
+            assert report == {"read": "00000000", "bad": 1, "in_flight": 0, "connections": 2}
+        finally:
+            await guest.aclose()
+
+
 REVOKE_GUEST = _reading_guest({"unrevoked": "unrevoked_grants", "backend_id": "backend_id"})
 
 
