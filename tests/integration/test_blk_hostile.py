@@ -523,6 +523,25 @@ class _ReportingGuest:
         await self.process.wait()
 
 
+@contextlib.asynccontextmanager
+async def _guest_and_agent_backend(tmp_path, name: str, guest_code: str):
+    """A guest (``guest_code``, a _ReportingGuest) whose vbd's backend is an agent named
+    ``name``, which has offered its InitWait and to whose offer the guest has answered
+    Initialised: yields the agent, the guest's domid, the frontend's and the backend's
+    directories, and the guest."""
+    async with _agents_and_a_guest(tmp_path, name) as (xs, (agent,), guest_domid, fd, _):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        be = f"/local/domain/{agent.domid}/backend/vbd/{guest_domid}/51712"
+        await add_vbd(xs, backend=agent.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await _offer(xs, be)
+        guest = await _ReportingGuest.start(guest_code, fd)
+        try:
+            await _initialised(xs, fe)
+            yield xs, agent, guest_domid, fe, be, guest
+        finally:
+            await guest.aclose()
+
+
 def _reading_guest(report: dict[str, str]) -> str:
     """A guest whose blkfront reads its disk's first page once and reports, for each line
     it reads, how that read ended (the first bytes read, or its errno) once it has, and
@@ -555,35 +574,27 @@ async def test_a_backend_that_overflows_the_ring_loses_its_connection(tmp_path):
     producer index far past ours) completes nothing with them: blkfront counts it, ends
     that connection and makes a new one, on which the read is replayed and answered."""
     from ringfence.hypervisor.io import blkif
-    async with _agents_and_a_guest(tmp_path, "overflower") as (xs, (backend,), guest_domid, fd, _):
-        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
-        be = f"/local/domain/{backend.domid}/backend/vbd/{guest_domid}/51712"
-        await add_vbd(xs, backend=backend.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
-        await _offer(xs, be)
-        guest = await _ReportingGuest.start(OVERFLOW_GUEST, fd)
-        try:
-            await _initialised(xs, fe)
-            ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
-            await _requests_on_ring(backend, ring, 1)
-            await backend.ok("write", map=ring, offset=8, data=(1000).to_bytes(4, "little").hex())
-            await backend.ok("notify", port=port)
-            with trio.fail_after(20):  # a new handshake: Initialising again
-                while await xs.read_many([f"{fe}/state"]) != [b"1"]:
-                    await trio.sleep(0.05)
-            assert await guest.report() == {"bad": 1, "in_flight": 1, "connections": 1}
+    async with _guest_and_agent_backend(tmp_path, "overflower", OVERFLOW_GUEST) as (
+            xs, backend, guest_domid, fe, be, guest):
+        ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
+        await _requests_on_ring(backend, ring, 1)
+        await backend.ok("write", map=ring, offset=8, data=(1000).to_bytes(4, "little").hex())
+        await backend.ok("notify", port=port)
+        with trio.fail_after(20):  # a new handshake: Initialising again
+            while await xs.read_many([f"{fe}/state"]) != [b"1"]:
+                await trio.sleep(0.05)
+        assert await guest.report() == {"bad": 1, "in_flight": 1, "connections": 1}
 
-            await _offer(xs, be)
-            await _initialised(xs, fe)
-            ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
-            await _requests_on_ring(backend, ring, 1)  # the read, replayed on the new ring
-            request = await _ring_request(backend, ring, 0)
-            await _answer(backend, ring, port, [blkif.encode_response(request.id, blkif.Op.READ, 0)])
-            with trio.fail_after(20):
-                while "read" not in (report := await guest.report()):
-                    await trio.sleep(0.05)
-            assert report == {"read": "00000000", "bad": 1, "in_flight": 0, "connections": 2}
-        finally:
-            await guest.aclose()
+        await _offer(xs, be)
+        await _initialised(xs, fe)
+        ring, port = await _connect_agent(xs, backend, guest_domid, fe, be)
+        await _requests_on_ring(backend, ring, 1)  # the read, replayed on the new ring
+        request = await _ring_request(backend, ring, 0)
+        await _answer(backend, ring, port, [blkif.encode_response(request.id, blkif.Op.READ, 0)])
+        with trio.fail_after(20):
+            while "read" not in (report := await guest.report()):
+                await trio.sleep(0.05)
+        assert report == {"read": "00000000", "bad": 1, "in_flight": 0, "connections": 2}
 
 
 REVOKE_GUEST = _reading_guest({"unrevoked": "unrevoked_grants", "backend_id": "backend_id"})
@@ -653,25 +664,17 @@ async def test_a_backend_that_closes_on_the_keys_gets_a_new_handshake(tmp_path):
     (as one does that read a stale Connected of the frontend's, whose keys it may not read,
     after a takeover) is not waited on for ever: blkfront starts the handshake over from
     Initialising, which a closed backend waits for, and connects on the second one."""
-    async with _agents_and_a_guest(tmp_path, "refuser") as (xs, (refuser,), guest_domid, fd, _):
-        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
-        be = f"/local/domain/{refuser.domid}/backend/vbd/{guest_domid}/51712"
-        await add_vbd(xs, backend=refuser.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+    async with _guest_and_agent_backend(tmp_path, "refuser", REFUSED_GUEST) as (
+            xs, refuser, guest_domid, fe, be, guest):
+        await xs.write_many([(f"{be}/state", "5"), (f"{be}/state", "6")])
+        with trio.fail_after(20):
+            while await xs.read_many([f"{fe}/state"]) != [b"1"]:
+                await trio.sleep(0.05)
         await _offer(xs, be)
-        guest = await _ReportingGuest.start(REFUSED_GUEST, fd)
-        try:
-            await _initialised(xs, fe)
-            await xs.write_many([(f"{be}/state", "5"), (f"{be}/state", "6")])
-            with trio.fail_after(20):
-                while await xs.read_many([f"{fe}/state"]) != [b"1"]:
-                    await trio.sleep(0.05)
-            await _offer(xs, be)
-            await _initialised(xs, fe)
-            ring, _ = await _connect_agent(xs, refuser, guest_domid, fe, be)
-            await _requests_on_ring(refuser, ring, 1)  # the guest's read, on the new rings
-            assert await guest.report() == {"refused": 1, "backend_id": refuser.domid}
-        finally:
-            await guest.aclose()
+        await _initialised(xs, fe)
+        ring, _ = await _connect_agent(xs, refuser, guest_domid, fe, be)
+        await _requests_on_ring(refuser, ring, 1)  # the guest's read, on the new rings
+        assert await guest.report() == {"refused": 1, "backend_id": refuser.domid}
 
 
 async def test_a_device_handed_to_a_new_backend_starts_over_from_initialising(tmp_path):
