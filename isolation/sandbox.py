@@ -145,16 +145,17 @@ class Cgroup:
     def pids(self) -> int:
         return self._read("pids", "pids.current", "pids.current")
 
-    def kill_all(self) -> None:
-        """SIGKILL every process in the cgroup, and let each one die at once (see
-        :func:`hasten_exit`)."""
+    def kill_all(self, hasten: bool = True) -> None:
+        """SIGKILL every process in the cgroup, and (``hasten``) let each one die at once
+        (see :func:`hasten_exit`)."""
         with unpreempted():
             for path in self.dirs.values():
                 with contextlib.suppress(OSError):
                     for pid in (path / "cgroup.procs").read_text().split():
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(int(pid), signal.SIGKILL)
-                            hasten_exit(int(pid))
+                            if hasten:
+                                hasten_exit(int(pid))
 
     def remove(self) -> None:
         for path in self.dirs.values():
@@ -280,12 +281,14 @@ class SandboxedProcess:
             with contextlib.suppress(OSError):
                 self._program_pidfd = os.pidfd_open(pid)
 
-    def kill(self) -> None:
+    def kill(self, hasten: bool = True) -> None:
+        """SIGKILL the sandbox's processes; ``hasten``: let them die at once, for whoever
+        waits for that (see :func:`hasten_exit`)."""
         with unpreempted():
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             if not self.cgroup_removed:
-                self.cgroup.kill_all()
+                self.cgroup.kill_all(hasten)
 
     async def wait(self) -> int:
         status = await self.process.wait()

@@ -91,6 +91,8 @@ class System:
     launcher: Any = None  # isolation.launcher.Launcher, or None: domains exec'd
     net_launcher: Any = None  # for domains with network devices (NET_DOMAIN_MODULES), if any
     control_statistics: dict[str, int] = field(default_factory=dict)
+    # The hypervisor sends death notices as a domain begins to exit (hypervisor/sim/exits.py)
+    exits_announced: bool = False
     # Set, and replaced by a new one, whenever a spare has come to stand by.
     spare_news: trio.Event = field(default_factory=trio.Event)
 
@@ -241,6 +243,7 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                             net_launcher=net_launcher, driver_kinds=driver_kinds)
             system.xenstored = xenstored
             system.nursery = nursery
+            system.exits_announced = (await dom0.statistics())["hypervisor"].get("exit_records") is not None
             system.xs = await nursery_xs(nursery, xs_path)
             # Guests exist first (their domids go into the vbds), start last.
             for spec in guests:
@@ -626,6 +629,9 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
     service = Service(name, prepare, sandbox, policy or RestartPolicy(initial_delay=0.01, watchdog=None),
                       runtime_dir=os.path.join(system.runtime_dir, "notify"))
     service.overlaps_teardown = True
+    # A spare standing by takes over on the hypervisor's notice that the killed domain has
+    # begun to exit, not at its death: that exit then takes its turn among the rest.
+    service.death_awaited = lambda: not (system.exits_announced and system.spare_ready(name))
 
     def on_state(svc: Service) -> None:
         if svc.state.value == "ready" and svc.last_recovery_ms is not None and svc.starts > 1:

@@ -36,6 +36,7 @@ from ringfence._unixsock import listen_unix
 
 from ringfence.hypervisor._lib import ffi, lib
 from ringfence.hypervisor.sim import protocol as P
+from ringfence.hypervisor.sim.exits import ExitListener, ExitListenerStatistics, sandbox_init, sole_process_exiting
 from ringfence.hypervisor.sim.protocol import GNTST, Op
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class HypervisorStatistics:
     copy_bytes: int
     channels_bound: int
     death_notices: int  # dom0's ports notified of a domain's death (NOTIFY_ON_DEATH)
+    # of them, notified as the domain's process began to exit (exits.py), before it was gone
+    early_death_notices: int
+    exit_records: ExitListenerStatistics | None  # None: deaths are seen through pidfds only
     grant_errors: dict[str, int]
 
 
@@ -122,6 +126,7 @@ class Domain:
     state: str = "created"  # created → running → dying
     pid: int = 0
     pidfd: int = -1
+    sandbox_init: bool = False  # its process is its pid namespace's first (exits.sandbox_init)
     gnttab: mmap.mmap | None = None
     gnttab_fd: int = -1
     ram: mmap.mmap | None = None
@@ -175,6 +180,8 @@ class Hypervisor:
         self._counters: Counter[str] = Counter()
         self._grant_errors: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
+        self._exits: ExitListener | None = None
+        self._running: dict[int, Domain] = {}  # pid -> domain, with exit records to read
 
     # ---- statistics -------------------------------------------------------------------
     def statistics(self) -> HypervisorStatistics:
@@ -184,7 +191,9 @@ class Hypervisor:
             domains_destroyed=c["destroyed"], connections=c["connections"],
             protocol_errors=c["protocol_errors"], maps=c["maps"], unmaps=c["unmaps"],
             copies=c["copies"], copy_bytes=c["copy_bytes"], channels_bound=c["bound"],
-            death_notices=c["death_notices"], grant_errors=dict(self._grant_errors))
+            death_notices=c["death_notices"], early_death_notices=c["early_death_notices"],
+            exit_records=self._exits.statistics() if self._exits is not None else None,
+            grant_errors=dict(self._grant_errors))
 
     def _grant_error(self, status: int) -> int:
         self._grant_errors[GNTST(status).name] += 1
@@ -196,6 +205,9 @@ class Hypervisor:
         listener = await listen_unix(path, kind=socket.SOCK_SEQPACKET)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._exits = ExitListener.open()
+            if self._exits is not None:
+                nursery.start_soon(self._watch_exits, self._exits)
             task_status.started()
             try:
                 while True:
@@ -205,6 +217,8 @@ class Hypervisor:
                     nursery.start_soon(self._serve_dom0, conn, pid)
             finally:
                 listener.close()
+                if self._exits is not None:
+                    self._exits.close()
                 for domain in list(self.domains.values()):
                     self.destroy(domain, reason="hypervisor shutdown")
 
@@ -530,6 +544,9 @@ class Hypervisor:
         if pidfd < 0:
             raise P.ProtocolError(f"HELLO from a vanished pid: {os.strerror(-pidfd)}")
         domain.pid, domain.pidfd, domain.state = creds[0], pidfd, "running"
+        if self._exits is not None:
+            domain.sandbox_init = sandbox_init(domain.pid)
+            self._running[domain.pid] = domain
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_death, domain)
         fds = [os.dup(domain.gnttab_fd), os.dup(domain.ram_fd)]
@@ -550,6 +567,20 @@ class Hypervisor:
         # exit waits for every other): the ports dom0 named hear of it first.
         self._send_death_notices(domain)
         self.destroy(domain, reason="domain process exited")
+
+    async def _watch_exits(self, exits: ExitListener) -> None:
+        """The death notices of a domain go the moment its process has begun to exit,
+        alone in its sandbox (exits.py), some milliseconds before it is gone: from then on
+        it does no more I/O and runs no code of its own, and that is all a takeover waits
+        for. Its mappings and channels go when it is gone (_watch_death): until then the
+        frontends' grants to it stay mapped, and they end them once they no longer are."""
+        while True:
+            for pid in await exits.groups_exiting():
+                domain = self._running.get(pid)
+                if (domain is not None and domain.sandbox_init and domain.domid in self._death_notices
+                        and sole_process_exiting(pid)):
+                    self._counters["early_death_notices"] += 1
+                    self._send_death_notices(domain)
 
     def _send_death_notices(self, domain: Domain) -> None:
         for dom0, port in self._death_notices.pop(domain.domid, ()):
@@ -579,6 +610,8 @@ class Hypervisor:
         self._announce(P.EventKind.RELEASED, domain.domid)
 
     def _free(self, domain: Domain) -> None:
+        if self._running.get(domain.pid) is domain:
+            del self._running[domain.pid]
         if domain.connection is not None:
             domain.connection.close()
         if domain.pidfd >= 0:

@@ -3,12 +3,14 @@ domain death, and the isolation invariant of DESIGN.md §2."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import trio
 
 from ringfence.hypervisor.sim.protocol import GNTST, EventKind
 from ringfence.hypervisor.sim.client import open_dom0
+from ringfence.isolation.sandbox import SandboxSpec
 from ringfence.testing.sim import open_agent, open_hypervisor
 
 GTF_reading, GTF_writing = 1 << 3, 1 << 4
@@ -326,3 +328,32 @@ async def test_death_notices_tell_dom0s_port_once_the_process_is_gone(hv):
             await destroyed.process.wait()
         assert (await guest.ok("wait", port=second, timeout=0.3))["count"] == 0
         assert (await hv.statistics())["hypervisor"]["death_notices"] == 1
+
+
+async def test_a_domain_alone_in_its_sandbox_is_announced_dead_as_it_begins_to_exit(hv):
+    """With the kernel's exit records (root in the host's namespaces), the death notice of a
+    domain that is the only process of its sandbox goes as soon as its process has begun to
+    exit, before its memory is torn down; that of a domain with a child process goes once
+    its process is gone, as before. Each port hears of its domain once."""
+    if (await hv.statistics())["hypervisor"]["exit_records"] is None:
+        pytest.skip("no exit records here (not root in the host's namespaces)")
+    group = f"test-exit-records-{os.getpid()}"
+    async with open_agent(hv, "guest") as guest, \
+            open_agent(hv, "alone", sandbox=SandboxSpec("alone", uid=0, group=group)) as alone, \
+            open_agent(hv, "parent", sandbox=SandboxSpec("parent", uid=0, group=group)) as parent:
+        await parent.ok("fork")
+        for watched in (alone, parent):  # an exit of some milliseconds: the notice's race
+            await watched.ok("hold_memory", megabytes=256)
+        pids = {row["domid"]: row["pid"] for row in await hv.list_domains()}
+        for watched, early in ((alone, 1), (parent, 0)):
+            port = (await guest.ok("evt_alloc", remote=0))["port"]
+            await hv.notify_on_death(watched.domid, (await hv.events.bind_interdomain(guest.domid, port)).port)
+            before = (await hv.statistics())["hypervisor"]["early_death_notices"]
+            os.kill(pids[watched.domid], signal.SIGKILL)
+            assert (await guest.ok("wait", port=port, timeout=5))["count"] == 1
+            assert (await hv.statistics())["hypervisor"]["early_death_notices"] == before + early
+            with trio.fail_after(5):
+                await watched.process.wait()
+            assert (await guest.ok("wait", port=port, timeout=0.3))["count"] == 0
+        stats = (await hv.statistics())["hypervisor"]
+        assert stats["death_notices"] == 2 and stats["exit_records"]["groups"] >= 2

@@ -13,6 +13,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import sys
 from typing import Any
 
@@ -32,6 +33,7 @@ class Agent:
         self.maps: dict[int, SimMappedPages] = {}
         self.ports: dict[int, SimPort] = {}
         self.next_id = 1
+        self.held = b""
 
     def _id(self) -> int:
         self.next_id += 1
@@ -189,6 +191,19 @@ class Agent:
         with sock:
             await sock.send(binascii.unhexlify(data))
             return {"reply": (await sock.recv(65536)).hex()}
+
+    async def do_hold_memory(self, megabytes: int) -> dict[str, Any]:
+        """Private memory, every page written: a process whose exit takes a while."""
+        self.held = b"\1" * (megabytes << 20)
+        return {}
+
+    async def do_fork(self) -> dict[str, Any]:
+        """A child process that only waits (a domain that is more than one process)."""
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                signal.pause()
+        return {"child": pid}
 
     async def do_statistics(self) -> dict[str, Any]:
         return {"statistics": await self.domain.statistics()}

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
+from ringfence.isolation.sandbox import Cgroup, SandboxSpec
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 
 __all__ = ["AgentDomain", "NetHost", "NetfrontGuest", "open_agent", "open_hypervisor",
@@ -88,12 +89,15 @@ class AgentDomain:
 
 
 @contextlib.asynccontextmanager
-async def open_agent(dom0: Dom0, name: str, *, user: int | None = None) -> AsyncIterator[AgentDomain]:
+async def open_agent(dom0: Dom0, name: str, *, user: int | None = None,
+                     sandbox: SandboxSpec | None = None) -> AsyncIterator[AgentDomain]:
+    """An agent domain; in ``sandbox``, if given (its process is then the sandbox's waiter,
+    and its cgroup goes with it)."""
     argv = [sys.executable, "-m", "ringfence.testing.domain_agent"]
     kwargs: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
     if user is not None:
         argv += ["--user", str(user)]  # the agent drops to it once Python is loaded
-    domid, process = await spawn_domain(dom0, name, argv, **kwargs)
+    domid, process = await spawn_domain(dom0, name, argv, sandbox=sandbox, **kwargs)
     agent = AgentDomain(domid, process)
     try:
         hello = await agent._read()
@@ -104,6 +108,13 @@ async def open_agent(dom0: Dom0, name: str, *, user: int | None = None) -> Async
         agent.kill()
         with trio.move_on_after(5):
             await process.wait()
+        if sandbox is not None:
+            cgroup = Cgroup(sandbox.name, sandbox.group)
+            with trio.move_on_after(5):
+                while cgroup.live_processes():
+                    cgroup.kill_all()
+                    await trio.sleep(0.01)
+            cgroup.remove()
 
 
 async def relaunch_storage_domain(dom0: Dom0, xs: Any, process: trio.Process, *, domid: int,
