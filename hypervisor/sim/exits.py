@@ -170,6 +170,7 @@ class ExitListener:
         return ExitListenerStatistics(self._records, self._groups, self._overruns)
 
     def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)  # a task waiting in groups_exiting gets ClosedResourceError
         self.sock.close()
 
 

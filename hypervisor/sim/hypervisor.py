@@ -575,7 +575,14 @@ class Hypervisor:
         for. Its mappings and channels go when it is gone (_watch_death): until then the
         frontends' grants to it stay mapped, and they end them once they no longer are."""
         while True:
-            for pid in await exits.groups_exiting():
+            try:
+                pids = await exits.groups_exiting()
+            except (OSError, trio.ClosedResourceError) as exc:
+                if not isinstance(exc, trio.ClosedResourceError):
+                    log.warning("no more exit records: deaths seen through pidfds only",
+                                extra={"kv": {"error": str(exc)}})
+                return
+            for pid in pids:
                 domain = self._running.get(pid)
                 if (domain is not None and domain.sandbox_init and domain.domid in self._death_notices
                         and sole_process_exiting(pid)):
