@@ -108,6 +108,14 @@ class System:
         spare = self.spares.get(name)
         return spare is not None and spare.staging_done and spare.standing_by and os.path.exists(spare.stats)
 
+    def takes_over_on_notice(self, name: str) -> bool:
+        """Whether a crash of ``name`` is taken over on the hypervisor's death notices
+        alone, sent as the domain begins to exit: its spare is ready, and each device
+        staged for it stands by on a link whose takeover channel the hypervisor notifies."""
+        spare = self.spares.get(name)
+        return (self.exits_announced and spare is not None and self.spare_ready(name)
+                and spare.staged <= spare.notified)
+
     async def wait_spare_ready(self, name: str) -> None:
         """Until :meth:`spare_ready`, woken when a spare comes to stand by (no polling:
         whoever waits for a spare between crashes does not cost the running domains)."""
@@ -315,6 +323,8 @@ class Spare:
     standby: set[tuple[str, int, int]] = field(default_factory=set)  # staged on a standby link
     standing_by: bool = False  # the frontends' standby links to it are up (or given up on)
     takeover_ports: list[Any] = field(default_factory=list)  # dom0's ends, on those links
+    # the devices whose takeover channels the hypervisor notifies when the active domain dies
+    notified: set[tuple[str, int, int]] = field(default_factory=set)
     took_over: bool = False
 
 
@@ -436,9 +446,10 @@ async def _bind_takeover_channels(system: System, spare: Spare, active: int | No
     and hear of it (:func:`_signal_takeover` tells them again then, for a hypervisor that
     could not). The port numbers are the guests' word: one that cannot be bound costs only
     that device the wait for XenStore's switch."""
-    slots = [DevicePaths(kind, frontend, spare.domid, devid) for kind, frontend, devid in sorted(spare.standby)]
+    devices = sorted(spare.standby)
+    slots = [DevicePaths(kind, frontend, spare.domid, devid) for kind, frontend, devid in devices]
     raws = await system.xs.read_many([f"{paths.standby}/{TAKEOVER_KEY}" for paths in slots])
-    for paths, raw in zip(slots, raws):
+    for device, paths, raw in zip(devices, slots, raws):
         try:
             port = int(raw or b"")
             if not 0 < port < 1 << 17:  # Xen's event channel ABI has at most 2^17 ports
@@ -452,6 +463,7 @@ async def _bind_takeover_channels(system: System, spare: Spare, active: int | No
         if active is not None:
             try:
                 await system.dom0.notify_on_death(active, bound.port)
+                spare.notified.add(device)
             except OSError as exc:  # gone already: the supervisor's signal it is
                 log.info("no death notice", extra={"kv": {"device": paths.standby, "error": str(exc)}})
 
@@ -631,7 +643,7 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
     service.overlaps_teardown = True
     # A spare standing by takes over on the hypervisor's notice that the killed domain has
     # begun to exit, not at its death: that exit then takes its turn among the rest.
-    service.death_awaited = lambda: not (system.exits_announced and system.spare_ready(name))
+    service.death_awaited = lambda: not system.takes_over_on_notice(name)
 
     def on_state(svc: Service) -> None:
         if svc.state.value == "ready" and svc.last_recovery_ms is not None and svc.starts > 1:

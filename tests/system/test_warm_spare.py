@@ -140,6 +140,11 @@ async def _exercise(runtime: str) -> None:
         if system.exits_announced:
             hypervisor = (await system.dom0.statistics())["hypervisor"]
             assert hypervisor["early_death_notices"] >= 1, hypervisor
+            with trio.fail_after(30):
+                while not system.spare_ready("stor"):
+                    await trio.sleep(0.05)
+            assert system.takes_over_on_notice("stor")
+            assert system.drivers["stor"].death_awaited() is False
         assert await _read(system.xs, f"{frontend}/state") == b"4"
         # The spare mapped the pool pages blkfront listed for it while it stood by.
         assert sum(_values((await system.domain_statistics())["stor"], "premapped_grants")) > 0
