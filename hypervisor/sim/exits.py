@@ -10,11 +10,13 @@ thread of that process runs another instruction of its own: it issues no more sy
 The record only wakes the hypervisor; :func:`sole_process_exiting` then checks the process
 itself, so that a late record (of an earlier process that had the same pid) or a process
 that still has others beside it in its sandbox counts for nothing. Listening takes
-CAP_NET_ADMIN in the host's user and pid namespaces: elsewhere :meth:`ExitListener.open`
-returns None and a death is seen through the pidfd alone.
+CAP_NET_ADMIN in the host's user and pid namespaces (checked by hearing a child's exit):
+elsewhere :meth:`ExitListener.open` returns None and a death is seen through the pidfd
+alone.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -116,6 +118,7 @@ class ExitListener:
                 cpus = f.read().strip().encode() + b"\0"
             cls._request(sock, family, TASKSTATS_CMD_GET,
                          _attribute(TASKSTATS_CMD_ATTR_REGISTER_CPUMASK, cpus))
+            cls._hear_a_child_exit(sock)
             sock.setblocking(False)
         except (OSError, ValueError) as exc:
             sock.close()
@@ -136,6 +139,25 @@ class ExitListener:
             if error:
                 raise OSError(-error, os.strerror(-error))
         return reply[:length]
+
+    @staticmethod
+    def _hear_a_child_exit(sock: socket.socket) -> None:
+        """Raises ValueError unless the exit of a child is heard, under its own pid. Outside
+        the host's user namespace the kernel takes the registration and sends nothing;
+        outside its pid namespace the records' pids are not the ones we know. A record is
+        sent before its process becomes a zombie, so it is there once waitpid returns."""
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        sock.setblocking(False)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                raise ValueError("the kernel's exit records do not reach this namespace") from None
+            if pid in parse_records(data)[1]:
+                return
 
     @classmethod
     def _family(cls, sock: socket.socket, name: bytes) -> int:
@@ -170,7 +192,8 @@ class ExitListener:
         return ExitListenerStatistics(self._records, self._groups, self._overruns)
 
     def close(self) -> None:
-        trio.lowlevel.notify_closing(self.sock)  # a task waiting in groups_exiting gets ClosedResourceError
+        with contextlib.suppress(RuntimeError):  # outside trio: nobody waits on it
+            trio.lowlevel.notify_closing(self.sock)  # a task in groups_exiting: ClosedResourceError
         self.sock.close()
 
 

@@ -3,12 +3,17 @@ told from the others, records are found however datagrams pack them, and nothing
 comes in raises."""
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import subprocess
+import sys
 
+import pytest
 from hypothesis import given, strategies as st
 
 from ringfence.hypervisor.sim import exits
-from ringfence.hypervisor.sim.exits import AC_FLAG, AC_PID, AGROUP, parse_records
+from ringfence.hypervisor.sim.exits import AC_FLAG, AC_PID, AGROUP, ExitListener, parse_records
 
 STATS_SIZE = 416  # struct taskstats, version 13
 FAMILY = 0x1C
@@ -65,3 +70,18 @@ def test_whatever_follows_good_records_they_are_read(processes, tail):
     records, pids = parse_records(data + tail)
     assert records >= len(processes)
     assert pids[:sum(last for _, last in processes)] == [pid for pid, last in processes if last]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_a_listener_only_where_the_records_name_our_processes():
+    """As root in the host's namespaces the hypervisor hears exits; in a user namespace the
+    kernel takes the registration and sends nothing, in a pid namespace the records' pids
+    are not ours: there it does without (deaths through pidfds only)."""
+    listener = ExitListener.open()
+    assert listener is not None
+    listener.close()
+    probe = "from ringfence.hypervisor.sim.exits import ExitListener; print(ExitListener.open())"
+    for namespace in (["--user", "--map-root-user"], ["--pid", "--fork"]):
+        shown = subprocess.run(["unshare", *namespace, sys.executable, "-c", probe],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.stdout.strip() == "None", (namespace, shown.stderr)
