@@ -193,12 +193,12 @@ def hasten_exit(pid: int) -> None:
     A killed process is not gone until each of its threads has run its own exit in the
     kernel (its address space torn down: some 2 ms at a domain's size), and a driver
     domain's relaunch waits for exactly that (a spare's takeover does not, where the
-    hypervisor hears of exits as they begin: then nothing hastens it). On a host whose CPUs are busy each
-    thread first waits its turn: kill to death took 4-8 ms at the 90th percentile with
-    three CPU hogs on two cores, against 3 ms at this priority. It cannot be abused: a
-    thread with SIGKILL pending never runs its own code again (not even a fork completes),
-    and it spends the CPU it takes now later anyway. Without CAP_SYS_NICE (rootless) it
-    stays as it is."""
+    hypervisor hears of exits as they begin: then nothing hastens it). On a host whose
+    CPUs are busy each thread first waits its turn: kill to death took 4-8 ms at the 90th
+    percentile with three CPU hogs on two cores, against 3 ms at this priority. It cannot
+    be abused: a thread with SIGKILL pending never runs its own code again (not even a
+    fork completes), and it spends the CPU it takes now later anyway. Without
+    CAP_SYS_NICE (rootless) it stays as it is."""
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:

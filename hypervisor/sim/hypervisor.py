@@ -36,7 +36,8 @@ from ringfence._unixsock import listen_unix
 
 from ringfence.hypervisor._lib import ffi, lib
 from ringfence.hypervisor.sim import protocol as P
-from ringfence.hypervisor.sim.exits import ExitListener, ExitListenerStatistics, sandbox_init, sole_process_exiting
+from ringfence.hypervisor.sim.exits import (ExitListener, ExitListenerStatistics, sandbox_init,
+                                            sole_process_exiting)
 from ringfence.hypervisor.sim.protocol import GNTST, Op
 
 log = logging.getLogger(__name__)

@@ -347,7 +347,8 @@ async def test_a_domain_alone_in_its_sandbox_is_announced_dead_as_it_begins_to_e
         pids = {row["domid"]: row["pid"] for row in await hv.list_domains()}
         for watched, early in ((alone, 1), (parent, 0)):
             port = (await guest.ok("evt_alloc", remote=0))["port"]
-            await hv.notify_on_death(watched.domid, (await hv.events.bind_interdomain(guest.domid, port)).port)
+            bound = await hv.events.bind_interdomain(guest.domid, port)
+            await hv.notify_on_death(watched.domid, bound.port)
             before = (await hv.statistics())["hypervisor"]["early_death_notices"]
             os.kill(pids[watched.domid], signal.SIGKILL)
             assert (await guest.ok("wait", port=port, timeout=5))["count"] == 1
