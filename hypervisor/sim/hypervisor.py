@@ -127,7 +127,6 @@ class Domain:
     state: str = "created"  # created → running → dying
     pid: int = 0
     pidfd: int = -1
-    sandbox_init: bool = False  # its process is its pid namespace's first (exits.sandbox_init)
     gnttab: mmap.mmap | None = None
     gnttab_fd: int = -1
     ram: mmap.mmap | None = None
@@ -182,7 +181,9 @@ class Hypervisor:
         self._grant_errors: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._exits: ExitListener | None = None
-        self._running: dict[int, Domain] = {}  # pid -> domain, with exit records to read
+        # pid -> domain, for those whose process is its pid namespace's first: the domains
+        # whose exit records count (exits.sandbox_init)
+        self._sandbox_inits: dict[int, Domain] = {}
 
     # ---- statistics -------------------------------------------------------------------
     def statistics(self) -> HypervisorStatistics:
@@ -545,9 +546,8 @@ class Hypervisor:
         if pidfd < 0:
             raise P.ProtocolError(f"HELLO from a vanished pid: {os.strerror(-pidfd)}")
         domain.pid, domain.pidfd, domain.state = creds[0], pidfd, "running"
-        if self._exits is not None:
-            domain.sandbox_init = sandbox_init(domain.pid)
-            self._running[domain.pid] = domain
+        if self._exits is not None and sandbox_init(domain.pid):
+            self._sandbox_inits[domain.pid] = domain
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_death, domain)
         fds = [os.dup(domain.gnttab_fd), os.dup(domain.ram_fd)]
@@ -584,9 +584,8 @@ class Hypervisor:
                                 extra={"kv": {"error": str(exc)}})
                 return
             for pid in pids:
-                domain = self._running.get(pid)
-                if (domain is not None and domain.sandbox_init and domain.domid in self._death_notices
-                        and sole_process_exiting(pid)):
+                domain = self._sandbox_inits.get(pid)
+                if domain is not None and domain.domid in self._death_notices and sole_process_exiting(pid):
                     self._counters["early_death_notices"] += 1
                     self._send_death_notices(domain)
 
@@ -618,8 +617,8 @@ class Hypervisor:
         self._announce(P.EventKind.RELEASED, domain.domid)
 
     def _free(self, domain: Domain) -> None:
-        if self._running.get(domain.pid) is domain:
-            del self._running[domain.pid]
+        if self._sandbox_inits.get(domain.pid) is domain:
+            del self._sandbox_inits[domain.pid]
         if domain.connection is not None:
             domain.connection.close()
         if domain.pidfd >= 0:
