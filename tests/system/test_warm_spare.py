@@ -61,8 +61,7 @@ async def _exercise(runtime: str) -> None:
     policy = RestartPolicy(initial_delay=0.01, stable_after=0.0, watchdog=None, burst=TAKEOVERS + 10)
     async with open_system(load(f"{runtime}/host.toml", runtime), runtime, driver_policy=policy) as system:
         with trio.fail_after(30):
-            while not system.spare_ready("stor"):
-                await trio.sleep(0.05)
+            await system.wait_spare_ready("stor")
         spare = system.spares["stor"]
         primary = system.driver_domids["stor"]
         guest = system.guests["guest1"]
@@ -104,8 +103,7 @@ async def _exercise(runtime: str) -> None:
         assert names["stor"] == spare.domid == system.driver_domids["stor"]
         assert system.drivers["stor"].process is spare.process
         with trio.fail_after(30):
-            while not system.spare_ready("stor"):
-                await trio.sleep(0.05)
+            await system.wait_spare_ready("stor")
         assert system.spares["stor"].domid != spare.domid
         assert await _read(system.xs, f"{frontend}/backend") == staged.encode()
         assert await _read(system.xs, f"/local/domain/{primary}/backend/vbd/{guest.domid}/{devid}/state") is None
@@ -113,8 +111,7 @@ async def _exercise(runtime: str) -> None:
         # link, and every byte written is there.
         for round_ in range(TAKEOVERS):
             with trio.fail_after(30):
-                while not system.spare_ready("stor"):
-                    await trio.sleep(0.05)
+                await system.wait_spare_ready("stor")
             taking_over = system.spares["stor"]
             data = os.urandom(4 << 20)
             with open(f"{runtime}/in", "wb") as f:
@@ -141,8 +138,7 @@ async def _exercise(runtime: str) -> None:
             hypervisor = (await system.dom0.statistics())["hypervisor"]
             assert hypervisor["early_death_notices"] >= 1, hypervisor
             with trio.fail_after(30):
-                while not system.spare_ready("stor"):
-                    await trio.sleep(0.05)
+                await system.wait_spare_ready("stor")
             assert system.takes_over_on_notice("stor")
             assert system.drivers["stor"].death_awaited() is False
         assert await _read(system.xs, f"{frontend}/state") == b"4"
@@ -170,8 +166,7 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
     with _host("spare-dead") as runtime:
         async with open_system(load(f"{runtime}/host.toml", runtime), runtime) as system:
             with trio.fail_after(30):
-                while not system.spare_ready("stor"):
-                    await trio.sleep(0.05)
+                await system.wait_spare_ready("stor")
             guest = system.guests["guest1"]
             frontend = f"/local/domain/{guest.domid}/device/vbd/{guest.disks[0].devid}"
             spare = system.spares["stor"]
@@ -188,8 +183,7 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
                 f.write(data)
             assert await _read(system.xs, f"{frontend}/standby-{spare.domid}") is None
             with trio.fail_after(30):
-                while not system.spare_ready("stor"):
-                    await trio.sleep(0.05)
+                await system.wait_spare_ready("stor")
             assert system.spares["stor"].domid != spare.domid
             system.drivers["stor"].kill()
             assert await trio.to_thread.run_sync(lambda: _write_read(uri, runtime, data)) == data
@@ -255,8 +249,7 @@ async def test_a_crash_while_the_spare_starts(monkeypatch):
                 assert {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{program}/task")} \
                     == {os.SCHED_OTHER}
                 takeover_over.set()
-                while not system.spare_ready("stor"):
-                    await trio.sleep(0.05)
+                await system.wait_spare_ready("stor")
             assert (await system.domain_statistics())["stor"]["domid"] == first_spare.domid
             backend = f"/local/domain/{first_spare.domid}/backend/vbd/{guest.domid}/{guest.disks[0].devid}"
             assert await _read(system.xs, f"{backend}/state") == b"4"

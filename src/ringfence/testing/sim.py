@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
-from ringfence.isolation.sandbox import Cgroup, SandboxSpec
+from ringfence.isolation.sandbox import Cgroup, SandboxedProcess, SandboxSpec
 from ringfence.toolstack.hypervisor import open_hypervisor, spawn_domain
 
 __all__ = ["AgentDomain", "NetHost", "NetfrontGuest", "open_agent", "open_hypervisor",
@@ -105,16 +105,13 @@ async def open_agent(dom0: Dom0, name: str, *, user: int | None = None,
             raise RuntimeError(f"domain {name} failed to start: {hello}")
         yield agent
     finally:
-        agent.kill()
-        with trio.move_on_after(5):
-            await process.wait()
-        if sandbox is not None:
-            cgroup = Cgroup(sandbox.name, sandbox.group)
+        if sandbox is None:
+            agent.kill()
             with trio.move_on_after(5):
-                while cgroup.live_processes():
-                    cgroup.kill_all()
-                    await trio.sleep(0.01)
-            cgroup.remove()
+                await process.wait()
+        else:  # killed, waited for, its cgroup emptied and removed: as any sandbox
+            with trio.move_on_after(5):
+                await SandboxedProcess(sandbox, process, Cgroup(sandbox.name, sandbox.group)).aclose()
 
 
 async def relaunch_storage_domain(dom0: Dom0, xs: Any, process: trio.Process, *, domid: int,
