@@ -371,6 +371,11 @@ async def _hand_over(system: System, name: str, old: int | None, domid: int,
         with contextlib.suppress(XenStoreError):
             await xs.rm(DevicePaths(kind, frontend, domid, devid).backend)
     await _discard_staged(system, domid, staged)
+    if old is not None and old != domid:
+        # The dead domain's own directory goes too, as libxl removes a destroyed domain's
+        # (its device directories went above): else four nodes stayed for every restart.
+        with contextlib.suppress(XenStoreError):
+            await xs.rm(f"/local/domain/{old}")
 
 
 async def _until_ready(sock: Any, pid: int) -> None:

@@ -31,10 +31,17 @@ def first_session() -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
-def test_readme_first_session(tmp_path):
+@pytest.fixture
+def runtime():
+    """The session's runtime directory under /run (as the README's), removed afterwards."""
+    path = f"/run/ringfence-readme-{os.getpid()}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_readme_first_session(runtime):
     commands = first_session()
     assert commands[0] == "ringfence up &" and commands[-1] == "kill %1"
-    runtime = f"/run/ringfence-readme-{os.getpid()}"
     env = dict(os.environ, RINGFENCE_RUNTIME_DIR=runtime)
 
     def localize(command: str) -> str:

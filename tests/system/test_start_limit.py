@@ -48,6 +48,10 @@ async def test_devices_of_a_failed_driver_domain_fail_their_io(warm):
                 while service.state.value != "ready" or service.starts < 2 or (
                         warm and not system.spare_ready("stor")):
                     await trio.sleep(0.02)
+            # The dead domain's directory went with it (as libxl removes a destroyed domain's).
+            alive = {0, system.guests["guest1"].domid, system.driver_domids["stor"],
+                     *([system.spares["stor"].domid] if warm else [])}
+            assert {int(d) for d in await system.xs.directory("/local/domain")} <= alive
             service.kill()  # the third start would exceed 2 per minute
             with trio.fail_after(30):
                 while service.state.value != "failed":

@@ -23,8 +23,15 @@ def _pids(pattern: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
-    runtime = f"/run/ringfence-test-{os.getpid()}"
+@pytest.fixture
+def runtime(request):
+    """A runtime directory under /run for the test, removed afterwards."""
+    path = f"/run/ringfence-{request.node.name.removeprefix('test_')[:20]}-{os.getpid()}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_up_kill_storage_domain_and_clean_shutdown(tmp_path, runtime):
     up = subprocess.Popen(["ringfence", "up", "--runtime-dir", runtime], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
     try:
@@ -79,13 +86,11 @@ def test_up_kill_storage_domain_and_clean_shutdown(tmp_path):
     assert _pids("ringfence blkback") == [] and _pids("ringfence guest") == []
     assert _pids("ringfence netback") == []
     assert group_cgroups(cgroup_group(runtime)) == []  # the system's cgroups went with it
-    shutil.rmtree(runtime, ignore_errors=True)
 
 
-def test_up_killed_leaves_no_orphans_and_can_start_again():
+def test_up_killed_leaves_no_orphans_and_can_start_again(runtime):
     """kill -9 of `ringfence up` takes its hypervisor, xenstored and domains with it (they
     die with their parent), and a new `up` on the same runtime directory starts clean."""
-    runtime = f"/run/ringfence-test-kill-{os.getpid()}"
 
     def start() -> subprocess.Popen[str]:
         up = subprocess.Popen(["ringfence", "up", "--runtime-dir", runtime], stdout=subprocess.PIPE,

@@ -142,6 +142,11 @@ async def _exercise(runtime: str) -> None:
             assert system.takes_over_on_notice("stor")
             assert system.drivers["stor"].death_awaited() is False
         assert await _read(system.xs, f"{frontend}/state") == b"4"
+        # Each dead driver domain's directory went with it: nothing is left of 21 of them.
+        with trio.fail_after(30):
+            await system.wait_spare_ready("stor")
+        alive = {0, guest.domid, system.driver_domids["stor"], system.spares["stor"].domid}
+        assert {int(d) for d in await system.xs.directory("/local/domain")} <= alive
         # The spare mapped the pool pages blkfront listed for it while it stood by.
         assert sum(_values((await system.domain_statistics())["stor"], "premapped_grants")) > 0
         assert stats["devices"][f"vbd/{devid}"]["errors"] == 0, stats  # no I/O error seen
