@@ -55,6 +55,9 @@ class SandboxSpec:
     # leave). Set before the program runs, so that whoever raises it later (a takeover)
     # is never undone by it.
     start_idle: bool = False
+    # Its nice value (rootless, no lower than its starter's). dom0's daemons run at
+    # toolstack.system.CONTROL_PLANE_NICE.
+    nice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,10 +389,13 @@ class SandboxEntry:
     limits: tuple[tuple[int, int, int], ...]
     expose: tuple[tuple[str, tuple[str, ...]], ...]
     idle: bool = False
+    nice: int = 0
 
     def enter(self) -> None:
         if self.idle:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        with contextlib.suppress(PermissionError):  # rootless: no lower than its starter's
+            os.setpriority(os.PRIO_PROCESS, 0, self.nice)
         for path in self.procs_files:
             with open(path, "w") as f:
                 f.write(str(os.getpid()))
@@ -408,14 +414,16 @@ class SandboxEntry:
         return {"what": self.what, "hostname": self.hostname.decode(), "outer_uid": self.outer_uid,
                 "outer_gid": self.outer_gid, "procs_files": list(self.procs_files),
                 "limits": [list(limit) for limit in self.limits],
-                "expose": [[cover, list(paths)] for cover, paths in self.expose], "idle": self.idle}
+                "expose": [[cover, list(paths)] for cover, paths in self.expose], "idle": self.idle,
+                "nice": self.nice}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SandboxEntry:
         return cls(int(data["what"]), str(data["hostname"]).encode(), int(data["outer_uid"]),
                    int(data["outer_gid"]), tuple(map(str, data["procs_files"])),
                    tuple((int(w), int(s), int(h)) for w, s, h in data["limits"]),
-                   tuple((str(c), tuple(map(str, p))) for c, p in data["expose"]), bool(data["idle"]))
+                   tuple((str(c), tuple(map(str, p))) for c, p in data["expose"]), bool(data["idle"]),
+                   int(data["nice"]))
 
 
 async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
@@ -444,7 +452,8 @@ async def spawn_sandboxed(spec: SandboxSpec, argv: Sequence[str], *,
     entry = SandboxEntry(what, spec.name.encode()[:63], os.getuid(), os.getgid(),
                          tuple(cgroup.procs_files()),
                          tuple((which, soft, hard) for which, (soft, hard) in limits.items()),
-                         tuple((cover, tuple(paths)) for cover, paths in covers.items()), spec.start_idle)
+                         tuple((cover, tuple(paths)) for cover, paths in covers.items()), spec.start_idle,
+                         spec.nice)
     try:
         process = None
         if launcher is not None and launcher.can_start(argv, kwargs):

@@ -49,47 +49,55 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
     be, fe = paths.backend, paths.frontend
     backend, frontend, kind = paths.backend_domid, paths.frontend_domid, paths.kind
     readers = [f"r{backend}"] if staged_beside is None else [f"r{staged_beside}", f"r{backend}"]
+    # A node takes its parent's permissions when it is created (as in Xen's daemons): the
+    # backend's directory, and the standby one, get theirs before their keys are written,
+    # one request for each directory rather than one for each key.
+    backend_perms = [f"n{backend}", f"r{frontend}"]
     async for tx in xs.transaction():
         async with tx:
-            writes = [(f"{be}/{key}", value) for key, value in
-                      (*backend_keys, ("state", int(XenbusState.Initialising)))]
-            if staged_beside is None:
-                writes += [(f"{fe}/{key}", value) for key, value in
-                           (("backend", be), ("backend-id", backend), *frontend_keys)]
-            halves = ((be, backend, frontend), (fe, frontend, backend))
-            requests = [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in writes]
-            requests += [(Op.READ, W.join(f"{fe}/state"), tx.id)]
-            requests += [(Op.DIRECTORY, W.join(top), tx.id) for top, _, _ in halves]
+            def perms_of(path: str, perms: list[str]) -> tuple[int, bytes, int]:
+                return Op.SET_PERMS, W.join(path, *perms), tx.id
+
+            def writes(*items: tuple[str, Any]) -> list[tuple[int, bytes, int]]:
+                return [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in items]
+
+            # (Keys of a backend directory there already, rarely, get theirs below.)
+            requests = [(Op.DIRECTORY, W.join(be), tx.id), (Op.MKDIR, W.join(be), tx.id),
+                        perms_of(f"/local/domain/{backend}", [f"n{backend}"]),
+                        *(perms_of(parent, [f"n{backend}"]) for parent in (
+                            f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/{kind}",
+                            f"/local/domain/{backend}/backend/{kind}/{frontend}")),
+                        perms_of(be, backend_perms)]
             if standby is not None:
                 # The spare's own frontend directory, and where the frontend looks for it.
-                requests = [(Op.WRITE, W.write_payload(path, str(value)), tx.id) for path, value in (
-                    (f"{standby}/backend", be), (f"{standby}/backend-id", backend),
-                    (f"{standby}/state", int(XenbusState.Initialising)), (f"{fe}/standby", standby))
-                ] + requests
-            *written, fe_state, be_list, fe_list = await xs.pipeline(requests)
-            for result in (*written, be_list, fe_list):
+                requests += [(Op.MKDIR, W.join(standby), tx.id), perms_of(standby, [f"n{frontend}", f"r{backend}"]),
+                             *writes((f"{standby}/backend", be), (f"{standby}/backend-id", backend),
+                                     (f"{standby}/state", int(XenbusState.Initialising)), (f"{fe}/standby", standby))]
+            requests += writes(*((f"{be}/{key}", value) for key, value in
+                                 (*backend_keys, ("state", int(XenbusState.Initialising)))))
+            if staged_beside is None:
+                requests += writes(*((f"{fe}/{key}", value) for key, value in
+                                     (("backend", be), ("backend-id", backend), *frontend_keys)))
+            requests += [(Op.READ, W.join(f"{fe}/state"), tx.id), (Op.DIRECTORY, W.join(fe), tx.id)]
+            be_before, *written, fe_state, fe_list = await xs.pipeline(requests)
+            for result in (*written, fe_list):
                 if isinstance(result, XenStoreError):
                     raise result
-            # Each domain owns its own directory; each half is readable by the other.
-            perms = [(f"/local/domain/{d}", [f"n{d}"]) for d in (backend, frontend)]
-            perms += [(parent, [f"n{backend}"]) for parent in (
-                f"/local/domain/{backend}/backend", f"/local/domain/{backend}/backend/{kind}",
-                f"/local/domain/{backend}/backend/{kind}/{frontend}")]
-            perms += [(parent, [f"n{frontend}"]) for parent in (
-                f"/local/domain/{frontend}/device", f"/local/domain/{frontend}/device/{kind}")]
-            for (top, owner, reader), listing in zip(halves, (be_list, fe_list)):
-                nodes = [top] + [f"{top}/{child}" for child in W.strings(listing)]  # type: ignore[arg-type]
-                perms += [(node, [f"n{owner}", *(readers if owner == frontend else [f"r{reader}"])])
-                          for node in nodes]
-            perms += [(node, [f"n{frontend}", f"r{backend}"]) for node in (
-                [standby] + [f"{standby}/{key}" for key in ("backend", "backend-id", "state")]
-                if standby is not None else [])]
-            requests = [(Op.SET_PERMS, W.join(path, *p), tx.id) for path, p in perms]
+            requests = [perms_of(f"{be}/{key}", backend_perms) for key in (
+                [] if isinstance(be_before, XenStoreError) else W.strings(be_before))]
+            requests += [perms_of(parent, [f"n{frontend}"]) for parent in (
+                f"/local/domain/{frontend}", f"/local/domain/{frontend}/device",
+                f"/local/domain/{frontend}/device/{kind}")]
+            if standby is None:
+                # The frontend's keys, there already, become readable by the new backend. A
+                # spare on a standby link reads the standby directory only.
+                requests += [perms_of(node, [f"n{frontend}", *readers]) for node in
+                             [fe] + [f"{fe}/{child}" for child in W.strings(fe_list)]]  # type: ignore[arg-type]
             if (isinstance(fe_state, XenStoreError) or replaces is not None) and staged_beside is None:
                 # a new frontend starts Initialising; a live one keeps its own state, unless
                 # that was with a backend now dead
-                requests.append((Op.WRITE, W.write_payload(f"{fe}/state", str(int(XenbusState.Initialising))), tx.id))
-                requests.append((Op.SET_PERMS, W.join(f"{fe}/state", f"n{frontend}", *readers), tx.id))
+                requests += writes((f"{fe}/state", int(XenbusState.Initialising)))
+                requests.append(perms_of(f"{fe}/state", [f"n{frontend}", *readers]))
             if replaces is not None:
                 requests.append((Op.RM, W.join(replaces), tx.id))
             for result in await xs.pipeline(requests):

@@ -57,6 +57,13 @@ DOMAIN_MODULES = ("ringfence.cli", "ringfence.xenbus.platforms", "ringfence.hype
 # domain's exit, on a takeover's path, is mostly tearing down its address space).
 NET_DOMAIN_MODULES = (*DOMAIN_MODULES, "ringfence.backends.netback.cli", "ringfence.backends.netback.xenbus",
                       "ringfence.frontends.netfront.device")
+# dom0's daemons (the hypervisor, xenstored and the toolstack's own thread) run at this
+# nice value, the domains at 0: the guests' I/O and the driver domains serving it outrank
+# the control plane's bookkeeping, which on a crash is most of the CPU a recovery takes (the
+# next spare's staging, the switch in XenStore). On two busy cores a warm kill then costs a
+# bystander guest less of its I/O. Nothing on a warm takeover's path waits for them (blkfront
+# switches on the hypervisor's notice, which its exit listener sends as soon as it runs).
+CONTROL_PLANE_NICE = 10
 
 
 @dataclass
@@ -217,7 +224,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
     async with open_launcher(DOMAIN_MODULES) as launcher, \
             (open_launcher(NET_DOMAIN_MODULES) if "vif" in driver_kinds.values()
              else contextlib.nullcontext()) as net_launcher, \
-            open_hypervisor(runtime_dir, quiet=quiet) as (hv_path, dom0):
+            open_hypervisor(runtime_dir, quiet=quiet, nice=CONTROL_PLANE_NICE) as (hv_path, dom0), \
+            _at_nice(CONTROL_PLANE_NICE):
         xs_path = os.path.join(runtime_dir, "xenstored.sock")
         state_dir = os.path.join(runtime_dir, "xenstore-state")
         # The journal lets xenstored survive its own crashes within this host's life; a
@@ -240,7 +248,8 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
 
             group = cgroup_group(runtime_dir)
             xenstored = Service("xenstored", prepare_xenstored,
-                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0, group=group),
+                                SandboxSpec("xenstored", namespaces=frozenset(), uid=0, group=group,
+                                            nice=CONTROL_PLANE_NICE),
                                 RestartPolicy(initial_delay=0.01),
                                 runtime_dir=os.path.join(runtime_dir, "notify"))
             await supervisor.add(xenstored)
@@ -281,6 +290,21 @@ async def open_system(config: Config, runtime_dir: str, *, sandboxed: bool = Tru
                         while service.state.value not in ("stopped", "failed"):
                             await trio.sleep(0.02)
                 nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager  # (entered beside the daemons' async contexts)
+async def _at_nice(nice: int) -> AsyncIterator[None]:
+    """The calling thread (the toolstack's) at ``nice`` for the block, where it can come back
+    from it afterwards (root): rootless, it stays as it is."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if os.geteuid() != 0 or nice <= before:
+        yield
+        return
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
 async def nursery_xs(nursery: trio.Nursery, path: str) -> Any:

@@ -17,7 +17,7 @@ from ringfence.isolation.supervisor import RestartPolicy
 from ringfence.toolstack import hotplug
 from ringfence.toolstack import system as system_module
 from ringfence.toolstack.config import load
-from ringfence.toolstack.system import open_system
+from ringfence.toolstack.system import CONTROL_PLANE_NICE, open_system
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -65,6 +65,14 @@ async def _exercise(runtime: str) -> None:
         spare = system.spares["stor"]
         primary = system.driver_domids["stor"]
         guest = system.guests["guest1"]
+        # dom0's daemons (and the toolstack's thread) yield to the domains.
+        hypervisor = subprocess.run(["pgrep", "-f", f"ringfence hypervisor --socket {runtime}/"],
+                                    capture_output=True, text=True).stdout.split()
+        assert [os.getpriority(os.PRIO_PROCESS, int(pid)) for pid in hypervisor] == [CONTROL_PLANE_NICE]
+        assert os.getpriority(os.PRIO_PROCESS, system.xenstored.process.pid) == CONTROL_PLANE_NICE
+        assert os.getpriority(os.PRIO_PROCESS, 0) == CONTROL_PLANE_NICE
+        for domain in (system.drivers["stor"].process, spare.process, guest.process):
+            assert os.getpriority(os.PRIO_PROCESS, innermost_pid(domain.pid)) == 0
         devid = guest.disks[0].devid
         staged = f"/local/domain/{spare.domid}/backend/vbd/{guest.domid}/{devid}"
         frontend = f"/local/domain/{guest.domid}/device/vbd/{devid}"
@@ -151,6 +159,7 @@ async def _exercise(runtime: str) -> None:
         assert sum(_values((await system.domain_statistics())["stor"], "premapped_grants")) > 0
         assert stats["devices"][f"vbd/{devid}"]["errors"] == 0, stats  # no I/O error seen
     assert not os.path.exists(f"{runtime}/control.sock")
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the toolstack's thread as it was
 
 
 # Each a kill in the middle of a 4 MiB write, checked byte for byte: as root, each also a
