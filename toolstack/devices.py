@@ -45,7 +45,8 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
     half is written for a warm spare and the frontend's is left pointing at the current
     one, readable by both (:func:`stage_device`). ``standby``: the frontend's directory
     the spare's backend serves instead of the device's own (its ``backend``, ``backend-id``
-    and ``state``, readable by the spare), named in the device's ``standby``."""
+    and ``state``, readable by the spare), named in the device's ``standby``; the device's
+    own keys then stay unreadable by the spare, which reads the standby directory only."""
     be, fe = paths.backend, paths.frontend
     backend, frontend, kind = paths.backend_domid, paths.frontend_domid, paths.kind
     readers = [f"r{backend}"] if staged_beside is None else [f"r{staged_beside}", f"r{backend}"]
@@ -117,7 +118,8 @@ async def stage_device(xs: XenStore, paths: DevicePaths, current_backend: int, *
     A vbd whose frontend offers ``feature-standby`` (ringfence's blkfront) is staged on a
     standby directory of the frontend's instead (``DevicePaths.standby``), which the frontend
     connects over beforehand, on rings of its own, so that a takeover does no handshake at
-    all: the frontend switches to that link and replays. Returns whether it was."""
+    all: the frontend switches to that link and replays. The spare reads that directory
+    only: the device's own directory is not made readable by it. Returns whether it was."""
     if paths.kind == "vif" or (await xs.read_many([f"{paths.frontend}/feature-standby"]))[0] != b"1":
         backend_keys = (_vbd_keys if paths.kind == "vbd" else _vif_keys)(paths, **keys)[0]
         await _write_device(xs, paths, backend_keys, (), staged_beside=current_backend)
