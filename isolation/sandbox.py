@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,15 @@ class Cgroup:
                     path.parent.rmdir()
 
 
+@dataclass(frozen=True)
+class KillTimes:
+    """When a kill began (its first SIGKILL) and when the signal had gone to every process
+    of the sandbox (``time.monotonic()``). Both are read at the killer's real-time priority:
+    back at its own, it may wait behind busy CPUs for milliseconds before it runs again."""
+    started: float
+    signalled: float
+
+
 @contextlib.contextmanager
 def unpreempted() -> Iterator[None]:
     """The calling thread at a real-time priority for the block (unless it is at one, or
@@ -285,14 +295,16 @@ class SandboxedProcess:
             with contextlib.suppress(OSError):
                 self._program_pidfd = os.pidfd_open(pid)
 
-    def kill(self, hasten: bool = True) -> None:
+    def kill(self, hasten: bool = True) -> KillTimes:
         """SIGKILL the sandbox's processes; ``hasten``: let them die at once, for whoever
         waits for that (see :func:`hasten_exit`)."""
         with unpreempted():
+            started = time.monotonic()
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             if not self.cgroup_removed:
                 self.cgroup.kill_all(hasten)
+            return KillTimes(started, time.monotonic())
 
     async def wait(self) -> int:
         status = await self.process.wait()

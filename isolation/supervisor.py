@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from ringfence._unixsock import bound_unix
-from ringfence.isolation.sandbox import SandboxedProcess, SandboxSpec, sandbox_uid, spawn_sandboxed
+from ringfence.isolation.sandbox import KillTimes, SandboxedProcess, SandboxSpec, sandbox_uid, spawn_sandboxed
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,13 @@ class Service:
         if self.process is not None:
             self.process.kill()
 
-    def kill(self) -> None:
-        """Kill the current run (fault injection): the service restarts as after a crash."""
+    def kill(self) -> KillTimes | None:
+        """Kill the current run (fault injection): the service restarts as after a crash.
+        Returns when the kill began and when SIGKILL had gone to all of its processes, None
+        if it was not running."""
         if self.process is not None:
-            self.process.kill(hasten=self.death_awaited())
+            return self.process.kill(hasten=self.death_awaited())
+        return None
 
 
 def notify_socket(path: str, sandbox: SandboxSpec) -> trio.socket.SocketType:

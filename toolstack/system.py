@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,7 +29,8 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 from ringfence.hypervisor.sim.client import DOMAIN_FD_ENV, Dom0
 from ringfence.isolation.launcher import open_launcher
-from ringfence.isolation.sandbox import SandboxSpec, innermost_pid, sandbox_uid, spawn_sandboxed
+from ringfence.isolation.sandbox import (SandboxedProcess, SandboxSpec, innermost_pid, sandbox_uid,
+                                         spawn_sandboxed)
 from ringfence.isolation.supervisor import (Launch, RestartPolicy, Service, Supervisor,
                                             close_notify_socket, notify_socket,
                                             receive_notification)
@@ -463,6 +463,8 @@ async def _wait_standing_by(system: System, spare: Spare, active: int | None) ->
     await _wait_connected(system, [DevicePaths(kind, frontend, spare.domid, devid).backend
                                    for kind, frontend, devid in list(spare.standby)], STANDBY_TIMEOUT)
     await _bind_takeover_channels(system, spare, active)
+    if spare.process.process.poll() is None:  # it started at SCHED_IDLE: ready to serve now
+        _normal_priority(innermost_pid(spare.process.pid))
     spare.standing_by = True
     system._spare_stands_by()
 
@@ -586,29 +588,30 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         async with staging:
             if standing():
                 await _stage(system, name, spare)
-        # It started at SCHED_IDLE (its start-up costs no other domain); once it is up it
-        # runs at normal priority, so that the frontends' standby links to it connect now,
-        # not when it takes over. So it does too if it is not up after SPARE_IDLE_GRACE.
-        try:
-            with trio.move_on_after(SPARE_START_TIMEOUT):
-                with trio.move_on_after(SPARE_IDLE_GRACE) as grace:
+        # It started at SCHED_IDLE, and stays there until it stands by: its start-up and
+        # its side of the frontends' standby links take only CPU the running domains leave.
+        # Then it runs at normal priority, to serve at once when it takes over (which also
+        # raises it: prepare). On a host whose CPUs stay busy it would get no CPU at all,
+        # so it goes to normal priority after SPARE_IDLE_GRACE in any case.
+        async with trio.open_nursery() as priority:
+            priority.start_soon(_normal_priority_after, SPARE_IDLE_GRACE, process)
+            try:
+                with trio.move_on_after(SPARE_START_TIMEOUT):
                     await _until_ready(notify, process.pid)
-                if grace.cancelled_caught:
-                    if process.process.poll() is None:
-                        _normal_priority(innermost_pid(process.pid))
-                    await _until_ready(notify, process.pid)
-        finally:
-            close_notify_socket(notify, notify_path)
+            finally:
+                close_notify_socket(notify, notify_path)
+            if standing():
+                await _wait_standing_by(system, spare, system.driver_domids.get(name))
+            priority.cancel_scope.cancel()
         if process.process.poll() is None:
             _normal_priority(innermost_pid(process.pid))
-        if not standing():
-            if spare.took_over:  # up only now: its statistics are the domain's
-                with contextlib.suppress(OSError):
-                    os.replace(spare.stats, stats)
+        if standing():
             return
-        await _wait_standing_by(system, spare, system.driver_domids.get(name))
-        if not standing():  # it took over while the frontends stood by: no channels kept
+        if spare.standing_by:  # it took over while the frontends stood by: no channels kept
             await _close_takeover_channels(spare)
+        elif spare.took_over:  # as it started: up only now, its statistics are the domain's
+            with contextlib.suppress(OSError):
+                os.replace(spare.stats, stats)
 
     async def replace_if_dead(spare: Spare) -> None:
         """A spare that dies before it takes over: what was staged for it goes (the
@@ -773,17 +776,15 @@ async def _rename_taking_over(system: System, spare: Spare, name: str) -> None:
                                                                 "error": str(exc)}})
 
 
+async def _normal_priority_after(seconds: float, process: SandboxedProcess) -> None:
+    await trio.sleep(seconds)
+    if process.process.poll() is None:
+        _normal_priority(innermost_pid(process.pid))
+
+
 def _normal_priority(pid: int) -> None:
     """Every thread of a spare runs at normal priority again (it started at SCHED_IDLE)."""
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-
-
-async def kill_driver(system: System, name: str) -> float:
-    """Fault injection: kill -9 a driver domain; returns the time of the kill."""
-    service = system.drivers[name]
-    killed_at = time.monotonic()
-    service.kill()
-    return killed_at

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 
 import pytest
 import trio
@@ -92,7 +93,10 @@ async def test_steady_service_is_ready_and_recovers_from_a_kill(tmp_path):
         with trio.fail_after(20):
             await svc.wait_ready()
         first_pid = svc.process.pid
-        svc.kill()
+        before = time.monotonic()
+        kill = svc.kill()
+        # when the kill began and when SIGKILL had gone to the whole sandbox, in order
+        assert kill is not None and before <= kill.started <= kill.signalled <= time.monotonic()
         with trio.fail_after(20):
             while not (svc.state == State.READY and svc.process.pid != first_pid):
                 await trio.sleep(0.02)

@@ -73,6 +73,10 @@ async def _exercise(runtime: str) -> None:
         assert os.getpriority(os.PRIO_PROCESS, 0) == CONTROL_PLANE_NICE
         for domain in (system.drivers["stor"].process, spare.process, guest.process):
             assert os.getpriority(os.PRIO_PROCESS, innermost_pid(domain.pid)) == 0
+        # The spare started at SCHED_IDLE, and stood by at normal priority, ready to serve.
+        spare_program = innermost_pid(spare.process.pid)
+        assert {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{spare_program}/task")} \
+            == {os.SCHED_OTHER}
         devid = guest.disks[0].devid
         staged = f"/local/domain/{spare.domid}/backend/vbd/{guest.domid}/{devid}"
         frontend = f"/local/domain/{guest.domid}/device/vbd/{devid}"
