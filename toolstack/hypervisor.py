@@ -20,8 +20,8 @@ from ringfence.isolation.spawn import open_process_dying_with_us
 
 @contextlib.asynccontextmanager
 async def open_hypervisor(directory: str | os.PathLike[str], *, verbose: bool = False,
-                          quiet: bool = False, nice: int = 0) -> AsyncIterator[tuple[str, Dom0]]:
-    """Start a hypervisor daemon process (at ``nice``); yields (socket path, dom0 client)."""
+                          quiet: bool = False) -> AsyncIterator[tuple[str, Dom0]]:
+    """Start a hypervisor daemon process; yields (socket path, dom0 client)."""
     path = os.path.join(os.fspath(directory), "hv.sock")
     # A socket left by a host that was killed: its appearance must mean the new daemon.
     with contextlib.suppress(FileNotFoundError):
@@ -30,8 +30,7 @@ async def open_hypervisor(directory: str | os.PathLike[str], *, verbose: bool = 
         "hypervisor", "--socket", path]
     # The domains' hypervisor goes when its toolstack does, even on kill -9.
     process = await open_process_dying_with_us(
-        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None,
-        preexec_fn=(lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)) if nice else None)
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None)
     try:
         with trio.fail_after(20):
             while not os.path.exists(path):
