@@ -63,7 +63,7 @@ NET_DOMAIN_MODULES = (*DOMAIN_MODULES, "ringfence.backends.netback.cli", "ringfe
 # spare's staging, the switch in XenStore). On two busy cores a warm kill then costs a
 # bystander guest less of its I/O. Nothing on a warm takeover's path waits for them: blkfront
 # switches on the hypervisor's notice. The hypervisor, which stands in for Xen, runs at 0:
-# that notice is on the path (at nice 10, 6 of 600 warm kills under load took over 20 ms,
+# that notice is on the path (at nice 10, 5 of 600 warm kills under load took over 20 ms,
 # against 1 of 600 at 0).
 CONTROL_PLANE_NICE = 10
 
