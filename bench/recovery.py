@@ -233,6 +233,11 @@ BLOCK = 1.5
 # the guest's reconnection), as much warm (the next spare's start): the ratio falls with
 # the rate (cold at a kill every 0.3 s, 0.93 to 0.97).
 KILL_PERIOD = 0.6
+# Kills each way: the issue asks for at least 50, but a p99 of 50 is their slowest (of 100,
+# the second slowest), and one hiccup of the host's (its own reads, with nothing killed,
+# reach 20 ms under this load) would stand for the whole tail. Twice as many also halve
+# the variance of the bystander's ratio.
+KILLS = 100
 KILL_JITTER = 0.1
 WARM_UP = 6.0  # seconds of fio before the first block
 SETTLE_TIMEOUT = 30.0  # seconds a kill's recovery (and, warm, its next spare) may take
@@ -246,7 +251,7 @@ async def _measure(quick: bool, warm: bool, progress: Callable[[str], None],
     from ringfence.isolation.supervisor import RestartPolicy
     from ringfence.toolstack.config import load
     from ringfence.toolstack.system import open_system
-    kills = kills or (10 if quick else 50)
+    kills = kills or (10 if quick else KILLS)
     label = "warm" if warm else "cold"
     runtime = f"/run/ringfence-bench-recovery-{os.getpid()}"
     os.makedirs(runtime, exist_ok=True)
