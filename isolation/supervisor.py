@@ -26,7 +26,8 @@ from typing import Any
 import trio
 
 from ringfence._unixsock import bound_unix
-from ringfence.isolation.sandbox import KillTimes, SandboxedProcess, SandboxSpec, sandbox_uid, spawn_sandboxed
+from ringfence.isolation.sandbox import (KillTimes, SandboxedProcess, SandboxSpec, sandbox_uid,
+                                         spawn_sandboxed)
 
 log = logging.getLogger(__name__)
 
