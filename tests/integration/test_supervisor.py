@@ -3,6 +3,7 @@ start limit, READY/STATUS, and only the service's own processes may notify."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -34,6 +35,15 @@ SERVICE = textwrap.dedent("""
 """)
 
 
+NOTIFY_DIR = f"/run/ringfence/test-notify-{os.getpid()}"  # /tmp is private in a sandbox
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_notify_dir():
+    yield
+    shutil.rmtree(NOTIFY_DIR, ignore_errors=True)  # 112 of them were left in /run
+
+
 def service(name: str, mode: str, tmp_path, **policy) -> Service:
     torn_down = []
 
@@ -43,7 +53,7 @@ def service(name: str, mode: str, tmp_path, **policy) -> Service:
         return Launch([sys.executable, "-c", SERVICE, mode], teardown=teardown)
 
     svc = Service(name, prepare, SandboxSpec(name), RestartPolicy(**policy),
-                  runtime_dir=f"/run/ringfence/test-notify-{os.getpid()}")  # /tmp is private in a sandbox
+                  runtime_dir=NOTIFY_DIR)
     svc.torn_down = torn_down  # type: ignore[attr-defined]
     return svc
 
