@@ -579,6 +579,13 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
             os.close(fd)
         spare = system.spares[name] = Spare(domid, spare_name, process, spare_stats)
         system.nursery.start_soon(replace_if_dead, spare)
+        # It started at SCHED_IDLE, and stays there until it stands by: its start-up and
+        # its side of the frontends' standby links take only CPU the running domains leave.
+        # Then it runs at normal priority, to serve at once when it takes over (which also
+        # raises it: prepare). On a host whose CPUs stay busy it would get no CPU at all,
+        # so it goes to normal priority SPARE_IDLE_GRACE after its start in any case.
+        grace = trio.CancelScope()
+        system.nursery.start_soon(_normal_priority_after, SPARE_IDLE_GRACE, process, grace)
 
         def standing() -> bool:
             """Still the spare: one that took over before it was ready (a crash while it
@@ -589,21 +596,14 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         async with staging:
             if standing():
                 await _stage(system, name, spare)
-        # It started at SCHED_IDLE, and stays there until it stands by: its start-up and
-        # its side of the frontends' standby links take only CPU the running domains leave.
-        # Then it runs at normal priority, to serve at once when it takes over (which also
-        # raises it: prepare). On a host whose CPUs stay busy it would get no CPU at all,
-        # so it goes to normal priority after SPARE_IDLE_GRACE in any case.
-        async with trio.open_nursery() as priority:
-            priority.start_soon(_normal_priority_after, SPARE_IDLE_GRACE, process)
-            try:
-                with trio.move_on_after(SPARE_START_TIMEOUT):
-                    await _until_ready(notify, process.pid)
-            finally:
-                close_notify_socket(notify, notify_path)
-            if standing():
-                await _wait_standing_by(system, spare, system.driver_domids.get(name))
-            priority.cancel_scope.cancel()
+        try:
+            with trio.move_on_after(SPARE_START_TIMEOUT):
+                await _until_ready(notify, process.pid)
+        finally:
+            close_notify_socket(notify, notify_path)
+        if standing():
+            await _wait_standing_by(system, spare, system.driver_domids.get(name))
+        grace.cancel()
         _normal_priority(process)
         if standing():
             return
@@ -776,9 +776,11 @@ async def _rename_taking_over(system: System, spare: Spare, name: str) -> None:
                                                                 "error": str(exc)}})
 
 
-async def _normal_priority_after(seconds: float, process: SandboxedProcess) -> None:
-    await trio.sleep(seconds)
-    _normal_priority(process)
+async def _normal_priority_after(seconds: float, process: SandboxedProcess,
+                                 scope: trio.CancelScope) -> None:
+    with scope:
+        await trio.sleep(seconds)
+        _normal_priority(process)
 
 
 def _normal_priority(process: SandboxedProcess) -> None:

@@ -229,7 +229,7 @@ def _values(tree, key: str) -> list:
 
 
 async def test_a_crash_while_the_spare_starts(monkeypatch):
-    """The driver domain dies before its spare has even started (the system just came up):
+    """The driver domain dies before its spare has been staged (the system just came up):
     the spare takes over with its devices handed over whole, and its start-up, which goes on
     behind, must not stage those devices for it as for a spare (that wrote the now active
     backend's state back to InitWait: the guest took its backend for gone and its I/O hung
@@ -251,6 +251,13 @@ async def test_a_crash_while_the_spare_starts(monkeypatch):
         async with open_system(load(f"{runtime}/host.toml", runtime), runtime) as system:
             first_spare = system.spares["stor"]
             guest = system.guests["guest1"]
+            # Up (serving its statistics), its staging held: a spare that takes over before
+            # it is up has its socket renamed by its start-up once it is, which the hold
+            # above would keep from ever happening (the spare starts at SCHED_IDLE, and on
+            # a busy host it was not up yet in one CI run).
+            with trio.fail_after(30):
+                while not os.path.exists(first_spare.stats):
+                    await trio.sleep(0.02)
             assert not system.spare_ready("stor")
             system.drivers["stor"].kill()
             uri = f"nbd+unix:///?socket={guest.nbd_sockets['xvda']}"
