@@ -604,7 +604,8 @@ async def _start_driver(system: System, name: str, sandboxed: bool, quiet: bool,
         if standing():
             await _wait_standing_by(system, spare, system.driver_domids.get(name))
         grace.cancel()
-        _normal_priority(process)
+        if not spare.standing_by:  # (standing by raised it: _wait_standing_by)
+            _normal_priority(process)
         if standing():
             return
         if spare.standing_by:  # it took over while the frontends stood by: no channels kept

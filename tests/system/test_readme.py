@@ -31,14 +31,6 @@ def first_session() -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
-@pytest.fixture
-def runtime():
-    """The session's runtime directory under /run (as the README's), removed afterwards."""
-    path = f"/run/ringfence-readme-{os.getpid()}"
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_readme_first_session(runtime):
     commands = first_session()
     assert commands[0] == "ringfence up &" and commands[-1] == "kill %1"

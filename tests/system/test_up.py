@@ -23,14 +23,6 @@ def _pids(pattern: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.fixture
-def runtime(request):
-    """A runtime directory under /run for the test, removed afterwards."""
-    path = f"/run/ringfence-{request.node.name.removeprefix('test_')[:20]}-{os.getpid()}"
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_up_kill_storage_domain_and_clean_shutdown(tmp_path, runtime):
     up = subprocess.Popen(["ringfence", "up", "--runtime-dir", runtime], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
