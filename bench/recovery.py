@@ -31,6 +31,7 @@ from collections.abc import Callable
 import trio
 
 from ringfence.bench.report import Metric
+from ringfence.isolation.spawn import popen_dying_with_us
 
 CONFIG = """
 [[domain]]
@@ -113,8 +114,10 @@ class NbdProbe:
     (see PROBE), whose records a thread here reads."""
 
     def __init__(self, path: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", PROBE, path, str(PROBE_PACE)],
-                                        stdout=subprocess.PIPE)
+        # (Killed, the benchmark takes the probe and fio with it: left behind, they spun on
+        # their dead NBD sockets and slowed whatever ran next.)
+        self.process = popen_dying_with_us([sys.executable, "-c", PROBE, path, str(PROBE_PACE)],
+                                           stdout=subprocess.PIPE)
         assert self.process.stdout is not None
         (self.size,) = struct.unpack("<Q", self._read(8))
         self.completions: list[tuple[float, float]] = []  # (submitted, completed)
@@ -176,9 +179,9 @@ class FioSeries:
     INTERVAL = 0.5  # seconds between reports
 
     def __init__(self, uri: str) -> None:
-        self.process = subprocess.Popen(
+        self.process = popen_dying_with_us(
             ["fio", "--name=bystander", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
-             "--bs=4k", "--iodepth=8", "--runtime=3600", "--time_based",
+             "--bs=4k", "--iodepth=8", "--runtime=3600", "--time_based", "--thread",
              f"--status-interval={int(self.INTERVAL * 1000)}ms", "--output-format=json"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         # (came at, total ios, job runtime in ms), cumulative

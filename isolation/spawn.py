@@ -32,20 +32,31 @@ def pipe_to_child(name: str) -> tuple[trio.lowlevel.FdStream, int]:
     return trio.lowlevel.FdStream(ours), theirs
 
 
+def _dying_with_us(preexec_fn: Callable[[], None] | None) -> Callable[[], None]:
+    """A ``preexec_fn`` (run in the child, between fork and exec) that sets the parent-death
+    signal, then runs ``preexec_fn``."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if lib.rf_die_with_parent(parent) < 0:
+            raise ParentGone("the parent exited while this child was starting")
+        if preexec_fn is not None:
+            preexec_fn()
+    return preexec
+
+
+def popen_dying_with_us(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen`` for a child that gets SIGKILL when we exit however we exit: call
+    it from a thread that lives as long as the process (the main thread), see above."""
+    return subprocess.Popen(list(argv), preexec_fn=_dying_with_us(kwargs.pop("preexec_fn", None)), **kwargs)
+
+
 async def open_process_dying_with_us(argv: Sequence[str], *,
                                      preexec_fn: Callable[[], None] | None = None,
                                      **kwargs: Any) -> trio.Process:
     """``trio.lowlevel.open_process``, for a child that gets SIGKILL when we exit however we
     exit (also ``kill -9``). Takes the same arguments; ``preexec_fn`` runs after the
     parent-death signal is set."""
-    parent = os.getpid()
-
-    def preexec() -> None:  # in the child, between fork and exec
-        if lib.rf_die_with_parent(parent) < 0:
-            raise ParentGone("the parent exited while this child was starting")
-        if preexec_fn is not None:
-            preexec_fn()
-
     streams: dict[str, Any] = {}
     child_ends: list[int] = []
     try:
@@ -56,7 +67,7 @@ async def open_process_dying_with_us(argv: Sequence[str], *,
             child_ends.append(theirs)
             kwargs[name] = theirs
         await trio.lowlevel.checkpoint()
-        popen = subprocess.Popen(list(argv), preexec_fn=preexec, **kwargs)
+        popen = popen_dying_with_us(argv, preexec_fn=preexec_fn, **kwargs)
     except BaseException:
         for stream in streams.values():
             with contextlib.suppress(OSError):
