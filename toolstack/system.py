@@ -411,11 +411,21 @@ async def _until_ready(sock: Any, pid: int) -> None:
 
 
 async def _discard_staged(system: System, spare: int, staged: set[tuple[str, int, int]]) -> None:
-    """The frontends' standby directories made for a spare that will not take over."""
-    for kind, frontend, devid in staged:
-        if kind == "vbd":
-            with contextlib.suppress(XenStoreError):
-                await system.xs.rm(DevicePaths(kind, frontend, spare, devid).standby)
+    """The frontends' standby directories made for a spare that will not take over, and
+    their ``standby`` keys where those still name them (left naming a dead spare's, they
+    had blkfront try it again and again until the next spare's staging)."""
+    slots = [DevicePaths(kind, frontend, spare, devid) for kind, frontend, devid in staged if kind == "vbd"]
+    if not slots:
+        return
+    try:
+        pointers = await system.xs.read_many([f"{paths.frontend}/standby" for paths in slots])
+    except XenStoreError:
+        pointers = [None] * len(slots)
+    for paths, pointer in zip(slots, pointers):
+        with contextlib.suppress(XenStoreError):
+            await system.xs.rm(paths.standby)
+            if pointer == paths.standby.encode():
+                await system.xs.rm(f"{paths.frontend}/standby")
 
 
 async def _stage(system: System, name: str, spare: Spare) -> None:

@@ -105,6 +105,7 @@ class BlkfrontStatistics:
     promotions: int           # takeovers that only switched to the standby link
     signalled_takeovers: int  # of those, begun on dom0's takeover channel, before XenStore
     refused_handshakes: int   # backends that closed on our keys (the handshake started over)
+    standby_links: int        # standby links begun (connected or not)
 
 
 @dataclass(eq=False, slots=True)
@@ -165,9 +166,13 @@ class BlkFront:
         self._attached: _Link | None = None  # the link whose rings the fast path uses
         self._standby: _Link | None = None  # a warm spare's, while we stand by with it
         self._spare_pages: Any = None       # ring pages no link uses: a standby link's
+        # A standby directory whose link ended unpromoted: not tried again until the toolstack
+        # names a spare anew (a dead spare's slot, named still, was retried in a tight loop)
+        self._ended_slot: str | None = None
         self.promotions = 0                 # takeovers that only switched to the standby link
         self.signalled_takeovers = 0        # of those, begun on dom0's takeover channel
         self.refused_handshakes = 0
+        self.standby_links = 0
         self._serving: trio.CancelScope | None = None  # the wait while a connection serves
         self._old_backend_dead = False  # dom0 said so: a takeover on its channel (_regrant)
         self.pending: dict[int, _Pending] = {}
@@ -245,7 +250,7 @@ class BlkFront:
                                   self.max_segments, len(self._unrevoked) + len(self._unrevoked_rings),
                                   self._standby.backend_id if self._standby is not None and self._standby.connected
                                   else -1, self.promotions, self.signalled_takeovers,
-                                  self.refused_handshakes)
+                                  self.refused_handshakes, self.standby_links)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -754,13 +759,17 @@ class BlkFront:
         try:
             async with self.xs.watch(f"{self.path}/standby") as events:
                 async for _ in events:
-                    await self._consider_standby()
+                    await self._consider_standby(named_anew=True)
         except XenStoreError as exc:  # no standby links then: takeovers make a handshake
             log.warning("cannot stand by", extra={"kv": {"devid": self.devid, "error": str(exc)}})
 
-    async def _consider_standby(self) -> None:
+    async def _consider_standby(self, *, named_anew: bool = False) -> None:
         """Start standing by with the spare ``standby`` names, if we do not already (and
-        have ring pages for it); let go of one it no longer names."""
+        have ring pages for it); let go of one it no longer names. ``named_anew``: the
+        toolstack wrote ``standby`` (its watch fired), so a slot whose link ended is tried
+        again; otherwise (a link's pages came back) it is not."""
+        if named_anew:
+            self._ended_slot = None
         slot = (await self._read_or(f"{self.path}/standby", b"")).decode(errors="replace")
         standby = self._standby
         if standby is not None:
@@ -768,10 +777,12 @@ class BlkFront:
                 return
             self._standby = None
             standby.scope.cancel()  # its keeper tears it down
-        if standby_domid(self.path, slot) is None or slot == self._active.path or self._spare_pages is None:
+        if (standby_domid(self.path, slot) is None or slot == self._active.path
+                or self._spare_pages is None or slot == self._ended_slot):
             return
         link = self._standby = _Link(slot, self._spare_pages)
         self._spare_pages = None
+        self.standby_links += 1
         self._background.start_soon(self._stand_by, link)
 
     async def _stand_by(self, link: _Link) -> None:
@@ -798,6 +809,7 @@ class BlkFront:
                 await _close_port(port)
         if link.promoted:
             return  # the device's connection now (or being made on it)
+        self._ended_slot = link.path
         if self._standby is link:
             self._standby = None
         with trio.CancelScope(shield=True):

@@ -189,13 +189,21 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
             guest = system.guests["guest1"]
             frontend = f"/local/domain/{guest.domid}/device/vbd/{guest.disks[0].devid}"
             spare = system.spares["stor"]
+            device = f"vbd/{guest.disks[0].devid}"
+            links = (await system.domain_statistics())["guest1"]["devices"][device]["standby_links"]
             spare.process.kill()
             with trio.fail_after(30):  # the frontend lets go of the dead spare's link
                 while True:
                     stats = (await system.domain_statistics())["guest1"]
-                    if stats["devices"][f"vbd/{guest.disks[0].devid}"]["standby_backend"] == -1:
+                    if stats["devices"][device]["standby_backend"] == -1:
                         break
                     await trio.sleep(0.05)
+            # A standby key naming the dead spare's directory (the toolstack removes it now)
+            # gets one try, not a loop of them.
+            await system.xs.write(f"{frontend}/standby", f"{frontend}/standby-{spare.domid}")
+            await trio.sleep(0.5)
+            stats = (await system.domain_statistics())["guest1"]
+            assert stats["devices"][device]["standby_links"] - links <= 2, stats  # (+ the next spare's)
             uri = f"nbd+unix:///?socket={guest.nbd_sockets['xvda']}"
             data = os.urandom(4 << 20)
             with open(f"{runtime}/in", "wb") as f:
@@ -204,6 +212,10 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
             with trio.fail_after(30):
                 await system.wait_spare_ready("stor")
             assert system.spares["stor"].domid != spare.domid
+            # Standing by again took one link: the dead spare's slot was not tried over and
+            # over meanwhile (it was, some 470 times, until the next spare's staging).
+            stats = (await system.domain_statistics())["guest1"]
+            assert stats["devices"][device]["standby_links"] - links <= 3, stats
             system.drivers["stor"].kill()
             assert await trio.to_thread.run_sync(lambda: _write_read(uri, runtime, data)) == data
             stats = (await system.domain_statistics())["guest1"]
