@@ -86,9 +86,14 @@ async def _write_device(xs: XenStore, paths: DevicePaths, backend_keys: Any, fro
                     raise result
             requests = [perms_of(f"{be}/{key}", backend_perms) for key in (
                 [] if isinstance(be_before, XenStoreError) else W.strings(be_before))]
-            requests += [perms_of(parent, [f"n{frontend}"]) for parent in (
-                f"/local/domain/{frontend}", f"/local/domain/{frontend}/device",
-                f"/local/domain/{frontend}/device/{kind}")]
+            if isinstance(fe_state, XenStoreError):
+                # A new device (no state yet): its parents get the frontend's permissions. A
+                # device there already had them given (again, they would fire the guest's
+                # watch on its devices, and it would read them all over, at each crash and
+                # each staging).
+                requests += [perms_of(parent, [f"n{frontend}"]) for parent in (
+                    f"/local/domain/{frontend}", f"/local/domain/{frontend}/device",
+                    f"/local/domain/{frontend}/device/{kind}")]
             if standby is None:
                 # The frontend's keys, there already, become readable by the new backend. A
                 # spare on a standby link reads the standby directory only.

@@ -357,17 +357,25 @@ class BlkFront:
                     raise _BackendRefused
 
     async def _wait_for_backend_change(self, link: _Link, seen: XenbusState) -> None:
+        """Until the backend's state is not ``seen`` (judged at once, on the watch's first
+        event), or the toolstack named another backend: both read in one round trip."""
         async with self.xs.watch(f"{link.backend_path}/state") as events:
             async for _ in events:
-                if await self._backend_state(link) != seen or await self._backend_moved(link):
+                state, named = present(await self.xs.pipeline(
+                    self._state_and(link, [(W.Op.READ, W.join(f"{self._named_in(link)}/backend"), 0)])))
+                if XenbusState.of(state) != seen or (named is not None and named.decode(
+                        errors="replace") != link.backend_path):
                     return
 
-    async def _backend_moved(self, link: _Link) -> bool:
-        """Whether the toolstack named another backend: in the device's directory for the
+    def _named_in(self, link: _Link) -> str:
+        """Where the backend of ``link`` is named: in the device's directory for the
         connection's link, in its own for a standby link."""
-        where = self.path if link is self._link or link.promoted else link.path
+        return self.path if link is self._link or link.promoted else link.path
+
+    async def _backend_moved(self, link: _Link) -> bool:
+        """Whether the toolstack named another backend (see _named_in)."""
         try:
-            return (await self.xs.read(f"{where}/backend")).decode() != link.backend_path
+            return (await self.xs.read(f"{self._named_in(link)}/backend")).decode() != link.backend_path
         except XenStoreError:
             return False
 
@@ -797,7 +805,7 @@ class BlkFront:
                 async with trio.open_nursery() as nursery:
                     if link.takeover_port is not None:
                         nursery.start_soon(self._await_takeover, link)
-                    while not link.promoted and await self._backend_state(link) == XenbusState.Connected:
+                    if not link.promoted:  # until the spare's backend leaves Connected
                         await self._wait_for_backend_change(link, XenbusState.Connected)
                     nursery.cancel_scope.cancel()
             except (XenStoreError, OSError, ValueError, _BackendMoved, _BackendFailed) as exc:
