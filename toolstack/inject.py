@@ -27,7 +27,9 @@ EXAMPLES = """examples:
   ringfence inject eio stor --count 10       # ... the next 10 requests only (transient)
   ringfence inject heal stor
   ringfence inject kill stor --repeat 5 --interval 2 --seed 7   # jittered, reproducible
+  ringfence inject kill stor.spare           # the warm spare of stor (spare = true): replaced
 """
+SPARE = ".spare"  # DRIVER.spare: the warm spare of driver domain DRIVER (named DRIVER.spareN)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -41,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS]), help="what to do")
     parser.add_argument("--count", type=int, metavar="N",
                         help="eio: fail only the next N requests of each disk")
-    parser.add_argument("domain", help="domain name, e.g. stor or net")
+    parser.add_argument("domain", help="domain name, e.g. stor or net; stor.spare for stor's warm spare")
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
                         help=f"the host's runtime directory (default {DEFAULT_RUNTIME})")
     parser.add_argument("--repeat", type=int, default=1, metavar="N")
@@ -69,6 +71,9 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         trio.run(_inject, args, socket_path)
     except trio.TooSlowError:
+        if args.domain.endswith(SPARE):
+            raise CommandError(f"no warm spare of {args.domain.removesuffix(SPARE)} ran within 30 s "
+                               "(its config needs spare = true)") from None
         raise CommandError(f"{args.domain} is not running and did not come back within 30 s "
                            "(its supervisor may have given up: see 'ringfence list')") from None
     return 0
@@ -84,8 +89,8 @@ async def _inject(args: argparse.Namespace, socket_path: str) -> None:
             with trio.fail_after(30):
                 while True:  # a relaunch may be under way: wait for the domain to be back
                     domains = await dom0.list_domains()
-                    match = [d for d in domains
-                             if d["name"] == args.domain and d["state"] == "running" and d["pid"] > 0]
+                    match = [d for d in domains if _names(args.domain, d["name"])
+                             and d["state"] == "running" and d["pid"] > 0]
                     if match:
                         break
                     if args.domain in DAEMONS:  # not a domain: a supervised dom0 daemon
@@ -93,14 +98,22 @@ async def _inject(args: argparse.Namespace, socket_path: str) -> None:
                         if pid:
                             match = [{"domid": 0, "pid": pid}]
                             break
-                    elif not any(d["name"] == args.domain for d in domains) and i == 0 and not _known(
-                            args.runtime_dir, args.domain):
+                    elif not any(_names(args.domain, d["name"]) for d in domains) and i == 0 and not _known(
+                            args.runtime_dir, args.domain.removesuffix(SPARE)):
                         raise CommandError(f"no domain named {args.domain!r} (see 'ringfence list')")
                     await trio.sleep(0.05)
             domain = match[0]
             os.kill(domain["pid"], SIGNALS[args.fault])
-            print(f"injected={args.fault} domain={args.domain} domid={domain['domid']} "
+            print(f"injected={args.fault} domain={domain.get('name', args.domain)} domid={domain['domid']} "
                   f"pid={domain['pid']} seed={args.seed} n={i + 1} t={time.time():.3f}", flush=True)
+
+
+def _names(wanted: str, name: str) -> bool:
+    """Whether the domain ``name`` is the one ``wanted`` names: itself, or for DRIVER.spare
+    whichever spare of DRIVER runs now (a spare that took over is DRIVER itself)."""
+    if wanted.endswith(SPARE):
+        return name.startswith(wanted) and name[len(wanted):].isdigit()
+    return name == wanted
 
 
 DAEMONS = ("xenstored",)  # faults for dom0's own daemons: xenstored restarts from its journal

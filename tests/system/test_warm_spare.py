@@ -191,7 +191,10 @@ async def test_spare_dead_while_standing_by_then_a_takeover():
             spare = system.spares["stor"]
             device = f"vbd/{guest.disks[0].devid}"
             links = (await system.domain_statistics())["guest1"]["devices"][device]["standby_links"]
-            spare.process.kill()
+            # The fault harness's way: the spare found by its driver's name (stor.spareN).
+            injected = await trio.run_process(
+                ["ringfence", "inject", "kill", "stor.spare", "--runtime-dir", runtime], capture_stdout=True)
+            assert f"domain={spare.name} domid={spare.domid} " in injected.stdout.decode(), injected.stdout
             with trio.fail_after(30):  # the frontend lets go of the dead spare's link
                 while True:
                     stats = (await system.domain_statistics())["guest1"]
