@@ -361,9 +361,11 @@ class BlkFront:
         event), or the toolstack named another backend: both read in one round trip."""
         async with self.xs.watch(f"{link.backend_path}/state") as events:
             async for _ in events:
-                state, named = present(await self.xs.pipeline(
-                    self._state_and(link, [(W.Op.READ, W.join(f"{self._named_in(link)}/backend"), 0)])))
-                if XenbusState.of(state) != seen or (named is not None and named.decode(
+                # (An error reads as no state, and as not moved: a backend may make its
+                # state unreadable to us, which ends the wait as its going would.)
+                state, named = await self.xs.pipeline(
+                    self._state_and(link, [(W.Op.READ, W.join(f"{self._named_in(link)}/backend"), 0)]))
+                if XenbusState.of(state) != seen or (isinstance(named, bytes) and named.decode(
                         errors="replace") != link.backend_path):
                     return
 
