@@ -694,7 +694,8 @@ async def test_a_device_handed_to_a_new_backend_starts_over_from_initialising(tm
 
 STANDBY_GUEST = _reading_guest({"backend_id": "backend_id", "bad": "bad_responses",
                                 "in_flight": "in_flight", "promotions": "promotions",
-                                "standby": "standby_backend", "signalled": "signalled_takeovers"})
+                                "standby": "standby_backend", "signalled": "signalled_takeovers",
+                                "links": "standby_links"})
 
 
 @pytest.mark.parametrize("told", ["xenstore", "channel"])
@@ -784,6 +785,57 @@ async def test_a_hostile_spare_on_a_standby_link(tmp_path, spare, told):
                     while "read" not in (state := await guest.report()):
                         await trio.sleep(0.05)
                 assert state["read"] == "c0ffee00" and state["bad"] == 0, state
+        finally:
+            await guest.aclose()
+
+
+async def test_a_spare_that_hides_or_loses_its_state_costs_one_standby_link(tmp_path):
+    """A spare standing by makes its state unreadable to the frontend (it owns its backend
+    directory): the frontend, which hears of it no more, goes on serving on its connection.
+    Then the spare dies and its directories go, but the device's ``standby`` still names
+    its slot: the frontend lets go of that link and does not try the slot again (it did,
+    some 470 times, until the next spare was named)."""
+    from ringfence.toolstack.devices import stage_device
+    from ringfence.xenbus.paths import DevicePaths
+    async with _agents_and_a_guest(tmp_path, "primary", "spare") as (
+            xs, (primary, evil), guest_domid, fd, dom0):
+        fe = f"/local/domain/{guest_domid}/device/vbd/51712"
+        slot = f"{fe}/standby-{evil.domid}"
+        primary_paths = DevicePaths("vbd", guest_domid, primary.domid, 51712)
+        spare_paths = DevicePaths("vbd", guest_domid, evil.domid, 51712)
+        await add_vbd(xs, backend=primary.domid, frontend=guest_domid, devid=51712, target="/nonexistent")
+        await _offer(xs, primary_paths.backend)
+        guest = await _ReportingGuest.start(STANDBY_GUEST, fd)
+        try:
+            await _initialised(xs, fe)
+            await _connect_agent(xs, primary, guest_domid, fe, primary_paths.backend)
+            assert await stage_device(xs, spare_paths, primary.domid, target="/nonexistent")
+            await _offer(xs, spare_paths.backend)
+            await _initialised(xs, slot)
+            await _connect_agent(xs, evil, guest_domid, slot, spare_paths.backend, map_ring=False)
+            with trio.fail_after(20):
+                while (await guest.report())["standby"] != evil.domid:
+                    await trio.sleep(0.05)
+            links = (await guest.report())["links"]
+
+            state = f"{spare_paths.backend}/state"
+            await xs.set_perms(state, [f"n{evil.domid}"])  # only the spare may read it now
+            await xs.write(state, "5")
+            await trio.sleep(0.5)
+            report = await guest.report()
+            assert report["links"] == links and report["backend_id"] == primary.domid, report
+            assert report["bad"] == 0 and guest.process.returncode is None, report
+
+            evil.kill()
+            await xs.rm(spare_paths.backend)
+            await xs.rm(slot)  # and `standby` left naming it
+            with trio.fail_after(20):
+                while (report := await guest.report())["standby"] != -1:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            report = await guest.report()
+            assert report["links"] == links and report["backend_id"] == primary.domid, report
+            assert await xs.read_many([f"{fe}/standby"]) == [slot.encode()]
         finally:
             await guest.aclose()
 
