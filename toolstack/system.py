@@ -415,17 +415,13 @@ async def _discard_staged(system: System, spare: int, staged: set[tuple[str, int
     their ``standby`` keys where those still name them (left naming a dead spare's, they
     had blkfront try it again and again until the next spare's staging)."""
     slots = [DevicePaths(kind, frontend, spare, devid) for kind, frontend, devid in staged if kind == "vbd"]
-    if not slots:
-        return
-    try:
-        pointers = await system.xs.read_many([f"{paths.frontend}/standby" for paths in slots])
-    except XenStoreError:
-        pointers = [None] * len(slots)
-    for paths, pointer in zip(slots, pointers):
-        with contextlib.suppress(XenStoreError):
-            await system.xs.rm(paths.standby)
-            if pointer == paths.standby.encode():
-                await system.xs.rm(f"{paths.frontend}/standby")
+    # (A pipeline returns each request's error: a node gone already is passed over.)
+    with contextlib.suppress(XenStoreError):
+        pointers = await system.xs.pipeline([(Op.READ, W.join(f"{paths.frontend}/standby"), 0) for paths in slots])
+        await system.xs.pipeline(
+            [(Op.RM, W.join(paths.standby), 0) for paths in slots]
+            + [(Op.RM, W.join(f"{paths.frontend}/standby"), 0)
+               for paths, pointer in zip(slots, pointers) if pointer == paths.standby.encode()])
 
 
 async def _stage(system: System, name: str, spare: Spare) -> None:

@@ -307,12 +307,6 @@ class BlkFront:
         assert self._link is not None, "run() makes the link"
         return self._link
 
-    async def _backend_state(self, link: _Link) -> XenbusState:
-        try:
-            return XenbusState(int(await self.xs.read(f"{link.backend_path}/state")))
-        except (XenStoreError, ValueError):
-            return XenbusState.Unknown
-
     @staticmethod
     def _state_and(link: _Link, also: list[tuple[int, bytes, int]]) -> list[tuple[int, bytes, int]]:
         return [(W.Op.READ, W.join(f"{link.backend_path}/state"), 0)] + also
