@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.xs_wire import Op, XenStoreError
 
 MAX_RETRIES = 100
+# After a conflict, a transaction waits a random while that doubles with each try (capped),
+# so that contending clients spread out instead of colliding again in lockstep.
+RETRY_PAUSE_FIRST = 0.0002
+RETRY_PAUSE_MAX = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,8 +289,12 @@ class XenStore:
     # ---- transactions ----------------------------------------------------------------
     async def transaction(self) -> AsyncIterator[Transaction]:
         """Yield transactions until one commits: ``async for tx in xs.transaction():
-        async with tx: ...``. A conflict (EAGAIN) starts the next attempt."""
-        for _ in range(MAX_RETRIES):
+        async with tx: ...``. A conflict (EAGAIN) starts the next attempt, after a random
+        pause of up to 0.2 ms that doubles with each conflict (up to 20 ms)."""
+        for attempt in range(MAX_RETRIES):
+            if attempt:
+                pause = min(RETRY_PAUSE_MAX, RETRY_PAUSE_FIRST * 2 ** (attempt - 1))
+                await trio.sleep(random.uniform(0, pause))
             tx_id = int((await self.request(Op.TRANSACTION_START, b"\0")).rstrip(b"\0"))
             tx = Transaction(self, tx_id)
             yield tx
