@@ -22,11 +22,19 @@ log = logging.getLogger(__name__)
 Device = TypeVar("Device")
 
 
-async def serve_devices(xs: XenStore, base: str, complete_key: str,
-                        make: Callable[[str, int, int], Device], *,
+# A device's keys as its directory's scan read them (None: unreadable).
+Found = dict[str, bytes | None]
+
+
+async def serve_devices(xs: XenStore, base: str, keys: tuple[str, ...],
+                        make: Callable[[str, int, int, Found | None], Device], *,
                         task_status: trio.TaskStatus[dict[tuple[int, int], Device]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run ``make(path, frontend, devid).run()`` for each device directory under ``base``
-    holding ``complete_key``; the dict of running devices is given to the starter."""
+    """Run ``make(path, frontend, devid, found).run()`` for each device directory under
+    ``base`` holding ``keys[0]``; the dict of running devices is given to the starter.
+    ``found``: ``keys`` as read with the scan that found the device (a relaunched driver
+    domain's device starts on them, without a round trip of its own), or None if the
+    device is started again by a scan that took it for running."""
+    complete_key = keys[0]
     devices: dict[tuple[int, int], Device] = {}
     scopes: dict[tuple[int, int], trio.CancelScope] = {}
     failures: dict[tuple[int, int], int] = {}
@@ -38,21 +46,21 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
             base, [(Op.DIRECTORY, W.join(base), 0)],
             relevant=functools.partial(can_change_devices, base, key=complete_key)) as (events, (listing,)):
         task_status.started(devices)
-        def start(key: tuple[int, int], path: str) -> None:
+        def start(key: tuple[int, int], path: str, found: Found | None) -> None:
             if key not in devices:
-                devices[key] = make(path, *key)
+                devices[key] = make(path, *key, found)
                 scopes[key] = trio.CancelScope()
                 nursery.start_soon(_run, devices, scopes, failures, key)
 
-        def scanned(found: list[tuple[tuple[int, int], str]]) -> None:
+        def scanned(complete: list[tuple[tuple[int, int], str, Found | None]]) -> None:
             """Start the devices a scan found, stop those it did not."""
-            for key, device_path in found:
-                start(key, device_path)
-            present = {key for key, _ in found}
+            for key, device_path, found in complete:
+                start(key, device_path, found)
+            present = {key for key, _, _ in complete}
             for key in [k for k in devices if k not in present]:
                 scopes[key].cancel()
 
-        scanned(await _complete_devices(xs, base, complete_key, listing))
+        scanned(await _complete_devices(xs, base, keys, devices, listing))
         async for path, _ in events:
             # A toolstack writes a device as a burst of nodes: one scan answers them all.
             changed = [path]
@@ -61,21 +69,22 @@ async def serve_devices(xs: XenStore, base: str, complete_key: str,
                     changed.append(events.receive_nowait()[0])
                 except trio.WouldBlock:
                     break
-            # A device whose complete key was just written starts after one read of it (a
-            # relaunched driver domain handed its devices waits on this), not after the
-            # scan, which then finds the others and the removals.
+            # A device whose complete key was just written starts after one read of its
+            # keys (a relaunched driver domain handed its devices waits on this), not after
+            # the scan, which then finds the others and the removals.
             fresh: dict[tuple[int, int], str] = {}
             for changed_path in changed:
                 key, device_path = _written(base, changed_path, complete_key)
                 if key is not None and key not in devices:
                     fresh[key] = device_path
             if fresh:
-                marks = await xs.pipeline([(Op.READ, W.join(f"{device_path}/{complete_key}"), 0)
-                                           for device_path in fresh.values()])
-                for (key, device_path), mark in zip(fresh.items(), marks):
-                    if not isinstance(mark, XenStoreError):
-                        start(key, device_path)
-            scanned(await _complete_devices(xs, base, complete_key))
+                replies = await xs.pipeline([(Op.READ, W.join(f"{device_path}/{name}"), 0)
+                                             for device_path in fresh.values() for name in keys])
+                for index, (key, device_path) in enumerate(fresh.items()):
+                    found = _found(keys, replies[index * len(keys):(index + 1) * len(keys)])
+                    if found is not None:
+                        start(key, device_path, found)
+            scanned(await _complete_devices(xs, base, keys, devices))
 
 
 # What a backend's judge of its frontend's state says (follow_frontend).
@@ -122,19 +131,36 @@ def _written(base: str, path: str, complete_key: str) -> tuple[tuple[int, int] |
     return None, ""
 
 
-async def _complete_devices(xs: XenStore, base: str, complete_key: str,
-                            listing: bytes | XenStoreError | None = None) -> list[tuple[tuple[int, int], str]]:
-    """The device directories under ``base`` that hold ``complete_key``: three round trips
-    whatever their number (each level's requests go together), two given ``base``'s
-    ``listing``."""
+def _found(keys: tuple[str, ...], replies: list[Any]) -> Found | None:
+    """``keys``' values from their replies; None if the first, which says the device is
+    complete, is not there."""
+    if isinstance(replies[0], XenStoreError):
+        return None
+    return {name: None if isinstance(value, XenStoreError) else value for name, value in zip(keys, replies)}
+
+
+async def _complete_devices(xs: XenStore, base: str, keys: tuple[str, ...], running: dict[tuple[int, int], Any],
+                            listing: bytes | XenStoreError | None = None,
+                            ) -> list[tuple[tuple[int, int], str, Found | None]]:
+    """The device directories under ``base`` that hold ``keys[0]``, with ``keys`` as read
+    for those not ``running`` (None for those running, of which only ``keys[0]`` is read):
+    three round trips whatever their number (each level's requests go together), two
+    given ``base``'s ``listing``."""
     if listing is None:
         (listing,) = await xs.pipeline([(Op.DIRECTORY, W.join(base), 0)])
     frontends = _numbered(listing)
     listings = await xs.pipeline([(Op.DIRECTORY, W.join(f"{base}/{fe}"), 0) for fe in frontends])
     candidates = [((int(fe), int(devid)), f"{base}/{fe}/{devid}")
                   for fe, listing in zip(frontends, listings) for devid in _numbered(listing)]
-    marks = await xs.pipeline([(Op.READ, W.join(f"{path}/{complete_key}"), 0) for _, path in candidates])
-    return [candidate for candidate, mark in zip(candidates, marks) if not isinstance(mark, XenStoreError)]
+    wanted = [keys[:1] if key in running else keys for key, _ in candidates]
+    replies = await xs.pipeline([(Op.READ, W.join(f"{path}/{name}"), 0)
+                                 for (_, path), names in zip(candidates, wanted) for name in names])
+    complete, at = [], 0
+    for (key, path), names in zip(candidates, wanted):
+        mine, at = replies[at:at + len(names)], at + len(names)
+        if not isinstance(mine[0], XenStoreError):
+            complete.append((key, path, _found(keys, mine) if len(names) == len(keys) else None))
+    return complete
 
 
 async def _run(devices: dict[tuple[int, int], Any], scopes: dict[tuple[int, int], trio.CancelScope],

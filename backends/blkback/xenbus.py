@@ -26,7 +26,7 @@ from ringfence.hypervisor.io import xs_wire as W
 from ringfence.hypervisor.io.blkif import Op, Status
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
-from ringfence.xenbus.backend import Verdict, follow_frontend, serve_devices, watch_for_close
+from ringfence.xenbus.backend import Found, Verdict, follow_frontend, serve_devices, watch_for_close
 from ringfence.xenbus.client import XenStore, gather
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -37,6 +37,8 @@ MAX_RING_PAGE_ORDER = 4
 MAX_QUEUES = 4                 # multi-queue-max-queues: a ring and an event channel each
 PERSISTENT_GRANTS_MAX = 1056   # LRU bound on cached mappings per device (as Linux's default)
 VDISK_READONLY = 4
+# What the toolstack writes for a vbd, read when a scan finds it (params says it is complete)
+DEVICE_KEYS = ("params", "mode", "frontend")
 RELEASE_TIMEOUT = 10  # seconds for giving back a device's mappings and port
 
 
@@ -71,8 +73,10 @@ class DeviceStatistics:
 
 
 class BlkbackDevice:
-    def __init__(self, domain: Any, xs: XenStore, path: str, frontend_id: int, devid: int) -> None:
+    def __init__(self, domain: Any, xs: XenStore, path: str, frontend_id: int, devid: int,
+                 found: Found | None = None) -> None:
         self.domain, self.xs, self.path = domain, xs, path
+        self._found = found  # DEVICE_KEYS as the scan that found us read them
         self.frontend_id, self.devid = frontend_id, devid
         self.vbd: Vbd | None = None
         self.validator: Validator | None = None
@@ -118,8 +122,9 @@ class BlkbackDevice:
 
     async def run(self) -> None:
         with logging_context(kind="vbd", frontend=self.frontend_id, devid=self.devid):
-            raw_params, raw_mode, raw_frontend = await self.xs.read_many(
-                [f"{self.path}/{key}" for key in ("params", "mode", "frontend")])
+            found, self._found = self._found, None
+            raw_params, raw_mode, raw_frontend = ([found[key] for key in DEVICE_KEYS] if found else
+                                                  await self.xs.read_many([f"{self.path}/{key}" for key in DEVICE_KEYS]))
             if raw_params is None or raw_frontend is None:
                 return  # removed meanwhile
             params, mode = raw_params.decode(), (raw_mode or b"w").decode()
@@ -530,8 +535,8 @@ class _Disconnect(Exception):
 async def serve_blkback(domain: Any, xs: XenStore, *,
                         task_status: trio.TaskStatus[dict[tuple[int, int], BlkbackDevice]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve every vbd the toolstack assigns to this domain (``backend/vbd/FE/DEVID``)."""
-    await serve_devices(xs, f"/local/domain/{domain.domid}/backend/vbd", "params",
-                        lambda path, fe, devid: BlkbackDevice(domain, xs, path, fe, devid),
+    await serve_devices(xs, f"/local/domain/{domain.domid}/backend/vbd", DEVICE_KEYS,
+                        lambda path, fe, devid, found: BlkbackDevice(domain, xs, path, fe, devid, found),
                         task_status=task_status)
 
 

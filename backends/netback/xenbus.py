@@ -35,7 +35,7 @@ from ringfence.hypervisor.io.netif import STATUS_DROPPED, STATUS_ERROR, STATUS_O
 from ringfence.hypervisor.io.ring import BackRing, RingOverflow
 from ringfence.hypervisor.io.xs_wire import XenStoreError
 from ringfence.isolation import netlink, udev
-from ringfence.xenbus.backend import Verdict, follow_frontend, serve_devices, watch_for_close
+from ringfence.xenbus.backend import Found, Verdict, follow_frontend, serve_devices, watch_for_close
 from ringfence.xenbus.client import XenStore
 from ringfence.xenbus.state import XenbusState
 from ringfence.xenbus.storm import NotificationStorm
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 RX_RSP = netif.RX_RESPONSE
 RELEASE_TIMEOUT = 10  # seconds for giving back a vif's rings, port and TAP
+# What the toolstack writes for a vif, read when a scan finds it (frontend says it is complete)
+DEVICE_KEYS = ("frontend", "bridge")
 RX_BACKLOG = 64       # packets read from the TAP that wait for the guest's buffers
 
 
@@ -63,8 +65,10 @@ class VifStatistics:
 
 
 class NetbackVif:
-    def __init__(self, domain: Any, xs: XenStore, path: str, frontend_id: int, devid: int) -> None:
+    def __init__(self, domain: Any, xs: XenStore, path: str, frontend_id: int, devid: int,
+                 found: Found | None = None) -> None:
         self.domain, self.xs, self.path = domain, xs, path
+        self._found = found  # DEVICE_KEYS as the scan that found us read them
         self.frontend_id, self.devid = frontend_id, devid
         self.tap_name = f"vif{frontend_id}.{devid}"
         self.state = XenbusState.Initialising
@@ -113,17 +117,22 @@ class NetbackVif:
         await self.xs.write(f"{self.path}/state", str(int(state)))
 
     async def run(self) -> None:
-        raw_frontend, raw_bridge = await self.xs.read_many([f"{self.path}/frontend", f"{self.path}/bridge"])
+        found, self._found = self._found, None
+        raw_frontend, raw_bridge = ([found[key] for key in DEVICE_KEYS] if found else
+                                    await self.xs.read_many([f"{self.path}/{key}" for key in DEVICE_KEYS]))
         if raw_frontend is None:
             return  # removed meanwhile
         self.frontend_path = raw_frontend.decode()
         self.bridge = (raw_bridge or b"xenbr0").decode()
+        # One round trip: the daemon applies them in order, so a frontend that sees InitWait
+        # (written last) reads every feature already there.
         await self.xs.write_many([(f"{self.path}/{key}", str(value)) for key, value in (
             ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
             ("feature-gso-tcpv4", 1), ("feature-gso-tcpv6", 1),
             ("feature-ipv6-csum-offload", 1), ("feature-rx-notify", 1),
-            ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1))])
-        await self._set_state(XenbusState.InitWait)
+            ("feature-split-event-channels", 0), ("multi-queue-max-queues", 1),
+            ("state", int(XenbusState.InitWait)))])
+        self.state = XenbusState.InitWait
         await follow_frontend(self.xs, self.frontend_path, self._frontend_changed)
 
     async def _frontend_changed(self, frontend_states: Any) -> Verdict:
@@ -444,8 +453,8 @@ async def serve_netback(domain: Any, xs: XenStore, *,
     events = udev.open_net_events()
     async with trio.open_nursery() as nursery:
         devices = await nursery.start(functools.partial(
-            serve_devices, xs, f"/local/domain/{domain.domid}/backend/vif", "frontend",
-            lambda path, fe, devid: NetbackVif(domain, xs, path, fe, devid)))
+            serve_devices, xs, f"/local/domain/{domain.domid}/backend/vif", DEVICE_KEYS,
+            lambda path, fe, devid, found: NetbackVif(domain, xs, path, fe, devid, found)))
         task_status.started(devices)
         if events is not None:
             async for event in events:

@@ -350,10 +350,14 @@ class BlkFront:
                 if XenbusState.Connected in wanted:  # closed since its InitWait, on our keys
                     raise _BackendRefused
 
-    async def _wait_for_backend_change(self, link: _Link, seen: XenbusState) -> None:
+    async def _wait_for_backend_change(self, link: _Link, seen: XenbusState, events: Any = None) -> None:
         """Until the backend's state is not ``seen`` (judged at once, on the watch's first
-        event), or the toolstack named another backend: both read in one round trip."""
-        async with self.xs.watch(f"{link.backend_path}/state") as events:
+        event), or the toolstack named another backend: both read in one round trip.
+        ``events``: those of a watch of the state held already, whose last read was
+        ``seen`` (judged on its next event)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if events is None:
+                events = await stack.enter_async_context(self.xs.watch(f"{link.backend_path}/state"))
             async for _ in events:
                 # (An error reads as no state, and as not moved: a backend may make its
                 # state unreadable to us, which ends the wait as its going would.)
@@ -498,11 +502,14 @@ class BlkFront:
             self._attached = None
             self._fast.detach()
 
-    async def _handshake(self, link: _Link, backend_id: int, backend_path: str, *,
-                         pool: bool, initialising: bool = True) -> None:
+    async def _handshake(self, link: _Link, backend_id: int, backend_path: str, *, pool: bool,
+                         initialising: bool = True,
+                         then: Callable[[Any], Awaitable[None]] | None = None) -> None:
         """XenBus with the backend ``backend_path`` in ``link``'s directory, until it says
         Connected: our channels, ring grants and keys (and the pool's grants, with
-        ``pool``); Initialising first unless ``initialising`` is False."""
+        ``pool``); Initialising first unless ``initialising`` is False. ``then(events)``
+        runs once connected, on the handshake's watch of the backend's state (kept, not
+        registered again)."""
         link.connected = False
         link.backend_path = backend_path
         if link is self._link:
@@ -531,7 +538,9 @@ class BlkFront:
             await self._initialise(link, replies)
             log.debug("initialised; waiting for backend to connect")
             await self._wait_for_backend(link, (XenbusState.Connected,), backend_states)
-        link.connected = True
+            link.connected = True
+            if then is not None:
+                await then(backend_states)
 
     async def _alloc_channels(self, link: _Link, count: int) -> list[Any]:
         """``count`` unbound channels for the backend, in one round trip: each a port, or
@@ -792,18 +801,21 @@ class BlkFront:
     async def _stand_by(self, link: _Link) -> None:
         with link.scope:
             try:
-                link.takeover_port = await self._takeover_channel()
-                named = present(await self.xs.pipeline(
-                    [(W.Op.READ, W.join(f"{link.path}/{key}"), 0) for key in ("backend-id", "backend")]))
-                await self._handshake(link, *self._named_backend(link.path, *named), pool=False)
-                link.settled.set()
-                log.info("standing by", extra={"kv": {"devid": self.devid, "backend": link.backend_id}})
-                async with trio.open_nursery() as nursery:
-                    if link.takeover_port is not None:
-                        nursery.start_soon(self._await_takeover, link)
-                    if not link.promoted:  # until the spare's backend leaves Connected
-                        await self._wait_for_backend_change(link, XenbusState.Connected)
-                    nursery.cancel_scope.cancel()
+                link.takeover_port, named = await gather([self._takeover_channel(), self.xs.pipeline(
+                    [(W.Op.READ, W.join(f"{link.path}/{key}"), 0) for key in ("backend-id", "backend")])])
+
+                async def hold(backend_states: Any) -> None:
+                    link.settled.set()
+                    log.info("standing by", extra={"kv": {"devid": self.devid, "backend": link.backend_id}})
+                    async with trio.open_nursery() as nursery:
+                        if link.takeover_port is not None:
+                            nursery.start_soon(self._await_takeover, link)
+                        if not link.promoted:  # until the spare's backend leaves Connected
+                            await self._wait_for_backend_change(link, XenbusState.Connected, backend_states)
+                        nursery.cancel_scope.cancel()
+
+                await self._handshake(link, *self._named_backend(link.path, *present(named)),
+                                      pool=False, then=hold)
             except (XenStoreError, OSError, ValueError, _BackendMoved, _BackendFailed) as exc:
                 log.info("standby link ended", extra={"kv": {"devid": self.devid, "reason": str(exc)}})
         link.settled.set()
