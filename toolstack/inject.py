@@ -1,8 +1,11 @@
 """``ringfence inject``: faults for a running system, reproducible and reported.
 
 Faults act on what a real failure would hit: a driver domain's processes (kill -9, SIGSTOP
-to hang it, SIGCONT), found through the hypervisor's domain table, never by guessing pids.
-Each run prints what it injected as key=value lines.
+to hang it, SIGCONT), found through the hypervisor's domain table, never by guessing pids;
+a storage driver domain's disks and rings, through its devices' ``fault-inject`` nodes
+(:mod:`ringfence.backends.blkback.faults`). Each run prints what it injected as key=value
+lines, and for a device fault what the system did about it: the counters of the driver
+domain's and its guests' statistics that moved.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import random
 import signal
 import time
+from typing import Any
 
 import trio
 
@@ -19,6 +23,7 @@ from ringfence.toolstack.up import DEFAULT_RUNTIME
 
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
 DISK_FAULTS = ("eio", "heal")
+RING_FAULTS = ("corrupt-index", "corrupt-request", "drop-notify", "storm")
 EXAMPLES = """examples:
   ringfence inject kill stor                 # kill -9 the storage driver domain
   ringfence inject kill xenstored            # it restarts from its journal; domains redial
@@ -26,6 +31,11 @@ EXAMPLES = """examples:
   ringfence inject eio stor                  # every disk stor serves fails I/O with EIO
   ringfence inject eio stor --count 10       # ... the next 10 requests only (transient)
   ringfence inject heal stor
+  ringfence inject corrupt-index stor        # a request index past the ring: stor disconnects
+                                             # the frontend, which reconnects and replays
+  ringfence inject corrupt-request stor --count 3 --seed 7   # refused with an error response
+  ringfence inject drop-notify stor --count 5  # lost events: the guest looks after 1 s
+  ringfence inject storm stor --count 10000  # spurious events: the guest backs off
   ringfence inject kill stor --repeat 5 --interval 2 --seed 7   # jittered, reproducible
   ringfence inject kill stor.spare           # the warm spare of stor (spare = true): replaced
 """
@@ -34,37 +44,37 @@ SPARE = ".spare"  # DRIVER.spare: the warm spare of driver domain DRIVER (named 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "inject", help="inject faults into a running system (kill, hang, resume, disk EIO)",
+        "inject", help="inject faults into a running system (kill, hang, disk EIO, ring faults)",
         description="Inject a fault into a domain of a running `ringfence up`, found by name "
-        "in the hypervisor's domain table: kill -9 it, stop (hang) or continue (resume) it, "
-        "or make the disks of a storage driver domain fail (eio, sticky or --count N "
-        "requests) and heal.", epilog=EXAMPLES,
+        "in the hypervisor's domain table: kill -9 it, stop (hang) or continue (resume) it; "
+        "make the disks of a storage driver domain fail (eio, sticky or --count N "
+        "requests) and heal; or break its rings as a broken frontend or event channel "
+        "would (corrupt-index, corrupt-request, drop-notify, storm: --count times, "
+        "corruptions picked by --seed). A device fault's report lists the statistics "
+        "that moved over the next --observe seconds.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS]), help="what to do")
+    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS, *RING_FAULTS]), help="what to do")
     parser.add_argument("--count", type=int, metavar="N",
-                        help="eio: fail only the next N requests of each disk")
+                        help="eio: fail only the next N requests of each disk; a ring fault: "
+                        "make it N times (default 1; storm: N notifications)")
+    parser.add_argument("--observe", type=float, default=2.0, metavar="SECONDS",
+                        help="a device fault: how long to watch what the system does (default 2)")
     parser.add_argument("domain", help="domain name, e.g. stor or net; stor.spare for stor's warm spare")
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
                         help=f"the host's runtime directory (default {DEFAULT_RUNTIME})")
     parser.add_argument("--repeat", type=int, default=1, metavar="N")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                         help="mean time between repeats (jittered by --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="makes the jitter reproducible")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="makes the jitter and the corruptions reproducible")
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.interval < 0:
         raise UsageError("--repeat must be >= 1 and --interval >= 0")
-    if args.fault in DISK_FAULTS:
-        if args.count is not None and (args.count < 1 or args.fault != "eio"):
-            raise UsageError("--count N (N >= 1) goes with eio")
-        from ringfence.toolstack.control import call
-        fault = "" if args.fault == "heal" else "eio" + (f":{args.count}" if args.count else "")
-        result = call(args.runtime_dir, "disk-fault", driver=args.domain, fault=fault)
-        print(f"injected={args.fault} domain={args.domain} disks={result['disks']} "
-              f"count={args.count or 'all'} t={time.time():.3f}", flush=True)
-        return 0
+    if args.fault in DISK_FAULTS or args.fault in RING_FAULTS:
+        return _device_fault(args)
     socket_path = os.path.join(args.runtime_dir, "hv.sock")
     if not os.path.exists(socket_path):
         raise CommandError(f"no running system in {args.runtime_dir} (no {socket_path})")
@@ -106,6 +116,53 @@ async def _inject(args: argparse.Namespace, socket_path: str) -> None:
             os.kill(domain["pid"], SIGNALS[args.fault])
             print(f"injected={args.fault} domain={domain.get('name', args.domain)} domid={domain['domid']} "
                   f"pid={domain['pid']} seed={args.seed} n={i + 1} t={time.time():.3f}", flush=True)
+
+
+def _device_fault(args: argparse.Namespace) -> int:
+    """A fault of the disks or rings of a storage driver domain's devices, then what moved."""
+    if args.count is not None and (args.count < 1 or args.fault == "heal"):
+        raise UsageError("--count N (N >= 1) goes with eio or a ring fault")
+    if args.observe < 0:
+        raise UsageError("--observe must be >= 0")
+    from ringfence.toolstack.control import call
+    if args.fault == "heal":
+        fault = ""
+    elif args.fault == "eio":
+        fault = "eio" + (f":{args.count}" if args.count else "")
+    else:
+        fault = f"{args.fault}:{args.count or 1}:{args.seed}"
+    before = call(args.runtime_dir, "stats")
+    result = call(args.runtime_dir, "disk-fault", driver=args.domain, fault=fault)
+    print(f"injected={args.fault} domain={args.domain} disks={result['disks']} "
+          f"count={args.count or ('all' if args.fault == 'eio' else 1)} seed={args.seed} "
+          f"t={time.time():.3f}", flush=True)
+    time.sleep(args.observe)
+    after = call(args.runtime_dir, "stats")
+    for key, old, new in moved(before, after, args.domain):
+        print(f"moved={key} before={old} after={new}", flush=True)
+    return 0
+
+
+def moved(before: dict[str, Any], after: dict[str, Any], driver: str) -> list[tuple[str, Any, Any]]:
+    """The counters of ``driver``'s statistics and its guests' devices that changed between
+    two ``stats`` snapshots, as (dotted key, before, after)."""
+    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
+        return {prefix: tree} if isinstance(tree, (int, float, str)) and not isinstance(tree, bool) else {}
+
+    def watched(stats: dict[str, Any]) -> dict[str, Any]:
+        domains = stats.get("domains", {})
+        mine = domains.get(driver, {})
+        found = leaves(mine, driver)
+        for guest in stats.get("guests", {}):
+            for name, device in domains.get(guest, {}).get("devices", {}).items():
+                if device.get("backend_id") == mine.get("domid"):  # served by the driver
+                    found.update(leaves(device, f"{guest}.{name}"))
+        return found
+
+    old, new = watched(before), watched(after)
+    return [(key, old.get(key), value) for key, value in new.items() if old.get(key) != value]
 
 
 def _names(wanted: str, name: str) -> bool:

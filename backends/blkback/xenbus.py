@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import trio
 
 from ringfence._log import RateLimitedLog, logging_context
+from ringfence.backends.blkback import faults
 from ringfence.backends.blkback.datapath import Geometry, Plan, Rejection, Validator
 from ringfence.backends.blkback.fastpath import GREF_LIMIT, FastPath
 from ringfence.backends.blkback.vbd import IoKind, IoRequest, Vbd, backing_path
@@ -70,6 +71,7 @@ class DeviceStatistics:
     queues: int
     ring: dict[str, Any] | None  # the first queue's
     vbd: dict[str, Any] | None
+    injected_faults: dict[str, int]  # ring faults the harness made, by kind
 
 
 class BlkbackDevice:
@@ -81,6 +83,7 @@ class BlkbackDevice:
         self.vbd: Vbd | None = None
         self.validator: Validator | None = None
         self.rings: list[BackRing] = []  # one per queue, while connected
+        self._ports: list[Any] = []       # their event channels
         self._in_thread = trio.Lock()   # fast-path calls in worker threads, one at a time,
                                         # and never while a page they may use is unmapped
         self.state = XenbusState.Initialising
@@ -92,6 +95,8 @@ class BlkbackDevice:
         # Fault injection (ringfence inject eio): None, -1 (every I/O fails), or how many more
         self.failing: int | None = None
         self.injected_errors = 0
+        self.ring_fault: faults.RingFault | None = None  # ringfence inject corrupt-index, ...
+        self.injected: Counter[str] = Counter()           # ring faults made, by kind
         self.use_persistent = True
         self.fast: FastPath | None = None  # while connected with persistent grants
         # The frontend's ring layout (ring-page-order, multi-queue-num-queues) as last seen
@@ -114,7 +119,7 @@ class BlkbackDevice:
             self.storm.spurious, self.ring_keys_read_ahead, self.premapped,
             asdict(fast) if fast else None, len(self.rings),
             asdict(self.rings[0].statistics()) if self.rings else None,
-            asdict(self.vbd.statistics()) if self.vbd else None)
+            asdict(self.vbd.statistics()) if self.vbd else None, dict(self.injected))
 
     async def _set_state(self, state: XenbusState) -> None:
         self.state = state
@@ -141,16 +146,34 @@ class BlkbackDevice:
                 self.vbd.close()
 
     async def _follow_fault_injection(self) -> None:
-        """The toolstack's ``fault-inject`` node: ``eio`` fails every read, write and flush
-        with BLKIF_RSP_ERROR (a dead disk), ``eio:N`` the next N (a transient one), empty or
-        absent nothing."""
+        """The toolstack's ``fault-inject`` node (:mod:`~ringfence.backends.blkback.faults`):
+        a failing disk, or a fault of the ring's; empty or absent, nothing."""
         async with self.xs.watch(f"{self.path}/fault-inject") as events:
             async for _ in events:
                 value = (await self._read_or(f"{self.path}/fault-inject", b"")).decode(errors="replace")
-                kind, _, count = value.partition(":")
-                self.failing = (-1 if not count else max(0, int(count))) if kind == "eio" and (
-                    not count or count.isdigit()) else None
+                self.failing, self.ring_fault = faults.parse(value)
                 log.warning("fault injection", extra={"kv": {"fault": value or "none"}})
+                if self.ring_fault is not None and self.ring_fault.kind == "storm" and self.rings:
+                    self._make_ring_fault(self.rings[0], self._ports[0])  # now: it needs no request
+
+    def _make_ring_fault(self, ring: BackRing, port: Any) -> None:
+        fault = self.ring_fault
+        if fault is not None and faults.make_on_ring(fault, ring, port):
+            self._made(fault)
+
+    def _notify(self, port: Any) -> None:
+        fault = self.ring_fault
+        if fault is not None and fault.kind == "drop-notify":
+            self._made(fault)
+            return
+        port.notify()
+
+    def _made(self, fault: faults.RingFault) -> None:
+        self.injected[fault.kind] += 1
+        fault.left -= 1
+        if fault.left <= 0 and self.ring_fault is fault:
+            self.ring_fault = None
+        log.warning("fault made", extra={"kv": {"fault": fault.kind, "left": fault.left}})
 
     async def _publish_features(self) -> None:
         assert self.vbd is not None
@@ -242,6 +265,7 @@ class BlkbackDevice:
             if failure is not None:  # what was taken is given back below
                 raise _Disconnect(f"ring map or event channel failed: {failure}", 1)
             self.rings = [BackRing(m.buffer, blkif.REQUEST_SIZE, blkif.RESPONSE_SIZE) for m in mappings]
+            self._ports = ports
             assert self.vbd is not None
             if self.use_persistent:
                 self.fast = FastPath(self.vbd.fd, self.vbd.sectors, self.vbd.read_only)
@@ -264,7 +288,7 @@ class BlkbackDevice:
             if self._abuse_reason:
                 raise _Disconnect(self._abuse_reason, 1)
         finally:
-            self.rings = []
+            self.rings, self._ports = [], []
             self.fast = None  # before the pages it points into go
             # Shielded: a vbd removed by the toolstack is cancelled, and the frontend's pages
             # and ports must be given back all the same.
@@ -382,6 +406,8 @@ class BlkbackDevice:
         assert self.validator is not None and self.vbd is not None
         in_thread = self.vbd.is_block_device  # a real disk may block: not on the event loop
         while True:
+            if self.ring_fault is not None:
+                self._make_ring_fault(ring, port)
             try:
                 if fast is None:
                     raws = ring.take_requests()
@@ -394,7 +420,7 @@ class BlkbackDevice:
                     else:
                         raws, notify = fast.serve(ring)
                     if notify:
-                        port.notify()
+                        self._notify(port)
                     if fast.served != served:
                         self.storm.note_work()
                     if not raws:
@@ -402,6 +428,8 @@ class BlkbackDevice:
                         await self.storm.woken(ring.unconsumed_requests() > 0)
                         continue
             except RingOverflow:
+                if self.ring_fault is not None and self.ring_fault.kind == "corrupt-index":
+                    self._made(self.ring_fault)
                 # Reported outside the nursery, as a plain exception.
                 self._abuse_reason = "ring overflow: frontend published more than the ring holds"
                 scope.cancel()
@@ -416,7 +444,7 @@ class BlkbackDevice:
             responses = await self._handle_batch(raws)
             ring.put_responses(responses)
             if ring.push_responses():
-                port.notify()
+                self._notify(port)
 
     async def _handle_batch(self, raws: list[bytes]) -> list[bytes]:
         assert self.validator is not None and self.vbd is not None

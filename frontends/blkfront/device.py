@@ -44,6 +44,7 @@ PREMAP_PAGES = 64         # the pool's first pages, all a light load uses (the f
                           # stack that starts at page 0): granted to a standby link's backend
                           # beforehand (``pool-refs``), which maps them while it stands by
 CLEANUP_DELAY_MAX = 0.05  # seconds a takeover's clean-up waits for the replay, at most
+NOTIFY_GRACE = 1.0        # seconds without a notification before the rings are looked at anyway
 
 
 class BlockIOError(OSError):
@@ -106,6 +107,7 @@ class BlkfrontStatistics:
     signalled_takeovers: int  # of those, begun on dom0's takeover channel, before XenStore
     refused_handshakes: int   # backends that closed on our keys (the handshake started over)
     standby_links: int        # standby links begun (connected or not)
+    missed_notifications: int  # responses found on a ring after NOTIFY_GRACE without a notification
 
 
 @dataclass(eq=False, slots=True)
@@ -173,6 +175,7 @@ class BlkFront:
         self.signalled_takeovers = 0        # of those, begun on dom0's takeover channel
         self.refused_handshakes = 0
         self.standby_links = 0
+        self.missed_notifications = 0
         self._serving: trio.CancelScope | None = None  # the wait while a connection serves
         self._old_backend_dead = False  # dom0 said so: a takeover on its channel (_regrant)
         self.pending: dict[int, _Pending] = {}
@@ -250,7 +253,7 @@ class BlkFront:
                                   self.max_segments, len(self._unrevoked) + len(self._unrevoked_rings),
                                   self._standby.backend_id if self._standby is not None and self._standby.connected
                                   else -1, self.promotions, self.signalled_takeovers,
-                                  self.refused_handshakes, self.standby_links)
+                                  self.refused_handshakes, self.standby_links, self.missed_notifications)
 
     # ---- connection ------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -946,18 +949,28 @@ class BlkFront:
                 scope.cancel()
                 return
             if responses is None:
-                await port.wait()
+                # A notification the backend owed may be lost (a broken backend, a dropped
+                # event): the ring is looked at again after a while without one, so that a
+                # lost notification costs the guest a delay, never a hang.
+                with trio.move_on_after(NOTIFY_GRACE) as grace:
+                    await port.wait()
+                if grace.cancelled_caught:
+                    self.missed_notifications += ring.unconsumed_responses() > 0
+                    continue
                 await self.storm.woken(ring.unconsumed_responses() > 0)
                 continue
             self.storm.note_work()
             for raw in responses:
                 rid, operation, status = blkif.decode_response(raw)
                 pending = self.pending.get(rid)
-                if pending is None or operation not in (pending.operation, Op.INDIRECT):
-                    # an id we never sent, one answered twice, or another operation's answer:
-                    # it completes nothing (the hardened Linux blkfront's checks)
+                if pending is None:  # an id we never sent, or one answered twice: nothing
                     self.bad_responses += 1
                     continue
+                if operation not in (pending.operation, Op.INDIRECT):
+                    # ours, answered as another operation (corrupted on the ring, or a broken
+                    # backend): failed, whatever the status says, never left waiting
+                    self.bad_responses += 1
+                    status = Status.ERROR
                 del self.pending[rid]
                 self._complete(pending, status)
             self._after_completions()

@@ -362,14 +362,18 @@ int rf_bf_complete(rf_bf_device *d, uint32_t q, uint8_t *handback, uint32_t max_
                 continue;
             }
             rf_bf_slot *s = &d->slots[r->id & (RF_BF_SLOTS - 1)];
-            /* an id never sent on this ring, one answered twice, or another operation's
-             * answer completes nothing (the hardened Linux blkfront's checks) */
-            if (s->state != SLOT_ON_RING || s->id != r->id || s->sent_on != d->connection
-                || (r->operation != s->kind && r->operation != BLK_OP_INDIRECT)) {
+            /* an id never sent on this ring, or one answered twice, completes nothing (the
+             * hardened Linux blkfront's checks) */
+            if (s->state != SLOT_ON_RING || s->id != r->id || s->sent_on != d->connection) {
                 d->bad_responses++;
                 continue;
             }
-            answer(d, s, r->status == BLK_RSP_OKAY);
+            /* ours, answered as another operation (the request was corrupted on the ring,
+             * or the backend is broken): failed, whatever the status says, and never left
+             * waiting for an answer that will not come */
+            int same = r->operation == s->kind || r->operation == BLK_OP_INDIRECT;
+            d->bad_responses += !same;
+            answer(d, s, same && r->status == BLK_RSP_OKAY);
         }
     }
     send_touched(d);

@@ -215,6 +215,23 @@ class BackRing(_Ring):
         super().__init__(buffer, req_size, rsp_size, slot_size)
         lib.rf_back_attach(self._ring, start & 0xFFFFFFFF)
 
+    # ---- faults a broken or hostile frontend would make (the fault-injection harness) ----
+    def forge_request_index(self) -> int:
+        """Write into the shared ring a request index past what the ring can hold, as a
+        broken frontend would publish it: the next take fails with RingOverflow."""
+        bogus = (self._ring.req_cons + self.size + 1) & 0xFFFFFFFF
+        self._ring.sring.req_prod = bogus
+        return bogus
+
+    def next_request_slot(self) -> memoryview | None:
+        """The shared slot of the next request not taken yet (None if there is none), to
+        corrupt it in place as a broken frontend would have written it."""
+        if not self.unconsumed_requests():
+            return None
+        slot = self._ring.slot_size
+        offset = (self._ring.req_cons % self.size) * slot
+        return memoryview(ffi.buffer(self._ring.slots + offset, self.req_size))
+
     def take_requests(self, max_count: int | None = None) -> list[bytes]:
         n = self._take(max_count)
         raw = ffi.buffer(self._req_buf, n * self.req_size)[:]

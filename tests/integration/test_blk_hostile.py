@@ -405,16 +405,19 @@ async def test_a_notification_storm_costs_blkback_little_cpu_and_others_nothing(
 
 
 HOSTILE_BACKEND_GUEST = _blkfront_guest("""
-    completed = []
+    completed, failed = [], []
 
     async def read(offset):
-        completed.append(await front.read(offset, 4096))
+        try:
+            completed.append(await front.read(offset, 4096))
+        except OSError:
+            failed.append(offset)
 
     nursery.start_soon(read, 0)
     nursery.start_soon(read, 4096)
     await trio.sleep(3)  # the backend answers meanwhile, wrongly
     stats = front.statistics()
-    print(json.dumps({"completed": len(completed), "bad": stats.bad_responses,
+    print(json.dumps({"completed": len(completed), "failed": len(failed), "bad": stats.bad_responses,
                       "in_flight": stats.in_flight}), flush=True)
     nursery.cancel_scope.cancel()
 """)
@@ -446,9 +449,10 @@ async def _ring_request(backend, ring: int, index: int):
         (await backend.ok("read", map=ring, offset=64 + index * 112, length=112))["data"]))
 
 
-async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
-    """ATTACKS A4: responses with an id never issued, or another operation's, complete no
-    request (as the hardened Linux blkfront checks) and are counted."""
+async def test_a_hostile_backends_wrong_answers_complete_nothing_or_fail(tmp_path):
+    """ATTACKS A4: a response with an id never issued completes no request (as the hardened
+    Linux blkfront checks); one that answers a request as another operation fails it (it
+    is never left waiting). Both are counted."""
     from ringfence.hypervisor.io import blkif
     async with _guest_with_hostile_backend(tmp_path, HOSTILE_BACKEND_GUEST, 2) as (
             backend, guest, _, ring, port):
@@ -459,7 +463,7 @@ async def test_a_hostile_backends_wrong_answers_complete_nothing(tmp_path):
         out = await program_output(guest)
         with trio.fail_after(30):
             await guest.wait()
-        assert json.loads(out) == {"completed": 0, "bad": 2, "in_flight": 2}
+        assert json.loads(out) == {"completed": 0, "failed": 1, "bad": 2, "in_flight": 1}
 
 
 PARTIAL_PAGES_GUEST = _blkfront_guest("""

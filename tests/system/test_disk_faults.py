@@ -1,6 +1,8 @@
 """`ringfence inject eio|heal`: a storage driver domain's disks fail (sticky, or the next N
 requests) and heal; the guest sees EIO, then its data again, and the backend counts what
-was injected."""
+was injected. `ringfence inject corrupt-index|corrupt-request|drop-notify|storm`: its rings
+break as a broken frontend or event channel would break them; a request fails, or the
+frontend reconnects, or I/O waits a little, and no data is lost."""
 from __future__ import annotations
 
 import os
@@ -22,7 +24,8 @@ async def test_disk_eio_sticky_transient_and_heal(ringfence_system, tmp_path):
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
 
     def inject(*argv: str) -> str:
-        result = run("ringfence", "inject", *argv, "stor", "--runtime-dir", system.runtime_dir)
+        result = run("ringfence", "inject", *argv, "stor", "--runtime-dir", system.runtime_dir,
+                     "--observe", "0")
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -51,3 +54,48 @@ async def test_disk_eio_sticky_transient_and_heal(ringfence_system, tmp_path):
         while (vbd := await guest_vbd())["in_flight"]:
             await trio.sleep(0.05)
     assert vbd["free_pages"] == pool
+
+
+async def test_ring_faults_cost_a_request_a_reconnection_or_a_delay_never_data(ringfence_system, tmp_path):
+    system = ringfence_system
+    uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
+    data = os.urandom(4 << 20)
+    (tmp_path / "in").write_bytes(data)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+
+    def inject(fault: str, *argv: str) -> str:
+        result = run("ringfence", "inject", fault, "stor", "--runtime-dir", system.runtime_dir, *argv)
+        assert result.returncode == 0, result.stderr
+        assert f"injected={fault} domain=stor" in result.stdout
+        return result.stdout
+
+    def intact() -> bool:
+        out = tmp_path / "out"
+        return run("nbdcopy", uri, str(out)).returncode == 0 and out.read_bytes()[:len(data)] == data
+
+    def scenario() -> dict[str, str]:
+        reports = {}
+        assert run("nbdcopy", str(tmp_path / "in"), uri).returncode == 0
+        # the seed picks the corruption: an operation that does not exist, refused
+        reports["corrupt-request"] = inject("corrupt-request", "--seed", "1", "--observe", "0")
+        run("qemu-io", "-f", "raw", "-c", "read 0 4k", uri)  # its first request is refused
+        assert intact()
+        reports["corrupt-index"] = inject("corrupt-index", "--observe", "0")
+        assert intact()  # the next request overflows the ring: reconnected and replayed
+        reports["drop-notify"] = inject("drop-notify", "--count", "3", "--observe", "0")
+        assert intact()
+        reports["storm"] = inject("storm", "--count", "10000", "--observe", "1")
+        assert intact()
+        return reports
+
+    reports = await trio.to_thread.run_sync(scenario)
+    assert "count=1 seed=1" in reports["corrupt-request"]
+    assert "moved=stor.vbds.1/51712.injected_faults.storm before=None after=1" in reports["storm"]
+    stor = (await system.statistics())["domains"]["stor"]["vbds"]["1/51712"]
+    guest = (await system.statistics())["domains"]["guest1"]["devices"]["vbd/51712"]
+    assert stor["injected_faults"] == {"corrupt-request": 1, "corrupt-index": 1, "drop-notify": 3, "storm": 1}
+    assert stor["rejected"].get("unknown_operation") == 1
+    assert stor["disconnects_for_abuse"] == 1 and guest["connections"] == 2
+    assert guest["errors"] >= 1  # the refused request

@@ -2,6 +2,8 @@
 memory: the test plays the NBD client and the backend."""
 from __future__ import annotations
 
+import errno
+
 import os
 import socket
 import struct
@@ -162,9 +164,10 @@ def test_requests_python_must_serve_are_handed_back_whole():
     assert h.fast.in_flight == 0 and not h.serve()
 
 
-def test_a_backends_wrong_answers_complete_nothing():
-    """ATTACKS A4 on the fast path: an id never issued, another operation's answer, and
-    one answered twice complete nothing and are counted."""
+def test_a_backends_wrong_answers_complete_nothing_or_fail():
+    """ATTACKS A4 on the fast path: an id never issued and one answered twice complete
+    nothing; a request answered as another operation (corrupted on the ring, or a broken
+    backend) fails rather than waits for ever. All are counted."""
     h = Harness()
     h.client.sendall(b"".join(nbd(READ, cookie, cookie * PAGE, PAGE) for cookie in (1, 2, 3)))
     h.conn.pump(64)
@@ -174,13 +177,14 @@ def test_a_backends_wrong_answers_complete_nothing():
     h.back.push_responses()
     h.fast.complete(0)
     assert h.reply(PAGE)[:2] == (0, 1)
+    assert h.reply()[:2] == (errno.EIO, 2)  # b, answered as a write
     h.client.sendall(nbd(READ, 4, 0, PAGE))
     h.conn.pump(64)
     (d,) = h.serve(answer=False)
     h.back.put_responses([blkif.encode_response(d.id + 1024, Op.READ, 0)])  # never issued
     h.back.push_responses()
     h.fast.complete(0)
-    assert h.fast.counters()["bad_responses"] == 3 and h.fast.in_flight == 3
+    assert h.fast.counters()["bad_responses"] == 3 and h.fast.in_flight == 2
     h.client.setblocking(False)
     try:
         assert h.client.recv(100) == b""
