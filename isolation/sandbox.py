@@ -124,6 +124,15 @@ class Cgroup:
                     "sandbox": self.name, "controller": controller or "v2", "error": exc.strerror}})
                 self.dirs.pop(controller)
 
+    def set_memory_max(self, limit: int) -> bool:
+        """A new memory limit (the fault harness's squeeze: below what the sandbox uses, its
+        kernel reclaims, then kills in it); False where there is no memory controller."""
+        path = self.dirs.get("" if self.v2 else "memory")
+        if path is None:
+            return False
+        (path / ("memory.max" if self.v2 else "memory.limit_in_bytes")).write_text(str(limit))
+        return True
+
     def procs_files(self) -> list[str]:
         return [str(path / "cgroup.procs") for path in self.dirs.values()]
 

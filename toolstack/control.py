@@ -86,6 +86,7 @@ async def _service_pid(system: Any, args: dict[str, Any]) -> Any:
 OPS: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
     "service-pid": _service_pid,
     "disk-fault": _async(hotplug.inject_disk_fault, "driver", "fault"),
+    "squeeze": _async(hotplug.squeeze_domain, "driver", "limit"),
     "list": _sync(hotplug.describe),
     "stats": _statistics,
     "create": _create,

@@ -183,6 +183,25 @@ async def inject_disk_fault(system: Any, driver: str, fault: str) -> dict[str, A
     return {"driver": driver, "fault": fault or "healed", "disks": len(paths)}
 
 
+async def squeeze_domain(system: Any, driver: str, limit: str) -> dict[str, Any]:
+    """Lower a driver domain's memory limit to ``limit`` bytes (its cgroup's), until it
+    starts again: below what it uses, the kernel reclaims, then kills in it, and its
+    supervisor relaunches it with its own limit."""
+    service = system.drivers.get(driver)
+    if service is None:
+        raise CommandError(f"no driver domain named {driver!r}")
+    process = service.process
+    try:
+        if process is None or not process.cgroup.set_memory_max(int(limit)):
+            raise CommandError(f"{driver} has no memory cgroup to squeeze (not running, or not sandboxed)")
+    except OSError as exc:  # cgroup v1 refuses a limit it cannot reclaim down to (EBUSY)
+        raise CommandError(f"{driver} uses {process.cgroup.memory_bytes()} bytes and the kernel could "
+                           f"not reclaim them down to {limit} ({exc.strerror}): try a larger limit") from None
+    log.warning("memory squeezed", extra={"kv": {"driver": driver, "limit": limit,
+                                                 "using": process.cgroup.memory_bytes()}})
+    return {"driver": driver, "limit": int(limit), "using": process.cgroup.memory_bytes()}
+
+
 def block_list(system: Any, guest_name: str) -> list[dict[str, Any]]:
     guest = find_guest(system, guest_name)
     return [{"vdev": d.vdev, "devid": d.devid, "backend": d.backend, "target": d.target,

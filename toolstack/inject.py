@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -24,6 +25,7 @@ from ringfence.toolstack.up import DEFAULT_RUNTIME
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
 DISK_FAULTS = ("eio", "heal")
 RING_FAULTS = ("corrupt-index", "corrupt-request", "drop-notify", "storm")
+XENSTORE_FAULTS = ("eagain", "lose-watch")  # of a domain's requests, made by xenstored
 EXAMPLES = """examples:
   ringfence inject kill stor                 # kill -9 the storage driver domain
   ringfence inject kill xenstored            # it restarts from its journal; domains redial
@@ -36,6 +38,10 @@ EXAMPLES = """examples:
   ringfence inject corrupt-request stor --count 3 --seed 7   # refused with an error response
   ringfence inject drop-notify stor --count 5  # lost events: the guest looks after 1 s
   ringfence inject storm stor --count 10000  # spurious events: the guest backs off
+  ringfence inject eagain guest1 --count 5   # its next 5 transaction commits fail: retried
+  ringfence inject lose-watch guest1         # xenstored loses its next watch event
+  ringfence inject squeeze stor --bytes 8M   # its cgroup's memory limit: reclaimed, or
+                                             # killed and relaunched
   ringfence inject kill stor --repeat 5 --interval 2 --seed 7   # jittered, reproducible
   ringfence inject kill stor.spare           # the warm spare of stor (spare = true): replaced
 """
@@ -50,15 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "make the disks of a storage driver domain fail (eio, sticky or --count N "
         "requests) and heal; or break its rings as a broken frontend or event channel "
         "would (corrupt-index, corrupt-request, drop-notify, storm: --count times, "
-        "corruptions picked by --seed). A device fault's report lists the statistics "
-        "that moved over the next --observe seconds.", epilog=EXAMPLES,
+        "corruptions picked by --seed); make xenstored fail a domain's next transaction "
+        "commits with EAGAIN or lose its next watch events (eagain, lose-watch: --count); "
+        "or lower a driver domain's memory limit (squeeze --bytes). Every fault but a "
+        "signal's is reported with the statistics that moved over the next --observe "
+        "seconds.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS, *RING_FAULTS]), help="what to do")
+    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS, *RING_FAULTS, *XENSTORE_FAULTS, "squeeze"]),
+                        help="what to do")
+    parser.add_argument("--bytes", metavar="SIZE", help="squeeze: the memory limit (e.g. 8M, 1G)")
     parser.add_argument("--count", type=int, metavar="N",
                         help="eio: fail only the next N requests of each disk; a ring fault: "
                         "make it N times (default 1; storm: N notifications)")
     parser.add_argument("--observe", type=float, default=2.0, metavar="SECONDS",
-                        help="a device fault: how long to watch what the system does (default 2)")
+                        help="how long to watch what the system does about a fault (default 2)")
     parser.add_argument("domain", help="domain name, e.g. stor or net; stor.spare for stor's warm spare")
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME, metavar="DIR",
                         help=f"the host's runtime directory (default {DEFAULT_RUNTIME})")
@@ -73,8 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_command(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.interval < 0:
         raise UsageError("--repeat must be >= 1 and --interval >= 0")
+    if args.observe < 0:
+        raise UsageError("--observe must be >= 0")
+    if (args.bytes is not None) != (args.fault == "squeeze"):
+        raise UsageError("--bytes SIZE goes with squeeze, and squeeze needs it")
     if args.fault in DISK_FAULTS or args.fault in RING_FAULTS:
         return _device_fault(args)
+    if args.fault in XENSTORE_FAULTS or args.fault == "squeeze":
+        return _reported(args, _xenstore_fault if args.fault in XENSTORE_FAULTS else _squeeze)
     socket_path = os.path.join(args.runtime_dir, "hv.sock")
     if not os.path.exists(socket_path):
         raise CommandError(f"no running system in {args.runtime_dir} (no {socket_path})")
@@ -119,23 +136,65 @@ async def _inject(args: argparse.Namespace, socket_path: str) -> None:
 
 
 def _device_fault(args: argparse.Namespace) -> int:
-    """A fault of the disks or rings of a storage driver domain's devices, then what moved."""
+    """A fault of the disks or rings of a storage driver domain's devices."""
     if args.count is not None and (args.count < 1 or args.fault == "heal"):
         raise UsageError("--count N (N >= 1) goes with eio or a ring fault")
-    if args.observe < 0:
-        raise UsageError("--observe must be >= 0")
-    from ringfence.toolstack.control import call
     if args.fault == "heal":
         fault = ""
     elif args.fault == "eio":
         fault = "eio" + (f":{args.count}" if args.count else "")
     else:
         fault = f"{args.fault}:{args.count or 1}:{args.seed}"
+
+    def make(args: argparse.Namespace) -> str:
+        from ringfence.toolstack.control import call
+        result = call(args.runtime_dir, "disk-fault", driver=args.domain, fault=fault)
+        return (f"disks={result['disks']} count={args.count or ('all' if args.fault == 'eio' else 1)} "
+                f"seed={args.seed}")
+    return _reported(args, make)
+
+
+def _xenstore_fault(args: argparse.Namespace) -> str:
+    """xenstored fails a domain's next transaction commits, or loses its next watch events
+    (XS_CONTROL inject, which Xen's xenstore-control can send too)."""
+    from ringfence.toolstack.control import call
+    count = 1 if args.count is None else args.count
+    if count < 1:
+        raise UsageError("--count must be >= 1")
+    rows = [row for row in call(args.runtime_dir, "list") if row["name"] == args.domain]
+    if not rows or not rows[0].get("domid"):
+        raise CommandError(f"no running domain named {args.domain!r} (see 'ringfence list')")
+    domid = int(rows[0]["domid"])
+
+    async def send() -> None:
+        from ringfence.hypervisor.io import xs_wire as W
+        from ringfence.xenbus.client import open_xenstore
+        async with open_xenstore(os.path.join(args.runtime_dir, "xenstored.sock")) as xs:
+            await xs.request(W.Op.CONTROL, W.join("inject", args.fault, str(domid), str(count)))
+    trio.run(send)
+    return f"domid={domid} count={count}"
+
+
+def _squeeze(args: argparse.Namespace) -> str:
+    from ringfence.toolstack.control import call
+    result = call(args.runtime_dir, "squeeze", driver=args.domain, limit=str(_size(args.bytes)))
+    return f"limit={result['limit']} using={result['using']}"
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in "KMG" else (text, "")
+    if not number.isdigit() or int(number) * units[unit] < 1 << 20:
+        raise UsageError(f"--bytes {text}: a size of at least 1M (e.g. 8M, 1G)")
+    return int(number) * units[unit]
+
+
+def _reported(args: argparse.Namespace, make: Callable[[argparse.Namespace], str]) -> int:
+    """Make a fault, print what was injected, then what moved over ``--observe`` seconds."""
+    from ringfence.toolstack.control import call
     before = call(args.runtime_dir, "stats")
-    result = call(args.runtime_dir, "disk-fault", driver=args.domain, fault=fault)
-    print(f"injected={args.fault} domain={args.domain} disks={result['disks']} "
-          f"count={args.count or ('all' if args.fault == 'eio' else 1)} seed={args.seed} "
-          f"t={time.time():.3f}", flush=True)
+    made = make(args)
+    print(f"injected={args.fault} domain={args.domain} {made} t={time.time():.3f}", flush=True)
     time.sleep(args.observe)
     after = call(args.runtime_dir, "stats")
     for key, old, new in moved(before, after, args.domain):
@@ -155,6 +214,9 @@ def moved(before: dict[str, Any], after: dict[str, Any], driver: str) -> list[tu
         domains = stats.get("domains", {})
         mine = domains.get(driver, {})
         found = leaves(mine, driver)
+        found.update(leaves(stats.get("xenstored", {}).get("server", {}).get("injected_faults", {}),
+                            "xenstored.injected_faults"))
+        found.update(leaves(stats.get("services", {}).get(driver, {}), f"services.{driver}"))
         for guest in stats.get("guests", {}):
             for name, device in domains.get(guest, {}).get("devices", {}).items():
                 if device.get("backend_id") == mine.get("domid"):  # served by the driver

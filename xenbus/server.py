@@ -64,8 +64,10 @@ class ServerStatistics:
     dropped_slow_clients: int
     domains: int
     conflicts_charged: int  # transactions failed by a guest's writes, charged to that guest
+    injected_faults: dict[str, int]  # faults the harness asked for (XS_CONTROL inject), made
 
 
+INJECTABLE = ("eagain", "lose-watch")  # XS_CONTROL inject: faults of a domain's requests
 REPLY_CHUNK = 8  # replies per write to a dom0 client (see _reader)
 
 class _StreamTransport:
@@ -163,6 +165,7 @@ class XenStoreServer:
         self._watches_by_path: dict[str, list[Watch]] = {}  # absolute path -> its watches
         self.domains: dict[int, dict[str, int]] = {}  # introduced domains: mfn, port, target
         self.counters: Counter[str] = Counter()
+        self.faults: Counter[tuple[str, int]] = Counter()  # (kind, domid): how many more to make
         self.current: Connection | None = None  # whose requests are being handled
         self.dirty: set[Connection] = set()     # others with output queued meanwhile
         self._journal: Any = None  # set by persistence.Journal.open()
@@ -222,7 +225,8 @@ class XenStoreServer:
             self.store.counters["conflicts"] + engine("conflicts"), len(self.store.nodes),
             c["protocol_violations"] + engine("protocol_violations"),
             c["dropped_slow_clients"] + engine("dropped_slow_clients"),
-            len(self.domains), c["conflicts_charged"])
+            len(self.domains), c["conflicts_charged"],
+            {kind: c[f"injected {kind}"] for kind in INJECTABLE if c[f"injected {kind}"]})
 
     # ---- transports ------------------------------------------------------------------
     async def serve_unix(self, path: str, *,
@@ -462,6 +466,9 @@ class XenStoreServer:
             if not args or args[0] not in (b"T", b"F"):
                 store.end_transaction(ending, commit=False)
                 raise XenStoreError("EINVAL")
+            if args[0] == b"T" and self._fault_due("eagain", caller.domid):
+                store.end_transaction(ending, commit=False)
+                raise XenStoreError("EAGAIN", "injected")
             try:
                 self._changed(store.end_transaction(ending, commit=args[0] == b"T"), conn)
             except XenStoreError:
@@ -540,9 +547,30 @@ class XenStoreServer:
             return self._quota(len(args) > 2, args[1:])
         if command == "check":
             return b"OK\0"
+        if command == "inject":
+            return self._inject(args[1:])
         if command == "help":
-            return b"check\nquota [name [value]]\nhelp\n\0"
+            return (b"check\nquota [name [value]]\ninject [eagain|lose-watch DOMID COUNT]\n"
+                    b"help\n\0")
         raise XenStoreError("EINVAL", f"unknown control command {command}")
+
+    def _inject(self, args: list[bytes]) -> bytes:
+        """``inject KIND DOMID COUNT``: the next COUNT transaction commits of a domain's fail
+        with EAGAIN (``eagain``), or its next COUNT watch events are lost (``lose-watch``);
+        without arguments, what is still to be made. Dom0's own requests are never taken
+        (its daemons and tools are not what is tested)."""
+        if not args:
+            return "".join(f"{kind} {domid} {left}\n" for (kind, domid), left in sorted(self.faults.items())
+                           if left).encode() + b"\0"
+        try:
+            kind, domid, count = args[0].decode(), _domid(args[1]), int(args[2])
+        except (IndexError, ValueError, UnicodeDecodeError):
+            raise XenStoreError("EINVAL", "inject KIND DOMID COUNT") from None
+        if kind not in INJECTABLE or domid == 0 or not 0 <= count <= 1_000_000:
+            raise XenStoreError("EINVAL", f"inject {' | '.join(INJECTABLE)} DOMID (not 0) COUNT")
+        self.faults[(kind, domid)] = count
+        log.warning("fault injection", extra={"kv": {"fault": kind, "domid": domid, "count": count}})
+        return b"OK\0"
 
     def _quota(self, setting: bool, args: list[bytes]) -> bytes:
         names = {"nodes": "nodes", "watches": "watches", "transactions": "transactions",
@@ -664,8 +692,21 @@ class XenStoreServer:
         if len(payload) > W.PAYLOAD_MAX:  # XSA-324: dropped, never sent oversized
             self.counters["watch_events_dropped"] += 1
             return
+        if self._fault_due("lose-watch", watch.connection.caller.domid):
+            return
         self.counters["watch_events"] += 1
         watch.connection.queue(W.encode(Op.WATCH_EVENT, 0, 0, payload))
+
+    def _fault_due(self, kind: str, domid: int) -> bool:
+        """Whether a fault the harness asked for (XS_CONTROL inject) takes this request or
+        event of ``domid``'s."""
+        if not self.faults[(kind, domid)]:
+            return False
+        self.faults[(kind, domid)] -= 1
+        self.counters[f"injected {kind}"] += 1
+        log.warning("fault made", extra={"kv": {"fault": kind, "domid": domid,
+                                                "left": self.faults[(kind, domid)]}})
+        return True
 
     def _fire_special(self, name: str) -> None:
         # Which domains come and go is dom0's business (XSA-115): an unprivileged watcher

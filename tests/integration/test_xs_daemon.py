@@ -178,3 +178,42 @@ async def test_hostile_client_oversized_message_is_dropped(daemon):
         assert raw.recv(100) == b""  # closed
     async with open_xenstore(daemon) as xs:  # the daemon carries on
         await xs.write("/still", b"here")
+
+
+async def test_injected_eagain_and_lost_watch_events_take_only_the_domain_named(tmp_path):
+    """XS_CONTROL inject (the fault harness's `ringfence inject eagain|lose-watch`): a
+    domain's next commits fail with EAGAIN and its client retries them; its next watch
+    events are lost and counted; dom0 and other domains are untouched, and only dom0 may
+    ask."""
+    from ringfence.hypervisor.io import xs_wire as W
+    path = str(tmp_path / "xs.sock")
+    async with in_process_xenstored(path) as xsd:
+        async with open_xenstore(path) as dom0:
+            for domid in (5, 6):
+                await dom0.introduce(domid)
+                await dom0.write(f"/local/domain/{domid}/data", b"0")
+                await dom0.request(W.Op.SET_PERMS, W.join(f"/local/domain/{domid}/data", f"n{domid}"))
+            assert await dom0.request(W.Op.CONTROL, W.join("inject", "eagain", "5", "2")) == b"OK\0"
+            assert await dom0.request(W.Op.CONTROL, W.join("inject", "lose-watch", "5", "1")) == b"OK\0"
+            for bad in (("eagain", "0", "1"), ("eagain", "5"), ("melt", "5", "1"), ("eagain", "5", "-1")):
+                with pytest.raises(XenStoreError, match="EINVAL"):
+                    await dom0.request(W.Op.CONTROL, W.join("inject", *bad))
+            assert b"eagain 5 2" in await dom0.request(W.Op.CONTROL, W.join("inject"))
+            async with open_xenstore_stream(await xsd.connect(5)) as five, \
+                    open_xenstore_stream(await xsd.connect(6)) as six:
+                with pytest.raises(XenStoreError, match="EACCES"):
+                    await five.request(W.Op.CONTROL, W.join("inject", "eagain", "6", "1"))
+                for xs, domid in ((five, 5), (six, 6)):
+                    async for tx in xs.transaction():
+                        async with tx:
+                            await tx.write(f"/local/domain/{domid}/data", b"1")
+                assert (five.retries, six.retries) == (2, 0)
+                async with five.watch("/local/domain/5/data") as events:  # its first event is lost
+                    await dom0.write("/local/domain/5/data", b"2")
+                    with trio.fail_after(5):
+                        assert (await events.receive())[0] == "/local/domain/5/data"
+                    with trio.move_on_after(0.2):
+                        await events.receive()
+                        raise AssertionError("one write, one event")
+            assert xsd.server.statistics().injected_faults == {"eagain": 2, "lose-watch": 1}
+            assert await dom0.request(W.Op.CONTROL, W.join("inject")) == b"\0"

@@ -14,20 +14,32 @@ import trio
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+
+
+def _inject(system, fault: str, *argv: str) -> str:
+    """``ringfence inject FAULT stor ARGV...``, which must succeed: what it printed."""
+    result = _run("ringfence", "inject", fault, "stor", "--runtime-dir", system.runtime_dir, *argv)
+    assert result.returncode == 0, result.stderr
+    assert f"injected={fault} domain=stor" in result.stdout
+    return result.stdout
+
+
+def _guest1_and_data(system, tmp_path, size: int) -> tuple[str, bytes]:
+    """guest1's disk's NBD URI, and ``size`` random bytes in ``tmp_path/in``."""
+    data = os.urandom(size)
+    (tmp_path / "in").write_bytes(data)
+    return f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}", data
+
+
 async def test_disk_eio_sticky_transient_and_heal(ringfence_system, tmp_path):
     system = ringfence_system
-    uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
-    data = os.urandom(1 << 20)
-    (tmp_path / "in").write_bytes(data)
+    uri, data = _guest1_and_data(system, tmp_path, 1 << 20)
+    run = _run
 
-    def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-
-    def inject(*argv: str) -> str:
-        result = run("ringfence", "inject", *argv, "stor", "--runtime-dir", system.runtime_dir,
-                     "--observe", "0")
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+    def inject(fault: str, *argv: str) -> str:
+        return _inject(system, fault, *argv, "--observe", "0")
 
     def scenario() -> None:
         assert run("nbdcopy", str(tmp_path / "in"), uri).returncode == 0
@@ -58,18 +70,11 @@ async def test_disk_eio_sticky_transient_and_heal(ringfence_system, tmp_path):
 
 async def test_ring_faults_cost_a_request_a_reconnection_or_a_delay_never_data(ringfence_system, tmp_path):
     system = ringfence_system
-    uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
-    data = os.urandom(4 << 20)
-    (tmp_path / "in").write_bytes(data)
-
-    def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    uri, data = _guest1_and_data(system, tmp_path, 4 << 20)
+    run = _run
 
     def inject(fault: str, *argv: str) -> str:
-        result = run("ringfence", "inject", fault, "stor", "--runtime-dir", system.runtime_dir, *argv)
-        assert result.returncode == 0, result.stderr
-        assert f"injected={fault} domain=stor" in result.stdout
-        return result.stdout
+        return _inject(system, fault, *argv)
 
     def intact() -> bool:
         out = tmp_path / "out"
@@ -99,3 +104,37 @@ async def test_ring_faults_cost_a_request_a_reconnection_or_a_delay_never_data(r
     assert stor["rejected"].get("unknown_operation") == 1
     assert stor["disconnects_for_abuse"] == 1 and guest["connections"] == 2
     assert guest["errors"] >= 1  # the refused request
+
+
+async def test_xenstore_faults_and_a_squeeze_are_made_and_reported(ringfence_system):
+    """`ringfence inject eagain|lose-watch GUEST` through xenstored (the guest's netfront
+    retries its transaction when the network driver domain comes back), and `squeeze`, a
+    driver domain's cgroup memory limit (refused below what the kernel can reclaim)."""
+    system = ringfence_system
+
+    def inject(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ringfence", "inject", *argv, "--runtime-dir", system.runtime_dir],
+                              capture_output=True, text=True, timeout=60)
+
+    def scenario() -> list[subprocess.CompletedProcess[str]]:
+        return [inject("eagain", "guest1", "--count", "3", "--observe", "0"),
+                inject("kill", "net"),
+                inject("lose-watch", "guest2", "--observe", "0"),
+                inject("squeeze", "stor", "--bytes", "1M", "--observe", "0"),
+                inject("squeeze", "stor", "--bytes", "256M", "--observe", "0"),
+                inject("squeeze", "stor", "--observe", "0")]
+
+    eagain, kill, lose, too_small, squeeze, no_size = await trio.to_thread.run_sync(scenario)
+    assert "injected=eagain domain=guest1 domid=" in eagain.stdout and "count=3" in eagain.stdout
+    assert kill.returncode == 0 and lose.returncode == 0, (kill.stderr, lose.stderr)
+    assert too_small.returncode == 1 and "try a larger limit" in too_small.stderr
+    assert squeeze.returncode == 0 and "limit=268435456" in squeeze.stdout, squeeze.stderr
+    assert no_size.returncode == 2
+    with trio.fail_after(30):  # netfront reconnects, its transaction retried past the EAGAINs
+        while True:
+            stats = await system.statistics()
+            if (stats["domains"]["guest1"]["devices"]["vif/0"]["state"] == "Connected"
+                    and stats["domains"]["guest1"]["xenstore"]["transaction_retries"] >= 3):
+                break
+            await trio.sleep(0.1)
+    assert stats["xenstored"]["server"]["injected_faults"]["eagain"] == 3

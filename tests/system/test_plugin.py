@@ -72,3 +72,32 @@ async def test_the_hang_fault_stops_the_domains_program(ringfence_system):
                 await trio.sleep(0.01)
     finally:
         os.kill(program, signal.SIGCONT)
+
+
+@pytest.mark.ringfence_fault("corrupt-index", domain="stor", after=0.2)
+async def test_every_fault_of_the_harness_through_the_plugin(ringfence_system, tmp_path):
+    """The marker takes any of ``ringfence inject``'s faults (here a corrupt ring index,
+    after which the frontend reconnects and replays), and ``ringfence_fault`` makes the
+    others in-process: a corrupted request refused, an EAGAIN retried."""
+    from ringfence.testing.plugin import ringfence_fault
+    system = ringfence_system
+    uri = f"nbd+unix:///?socket={system.guests['guest1'].nbd_sockets['xvda']}"
+    data = os.urandom(2 << 20)
+    (tmp_path / "in").write_bytes(data)
+
+    def io() -> None:
+        for _ in range(3):
+            subprocess.run(["nbdcopy", str(tmp_path / "in"), uri], check=True, timeout=60)
+            subprocess.run(["nbdcopy", uri, str(tmp_path / "out")], check=True, timeout=60)
+            assert (tmp_path / "out").read_bytes()[:len(data)] == data
+
+    await trio.to_thread.run_sync(io)
+    await ringfence_fault(system, "corrupt-request", "stor", seed=1)
+    await ringfence_fault(system, "eagain", "guest2", count=2)
+    await trio.to_thread.run_sync(subprocess.run, ["qemu-io", "-f", "raw", "-c", "read 0 4k", uri])
+    await trio.to_thread.run_sync(io)
+    stor = (await system.statistics())["domains"]["stor"]["vbds"]["1/51712"]
+    assert stor["injected_faults"] == {"corrupt-index": 1, "corrupt-request": 1}
+    assert stor["disconnects_for_abuse"] == 1
+    with pytest.raises(ValueError):
+        await ringfence_fault(system, "squeeze", "stor")  # needs size=

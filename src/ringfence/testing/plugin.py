@@ -8,6 +8,12 @@
 
     @pytest.mark.ringfence_fault("kill", domain="stor", after=0.5)
     async def test_under_fault(ringfence_system): ...   # killed 0.5 s into the test
+
+    @pytest.mark.ringfence_fault("corrupt-request", domain="stor", count=3, seed=7)
+    @pytest.mark.ringfence_fault("eagain", domain="guest1", count=5)
+
+Every fault of ``ringfence inject`` is there: kill, hang, eio, heal, corrupt-index,
+corrupt-request, drop-notify, storm, eagain, lose-watch, squeeze (``size=`` bytes).
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ import trio
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "ringfence_fault(kind, domain, after=0.0): inject a fault (kill or hang) "
-        "into a driver domain of the ringfence_system fixture, `after` seconds into the test")
+        "markers", "ringfence_fault(kind, domain, after=0.0, count=None, seed=0, size=None): "
+        "inject a fault (any of ringfence inject's) into a domain of the ringfence_system "
+        "fixture, `after` seconds into the test")
 
 
 @pytest.fixture
@@ -48,23 +55,43 @@ async def ringfence_system(request: pytest.FixtureRequest) -> AsyncIterator[Any]
 
 async def _fault_later(system: Any, marker: pytest.Mark) -> None:
     kind = marker.args[0] if marker.args else marker.kwargs.get("kind", "kill")
-    domain = marker.kwargs.get("domain", "stor")
+    options = {key: marker.kwargs[key] for key in ("count", "seed", "size") if key in marker.kwargs}
     await trio.sleep(float(marker.kwargs.get("after", 0.0)))
-    await ringfence_fault(system, kind, domain)
+    await ringfence_fault(system, kind, marker.kwargs.get("domain", "stor"), **options)
 
 
-async def ringfence_fault(system: Any, kind: str, domain: str) -> None:
-    """Inject ``kind`` ("kill" or "hang") into a driver domain of a running system."""
+async def ringfence_fault(system: Any, kind: str, domain: str, *, count: int | None = None,
+                          seed: int = 0, size: int | None = None) -> None:
+    """Inject ``kind`` into a domain of a running system, as ``ringfence inject`` does: kill
+    or hang a driver domain; eio (every request, or the next ``count``) or heal its disks;
+    break its rings (corrupt-index, corrupt-request, drop-notify, storm: ``count`` times,
+    corruptions picked by ``seed``); make xenstored fail a domain's next ``count`` commits
+    (eagain) or lose its next watch events (lose-watch); or lower a driver domain's memory
+    limit to ``size`` bytes (squeeze)."""
     import signal
-    service = system.drivers[domain]
-    if kind == "kill":
-        service.kill()
-    elif kind == "hang" and service.process is not None:
-        # the program, not an exec'd domain's waiter (which serves nothing)
-        from ringfence.isolation.sandbox import innermost_pid
-        os.kill(innermost_pid(service.process.pid), signal.SIGSTOP)
+    from ringfence.backends.blkback.faults import RING_FAULTS
+    from ringfence.toolstack import hotplug
+    if kind in ("kill", "hang"):
+        service = system.drivers[domain]
+        if kind == "kill":
+            service.kill()
+        elif service.process is not None:
+            # the program, not an exec'd domain's waiter (which serves nothing)
+            from ringfence.isolation.sandbox import innermost_pid
+            os.kill(innermost_pid(service.process.pid), signal.SIGSTOP)
+    elif kind in ("eio", "heal"):
+        await hotplug.inject_disk_fault(system, domain, "" if kind == "heal" else
+                                        "eio" + (f":{count}" if count else ""))
+    elif kind in RING_FAULTS:
+        await hotplug.inject_disk_fault(system, domain, f"{kind}:{count or 1}:{seed}")
+    elif kind in ("eagain", "lose-watch"):
+        from ringfence.hypervisor.io import xs_wire as W
+        domid = next(row["domid"] for row in hotplug.describe(system) if row["name"] == domain)
+        await system.xs.request(W.Op.CONTROL, W.join("inject", kind, str(domid), str(count or 1)))
+    elif kind == "squeeze" and size is not None:
+        await hotplug.squeeze_domain(system, domain, str(size))
     else:
-        raise ValueError(f"unknown fault {kind!r}")
+        raise ValueError(f"unknown fault {kind!r} (squeeze needs size=)")
 
 
 ringfence_kill = ringfence_fault
