@@ -42,6 +42,8 @@ EXAMPLES = """examples:
   ringfence inject lose-watch guest1         # xenstored loses its next watch event
   ringfence inject squeeze stor --bytes 8M   # its cgroup's memory limit: reclaimed, or
                                              # killed and relaunched
+  ringfence inject revoke guest1             # end its grants a backend holds mapped:
+                                             # every one refused while mapped
   ringfence inject kill stor --repeat 5 --interval 2 --seed 7   # jittered, reproducible
   ringfence inject kill stor.spare           # the warm spare of stor (spare = true): replaced
 """
@@ -58,11 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "would (corrupt-index, corrupt-request, drop-notify, storm: --count times, "
         "corruptions picked by --seed); make xenstored fail a domain's next transaction "
         "commits with EAGAIN or lose its next watch events (eagain, lose-watch: --count); "
-        "or lower a driver domain's memory limit (squeeze --bytes). Every fault but a "
+        "lower a driver domain's memory limit (squeeze --bytes); or try to end a "
+        "domain's grants that another holds mapped (revoke: each must be refused). "
+        "Every fault but a "
         "signal's is reported with the statistics that moved over the next --observe "
         "seconds.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS, *RING_FAULTS, *XENSTORE_FAULTS, "squeeze"]),
+    parser.add_argument("fault", choices=sorted([*SIGNALS, *DISK_FAULTS, *RING_FAULTS, *XENSTORE_FAULTS, "squeeze", "revoke"]),
                         help="what to do")
     parser.add_argument("--bytes", metavar="SIZE", help="squeeze: the memory limit (e.g. 8M, 1G)")
     parser.add_argument("--count", type=int, metavar="N",
@@ -90,8 +94,10 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError("--bytes SIZE goes with squeeze, and squeeze needs it")
     if args.fault in DISK_FAULTS or args.fault in RING_FAULTS:
         return _device_fault(args)
-    if args.fault in XENSTORE_FAULTS or args.fault == "squeeze":
-        return _reported(args, _xenstore_fault if args.fault in XENSTORE_FAULTS else _squeeze)
+    if args.fault in XENSTORE_FAULTS:
+        return _reported(args, _xenstore_fault)
+    if args.fault in ("squeeze", "revoke"):
+        return _reported(args, _squeeze if args.fault == "squeeze" else _revoke)
     socket_path = os.path.join(args.runtime_dir, "hv.sock")
     if not os.path.exists(socket_path):
         raise CommandError(f"no running system in {args.runtime_dir} (no {socket_path})")
@@ -157,14 +163,10 @@ def _device_fault(args: argparse.Namespace) -> int:
 def _xenstore_fault(args: argparse.Namespace) -> str:
     """xenstored fails a domain's next transaction commits, or loses its next watch events
     (XS_CONTROL inject, which Xen's xenstore-control can send too)."""
-    from ringfence.toolstack.control import call
     count = 1 if args.count is None else args.count
     if count < 1:
         raise UsageError("--count must be >= 1")
-    rows = [row for row in call(args.runtime_dir, "list") if row["name"] == args.domain]
-    if not rows or not rows[0].get("domid"):
-        raise CommandError(f"no running domain named {args.domain!r} (see 'ringfence list')")
-    domid = int(rows[0]["domid"])
+    domid = _domid(args)
 
     async def send() -> None:
         from ringfence.hypervisor.io import xs_wire as W
@@ -173,6 +175,27 @@ def _xenstore_fault(args: argparse.Namespace) -> str:
             await xs.request(W.Op.CONTROL, W.join("inject", args.fault, str(domid), str(count)))
     trio.run(send)
     return f"domid={domid} count={count}"
+
+
+def _domid(args: argparse.Namespace) -> int:
+    from ringfence.toolstack.control import call
+    rows = [row for row in call(args.runtime_dir, "list") if row["name"] == args.domain]
+    if not rows or not rows[0].get("domid"):
+        raise CommandError(f"no running domain named {args.domain!r} (see 'ringfence list')")
+    return int(rows[0]["domid"])
+
+
+def _revoke(args: argparse.Namespace) -> str:
+    """The hypervisor ends, as the domain would, each of its grants another domain holds
+    mapped: every one must be refused while the mapping lasts (XSA-396)."""
+    domid = _domid(args)
+
+    async def revoke() -> dict[str, int]:
+        from ringfence.hypervisor.sim.client import open_dom0
+        async with open_dom0(os.path.join(args.runtime_dir, "hv.sock")) as dom0:
+            return await dom0.revoke_mapped(domid)
+    result = trio.run(revoke)
+    return f"domid={domid} tried={result['tried']} refused={result['refused']} ended={result['ended']}"
 
 
 def _squeeze(args: argparse.Namespace) -> str:
@@ -217,6 +240,9 @@ def moved(before: dict[str, Any], after: dict[str, Any], driver: str) -> list[tu
         found.update(leaves(stats.get("xenstored", {}).get("server", {}).get("injected_faults", {}),
                             "xenstored.injected_faults"))
         found.update(leaves(stats.get("services", {}).get(driver, {}), f"services.{driver}"))
+        hypervisor = stats.get("hypervisor", {}).get("hypervisor", {})
+        found.update({f"hypervisor.{key}": hypervisor.get(key, 0)
+                      for key in ("revokes_refused", "revoked_under_mapping")})
         for guest in stats.get("guests", {}):
             for name, device in domains.get(guest, {}).get("devices", {}).items():
                 if device.get("backend_id") == mine.get("domid"):  # served by the driver

@@ -580,6 +580,13 @@ class Dom0:
         _, fds = await self.connection.checked(Op.STORE_CONNECT, P.U16.pack(domid))
         return socket.socket(fileno=fds[0])
 
+    async def revoke_mapped(self, domid: int) -> dict[str, int]:
+        """The fault harness's ``revoke``: the hypervisor ends, as ``domid`` would, each of
+        its grants another domain holds mapped; each must be refused (``tried``,
+        ``refused``, ``ended``)."""
+        body, _ = await self.connection.checked(Op.REVOKE_MAPPED, P.U16.pack(domid), "revoke")
+        return dict(json.loads(body))
+
     async def list_domains(self) -> list[dict[str, Any]]:
         body, _ = await self.connection.checked(Op.LIST_DOMAINS)
         return list(json.loads(body))

@@ -78,6 +78,8 @@ class HypervisorStatistics:
     early_death_notices: int
     exit_records: ExitListenerStatistics | None  # None: deaths are seen through pidfds only
     grant_errors: dict[str, int]
+    revokes_refused: int        # grants the fault harness tried to end under a mapping
+    revoked_under_mapping: int  # of those, ended all the same: must stay 0 (XSA-396)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +197,8 @@ class Hypervisor:
             copies=c["copies"], copy_bytes=c["copy_bytes"], channels_bound=c["bound"],
             death_notices=c["death_notices"], early_death_notices=c["early_death_notices"],
             exit_records=self._exits.statistics() if self._exits is not None else None,
-            grant_errors=dict(self._grant_errors))
+            grant_errors=dict(self._grant_errors), revokes_refused=c["revokes_refused"],
+            revoked_under_mapping=c["revoked_under_mapping"])
 
     def _grant_error(self, status: int) -> int:
         self._grant_errors[GNTST(status).name] += 1
@@ -392,6 +395,11 @@ class Hypervisor:
                     return P.reply(msg, -errno.ENOSPC), []
                 notices.add((domain, port))
                 return P.reply(msg, 0), []
+            if op == Op.REVOKE_MAPPED:
+                target = self.domains.get(P.decode_domid(msg.payload, "revoke"))
+                if target is None or target.gnttab is None:
+                    return P.reply(msg, -errno.ESRCH), []
+                return P.reply(msg, 0, json.dumps(self._revoke_mapped(target)).encode()), []
             if op == Op.LIST_DOMAINS:
                 P.decode_empty(msg.payload, "list")
                 rows = [{"domid": d.domid, "name": d.name, "state": d.state, "pid": d.pid}
@@ -687,6 +695,20 @@ class Hypervisor:
         return fd
 
     # ---- grants -----------------------------------------------------------------------
+    def _revoke_mapped(self, granter: Domain) -> dict[str, int]:
+        """The fault harness's ``revoke``: end, as the granter would (atomically), every grant
+        of its that another domain holds mapped. Each must be refused while the mapping
+        lasts (XSA-396); one ended would be a use-after-free, and is counted as such."""
+        mapped = [gref for gref, (readers, writers) in granter.pins.items() if readers or writers]
+        ended = [gref for gref in mapped if lib.rf_grant_end_access(granter.entry(gref))]
+        self._counters["revokes_refused"] += len(mapped) - len(ended)
+        if ended:
+            self._counters["revoked_under_mapping"] += len(ended)
+            log.error("grants ended under a mapping", extra={"kv": {"domid": granter.domid, "grefs": len(ended)}})
+        log.warning("fault made", extra={"kv": {"fault": "revoke", "domid": granter.domid,
+                                                "tried": len(mapped), "ended": len(ended)}})
+        return {"tried": len(mapped), "refused": len(mapped) - len(ended), "ended": len(ended)}
+
     def _pin(self, mapper: Domain, granter_id: int, gref: int, readonly: bool) -> tuple[int, Domain | None, int]:
         granter = self.domains.get(granter_id)
         if granter is None or granter.state != "running" or granter is mapper:

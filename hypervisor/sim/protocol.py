@@ -45,6 +45,7 @@ class Op(enum.IntEnum):
     STORE_REGISTER = 24   # this dom0 connection is xenstored: receive domains' connections
     RENAME_DOMAIN = 25    # as libxl_domain_rename: a warm spare takes its predecessor's name
     NOTIFY_ON_DEATH = 26  # notify one of dom0's bound ports when a domain's process has exited
+    REVOKE_MAPPED = 27    # the fault harness: end a domain's grants that others hold mapped
 
 
 class EventKind(enum.IntEnum):

@@ -106,10 +106,11 @@ async def test_ring_faults_cost_a_request_a_reconnection_or_a_delay_never_data(r
     assert guest["errors"] >= 1  # the refused request
 
 
-async def test_xenstore_faults_and_a_squeeze_are_made_and_reported(ringfence_system):
+async def test_xenstore_faults_a_squeeze_and_a_revoke_are_made_and_reported(ringfence_system):
     """`ringfence inject eagain|lose-watch GUEST` through xenstored (the guest's netfront
-    retries its transaction when the network driver domain comes back), and `squeeze`, a
-    driver domain's cgroup memory limit (refused below what the kernel can reclaim)."""
+    retries its transaction when the network driver domain comes back); `squeeze`, a
+    driver domain's cgroup memory limit (refused below what the kernel can reclaim); and
+    `revoke`, a guest's grants ended under its backends' mappings (each refused)."""
     system = ringfence_system
 
     def inject(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -122,9 +123,14 @@ async def test_xenstore_faults_and_a_squeeze_are_made_and_reported(ringfence_sys
                 inject("lose-watch", "guest2", "--observe", "0"),
                 inject("squeeze", "stor", "--bytes", "1M", "--observe", "0"),
                 inject("squeeze", "stor", "--bytes", "256M", "--observe", "0"),
-                inject("squeeze", "stor", "--observe", "0")]
+                inject("squeeze", "stor", "--observe", "0"),
+                inject("revoke", "guest1", "--observe", "0")]
 
-    eagain, kill, lose, too_small, squeeze, no_size = await trio.to_thread.run_sync(scenario)
+    eagain, kill, lose, too_small, squeeze, no_size, revoke = await trio.to_thread.run_sync(scenario)
+    # every grant of guest1's that a backend holds mapped (its rings, at least) is refused
+    assert revoke.returncode == 0 and " ended=0 " in revoke.stdout, revoke.stderr
+    tried = int(revoke.stdout.split(" tried=")[1].split()[0])
+    assert tried > 0 and f" refused={tried} " in revoke.stdout
     assert "injected=eagain domain=guest1 domid=" in eagain.stdout and "count=3" in eagain.stdout
     assert kill.returncode == 0 and lose.returncode == 0, (kill.stderr, lose.stderr)
     assert too_small.returncode == 1 and "try a larger limit" in too_small.stderr

@@ -94,6 +94,7 @@ async def test_every_fault_of_the_harness_through_the_plugin(ringfence_system, t
     await trio.to_thread.run_sync(io)
     await ringfence_fault(system, "corrupt-request", "stor", seed=1)
     await ringfence_fault(system, "eagain", "guest2", count=2)
+    await ringfence_fault(system, "revoke", "guest1")  # refused under every mapping, or it raises
     await trio.to_thread.run_sync(subprocess.run, ["qemu-io", "-f", "raw", "-c", "read 0 4k", uri])
     await trio.to_thread.run_sync(io)
     stor = (await system.statistics())["domains"]["stor"]["vbds"]["1/51712"]

@@ -13,7 +13,7 @@
     @pytest.mark.ringfence_fault("eagain", domain="guest1", count=5)
 
 Every fault of ``ringfence inject`` is there: kill, hang, eio, heal, corrupt-index,
-corrupt-request, drop-notify, storm, eagain, lose-watch, squeeze (``size=`` bytes).
+corrupt-request, drop-notify, storm, eagain, lose-watch, squeeze (``size=`` bytes), revoke.
 """
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ async def ringfence_fault(system: Any, kind: str, domain: str, *, count: int | N
     or hang a driver domain; eio (every request, or the next ``count``) or heal its disks;
     break its rings (corrupt-index, corrupt-request, drop-notify, storm: ``count`` times,
     corruptions picked by ``seed``); make xenstored fail a domain's next ``count`` commits
-    (eagain) or lose its next watch events (lose-watch); or lower a driver domain's memory
-    limit to ``size`` bytes (squeeze)."""
+    (eagain) or lose its next watch events (lose-watch); lower a driver domain's memory
+    limit to ``size`` bytes (squeeze); or end a domain's grants another holds mapped
+    (revoke: each must be refused, else AssertionError)."""
     import signal
     from ringfence.backends.blkback.faults import RING_FAULTS
     from ringfence.toolstack import hotplug
@@ -90,6 +91,11 @@ async def ringfence_fault(system: Any, kind: str, domain: str, *, count: int | N
         await system.xs.request(W.Op.CONTROL, W.join("inject", kind, str(domid), str(count or 1)))
     elif kind == "squeeze" and size is not None:
         await hotplug.squeeze_domain(system, domain, str(size))
+    elif kind == "revoke":
+        domid = next(row["domid"] for row in hotplug.describe(system) if row["name"] == domain)
+        result = await system.dom0.revoke_mapped(domid)
+        if result["ended"]:
+            raise AssertionError(f"{result['ended']} grants ended under a mapping")
     else:
         raise ValueError(f"unknown fault {kind!r} (squeeze needs size=)")
 
