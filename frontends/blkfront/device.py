@@ -44,7 +44,7 @@ PREMAP_PAGES = 64         # the pool's first pages, all a light load uses (the f
                           # stack that starts at page 0): granted to a standby link's backend
                           # beforehand (``pool-refs``), which maps them while it stands by
 CLEANUP_DELAY_MAX = 0.05  # seconds a takeover's clean-up waits for the replay, at most
-NOTIFY_GRACE = 1.0        # seconds without a notification before the rings are looked at anyway
+NOTIFY_GRACE = 1.0        # seconds responses may wait unnoticed before they are taken anyway
 
 
 class BlockIOError(OSError):
@@ -107,7 +107,7 @@ class BlkfrontStatistics:
     signalled_takeovers: int  # of those, begun on dom0's takeover channel, before XenStore
     refused_handshakes: int   # backends that closed on our keys (the handshake started over)
     standby_links: int        # standby links begun (connected or not)
-    missed_notifications: int  # responses found on a ring after NOTIFY_GRACE without a notification
+    missed_notifications: int  # responses taken after NOTIFY_GRACE without a notification
 
 
 @dataclass(eq=False, slots=True)
@@ -939,43 +939,58 @@ class BlkFront:
         return None
 
     async def _receive_responses(self, link: _Link, queue: _Queue, scope: trio.CancelScope) -> None:
-        ring, port, fast = queue.ring, queue.port, self._fast
-        while self._attached is link:  # after a switch (_switch_now) queue.index names another ring
-            try:
-                responses = fast.complete(queue.index)  # the NBD server's are answered in C
-            except RingOverflow:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._look_for_lost_notifications, link, queue, scope)
+            # after a switch (_switch_now) queue.index names another ring
+            while self._attached is link:
+                if not self._take_responses(queue, scope):
+                    await queue.port.wait()
+                    await self.storm.woken(queue.ring.unconsumed_responses() > 0)
+            nursery.cancel_scope.cancel()
+
+    async def _look_for_lost_notifications(self, link: _Link, queue: _Queue, scope: trio.CancelScope) -> None:
+        """A notification the backend owed may be lost (a broken backend, a dropped event):
+        responses left on the ring for NOTIFY_GRACE with none taken meanwhile are taken as
+        the notification would have had them taken. A lost one costs the guest a delay,
+        never a hang, and the hot path nothing (one look a second)."""
+        taken = -1
+        while self._attached is link:
+            await trio.sleep(NOTIFY_GRACE)
+            before, taken = taken, queue.ring.statistics().responses
+            if taken == before and queue.ring.unconsumed_responses() and self._take_responses(queue, scope):
+                self.missed_notifications += 1
+
+    def _take_responses(self, queue: _Queue, scope: trio.CancelScope) -> bool:
+        """Complete what the backend answered on ``queue``'s ring (the NBD server's requests
+        are answered in C); False if it answered nothing, or overflowed the ring (the
+        connection then ends: ``scope`` is cancelled)."""
+        try:
+            responses = self._fast.complete(queue.index)
+        except RingOverflow:
+            self.bad_responses += 1
+            log.error("backend overflowed the ring; reconnecting")
+            scope.cancel()
+            return False
+        if responses is None:
+            return False
+        self.storm.note_work()
+        for raw in responses:
+            rid, operation, status = blkif.decode_response(raw)
+            pending = self.pending.get(rid)
+            if pending is None:  # an id we never sent, or one answered twice: nothing
                 self.bad_responses += 1
-                log.error("backend overflowed the ring; reconnecting")
-                scope.cancel()
-                return
-            if responses is None:
-                # A notification the backend owed may be lost (a broken backend, a dropped
-                # event): the ring is looked at again after a while without one, so that a
-                # lost notification costs the guest a delay, never a hang.
-                with trio.move_on_after(NOTIFY_GRACE) as grace:
-                    await port.wait()
-                if grace.cancelled_caught:
-                    self.missed_notifications += ring.unconsumed_responses() > 0
-                    continue
-                await self.storm.woken(ring.unconsumed_responses() > 0)
                 continue
-            self.storm.note_work()
-            for raw in responses:
-                rid, operation, status = blkif.decode_response(raw)
-                pending = self.pending.get(rid)
-                if pending is None:  # an id we never sent, or one answered twice: nothing
-                    self.bad_responses += 1
-                    continue
-                if operation not in (pending.operation, Op.INDIRECT):
-                    # ours, answered as another operation (corrupted on the ring, or a broken
-                    # backend): failed, whatever the status says, never left waiting
-                    self.bad_responses += 1
-                    status = Status.ERROR
-                del self.pending[rid]
-                self._complete(pending, status)
-            self._after_completions()
-            if self._room:
-                self._room.unpark_all()
+            if operation not in (pending.operation, Op.INDIRECT):
+                # ours, answered as another operation (corrupted on the ring, or a broken
+                # backend): failed, whatever the status says, never left waiting
+                self.bad_responses += 1
+                status = Status.ERROR
+            del self.pending[rid]
+            self._complete(pending, status)
+        self._after_completions()
+        if self._room:
+            self._room.unpark_all()
+        return True
 
     def _after_completions(self) -> None:
         for hook in list(self.after_responses):
