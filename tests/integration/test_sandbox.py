@@ -350,3 +350,61 @@ def test_favordynmods_lets_a_domain_join_its_cgroup_at_once(tmp_path):
     restored = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines()
                     if line.split()[4] == mountpoint)
     assert restored == line
+
+
+ROOTLESS_PROGRAM = """
+guest=$1
+echo uid=$(id -u)
+echo pid=$$
+echo processes=$(ls /proc | grep -c '^[0-9]')
+echo nics=$(ls /sys/class/net | tr '\\n' ' ')
+echo nnp=$(grep NoNewPrivs /proc/self/status | tr -d '\\t ' | cut -d: -f2)
+echo fds=$(ls /proc/self/fd | tr '\\n' ' ')
+kill -0 $guest 2>/dev/null && echo signal=yes || echo signal=no
+"""
+
+
+def test_a_rootless_sandbox_is_a_user_namespace_with_every_other_wall():
+    """Rootless (no root anywhere, as an unprivileged user starts it), a sandbox is a user
+    namespace with the rest inside it: uid 0 there, pid 1 of its own pid namespace with no
+    other process in sight, only a loopback NIC, no_new_privs, only its standard fds, and
+    no way to signal a process outside (a guest's). Only the cgroup is missing (an
+    unprivileged user may not make one), as the sandbox says in its log."""
+    guest = subprocess.Popen(["sleep", "60"])
+    read, write = os.pipe()
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child)
+            code = 1  # whatever goes wrong here must not go on as a second pytest
+            try:
+                os.close(read)
+                import ctypes
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, which setuid cleared
+
+                async def run() -> bytes:
+                    spec = SandboxSpec("rootless-test", namespaces=frozenset({"pid", "mount", "net", "ipc", "uts"}))
+                    boxed = await spawn_sandboxed(spec, ["/bin/sh", "-c", ROOTLESS_PROGRAM, "sh", str(guest.pid)],
+                                                  stdout=subprocess.PIPE)
+                    out = b""
+                    while chunk := await boxed.process.stdout.receive_some(4096):
+                        out += chunk
+                    await boxed.process.wait()
+                    return out
+                os.write(write, trio.run(run))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as reader:
+            report = dict(line.split("=", 1) for line in reader.read().decode().splitlines())
+        assert os.waitpid(child, 0)[1] == 0
+    finally:
+        guest.kill()
+        guest.wait()
+    assert report["uid"] == "0" and report["pid"] == "1" and report["nnp"] == "1"
+    assert int(report["processes"]) <= 5  # the shell and its pipeline (the host has hundreds)
+    assert report["nics"].split() == ["lo"] and report["signal"] == "no"
+    assert set(report["fds"].split()) <= {"0", "1", "2", "3"}  # 3: ls's own listing
