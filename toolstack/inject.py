@@ -3,9 +3,12 @@
 Faults act on what a real failure would hit: a driver domain's processes (kill -9, SIGSTOP
 to hang it, SIGCONT), found through the hypervisor's domain table, never by guessing pids;
 a storage driver domain's disks and rings, through its devices' ``fault-inject`` nodes
-(:mod:`ringfence.backends.blkback.faults`). Each run prints what it injected as key=value
-lines, and for a device fault what the system did about it: the counters of the driver
-domain's and its guests' statistics that moved.
+(:mod:`ringfence.backends.blkback.faults`); a domain's XenStore requests (xenstored's
+XS_CONTROL ``inject``); a driver domain's memory limit (its cgroup's); a guest's grants
+under its backends' mappings (the hypervisor's REVOKE_MAPPED). Each run prints what it
+injected as key=value lines, and for every fault but a signal what the system did about
+it: the statistics of the domain, its guests' devices, xenstored's and the hypervisor's
+injected faults that moved.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ SPARE = ".spare"  # DRIVER.spare: the warm spare of driver domain DRIVER (named 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "inject", help="inject faults into a running system (kill, hang, disk EIO, ring faults)",
+        "inject", help="inject faults into a running system (kill, hang, disk EIO, rings, XenStore, memory, grants)",
         description="Inject a fault into a domain of a running `ringfence up`, found by name "
         "in the hypervisor's domain table: kill -9 it, stop (hang) or continue (resume) it; "
         "make the disks of a storage driver domain fail (eio, sticky or --count N "
@@ -70,8 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="what to do")
     parser.add_argument("--bytes", metavar="SIZE", help="squeeze: the memory limit (e.g. 8M, 1G)")
     parser.add_argument("--count", type=int, metavar="N",
-                        help="eio: fail only the next N requests of each disk; a ring fault: "
-                        "make it N times (default 1; storm: N notifications)")
+                        help="eio: fail only the next N requests of each disk; a ring fault, "
+                        "eagain or lose-watch: make it N times (default 1; storm: N "
+                        "notifications)")
     parser.add_argument("--observe", type=float, default=2.0, metavar="SECONDS",
                         help="how long to watch what the system does about a fault (default 2)")
     parser.add_argument("domain", help="domain name, e.g. stor or net; stor.spare for stor's warm spare")
@@ -92,6 +96,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError("--observe must be >= 0")
     if (args.bytes is not None) != (args.fault == "squeeze"):
         raise UsageError("--bytes SIZE goes with squeeze, and squeeze needs it")
+    if args.count is not None and args.fault not in (*DISK_FAULTS, *RING_FAULTS, *XENSTORE_FAULTS):
+        raise UsageError(f"--count goes with eio, a ring fault, eagain or lose-watch, not {args.fault}")
     if args.fault in DISK_FAULTS or args.fault in RING_FAULTS:
         return _device_fault(args)
     if args.fault in XENSTORE_FAULTS:
@@ -225,9 +231,10 @@ def _reported(args: argparse.Namespace, make: Callable[[argparse.Namespace], str
     return 0
 
 
-def moved(before: dict[str, Any], after: dict[str, Any], driver: str) -> list[tuple[str, Any, Any]]:
-    """The counters of ``driver``'s statistics and its guests' devices that changed between
-    two ``stats`` snapshots, as (dotted key, before, after)."""
+def moved(before: dict[str, Any], after: dict[str, Any], domain: str) -> list[tuple[str, Any, Any]]:
+    """The statistics that changed between two ``stats`` snapshots, as (dotted key, before,
+    after): ``domain``'s own, its service's, the devices of guests it serves, and the
+    faults xenstored and the hypervisor counted."""
     def leaves(tree: Any, prefix: str) -> dict[str, Any]:
         if isinstance(tree, dict):
             return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
@@ -235,11 +242,11 @@ def moved(before: dict[str, Any], after: dict[str, Any], driver: str) -> list[tu
 
     def watched(stats: dict[str, Any]) -> dict[str, Any]:
         domains = stats.get("domains", {})
-        mine = domains.get(driver, {})
-        found = leaves(mine, driver)
+        mine = domains.get(domain, {})
+        found = leaves(mine, domain)
         found.update(leaves(stats.get("xenstored", {}).get("server", {}).get("injected_faults", {}),
                             "xenstored.injected_faults"))
-        found.update(leaves(stats.get("services", {}).get(driver, {}), f"services.{driver}"))
+        found.update(leaves(stats.get("services", {}).get(domain, {}), f"services.{domain}"))
         hypervisor = stats.get("hypervisor", {}).get("hypervisor", {})
         found.update({f"hypervisor.{key}": hypervisor.get(key, 0)
                       for key in ("revokes_refused", "revoked_under_mapping")})
