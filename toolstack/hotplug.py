@@ -197,9 +197,9 @@ async def squeeze_domain(system: Any, driver: str, limit: str) -> dict[str, Any]
     except OSError as exc:  # cgroup v1 refuses a limit it cannot reclaim down to (EBUSY)
         raise CommandError(f"{driver} uses {process.cgroup.memory_bytes()} bytes and the kernel could "
                            f"not reclaim them down to {limit} ({exc.strerror}): try a larger limit") from None
-    log.warning("memory squeezed", extra={"kv": {"driver": driver, "limit": limit,
-                                                 "using": process.cgroup.memory_bytes()}})
-    return {"driver": driver, "limit": int(limit), "using": process.cgroup.memory_bytes()}
+    using = process.cgroup.memory_bytes()
+    log.warning("memory squeezed", extra={"kv": {"driver": driver, "limit": limit, "using": using}})
+    return {"driver": driver, "limit": int(limit), "using": using}
 
 
 def block_list(system: Any, guest_name: str) -> list[dict[str, Any]]:

@@ -22,12 +22,12 @@ from typing import Any
 
 import trio
 
+from ringfence.backends.blkback.faults import RING_FAULTS, node_value
 from ringfence.errors import CommandError, UsageError
 from ringfence.toolstack.up import DEFAULT_RUNTIME
 
 SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
 DISK_FAULTS = ("eio", "heal")
-RING_FAULTS = ("corrupt-index", "corrupt-request", "drop-notify", "storm")
 XENSTORE_FAULTS = ("eagain", "lose-watch")  # of a domain's requests, made by xenstored
 EXAMPLES = """examples:
   ringfence inject kill stor                 # kill -9 the storage driver domain
@@ -151,12 +151,7 @@ def _device_fault(args: argparse.Namespace) -> int:
     """A fault of the disks or rings of a storage driver domain's devices."""
     if args.count is not None and (args.count < 1 or args.fault == "heal"):
         raise UsageError("--count N (N >= 1) goes with eio or a ring fault")
-    if args.fault == "heal":
-        fault = ""
-    elif args.fault == "eio":
-        fault = "eio" + (f":{args.count}" if args.count else "")
-    else:
-        fault = f"{args.fault}:{args.count or 1}:{args.seed}"
+    fault = node_value(args.fault, args.count, args.seed)
 
     def make(args: argparse.Namespace) -> str:
         from ringfence.toolstack.control import call
@@ -175,10 +170,9 @@ def _xenstore_fault(args: argparse.Namespace) -> str:
     domid = _domid(args)
 
     async def send() -> None:
-        from ringfence.hypervisor.io import xs_wire as W
         from ringfence.xenbus.client import open_xenstore
         async with open_xenstore(os.path.join(args.runtime_dir, "xenstored.sock")) as xs:
-            await xs.request(W.Op.CONTROL, W.join("inject", args.fault, str(domid), str(count)))
+            await xs.control("inject", args.fault, str(domid), str(count))
     trio.run(send)
     return f"domid={domid} count={count}"
 

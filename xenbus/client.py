@@ -286,6 +286,10 @@ class XenStore:
     async def release(self, domid: int) -> None:
         await self.request(Op.RELEASE, W.join(str(domid)))
 
+    async def control(self, *args: str) -> bytes:
+        """XS_CONTROL (as ``xenstore-control``): dom0 only."""
+        return await self.request(Op.CONTROL, W.join(*args))
+
     # ---- transactions ----------------------------------------------------------------
     async def transaction(self) -> AsyncIterator[Transaction]:
         """Yield transactions until one commits: ``async for tx in xs.transaction():

@@ -50,6 +50,16 @@ def parse(value: str) -> tuple[int | None, RingFault | None]:
     return None, None
 
 
+def node_value(kind: str, count: int | None = None, seed: int = 0) -> str:
+    """What the toolstack writes into the node for ``kind`` (``heal``: nothing), as
+    :func:`parse` reads it back."""
+    if kind == "heal":
+        return ""
+    if kind == "eio":
+        return "eio" + (f":{count}" if count else "")
+    return f"{kind}:{count or 1}:{seed}"
+
+
 def make_on_ring(fault: RingFault, ring: Any, port: Any) -> bool:
     """Make ``fault`` on ``ring`` if it can be made now (a request to corrupt has to be
     there first; ``drop-notify`` waits for a notification due); True if it was made."""

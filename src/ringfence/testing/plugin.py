@@ -70,8 +70,11 @@ async def ringfence_fault(system: Any, kind: str, domain: str, *, count: int | N
     limit to ``size`` bytes (squeeze); or end a domain's grants another holds mapped
     (revoke: each must be refused, else AssertionError)."""
     import signal
-    from ringfence.backends.blkback.faults import RING_FAULTS
+    from ringfence.backends.blkback.faults import RING_FAULTS, node_value
     from ringfence.toolstack import hotplug
+
+    def domid() -> int:
+        return next(row["domid"] for row in hotplug.describe(system) if row["name"] == domain)
     if kind in ("kill", "hang"):
         service = system.drivers[domain]
         if kind == "kill":
@@ -80,20 +83,14 @@ async def ringfence_fault(system: Any, kind: str, domain: str, *, count: int | N
             # the program, not an exec'd domain's waiter (which serves nothing)
             from ringfence.isolation.sandbox import innermost_pid
             os.kill(innermost_pid(service.process.pid), signal.SIGSTOP)
-    elif kind in ("eio", "heal"):
-        await hotplug.inject_disk_fault(system, domain, "" if kind == "heal" else
-                                        "eio" + (f":{count}" if count else ""))
-    elif kind in RING_FAULTS:
-        await hotplug.inject_disk_fault(system, domain, f"{kind}:{count or 1}:{seed}")
+    elif kind in ("eio", "heal", *RING_FAULTS):
+        await hotplug.inject_disk_fault(system, domain, node_value(kind, count, seed))
     elif kind in ("eagain", "lose-watch"):
-        from ringfence.hypervisor.io import xs_wire as W
-        domid = next(row["domid"] for row in hotplug.describe(system) if row["name"] == domain)
-        await system.xs.request(W.Op.CONTROL, W.join("inject", kind, str(domid), str(count or 1)))
+        await system.xs.control("inject", kind, str(domid()), str(count or 1))
     elif kind == "squeeze" and size is not None:
         await hotplug.squeeze_domain(system, domain, str(size))
     elif kind == "revoke":
-        domid = next(row["domid"] for row in hotplug.describe(system) if row["name"] == domain)
-        result = await system.dom0.revoke_mapped(domid)
+        result = await system.dom0.revoke_mapped(domid())
         if result["ended"]:
             raise AssertionError(f"{result['ended']} grants ended under a mapping")
     else:
